@@ -1,0 +1,38 @@
+# The README's two commands: `make run` and `make test`. Both create .venv when missing and are idempotent.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/replay.toml
+# Real assets for tests and `make run`; tests skip what needs them when the folder is absent.
+EYED_SHARED ?= $(abspath ../shared)
+export EYED_SHARED
+
+.PHONY: run test venv lint bench clean
+
+venv: $(STAMP)
+
+# torch first, pinned: a plain `torch` requirement would pull several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/eyed run --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check eyed tests
+	$(BIN)/ruff format --check eyed tests
+	$(BIN)/mypy eyed
+
+bench: $(STAMP)
+	$(BIN)/eyed bench --config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from eyed.cli import main
+
+sys.exit(main())

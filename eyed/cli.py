@@ -1,0 +1,182 @@
+"""Command line: builds Settings once, dispatches to a subcommand, maps failures to exit codes.
+
+Options live in config.py only; the CLI adds ``--config`` and ``--set section.field=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from eyed.config import ConfigError, Settings, dump_settings, load_settings
+from eyed.logs import setup_logging
+
+logger = logging.getLogger(__name__)
+
+# sysexits.h values, so systemd units and scripts can tell failures apart.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69  # model, source or endpoint cannot be set up (may work later: restart)
+EXIT_SOFTWARE = 70  # shutdown did not finish in time, or an internal error
+EXIT_CONFIG = 78  # invalid configuration: a restart cannot help (RestartPreventExitStatus=78)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, args.set)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(dump_settings(settings), end="")
+    print(f"# source.id resolves to {settings.source.resolved_id()!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from eyed.daemon import run
+
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    return run(settings)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from eyed.model.export import export_onnx
+
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    path = export_onnx(settings.model.id, args.output)
+    print(path)
+    return EXIT_OK
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from eyed.subscriber import Subscriber
+
+    endpoint = args.endpoint or _settings(args).publish.endpoint
+    received = 0
+    with Subscriber(endpoint, tuple(args.topic) or ("",)) as sub:
+        while args.count == 0 or received < args.count:
+            try:
+                topic, payload = sub.receive(args.timeout)
+            except TimeoutError as exc:
+                print(f"eyed subscribe: {exc}", file=sys.stderr)
+                return EXIT_FAILURE
+            received += 1
+            if args.json:
+                print(json.dumps({"topic": topic, **payload}), flush=True)
+            else:
+                print(_summary(topic, payload), flush=True)
+    return EXIT_OK
+
+
+def _summary(topic: str, p: dict[str, object]) -> str:
+    if p.get("type") == "label":
+        coarse = p.get("coarse")
+        extra = f" coarse={coarse['label']}:{coarse['score']:.2f}" if isinstance(coarse, dict) else ""
+        truth = f" truth={p['truth']}" if p.get("truth") else ""
+        return f"{topic} seq={p['seq']} {p['label']}:{p['score']:.2f}{extra}{truth} {p['latency_ms']}ms"
+    fields = " ".join(f"{k}={p[k]}" for k in ("state", "frames", "fps", "dropped", "errors") if k in p)
+    return f"{topic} {fields}"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from eyed.bench import run_bench
+
+    settings = _settings(args)
+    setup_logging("WARNING")
+    report = run_bench(settings, frames=args.frames, seed_frames=args.seed_frames, batch=args.batch)
+    print(json.dumps(report, indent=2) if args.json else report["text"])
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from eyed.evaluate import run_eval
+
+    settings = _settings(args)
+    setup_logging("WARNING")
+    report = run_eval(settings, skip=args.skip)
+    print(json.dumps(report, indent=2) if args.json else report["text"])
+    return EXIT_OK
+
+
+def cmd_priors(args: argparse.Namespace) -> int:
+    from eyed.evaluate import run_priors
+
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    run_priors(settings, args.output)
+    print(args.output)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eyed", description="Edge vision daemon: labels, never pixels.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML configuration file")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one option (repeatable); beats the environment and the file",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    add("run", cmd_run, "run the daemon")
+    add("check-config", cmd_check_config, "validate the configuration and print the effective one")
+    p = add("export", cmd_export, "export model.id to an ONNX file with labels and preprocessing")
+    p.add_argument("--output", type=Path, required=True)
+    p = add("subscribe", cmd_subscribe, "print events from a running daemon")
+    p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
+    p.add_argument("--topic", action="append", default=[], help="topic prefix (repeatable); default all")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events (0 = never)")
+    p.add_argument("--timeout", type=float, default=30.0, help="give up after this many quiet seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = add("bench", cmd_bench, "daemon path vs a bare onnxruntime loop vs the transformers loop, same frames")
+    p.add_argument("--frames", type=int, default=1000, help="frames for the onnx measurements")
+    p.add_argument("--seed-frames", type=int, default=100, help="frames for the transformers loop (0 = skip)")
+    p.add_argument("--batch", type=int, default=8, help="batch size for the batched daemon run (1 = skip)")
+    p.add_argument("--json", action="store_true")
+    p = add("eval", cmd_eval, "accuracy of the configured model on a labelled replay source")
+    p.add_argument("--skip", type=int, default=0, help="skip this many records first (e.g. 45000)")
+    p.add_argument("--json", action="store_true")
+    p = add("priors", cmd_priors, "estimate coarse-label priors from the configured source (no labels used)")
+    p.add_argument("--output", type=Path, required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from eyed.daemon import ShutdownTimeout
+    from eyed.model import ModelLoadError
+    from eyed.publisher import PublishError
+    from eyed.sources import SourceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"eyed: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ModelLoadError, SourceError, PublishError) as exc:
+        print(f"eyed: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ShutdownTimeout as exc:
+        print(f"eyed: {exc}", file=sys.stderr)
+        return EXIT_SOFTWARE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Settings: every option defined once, read from defaults, a TOML file and ``EYED_`` environment variables.
+
+Precedence, highest first: explicit overrides (``--set section.field=value`` on the command line), environment
+variables (``EYED_SOURCE__LIMIT=100``), the TOML file given with ``--config``, then the defaults below.
+Validators only check; they never mutate other fields or touch the disk.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "EYED_"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    kind: Literal["replay"] = Field("replay", description="Where frames come from.")
+    dataset: str = Field(
+        "uoft-cs/cifar10",
+        min_length=1,
+        description="Replay: Hugging Face hub id or a local folder of parquet shards.",
+    )
+    split: str = Field("test", min_length=1, description="Replay: dataset split.")
+    limit: int = Field(0, ge=0, description="Stop after this many frames; 0 = all.")
+    fps: float = Field(0.0, ge=0.0, description="Pace frames to this rate; 0 = as fast as the model goes.")
+    loop: bool = Field(False, description="Replay: start again at the end instead of finishing.")
+    id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_\-]+$",
+        description="Name used in topics (label.<id>); derived from the source when unset.",
+    )
+    image_column: str | None = Field(None, description="Replay: image column; auto-detected when unset.")
+    label_column: str | None = Field(None, description="Replay: label column; auto-detected when unset.")
+    queue: int = Field(8, ge=1, le=1024, description="Frames buffered between capture and inference.")
+
+    def resolved_id(self) -> str:
+        """The source name used in topics: ``id`` if set, else derived from the dataset and split."""
+        if self.id:
+            return self.id
+        stem = Path(self.dataset.rstrip("/")).name or "replay"
+        return re.sub(r"[^A-Za-z0-9_\-]+", "-", f"{stem}-{self.split}").strip("-")
+
+
+class ModelConfig(Section):
+    id: str = Field(
+        "google/mobilenet_v2_1.0_224",
+        min_length=1,
+        description="Hugging Face hub id or local checkpoint folder.",
+    )
+    backend: Literal["onnx", "torch"] = Field("onnx", description="Inference runtime.")
+    onnx: Path | None = Field(None, description="Exported ONNX file; exported into cache_dir when unset.")
+    cache_dir: Path = Field(
+        Path("~/.cache/eyed"), description="Where the daemon keeps ONNX files it exported itself."
+    )
+    topk: int = Field(5, ge=1, le=100, description="Classes listed in each label event.")
+    threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 = the runtime's default.")
+    batch: int = Field(1, ge=1, le=256, description="Frames per inference call when frames are waiting.")
+    coarse: Literal["cifar10", "none"] = Field(
+        "cifar10", description="Coarse label space for ImageNet models ('none' disables)."
+    )
+    coarse_priors: str = Field(
+        "builtin",
+        min_length=1,
+        description="'builtin' (shipped estimate), 'none' (plain group sums) or a priors JSON file.",
+    )
+
+
+class PublishConfig(Section):
+    endpoint: str = Field(
+        "tcp://127.0.0.1:5556",
+        pattern=r"^(tcp|ipc|inproc)://.+",
+        description="ZeroMQ endpoint the PUB socket binds.",
+    )
+    wait_subscribers: int = Field(0, ge=0, description="Before the first frame, wait for this many subscribers.")
+    wait_timeout_s: float = Field(30.0, gt=0, description="Give up waiting for subscribers after this long.")
+    heartbeat_s: float = Field(5.0, gt=0, description="Seconds between health heartbeats.")
+    hwm: int = Field(10000, ge=1, description="Messages queued per subscriber before dropping.")
+    linger_ms: int = Field(1000, ge=0, description="How long close() may flush queued messages.")
+
+
+class LogConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class DaemonConfig(Section):
+    shutdown_timeout_s: float = Field(5.0, gt=0, le=60, description="Bound on a clean shutdown.")
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+    # Set by load_settings before construction; pydantic-settings reads it in settings_customise_sources.
+    _toml_file: ClassVar[Path | None] = None
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Settings:
+        if self.model.onnx is not None and self.model.backend != "onnx":
+            raise ValueError("model.onnx is set but model.backend is not 'onnx'")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the field."""
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """Split ``section.field=value`` into its key path and raw value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.field=value")
+    return [part.strip() for part in key.split(".")], value
+
+
+def _nest(overrides: list[str]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = nested
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return nested
+
+
+def load_settings(config: Path | None = None, overrides: list[str] | None = None) -> Settings:
+    """Build the settings from defaults, the TOML file, the environment and overrides; raise ConfigError."""
+    from pydantic import ValidationError
+
+    if config is not None and not config.is_file():
+        raise ConfigError(f"--config {config}: no such file")
+    try:
+        Settings._toml_file = config
+        return Settings(**_nest(overrides or []))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except ValueError as exc:  # a TOML syntax error surfaces as ValueError (tomllib.TOMLDecodeError)
+        raise ConfigError(f"{config}: {exc}") from None
+    finally:
+        Settings._toml_file = None
+
+
+def format_validation_error(exc: Any) -> str:
+    """One line per problem, each naming the field as ``section.field``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(settings)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown option"
+        lines.append(f"{loc}: {msg} (got {err.get('input')!r})" if err["type"] != "missing" else f"{loc}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def dump_settings(settings: Settings) -> str:
+    """The effective configuration as TOML text (what ``eyed check-config`` prints)."""
+    data = settings.model_dump(mode="json")
+    out: list[str] = []
+    for section, values in data.items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                out.append(f"# {key} = (unset)")
+            else:
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))

@@ -1,0 +1,66 @@
+"""Find a model checkpoint: a local folder, or a Hugging Face hub id fetched into the hub cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# What a MobileNetV2-style image classifier checkpoint needs; nothing else is downloaded.
+CHECKPOINT_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded; the message tells the user what to do."""
+
+
+def resolve_checkpoint(model_id: str) -> Path:
+    """A local folder holding the checkpoint: ``model_id`` itself, or the hub snapshot of that id."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"model.id {model_id}: folder has no config.json (not a checkpoint)")
+        return local.resolve()
+    if local.suffix == ".onnx" or model_id.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model.id {model_id}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"model.id {model_id} is a hub id, which needs the torch extra (pip install 'eyed[torch]'); "
+            "or set model.onnx to an exported file"
+        ) from exc
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=CHECKPOINT_FILES))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise ModelLoadError(
+            f"cannot reach the hub for {model_id} ({type(exc).__name__}): "
+            "set model.id to a local checkpoint folder"
+        ) from exc
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def labels_of(config: dict[str, Any]) -> list[str]:
+    """The model's labels in index order, from ``id2label``."""
+    id2label = config.get("id2label") or {}
+    if not id2label:
+        raise ModelLoadError("checkpoint config.json has no id2label")
+    n = max(int(k) for k in id2label) + 1
+    return [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(n)]
+
+
+def fingerprint(folder: Path) -> str:
+    """A short hash that changes when the checkpoint's config or weights change."""
+    h = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.suffix in {".json", ".safetensors", ".bin"}):
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]

@@ -1,0 +1,110 @@
+"""Export a Hugging Face image classifier to ONNX, with labels and preprocessing in the file's metadata.
+
+The metadata makes the file self-contained: the ONNX backend reads labels and preprocessing from it and needs
+neither torch nor transformers at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from eyed.model.checkpoint import (
+    ModelLoadError,
+    fingerprint,
+    labels_of,
+    read_json,
+    resolve_checkpoint,
+)
+from eyed.model.preprocess import PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+META_LABELS = "eyed.labels"
+META_PREPROCESS = "eyed.preprocess"
+META_MODEL_ID = "eyed.model_id"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+OPSET = 17
+
+
+def export_onnx(model_id: str, output: Path) -> Path:
+    """Export ``model_id`` (hub id or folder) to ``output``; returns the path written."""
+    folder = resolve_checkpoint(model_id)
+    try:
+        import torch
+        from transformers import AutoModelForImageClassification
+    except ImportError as exc:
+        raise ModelLoadError(
+            "exporting to ONNX needs the torch extra (pip install 'eyed[torch]'); "
+            "or export on a workstation with `eyed export` and set model.onnx"
+        ) from exc
+
+    config = read_json(folder / "config.json")
+    labels = labels_of(config)
+    spec = PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json"))
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    dummy = torch.zeros(1, 3, *spec.crop)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary name and rename, so a crash never leaves a half-written file in the cache.
+    fd, tmp_name = tempfile.mkstemp(prefix=output.name, suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        logger.info("exporting %s to %s", model_id, output)
+        # The TorchScript exporter traces in about a second; the dynamo exporter takes several times longer
+        # for the same graph here.
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        write_metadata(tmp, labels, spec, model_id)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output
+
+
+def write_metadata(path: Path, labels: list[str], spec: PreprocessSpec, model_id: str) -> None:
+    """Store labels, preprocessing and the source model id in the ONNX file's metadata_props."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    meta = {
+        META_LABELS: json.dumps(labels),
+        META_PREPROCESS: json.dumps(spec.to_dict()),
+        META_MODEL_ID: model_id,
+    }
+    kept = [p for p in proto.metadata_props if p.key not in meta]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
+def cached_export_path(model_id: str, cache_dir: Path) -> Path:
+    """Where the daemon keeps its own export of ``model_id``; the name changes when the checkpoint does."""
+    local = Path(model_id).expanduser()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", local.name if local.is_dir() else model_id)
+    key = fingerprint(local) if local.is_dir() else "hub"
+    return cache_dir.expanduser() / "onnx" / f"{slug}-{key}.onnx"
+
+
+def ensure_onnx(model_id: str, cache_dir: Path) -> Path:
+    """The cached ONNX export of ``model_id``, exporting it on first use."""
+    path = cached_export_path(model_id, cache_dir)
+    if path.is_file():
+        logger.info("using cached export %s", path)
+        return path
+    return export_onnx(model_id, path)

@@ -1,0 +1,133 @@
+"""Label spaces: the model's own (``id2label``) and a coarse space (CIFAR-10) derived from it.
+
+The coarse label of a frame is computed from the probability mass of each group of fine classes, not from the
+top-1 class alone. Plain group sums are biased towards groups with many members (118 dog breeds against 5
+cats), so each group's mass is divided by its prior: the mean mass the model gives that group on a reference
+stream, estimated without labels (:func:`estimate_priors`). The shipped priors come from CIFAR-10 train images
+that are not in the held-out part used for the accuracy figures; ``eyed priors`` re-estimates them from a
+user's own unlabelled stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eyed.types import Coarse
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MAPS = {"cifar10": "imagenet_to_cifar10.json"}
+BUILTIN_PRIORS = {"cifar10": "cifar10_priors.json"}
+# A model whose labels cover less than this share of the map's fine classes is not an ImageNet model.
+MIN_COVERAGE = 0.9
+
+
+def _read_package_json(name: str) -> dict[str, Any]:
+    with resources.files("eyed.data").joinpath(name).open("r", encoding="utf-8") as fh:
+        return json.load(fh)  # type: ignore[no-any-return]
+
+
+def load_group_map(name: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The coarse classes and, for each, the fine label strings that belong to it."""
+    data = _read_package_json(BUILTIN_MAPS[name])
+    classes = list(data["classes"])
+    return classes, {c: list(data["groups"][c]) for c in classes}
+
+
+@dataclass(frozen=True)
+class CoarseMapper:
+    """Maps a fine probability vector to a coarse label through a (fine, coarse) membership matrix."""
+
+    classes: tuple[str, ...]
+    membership: np.ndarray  # (n_fine, n_coarse) float32 of 0/1
+    priors: np.ndarray | None  # (n_coarse,) mean group mass on a reference stream; None = plain sums
+
+    def masses(self, probs: np.ndarray) -> np.ndarray:
+        """Probability mass of each group, (n_coarse,) or (N, n_coarse) for a batch."""
+        return probs @ self.membership  # type: ignore[no-any-return]
+
+    def scores(self, probs: np.ndarray, *, corrected: bool = True) -> np.ndarray:
+        """Group scores that sum to 1: masses divided by the priors (when set and ``corrected``)."""
+        m = self.masses(probs)
+        if corrected and self.priors is not None:
+            m = m / self.priors
+        total = m.sum(axis=-1, keepdims=True)
+        return m / np.where(total > 0, total, 1.0)  # type: ignore[no-any-return]
+
+    def coarse(self, probs: np.ndarray, *, corrected: bool = True) -> Coarse:
+        s = self.scores(probs, corrected=corrected)
+        i = int(np.argmax(s))
+        return Coarse(self.classes[i], float(s[i]))
+
+    def with_priors(self, priors: np.ndarray | None) -> CoarseMapper:
+        return CoarseMapper(self.classes, self.membership, priors)
+
+
+def build_mapper(labels: list[str], space: str = "cifar10", priors: str = "builtin") -> CoarseMapper | None:
+    """A mapper from ``labels`` (the model's id2label in index order) to ``space``; None if they don't match.
+
+    ``priors`` is ``builtin``, ``none`` or the path of a JSON file written by :func:`save_priors`.
+    """
+    if space == "none":
+        return None
+    classes, groups = load_group_map(space)
+    index = {label: i for i, label in enumerate(labels)}
+    membership = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    wanted = found = 0
+    for j, cls in enumerate(classes):
+        for fine in groups[cls]:
+            wanted += 1
+            if fine in index:
+                found += 1
+                membership[index[fine], j] = 1.0
+    if found < MIN_COVERAGE * wanted:
+        logger.info(
+            "model labels cover %d of %d %s group members: no coarse mapping", found, wanted, space
+        )
+        return None
+    return CoarseMapper(tuple(classes), membership, load_priors(priors, space, tuple(classes)))
+
+
+def load_priors(priors: str, space: str, classes: tuple[str, ...]) -> np.ndarray | None:
+    """Read priors (``builtin``, ``none`` or a file path) as an array in ``classes`` order."""
+    if priors == "none":
+        return None
+    if priors == "builtin":
+        data = _read_package_json(BUILTIN_PRIORS[space])
+    else:
+        data = json.loads(Path(priors).read_text(encoding="utf-8"))
+    values = data["priors"]
+    missing = [c for c in classes if c not in values]
+    if missing:
+        raise ValueError(f"priors file {priors}: no prior for {', '.join(missing)}")
+    arr = np.array([float(values[c]) for c in classes], dtype=np.float32)
+    if not np.all(arr > 0):
+        raise ValueError(f"priors file {priors}: priors must be positive")
+    return arr
+
+
+def estimate_priors(mapper: CoarseMapper, probs: Iterable[np.ndarray]) -> np.ndarray:
+    """Mean group mass over a stream of probability vectors (no labels needed)."""
+    total: np.ndarray | None = None
+    n = 0
+    for p in probs:
+        m = mapper.masses(np.atleast_2d(p))
+        total = m.sum(axis=0) if total is None else total + m.sum(axis=0)
+        n += m.shape[0]
+    if total is None or n == 0:
+        raise ValueError("cannot estimate priors from an empty stream")
+    return (total / n).astype(np.float32)  # type: ignore[no-any-return]
+
+
+def save_priors(path: Path, classes: Iterable[str], priors: np.ndarray, meta: Mapping[str, Any]) -> None:
+    """Write priors as JSON: ``{"priors": {class: value}, ...meta}``."""
+    data = {"schema": 1, **meta, "priors": {c: float(v) for c, v in zip(classes, priors, strict=True)}}
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

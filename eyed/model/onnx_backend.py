@@ -1,0 +1,75 @@
+"""The ONNX Runtime backend: needs onnxruntime and numpy/OpenCV only."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from eyed.config import ModelConfig
+from eyed.model.checkpoint import ModelLoadError
+from eyed.model.export import META_LABELS, META_MODEL_ID, META_PREPROCESS, ensure_onnx
+from eyed.model.labels import build_mapper
+from eyed.model.postprocess import Postprocessor
+from eyed.model.preprocess import Preprocessor, PreprocessSpec
+from eyed.types import Prediction
+
+logger = logging.getLogger(__name__)
+
+
+def session_options(threads: int) -> object:
+    """ONNX Runtime session options shared by the daemon and the benchmark's bare loop."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def open_session(path: Path, threads: int = 0) -> object:
+    """An InferenceSession on the CPU for ``path``; ModelLoadError when it cannot be opened."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelLoadError("the onnx backend needs onnxruntime (pip install 'eyed[onnx]')") from exc
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise ModelLoadError(f"cannot load ONNX model {path}: {exc}") from exc
+
+
+class OnnxClassifier:
+    """Runs an ONNX file exported by ``eyed export`` (labels and preprocessing in its metadata)."""
+
+    backend = "onnx"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        path = cfg.onnx if cfg.onnx is not None else ensure_onnx(cfg.id, cfg.cache_dir)
+        if not Path(path).is_file():
+            raise ModelLoadError(f"model.onnx {path}: no such file")
+        self.path = Path(path)
+        self.session = open_session(self.path, cfg.threads)
+        meta = self.session.get_modelmeta().custom_metadata_map  # type: ignore[attr-defined]
+        if META_LABELS not in meta or META_PREPROCESS not in meta:
+            raise ModelLoadError(
+                f"{path} has no eyed metadata (labels, preprocessing): export it with `eyed export`"
+            )
+        labels = json.loads(meta[META_LABELS])
+        self.name = meta.get(META_MODEL_ID, self.path.stem)
+        self.prepare = Preprocessor(PreprocessSpec.from_dict(json.loads(meta[META_PREPROCESS])))
+        self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
+        self._input = self.session.get_inputs()[0].name  # type: ignore[attr-defined]
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: batch})[0]  # type: ignore[attr-defined,no-any-return]
+
+    def predict(self, batch: np.ndarray) -> list[Prediction]:
+        return self.post(self.logits(batch))
+
+    def close(self) -> None:
+        # InferenceSession has no close(); dropping the reference frees its arena.
+        self.session = None

@@ -1,0 +1,52 @@
+"""The PyTorch/transformers backend: eager inference on the checkpoint, same preprocessing as ONNX."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from eyed.config import ModelConfig
+from eyed.model.checkpoint import ModelLoadError, labels_of, read_json, resolve_checkpoint
+from eyed.model.labels import build_mapper
+from eyed.model.postprocess import Postprocessor
+from eyed.model.preprocess import Preprocessor, PreprocessSpec
+from eyed.types import Prediction
+
+logger = logging.getLogger(__name__)
+
+
+class TorchClassifier:
+    """``AutoModelForImageClassification`` in eval mode under ``torch.inference_mode``."""
+
+    backend = "torch"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        folder = resolve_checkpoint(cfg.id)
+        try:
+            import torch
+            from transformers import AutoModelForImageClassification
+        except ImportError as exc:
+            raise ModelLoadError("the torch backend needs the torch extra (pip install 'eyed[torch]')") from exc
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._torch = torch
+        try:
+            self.model = AutoModelForImageClassification.from_pretrained(folder).eval()
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {cfg.id} with transformers: {exc}") from exc
+        labels = labels_of(read_json(folder / "config.json"))
+        self.name = cfg.id
+        self.prepare = Preprocessor(PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json")))
+        self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            out = self.model(pixel_values=self._torch.from_numpy(batch)).logits
+        return out.numpy()  # type: ignore[no-any-return]
+
+    def predict(self, batch: np.ndarray) -> list[Prediction]:
+        return self.post(self.logits(batch))
+
+    def close(self) -> None:
+        self.model = None

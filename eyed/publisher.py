@@ -1,0 +1,130 @@
+"""The one PUB socket: multipart ``[topic, json]`` messages, never pixels.
+
+It is an XPUB socket so that it can see subscriptions arrive: ``wait_for_subscribers`` returns once that many
+peers have connected and subscribed, which is what defeats ZeroMQ's slow-joiner effect in replay runs.
+Used by one thread only (ZeroMQ sockets are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from types import TracebackType
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from eyed.config import PublishConfig
+
+logger = logging.getLogger(__name__)
+
+
+class PublishError(Exception):
+    """The publisher could not start (bind failed, subscribers never came)."""
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; NaN and infinities are refused, as JSON has no such values."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+class Publisher:
+    """Owns the socket; ``send`` never blocks: a slow or absent subscriber loses messages, not the pipeline."""
+
+    def __init__(self, cfg: PublishConfig, context: zmq.Context[Any] | None = None) -> None:
+        self.cfg = cfg
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.socket: zmq.Socket[Any] | None = None
+        self.sent = 0
+        self.dropped = 0
+        self.subscriptions = 0
+        self.endpoint = cfg.endpoint
+
+    def __enter__(self) -> Publisher:
+        sock = self.context.socket(zmq.XPUB)
+        sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
+        sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
+        # Every subscription message reaches us, duplicates included, so counting them counts subscribers.
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        try:
+            sock.bind(self.cfg.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise PublishError(f"publish.endpoint {self.cfg.endpoint}: cannot bind: {exc}") from exc
+        self.socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.cfg.endpoint
+        logger.info("publishing on %s", self.endpoint)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=self.cfg.linger_ms)
+            self.socket = None
+        if self._own_context:
+            self.context.term()
+
+    def send(self, topic: str, payload: dict[str, Any]) -> bool:
+        """Send one event; False (and counted) if it had to be dropped."""
+        assert self.socket is not None, "Publisher used outside its context manager"
+        try:
+            self.socket.send_multipart([topic.encode("utf-8"), encode(payload)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def drain_subscriptions(self) -> int:
+        """Read pending (un)subscription messages; returns the net count of new subscriptions."""
+        assert self.socket is not None
+        net = 0
+        while self.socket.poll(0, zmq.POLLIN):
+            msg = self.socket.recv()
+            if msg[:1] == b"\x01":
+                net += 1
+            elif msg[:1] == b"\x00":
+                net -= 1
+        self.subscriptions += net
+        return net
+
+    def wait_for_subscribers(self, count: int, timeout_s: float, stop: Any = None) -> None:
+        """Block until ``count`` peers have connected and subscribed; PublishError after ``timeout_s``.
+
+        ``stop`` (a threading.Event) ends the wait early without an error.
+        """
+        if count <= 0:
+            return
+        assert self.socket is not None
+        monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        peers = 0
+        deadline = time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        try:
+            logger.info("waiting for %d subscriber(s) on %s", count, self.endpoint)
+            while peers < count or self.subscriptions < count:
+                if stop is not None and stop.is_set():
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PublishError(
+                        f"publish.wait_subscribers={count}: only {min(peers, self.subscriptions)} subscriber(s) "
+                        f"on {self.endpoint} after publish.wait_timeout_s={timeout_s:g}"
+                    )
+                events = dict(poller.poll(min(remaining, 0.2) * 1000))
+                if monitor in events:
+                    while monitor.poll(0):
+                        event = recv_monitor_message(monitor)["event"]
+                        peers += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
+                if self.socket in events:
+                    self.drain_subscriptions()
+            logger.info("%d subscriber(s) connected", peers)
+        finally:
+            self.socket.disable_monitor()
+            monitor.close(linger=0)

@@ -1,0 +1,194 @@
+"""Replay a labelled image dataset as a synthetic camera, streamed with ``datasets`` (no full download)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import cv2
+import numpy as np
+
+from eyed.config import SourceConfig
+from eyed.sources.base import Pacer, SourceError
+from eyed.types import Frame
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("img", "image", "images", "pixel_values")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label")
+
+
+def decode_image(value: Any) -> np.ndarray | None:
+    """An RGB uint8 (H, W, 3) array from an undecoded ``datasets.Image`` value; None if it is not an image."""
+    data: bytes | None = None
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data is None and value.get("path"):
+            try:
+                data = Path(value["path"]).read_bytes()
+            except OSError:
+                return None
+    elif isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    if not data:
+        return None
+    # imdecode returns None (it does not raise) on bytes that are not a supported image.
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        return None
+    return to_rgb(img)
+
+
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """Normalise an OpenCV-decoded image (gray, BGR, BGRA, 16-bit) to RGB uint8."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+class ReplaySource:
+    """Streams ``source.dataset`` / ``source.split``; a corrupt record is skipped and counted."""
+
+    live = False
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.id = cfg.resolved_id()
+        self.skipped = 0
+        self.delivered = 0
+        self._dataset: Any = None
+        self._image_col = ""
+        self._label_col: str | None = None
+        self._names: list[str] | None = None
+
+    def __enter__(self) -> ReplaySource:
+        self._dataset = self._open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._dataset = None
+
+    def _open(self) -> Any:
+        try:
+            from datasets import Image, load_dataset
+        except ImportError as exc:
+            raise SourceError("the replay source needs the replay extra (pip install 'eyed[replay]')") from exc
+        name = self.cfg.dataset
+        local = Path(name).expanduser()
+        target = str(local.resolve()) if local.exists() else name
+        try:
+            ds = load_dataset(target, split=self.cfg.split, streaming=True)
+        except ValueError as exc:  # unknown split and the like
+            raise SourceError(f"source.dataset {name}: {exc}") from exc
+        except Exception as exc:  # offline hub, missing repo: the same advice for both
+            if local.exists():
+                raise SourceError(f"source.dataset {name}: cannot read it: {exc}") from exc
+            raise SourceError(
+                f"cannot reach the hub for dataset {name} ({type(exc).__name__}): "
+                "set source.dataset to a local folder of parquet shards"
+            ) from exc
+        features = ds.features or {}
+        self._image_col = self.cfg.image_column or self._detect(features, IMAGE_COLUMNS, "image")
+        self._label_col = self.cfg.label_column or self._detect_label(features)
+        if self._label_col and self._label_col in features and hasattr(features[self._label_col], "names"):
+            self._names = list(features[self._label_col].names)
+        # Decode with OpenCV ourselves: faster than PIL, and a corrupt record becomes a counted skip instead of
+        # an exception inside the dataset iterator.
+        if self._image_col in features:
+            ds = ds.cast_column(self._image_col, Image(decode=False))
+        keep = [c for c in (self._image_col, self._label_col) if c]
+        if features:
+            ds = ds.select_columns(keep)
+        logger.info(
+            "replaying %s split %s (image column %r, label column %r)",
+            name,
+            self.cfg.split,
+            self._image_col,
+            self._label_col,
+        )
+        return ds
+
+    @staticmethod
+    def _detect(features: Any, candidates: tuple[str, ...], what: str) -> str:
+        from datasets import Image
+
+        for col, feat in features.items():
+            if isinstance(feat, Image):
+                return str(col)
+        for col in candidates:
+            if col in features:
+                return col
+        if not features:
+            return candidates[0]
+        raise SourceError(f"no {what} column in {list(features)}: set source.image_column")
+
+    @staticmethod
+    def _detect_label(features: Any) -> str | None:
+        from datasets import ClassLabel
+
+        for col, feat in features.items():
+            if isinstance(feat, ClassLabel):
+                return str(col)
+        return next((c for c in LABEL_COLUMNS if c in features), None)
+
+    def _truth(self, record: dict[str, Any]) -> str | None:
+        if not self._label_col:
+            return None
+        value = record.get(self._label_col)
+        if value is None:
+            return None
+        if self._names is not None and isinstance(value, (int, np.integer)) and 0 <= value < len(self._names):
+            return self._names[int(value)]
+        return str(value)
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        """Records of one pass; a record the reader itself cannot parse ends the pass, logged."""
+        it = iter(self._dataset)
+        while True:
+            try:
+                record = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:  # a broken shard: count it and end this pass rather than crash
+                self.skipped += 1
+                logger.error("dataset reader failed, ending this pass: %s", exc)
+                return
+            yield record
+
+    def frames(self) -> Iterator[Frame]:
+        """Frames in dataset order, paced to ``source.fps``, until the end (or ``source.limit``)."""
+        if self._dataset is None:
+            raise RuntimeError("ReplaySource used outside its context manager")
+        limit = self.cfg.limit
+        pacer = Pacer(self.cfg.fps)
+        while True:
+            produced_this_pass = 0
+            for record in self._records():
+                image = decode_image(record.get(self._image_col))
+                if image is None:
+                    self.skipped += 1
+                    logger.warning("skipped corrupt record (%d so far)", self.skipped)
+                    continue
+                pacer.wait()
+                produced_this_pass += 1
+                yield Frame(image, self.delivered, time.time(), time.perf_counter(), self._truth(record))
+                self.delivered += 1
+                if limit and self.delivered >= limit:
+                    return
+            if not self.cfg.loop or produced_this_pass == 0:
+                return
+            logger.info("replay reached the end after %d frames; looping", self.delivered)

@@ -1,0 +1,45 @@
+"""A SUB client for eyed's events, used by ``eyed subscribe``, ``eyed health`` and the tests."""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+
+class Subscriber:
+    """Connects to ``endpoint`` and receives ``(topic, payload)``; ``receive`` raises TimeoutError."""
+
+    def __init__(self, endpoint: str, topics: tuple[str, ...] = ("",)) -> None:
+        self.endpoint = endpoint
+        self.topics = topics
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.socket: zmq.Socket[Any] | None = None
+
+    def __enter__(self) -> Subscriber:
+        sock = self.context.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100000)
+        for topic in self.topics:
+            sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+        sock.connect(self.endpoint)
+        self.socket = sock
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+        self.context.term()
+
+    def receive(self, timeout_s: float) -> tuple[str, dict[str, Any]]:
+        """The next event; TimeoutError when none arrives within ``timeout_s``."""
+        assert self.socket is not None, "Subscriber used outside its context manager"
+        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise TimeoutError(f"no event from {self.endpoint} within {timeout_s:g} s")
+        topic, payload = self.socket.recv_multipart()
+        return topic.decode("utf-8"), json.loads(payload)

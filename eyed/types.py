@@ -1,0 +1,85 @@
+"""The values that flow through the pipeline, and the protocols of its two pluggable parts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One RGB uint8 image (H, W, 3) with when it arrived and, for replay, the dataset's class name."""
+
+    image: np.ndarray = field(repr=False)
+    index: int
+    ts: float  # unix seconds when the source produced it
+    t_in: float  # time.perf_counter() at the same moment, for latency
+    truth: str | None = None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A label with its score."""
+
+    label: str
+    class_id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Coarse:
+    """A label in a coarse space (e.g. CIFAR-10) derived from a fine prediction."""
+
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the classifier says about one frame."""
+
+    topk: tuple[Scored, ...]
+    coarse: Coarse | None
+    probs: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def top(self) -> Scored:
+        return self.topk[0]
+
+
+class Source(Protocol):
+    """A context manager that yields frames; ``skipped`` counts records it could not decode."""
+
+    id: str
+    live: bool
+    skipped: int
+
+    def __enter__(self) -> Source: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def frames(self) -> Iterator[Frame]: ...
+
+
+class Classifier(Protocol):
+    """Turns RGB frames into predictions. ``prepare`` is pure and thread-safe; ``predict`` is not."""
+
+    name: str
+    backend: str
+
+    def prepare(self, image: np.ndarray) -> np.ndarray: ...
+
+    def predict(self, batch: np.ndarray) -> list[Prediction]: ...
+
+    def close(self) -> None: ...
+
+
+def stack(tensors: Sequence[np.ndarray]) -> np.ndarray:
+    """Batch prepared (C, H, W) tensors into one contiguous (N, C, H, W) array."""
+    return np.ascontiguousarray(np.stack(tensors)) if len(tensors) > 1 else tensors[0][None]
