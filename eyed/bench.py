@@ -1,0 +1,190 @@
+"""``eyed bench``: the daemon's path against a bare onnxruntime loop (and the seed study's transformers loop),
+on the same frames, in one run, so the ratios mean something on a shared, noisy machine.
+
+- bare onnxruntime: ``session.run`` on tensors preprocessed beforehand, one frame per call: the runtime's limit.
+- daemon path: the real pipeline (capture thread with preprocessing, inference thread, events, XPUB socket,
+  a SUB client receiving every event) fed from memory.
+- transformers loop: ``AutoImageProcessor`` + ``AutoModelForImageClassification`` in eager PyTorch, one PIL
+  image at a time, as in the seed study.
+
+Paths are measured in alternating rounds and each keeps its best round, so a burst of load from another
+process on the machine penalises no path in particular.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eyed.config import PublishConfig, Settings
+from eyed.model import load_classifier
+from eyed.model.onnx_backend import OnnxClassifier, open_session
+from eyed.pipeline import Pipeline
+from eyed.publisher import Publisher
+from eyed.sources import open_source
+from eyed.sources.memory import MemorySource
+from eyed.subscriber import Subscriber
+
+logger = logging.getLogger(__name__)
+
+
+def load_frames(settings: Settings, n: int) -> tuple[list[np.ndarray], list[str | None]]:
+    """The first ``n`` frames of the configured source, decoded, in memory."""
+    cfg = settings.source.model_copy(update={"limit": n, "fps": 0.0, "loop": False})
+    images, truths = [], []
+    with open_source(cfg) as src:
+        for frame in src.frames():
+            images.append(frame.image)
+            truths.append(frame.truth)
+    if not images:
+        raise RuntimeError("the configured source gave no frames")
+    return images, truths
+
+
+def summarise(name: str, latencies_ms: list[float], wall_s: float, n: int) -> dict[str, Any]:
+    lat = np.asarray(latencies_ms)
+    return {
+        "name": name,
+        "frames": n,
+        "fps": n / wall_s,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+def bench_bare(path: Path, threads: int, tensors: list[np.ndarray]) -> dict[str, Any]:
+    """``session.run`` alone, batch 1, on tensors preprocessed beforehand."""
+    session: Any = open_session(path, threads)
+    name = session.get_inputs()[0].name
+    batches = [t[None] for t in tensors]
+    for b in batches[:10]:
+        session.run(None, {name: b})
+    lat = []
+    t0 = time.perf_counter()
+    for b in batches:
+        s = time.perf_counter()
+        session.run(None, {name: b})
+        lat.append((time.perf_counter() - s) * 1000)
+    return summarise("bare onnxruntime", lat, time.perf_counter() - t0, len(batches))
+
+
+def bench_daemon(
+    settings: Settings, classifier: OnnxClassifier, images: list[np.ndarray], batch: int
+) -> dict[str, Any]:
+    """The pipeline from frames in memory to events received by a real SUB socket."""
+    with tempfile.TemporaryDirectory(prefix="eyed-bench-") as tmp:
+        cfg = PublishConfig(endpoint=f"ipc://{tmp}/bench.sock", wait_subscribers=1, wait_timeout_s=10)
+        with Publisher(cfg) as pub, Subscriber(pub.endpoint, ("label.",)) as sub:
+            pub.wait_for_subscribers(1, 10)
+            latencies: list[float] = []
+
+            def drain() -> None:
+                while len(latencies) < len(images):
+                    try:
+                        _, event = sub.receive(10)
+                    except TimeoutError:
+                        return
+                    latencies.append(float(event["latency_ms"]))
+
+            receiver = threading.Thread(target=drain, name="bench-sub", daemon=True)
+            receiver.start()
+            pipeline = Pipeline(
+                MemorySource(images),
+                classifier,
+                pub,
+                batch=batch,
+                queue_size=settings.source.queue,
+                heartbeat_s=3600,
+            )
+            t0 = time.perf_counter()
+            pipeline.start()
+            pipeline.done.wait()
+            wall = time.perf_counter() - t0
+            receiver.join(15)
+    if len(latencies) != len(images):
+        raise RuntimeError(f"bench: received {len(latencies)} of {len(images)} events")
+    name = "daemon path" if batch == 1 else f"daemon path, batch {batch}"
+    return summarise(name, latencies, wall, len(images))
+
+
+def bench_seed(model_id: str, images: list[np.ndarray]) -> dict[str, Any]:
+    """The seed study's loop: AutoImageProcessor + eager transformers model, one PIL image at a time."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from eyed.model.checkpoint import resolve_checkpoint
+
+    folder = resolve_checkpoint(model_id)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    pil = [Image.fromarray(img) for img in images]
+    lat = []
+    t0 = time.perf_counter()
+    for im in pil:
+        s = time.perf_counter()
+        with torch.no_grad():
+            logits = model(**processor(im, return_tensors="pt")).logits
+        int(logits.argmax(-1))
+        lat.append((time.perf_counter() - s) * 1000)
+    return summarise("transformers loop (seed)", lat, time.perf_counter() - t0, len(pil))
+
+
+def run_bench(
+    settings: Settings, frames: int = 1000, seed_frames: int = 100, batch: int = 8, rounds: int = 2
+) -> dict[str, Any]:
+    """Measure every path on the same frames; returns rows, ratios and a text table."""
+    if settings.model.backend != "onnx":
+        settings = settings.model_copy(update={"model": settings.model.model_copy(update={"backend": "onnx"})})
+    images, _ = load_frames(settings, frames)
+    classifier = load_classifier(settings.model)
+    assert isinstance(classifier, OnnxClassifier)
+    tensors = [classifier.prepare(img) for img in images]
+    best: dict[str, dict[str, Any]] = {}
+
+    def keep(row: dict[str, Any]) -> None:
+        if row["name"] not in best or row["fps"] > best[row["name"]]["fps"]:
+            best[row["name"]] = row
+
+    for _ in range(rounds):
+        keep(bench_bare(classifier.path, settings.model.threads, tensors))
+        keep(bench_daemon(settings, classifier, images, 1))
+        if batch > 1:
+            keep(bench_daemon(settings, classifier, images, batch))
+    rows = list(best.values())
+    bare = best["bare onnxruntime"]["fps"]
+    ratios = {"daemon/bare": best["daemon path"]["fps"] / bare}
+    if batch > 1:
+        ratios[f"daemon batch {batch}/daemon batch 1"] = (
+            best[f"daemon path, batch {batch}"]["fps"] / best["daemon path"]["fps"]
+        )
+    if seed_frames > 0:
+        try:
+            seed = bench_seed(settings.model.id, images[:seed_frames])
+        except ImportError:
+            logger.warning("torch/transformers not installed: transformers loop skipped")
+        else:
+            rows.append(seed)
+            ratios["daemon/transformers"] = best["daemon path"]["fps"] / seed["fps"]
+    classifier.close()
+    lines = [f"{'path':<28} {'frames':>7} {'fps':>9} {'p50 ms':>8} {'p99 ms':>8}"]
+    lines += [
+        f"{r['name']:<28} {r['frames']:>7} {r['fps']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}" for r in rows
+    ]
+    lines += [f"{name}: {value:.2f}x" for name, value in ratios.items()]
+    lines.append(f"each path: best of {rounds} alternating rounds on the same {len(images)} frames")
+    return {
+        "model": settings.model.id,
+        "onnx": str(classifier.path),
+        "threads": settings.model.threads,
+        "rows": rows,
+        "ratios": ratios,
+        "rounds": rounds,
+        "text": "\n".join(lines),
+    }
