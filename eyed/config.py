@@ -37,6 +37,7 @@ class SourceConfig(Section):
     )
     split: str = Field("test", min_length=1, description="Replay: dataset split.")
     limit: int = Field(0, ge=0, description="Stop after this many frames; 0 = all.")
+    skip: int = Field(0, ge=0, description="Replay: skip this many records first (e.g. to reach held-out ones).")
     fps: float = Field(0.0, ge=0.0, description="Pace frames to this rate; 0 = as fast as the model goes.")
     loop: bool = Field(False, description="Replay: start again at the end instead of finishing.")
     id: str | None = Field(
@@ -70,6 +71,13 @@ class ModelConfig(Section):
     topk: int = Field(5, ge=1, le=100, description="Classes listed in each label event.")
     threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 = the runtime's default.")
     batch: int = Field(1, ge=1, le=256, description="Frames per inference call when frames are waiting.")
+    small_input: Literal["fit", "checkpoint"] = Field(
+        "fit",
+        description=(
+            "Images smaller than the model's crop (e.g. CIFAR's 32x32): 'fit' scales them whole onto the crop "
+            "with bicubic interpolation; 'checkpoint' follows preprocessor_config.json exactly."
+        ),
+    )
     coarse: Literal["cifar10", "none"] = Field(
         "cifar10", description="Coarse label space for ImageNet models ('none' disables)."
     )

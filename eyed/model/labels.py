@@ -114,17 +114,35 @@ def load_priors(priors: str, space: str, classes: tuple[str, ...]) -> np.ndarray
     return arr
 
 
-def estimate_priors(mapper: CoarseMapper, probs: Iterable[np.ndarray]) -> np.ndarray:
-    """Mean group mass over a stream of probability vectors (no labels needed)."""
-    total: np.ndarray | None = None
-    n = 0
-    for p in probs:
-        m = mapper.masses(np.atleast_2d(p))
-        total = m.sum(axis=0) if total is None else total + m.sum(axis=0)
-        n += m.shape[0]
-    if total is None or n == 0:
+def estimate_priors(mapper: CoarseMapper, probs: Iterable[np.ndarray], *, balance: bool = True) -> np.ndarray:
+    """Group priors from a stream of probability vectors, without labels.
+
+    First the mean mass of each group. With ``balance``, the priors are then refined so that, on this stream,
+    each coarse class wins the argmax equally often: dividing by mean mass evens out the average scores, but
+    the decisions depend on the tails too (dog's 120 breeds still win more than their share). Both steps assume
+    the reference stream shows the coarse classes about equally often, as CIFAR-10 does.
+    """
+    chunks = [mapper.masses(np.atleast_2d(p)) for p in probs]
+    if not chunks:
         raise ValueError("cannot estimate priors from an empty stream")
-    return (total / n).astype(np.float32)  # type: ignore[no-any-return]
+    masses = np.concatenate(chunks).astype(np.float64)
+    priors = masses.mean(axis=0)
+    if balance:
+        priors = priors / balance_weights(masses / priors)
+    return (priors / priors.sum()).astype(np.float32)  # type: ignore[no-any-return]
+
+
+def balance_weights(scores: np.ndarray, iterations: int = 300, rate: float = 0.5) -> np.ndarray:
+    """Per-class weights w such that argmax(scores * w) picks every class about equally often."""
+    n, k = scores.shape
+    w = np.ones(k)
+    target = 1.0 / k
+    eps = 1e-4  # keeps a class that never wins from blowing up its weight in one step
+    for _ in range(iterations):
+        share = np.bincount((scores * w).argmax(axis=1), minlength=k) / n
+        w *= ((target + eps) / (share + eps)) ** rate
+        w /= w.sum()
+    return w
 
 
 def save_priors(path: Path, classes: Iterable[str], priors: np.ndarray, meta: Mapping[str, Any]) -> None:

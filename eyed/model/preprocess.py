@@ -64,10 +64,19 @@ class PreprocessSpec:
 
 
 class Preprocessor:
-    """Turns an RGB uint8 (H, W, 3) image into a float32 (3, crop_h, crop_w) tensor."""
+    """Turns an RGB uint8 (H, W, 3) image into a float32 (3, crop_h, crop_w) tensor.
 
-    def __init__(self, spec: PreprocessSpec) -> None:
+    ``small_input="fit"`` changes one thing for images smaller than the crop (CIFAR's 32x32): they are scaled
+    whole to cover the crop with bicubic interpolation instead of being blown up past it with bilinear and then
+    cut. Such an image is already framed on its subject, and the centre crop throws away an eighth of it. On
+    held-out CIFAR-10 this is worth several points of coarse accuracy (README, "From ImageNet to CIFAR-10").
+    ``"checkpoint"`` follows ``preprocessor_config.json`` to the letter. Larger images are treated the same
+    either way.
+    """
+
+    def __init__(self, spec: PreprocessSpec, small_input: str = "checkpoint") -> None:
         self.spec = spec
+        self.fit_small = small_input == "fit"
         # Fold rescale and normalise into one multiply-add per pixel: (x * r - m) / s = x * (r / s) - m / s.
         std = np.asarray(spec.std, dtype=np.float32)
         self._scale = (np.float32(spec.rescale) / std).reshape(3, 1, 1)
@@ -88,17 +97,34 @@ class Preprocessor:
     def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Preprocess one image; write into ``out`` (shape :attr:`shape`) when given."""
         h, w = image.shape[:2]
-        new_h, new_w = self.resized_size(h, w)
-        # INTER_AREA averages when shrinking (like PIL's antialiased bilinear); INTER_LINEAR matches PIL when growing.
-        interp = cv2.INTER_AREA if new_h * new_w < h * w else cv2.INTER_LINEAR
-        resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
         ch, cw = self.spec.crop
+        interp = cv2.INTER_LINEAR
+        if self.fit_small and h <= ch and w <= cw:
+            scale = max(ch / h, cw / w)
+            new_h, new_w = max(ch, round(h * scale)), max(cw, round(w * scale))
+            interp = cv2.INTER_CUBIC
+        else:
+            new_h, new_w = self.resized_size(h, w)
         top, left = max((new_h - ch) // 2, 0), max((new_w - cw) // 2, 0)
-        crop = resized[top : top + ch, left : left + cw]
         if out is None:
             out = np.empty(self.shape, dtype=np.float32)
-        # HWC uint8 -> CHW float32 in one pass, then the folded affine in place.
-        np.copyto(out, crop.transpose(2, 0, 1), casting="unsafe")
+        if new_h * new_w >= h * w:
+            # Growing (CIFAR's 32x32 to 256): normalise the few source pixels first, then resize each channel
+            # plane. Interpolation is linear in the pixel values, so this equals resize-then-normalise (bar
+            # uint8 rounding), and it never
+            # touches a large interleaved image: about half the time of the other order.
+            small = image.transpose(2, 0, 1).astype(np.float32)
+            small *= self._scale
+            small -= self._shift
+            plane = np.empty((new_h, new_w), dtype=np.float32)
+            for c in range(3):
+                cv2.resize(small[c], (new_w, new_h), dst=plane, interpolation=interp)
+                out[c] = plane[top : top + ch, left : left + cw]
+            return out
+        # Shrinking (camera frames): INTER_AREA averages like PIL's antialiased bilinear; then normalise the
+        # small result.
+        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        np.copyto(out, resized[top : top + ch, left : left + cw].transpose(2, 0, 1), casting="unsafe")
         out *= self._scale
         out -= self._shift
         return out

@@ -37,7 +37,7 @@ class TorchClassifier:
             raise ModelLoadError(f"cannot load {cfg.id} with transformers: {exc}") from exc
         labels = labels_of(read_json(folder / "config.json"))
         self.name = cfg.id
-        self.prepare = Preprocessor(PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json")))
+        self.prepare = Preprocessor(PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json")), cfg.small_input)
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:

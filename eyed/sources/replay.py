@@ -113,6 +113,8 @@ class ReplaySource:
         keep = [c for c in (self._image_col, self._label_col) if c]
         if features:
             ds = ds.select_columns(keep)
+        if self.cfg.skip:
+            ds = ds.skip(self.cfg.skip)
         logger.info(
             "replaying %s split %s (image column %r, label column %r)",
             name,
