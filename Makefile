@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/eyed run --config $(CONFIG)
 
+# pytest exits 5 when it collected no test: that must fail, and so it does (any non-zero exit fails make).
 test: $(STAMP)
 	$(BIN)/python -m pytest
 

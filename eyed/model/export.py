@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 from eyed.model.checkpoint import (
@@ -58,16 +59,20 @@ def export_onnx(model_id: str, output: Path) -> Path:
         logger.info("exporting %s to %s", model_id, output)
         # The TorchScript exporter traces in about a second; the dynamo exporter takes several times longer
         # for the same graph here.
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(tmp),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        with warnings.catch_warnings():
+            # The tracer warns that tf_padding's shape arithmetic becomes constant: right here, as the input
+            # size is fixed by the crop. Other warnings are about the deprecated exporter itself.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
         write_metadata(tmp, labels, spec, model_id)
         tmp.replace(output)
     finally:

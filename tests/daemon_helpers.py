@@ -1,0 +1,64 @@
+"""Run the real daemon as a subprocess and collect its events with a real SUB socket."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from eyed.subscriber import Subscriber
+
+
+def daemon_env(settings: dict[str, Any], **extra: str) -> dict[str, str]:
+    """The environment for ``eyed run``: ``{"source.limit": 5}`` becomes ``EYED_SOURCE__LIMIT=5``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EYED_")}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    for key, value in settings.items():
+        section, field = key.split(".")
+        env[f"EYED_{section.upper()}__{field.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update(extra)
+    return env
+
+
+def start_daemon(settings: dict[str, Any], *args: str, cwd: Path | None = None, **extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "eyed", "run", *args],
+        env=daemon_env(settings, **extra),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def collect(
+    endpoint: str, until_type: str = "health", until_state: str = "finished", timeout_s: float = 60.0
+) -> list[tuple[str, dict[str, Any]]]:
+    """Subscribe to everything on ``endpoint`` until a health event with ``until_state`` (or time out)."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    deadline = time.monotonic() + timeout_s
+    with Subscriber(endpoint) as sub:
+        while time.monotonic() < deadline:
+            try:
+                topic, payload = sub.receive(max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            events.append((topic, payload))
+            if payload.get("type") == until_type and payload.get("state") == until_state:
+                break
+    return events
+
+
+def finish(proc: subprocess.Popen[str], timeout_s: float = 30.0) -> tuple[int, str]:
+    """Wait for the daemon to exit; returns (exit code, stderr)."""
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{err}") from None
+    return proc.returncode, err

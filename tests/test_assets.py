@@ -1,0 +1,87 @@
+"""Integration on the real checkpoint and CIFAR-10 shards in $EYED_SHARED (skipped when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eyed.config import ModelConfig, SourceConfig, load_settings
+from eyed.model import load_classifier
+from eyed.model.export import ensure_onnx
+from eyed.sources import open_source
+from tests.daemon_helpers import collect, finish, start_daemon
+
+pytestmark = pytest.mark.assets
+
+
+@pytest.fixture(scope="module")
+def real_onnx(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_onnx(str(real_model), tmp_path_factory.mktemp("cache"))
+
+
+def real_frames(real_cifar: Path, skip: int, limit: int) -> list[np.ndarray]:
+    with open_source(SourceConfig(dataset=str(real_cifar), split="train", skip=skip, limit=limit)) as src:
+        return [f.image for f in src.frames()]
+
+
+def test_torch_and_onnx_agree_on_top1(real_model: Path, real_onnx: Path, real_cifar: Path) -> None:
+    onnx = load_classifier(ModelConfig(id=str(real_model), onnx=real_onnx))
+    torch = load_classifier(ModelConfig(id=str(real_model), backend="torch"))
+    batch = np.stack([onnx.prepare(img) for img in real_frames(real_cifar, 0, 64)])
+    a, b = onnx.predict(batch), torch.predict(batch)
+    agree = sum(x.top.class_id == y.top.class_id for x, y in zip(a, b, strict=True))
+    assert agree == len(batch)
+    assert np.allclose([x.top.score for x in a], [y.top.score for y in b], atol=1e-3)
+    assert [x.coarse.label for x in a] == [y.coarse.label for y in b]  # type: ignore[union-attr]
+
+
+def test_coarse_accuracy_on_held_out_images(real_model: Path, real_onnx: Path, real_cifar: Path) -> None:
+    """A regression guard on the mapping, the priors and the preprocessing (73% on the last 5,000)."""
+    from eyed.evaluate import run_eval
+
+    settings = load_settings(
+        None,
+        [
+            f"source.dataset={real_cifar}",
+            "source.split=train",
+            "source.skip=49000",
+            "source.limit=1000",
+            f"model.id={real_model}",
+            f"model.onnx={real_onnx}",
+        ],
+    )
+    report = run_eval(settings)
+    acc = report["accuracies"]
+    assert report["frames"] == 1000
+    assert acc["corrected"] >= 0.68, acc
+    # The correction must beat the plain group sum by a wide margin, or it is not doing its job.
+    assert acc["corrected"] - acc["group-sum"] >= 0.10, acc
+
+
+def test_daemon_on_real_assets_delivers_every_event(real_model: Path, real_cifar: Path, tmp_path: Path) -> None:
+    """The issue's acceptance run: EYED_ env vars only, an independent SUB client receives every event."""
+    from tests.conftest import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    settings = {
+        "source.dataset": real_cifar,
+        "source.split": "train",
+        "source.limit": 500,
+        "model.id": real_model,
+        "model.cache_dir": tmp_path,
+        "publish.endpoint": endpoint,
+        "publish.wait_subscribers": 1,
+        "publish.wait_timeout_s": 120,
+    }
+    proc = start_daemon(settings)
+    events = collect(endpoint, timeout_s=180)
+    code, err = finish(proc, timeout_s=60)
+    assert code == 0, err
+    labels = [p for _, p in events if p["type"] == "label"]
+    assert [p["seq"] for p in labels] == list(range(500))
+    assert all(p["truth"] for p in labels)
+    hits = sum(p["coarse"]["label"] == p["truth"] for p in labels)
+    assert hits / 500 >= 0.6
+    assert events[-1][1]["state"] == "finished" and events[-1][1]["frames"] == 500

@@ -1,0 +1,131 @@
+"""The real daemon in a subprocess, a real SUB socket, tiny generated model and data."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from eyed.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
+from eyed.subscriber import Subscriber
+from tests.conftest import CIFAR10
+from tests.daemon_helpers import collect, finish, start_daemon
+
+
+@pytest.fixture
+def base(tiny_dataset: Path, tiny_onnx: Path, endpoint: str) -> dict[str, object]:
+    return {
+        "source.dataset": tiny_dataset,
+        "source.split": "train",
+        "source.id": "tiny",
+        "model.onnx": tiny_onnx,
+        "publish.endpoint": endpoint,
+        "publish.wait_subscribers": 1,
+        "publish.wait_timeout_s": 30,
+        "publish.heartbeat_s": 0.5,
+    }
+
+
+def test_replay_publishes_one_event_per_frame_and_finishes(base: dict[str, object], endpoint: str) -> None:
+    proc = start_daemon(base)
+    events = collect(endpoint)
+    code, err = finish(proc)
+    assert code == 0, err
+    labels = [p for t, p in events if p["type"] == "label"]
+    # 12 records, record 5 corrupt: 11 events, seq without gaps, dataset order kept.
+    assert [p["seq"] for p in labels] == list(range(11))
+    assert [p["truth"] for p in labels] == [CIFAR10[i % 10] for i in range(12) if i != 5]
+    first = labels[0]
+    assert {t for t, _ in events} == {"label.tiny", "health.tiny"}
+    for key in ("schema", "type", "source", "seq", "ts", "label", "class_id", "score", "topk", "coarse",
+                "truth", "latency_ms", "model", "backend"):
+        assert key in first, key
+    assert first["schema"] == 1 and first["backend"] == "onnx"
+    assert len(first["topk"]) == 5
+    assert first["topk"][0]["label"] == first["label"] and first["topk"][0]["class_id"] == first["class_id"]
+    assert first["coarse"]["label"] in CIFAR10
+    assert first["latency_ms"] >= 0
+    final = events[-1][1]
+    assert final["type"] == "health" and final["state"] == "finished"
+    assert final["frames"] == 11 and final["skipped"] == 1 and final["errors"] == 0
+
+
+def test_sigterm_stops_a_looping_replay_cleanly(base: dict[str, object], endpoint: str) -> None:
+    proc = start_daemon({**base, "source.loop": True, "source.fps": 100})
+    seen = []
+    with Subscriber(endpoint, ("label.",)) as sub:
+        while len(seen) < 30:
+            seen.append(sub.receive(30)[1]["seq"])
+    proc.send_signal(signal.SIGTERM)
+    t = time.monotonic()
+    code, err = finish(proc, timeout_s=15)
+    assert code == 0, err
+    assert time.monotonic() - t < 15
+    assert seen == list(range(seen[0], seen[0] + 30))
+    assert "done:" in err
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field"),
+    [
+        ("source.limit", "-3", "source.limit"),
+        ("model.backend", "tensorflow", "model.backend"),
+        ("source.bogus", "1", "source.bogus"),
+        ("publish.endpoint", "http://nope", "publish.endpoint"),
+    ],
+)
+def test_invalid_config_exits_78_naming_the_field(
+    base: dict[str, object], key: str, value: str, field: str
+) -> None:
+    code, err = finish(start_daemon({**base, key: value}))
+    assert code == EXIT_CONFIG
+    assert field in err
+
+
+def test_model_that_cannot_load_exits_69(base: dict[str, object], tmp_path: Path) -> None:
+    settings = {k: v for k, v in base.items() if k != "model.onnx"}
+    code, err = finish(start_daemon({**settings, "model.id": tmp_path / "no-such-model"}))
+    assert code == EXIT_UNAVAILABLE
+    assert "no-such-model" in err
+
+
+def test_offline_hub_id_gives_a_clear_message(base: dict[str, object], tmp_path: Path) -> None:
+    settings = {k: v for k, v in base.items() if k != "model.onnx"}
+    code, err = finish(start_daemon({**settings, "model.cache_dir": tmp_path}))
+    assert code == EXIT_UNAVAILABLE
+    assert "cannot reach the hub for google/mobilenet_v2_1.0_224" in err
+    assert "set model.id to a local checkpoint" in err
+
+
+def test_waiting_for_subscribers_times_out_clearly(base: dict[str, object]) -> None:
+    code, err = finish(start_daemon({**base, "publish.wait_timeout_s": 0.5}))
+    assert code == EXIT_UNAVAILABLE
+    assert "publish.wait_subscribers=1" in err
+
+
+def test_onnx_backend_exports_once_into_the_cache(
+    base: dict[str, object], tiny_checkpoint: Path, tmp_path: Path, endpoint: str
+) -> None:
+    settings = {k: v for k, v in base.items() if k != "model.onnx"}
+    settings.update({"model.id": tiny_checkpoint, "model.cache_dir": tmp_path, "publish.wait_subscribers": 0})
+    code, err = finish(start_daemon(settings), timeout_s=120)
+    assert code == 0, err
+    exported = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(exported) == 1 and "exporting" in err
+    mtime = exported[0].stat().st_mtime_ns
+    code, err = finish(start_daemon(settings), timeout_s=120)
+    assert code == 0, err
+    assert "using cached export" in err and "exporting" not in err
+    assert exported[0].stat().st_mtime_ns == mtime
+
+
+def test_torch_backend_runs_the_same_feed(base: dict[str, object], tiny_checkpoint: Path, endpoint: str) -> None:
+    settings = {k: v for k, v in base.items() if k != "model.onnx"}
+    proc = start_daemon({**settings, "model.id": tiny_checkpoint, "model.backend": "torch"})
+    events = collect(endpoint, timeout_s=120)
+    code, err = finish(proc, timeout_s=60)
+    assert code == 0, err
+    labels = [p for _, p in events if p["type"] == "label"]
+    assert len(labels) == 11 and {p["backend"] for p in labels} == {"torch"}
