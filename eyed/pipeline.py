@@ -1,7 +1,10 @@
 """Capture thread -> bounded queue -> inference thread -> publisher.
 
-The capture thread reads the source and preprocesses each frame (on the other core, while the model runs);
-the inference thread classifies, turns predictions into events and is the only user of the publisher.
+The capture thread only reads and decodes frames. The inference thread preprocesses them into a buffer
+allocated once, classifies, turns predictions into events and is the only user of the publisher. Doing the
+preprocessing there, not in the capture thread, is deliberate: onnxruntime already keeps both cores of a small
+board busy, and preprocessing in parallel slowed every inference by more than it saved (measured with
+``eyed bench``: 0.78x of a bare onnxruntime loop in parallel, see the README for the serial figure).
 Replay sources deliver every frame (the capture thread waits when the queue is full).
 """
 
@@ -17,7 +20,7 @@ import numpy as np
 
 from eyed.events import EventContext, Health, health_event, health_topic, label_event, label_topic
 from eyed.publisher import Publisher
-from eyed.types import Classifier, Frame, Source, stack
+from eyed.types import Classifier, Frame, Source
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ class Pipeline:
         self.state = "starting"
         self.failure: BaseException | None = None
         self.ctx = EventContext(source=source.id, model=classifier.name, backend=classifier.backend)
-        self._queue: queue.Queue[tuple[Frame, np.ndarray] | None] = queue.Queue(max(queue_size, batch))
+        self._queue: queue.Queue[Frame | None] = queue.Queue(max(queue_size, batch))
+        self._buffer = np.empty((batch, *classifier.input_shape), dtype=np.float32)
         self._label_topic = label_topic(source.id)
         self._health_topic = health_topic(source.id)
         self._seq = 0
@@ -83,7 +87,7 @@ class Pipeline:
         return not any(t.is_alive() for t in self._threads)
 
     # -- capture thread ------------------------------------------------------------------------------------
-    def _put(self, item: tuple[Frame, np.ndarray] | None) -> bool:
+    def _put(self, item: Frame | None) -> bool:
         while not self.stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -95,15 +99,7 @@ class Pipeline:
     def _capture(self) -> None:
         try:
             for frame in self.source.frames():
-                if self.stop.is_set():
-                    break
-                try:
-                    tensor = self.classifier.prepare(frame.image)
-                except Exception:  # a frame OpenCV cannot resize: skip it, keep the camera
-                    self.counters.errors += 1
-                    logger.exception("could not preprocess frame %d; skipped", frame.index)
-                    continue
-                if not self._put((frame, tensor)):
+                if self.stop.is_set() or not self._put(frame):
                     break
         except BaseException as exc:  # reported by the inference thread and the daemon
             self.failure = exc
@@ -116,7 +112,7 @@ class Pipeline:
                 pass
 
     # -- inference thread ----------------------------------------------------------------------------------
-    def _next_batch(self) -> tuple[list[tuple[Frame, np.ndarray]], bool]:
+    def _next_batch(self) -> tuple[list[Frame], bool]:
         """Up to ``batch`` queued frames (waiting for the first only); True once the source has ended."""
         try:
             first = self._queue.get(timeout=0.1)
@@ -162,18 +158,29 @@ class Pipeline:
             self.stop.set()
             self.done.set()
 
-    def _classify(self, items: list[tuple[Frame, np.ndarray]]) -> None:
-        try:
-            preds = self.classifier.predict(stack([t for _, t in items]))
-        except Exception:
-            self.counters.errors += len(items)
-            logger.exception("inference failed on %d frame(s); skipped", len(items))
+    def _classify(self, items: list[Frame]) -> None:
+        frames = []
+        for frame in items:
+            try:
+                self.classifier.prepare(frame.image, out=self._buffer[len(frames)])
+            except Exception:  # a frame OpenCV cannot resize: skip it, keep the camera
+                self.counters.errors += 1
+                logger.exception("could not preprocess frame %d; skipped", frame.index)
+                continue
+            frames.append(frame)
+        if not frames:
             return
-        for (frame, _), pred in zip(items, preds, strict=True):
+        try:
+            preds = self.classifier.predict(self._buffer[: len(frames)])
+        except Exception:
+            self.counters.errors += len(frames)
+            logger.exception("inference failed on %d frame(s); skipped", len(frames))
+            return
+        for frame, pred in zip(frames, preds, strict=True):
             latency_ms = (time.perf_counter() - frame.t_in) * 1000.0
             self.publisher.send(self._label_topic, label_event(self.ctx, self._seq, frame, pred, latency_ms))
             self._seq += 1
-        self.counters.frames += len(items)
+        self.counters.frames += len(frames)
         self.counters.last_progress = time.monotonic()
 
     def health(self, fps: float) -> Health:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -67,19 +67,18 @@ class Source(Protocol):
     def frames(self) -> Iterator[Frame]: ...
 
 
+class Preparer(Protocol):
+    def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
+
+
 class Classifier(Protocol):
     """Turns RGB frames into predictions. ``prepare`` is pure and thread-safe; ``predict`` is not."""
 
     name: str
     backend: str
-
-    def prepare(self, image: np.ndarray) -> np.ndarray: ...
+    prepare: Preparer  # RGB uint8 (H, W, 3) -> float32 ``input_shape``, into ``out`` when given
+    input_shape: tuple[int, int, int]  # (C, H, W) of one prepared frame
 
     def predict(self, batch: np.ndarray) -> list[Prediction]: ...
 
     def close(self) -> None: ...
-
-
-def stack(tensors: Sequence[np.ndarray]) -> np.ndarray:
-    """Batch prepared (C, H, W) tensors into one contiguous (N, C, H, W) array."""
-    return np.ascontiguousarray(np.stack(tensors)) if len(tensors) > 1 else tensors[0][None]

@@ -129,3 +129,24 @@ def test_torch_backend_runs_the_same_feed(base: dict[str, object], tiny_checkpoi
     assert code == 0, err
     labels = [p for _, p in events if p["type"] == "label"]
     assert len(labels) == 11 and {p["backend"] for p in labels} == {"torch"}
+
+
+def test_eyed_subscribe_prints_events_as_json(base: dict[str, object], endpoint: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = start_daemon(base)
+    sub = subprocess.run(
+        [sys.executable, "-m", "eyed", "subscribe", "--endpoint", endpoint, "--topic", "label.", "--count", "4",
+         "--json", "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    code, err = finish(proc)
+    assert sub.returncode == 0, sub.stderr
+    assert code == 0, err
+    lines = [json.loads(line) for line in sub.stdout.splitlines()]
+    assert [e["seq"] for e in lines] == [0, 1, 2, 3]
+    assert all(e["topic"] == "label.tiny" and e["type"] == "label" for e in lines)

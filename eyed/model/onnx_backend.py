@@ -61,6 +61,7 @@ class OnnxClassifier:
         labels = json.loads(meta[META_LABELS])
         self.name = meta.get(META_MODEL_ID, self.path.stem)
         self.prepare = Preprocessor(PreprocessSpec.from_dict(json.loads(meta[META_PREPROCESS])), cfg.small_input)
+        self.input_shape = self.prepare.shape
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
         self._input = self.session.get_inputs()[0].name  # type: ignore[attr-defined]
 

@@ -38,6 +38,7 @@ class TorchClassifier:
         labels = labels_of(read_json(folder / "config.json"))
         self.name = cfg.id
         self.prepare = Preprocessor(PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json")), cfg.small_input)
+        self.input_shape = self.prepare.shape
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
