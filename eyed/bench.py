@@ -14,6 +14,7 @@ process on the machine penalises no path in particular.
 from __future__ import annotations
 
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -154,33 +155,35 @@ def bench_seed(model_id: str, images: list[np.ndarray]) -> dict[str, Any]:
 
 
 def run_bench(
-    settings: Settings, frames: int = 1000, seed_frames: int = 100, batch: int = 8, rounds: int = 2
+    settings: Settings, frames: int = 500, seed_frames: int = 100, batch: int = 8, rounds: int = 5
 ) -> dict[str, Any]:
-    """Measure every path on the same frames; returns rows, ratios and a text table."""
+    """Measure every path on the same frames in alternating rounds; returns rows, ratios and a text table.
+
+    fps is the median over rounds; each ratio is the median of the per-round ratios, so a slow spell on a
+    shared machine hits both sides of a ratio alike. Latencies are pooled over all rounds.
+    """
     if settings.model.backend != "onnx":
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"backend": "onnx"})})
     images, _ = load_frames(settings, frames)
     classifier = load_classifier(settings.model)
     assert isinstance(classifier, OnnxClassifier)
     tensors = [classifier.prepare(img) for img in images]
-    best: dict[str, dict[str, Any]] = {}
-
-    def keep(row: dict[str, Any]) -> None:
-        if row["name"] not in best or row["fps"] > best[row["name"]]["fps"]:
-            best[row["name"]] = row
-
+    runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
-        keep(bench_bare(classifier.path, settings.model.threads, tensors))
-        keep(bench_daemon(settings, classifier, images, 1))
-        if batch > 1:
-            keep(bench_daemon(settings, classifier, images, batch))
-    rows = list(best.values())
-    bare = best["bare onnxruntime"]["fps"]
-    ratios = {"daemon/bare": best["daemon path"]["fps"] / bare}
+        for row in (
+            bench_bare(classifier.path, settings.model.threads, tensors),
+            bench_daemon(settings, classifier, images, 1),
+            *([bench_daemon(settings, classifier, images, batch)] if batch > 1 else []),
+        ):
+            runs.setdefault(row["name"], []).append(row)
+    rows = [_pool(name, rs) for name, rs in runs.items()]
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x["fps"] / y["fps"] for x, y in zip(runs[a], runs[b], strict=True))
+
+    ratios = {"daemon/bare": ratio("daemon path", "bare onnxruntime")}
     if batch > 1:
-        ratios[f"daemon batch {batch}/daemon batch 1"] = (
-            best[f"daemon path, batch {batch}"]["fps"] / best["daemon path"]["fps"]
-        )
+        ratios[f"daemon batch {batch}/daemon batch 1"] = ratio(f"daemon path, batch {batch}", "daemon path")
     if seed_frames > 0:
         try:
             seed = bench_seed(settings.model.id, images[:seed_frames])
@@ -188,20 +191,34 @@ def run_bench(
             logger.warning("torch/transformers not installed: transformers loop skipped")
         else:
             rows.append(seed)
-            ratios["daemon/transformers"] = best["daemon path"]["fps"] / seed["fps"]
+            ratios["daemon/transformers"] = next(r for r in rows if r["name"] == "daemon path")["fps"] / seed["fps"]
     classifier.close()
     lines = [f"{'path':<28} {'frames':>7} {'fps':>9} {'p50 ms':>8} {'p99 ms':>8}"]
     lines += [
         f"{r['name']:<28} {r['frames']:>7} {r['fps']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}" for r in rows
     ]
     lines += [f"{name}: {value:.2f}x" for name, value in ratios.items()]
-    lines.append(f"each path: best of {rounds} alternating rounds on the same {len(images)} frames")
+    lines.append(
+        f"{rounds} alternating rounds of {len(images)} frames; fps = median over rounds, ratio = median of "
+        "per-round ratios; latency of the daemon path = frame in to event published (includes queueing)"
+    )
     return {
         "model": settings.model.id,
         "onnx": str(classifier.path),
         "threads": settings.model.threads,
+        "rounds": rounds,
         "rows": rows,
         "ratios": ratios,
-        "rounds": rounds,
         "text": "\n".join(lines),
+    }
+
+
+def _pool(name: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "frames": sum(r["frames"] for r in rounds),
+        "fps": statistics.median(r["fps"] for r in rounds),
+        "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
+        "p99_ms": max(r["p99_ms"] for r in rounds),
+        "fps_per_round": [round(r["fps"], 1) for r in rounds],
     }

@@ -90,7 +90,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging("WARNING")
-    report = run_bench(settings, frames=args.frames, seed_frames=args.seed_frames, batch=args.batch)
+    report = run_bench(
+        settings, frames=args.frames, seed_frames=args.seed_frames, batch=args.batch, rounds=args.rounds
+    )
     print(json.dumps(report, indent=2) if args.json else report["text"])
     return EXIT_OK
 
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="give up after this many quiet seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p = add("bench", cmd_bench, "daemon path vs a bare onnxruntime loop vs the transformers loop, same frames")
-    p.add_argument("--frames", type=int, default=1000, help="frames for the onnx measurements")
+    p.add_argument("--frames", type=int, default=500, help="frames per round for the onnx measurements")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     p.add_argument("--seed-frames", type=int, default=100, help="frames for the transformers loop (0 = skip)")
     p.add_argument("--batch", type=int, default=8, help="batch size for the batched daemon run (1 = skip)")
     p.add_argument("--json", action="store_true")

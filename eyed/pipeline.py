@@ -64,7 +64,7 @@ class Pipeline:
         self.failure: BaseException | None = None
         self.ctx = EventContext(source=source.id, model=classifier.name, backend=classifier.backend)
         self._queue: queue.Queue[Frame | None] = queue.Queue(max(queue_size, batch))
-        self._buffer = np.empty((batch, *classifier.input_shape), dtype=np.float32)
+        self._buffer = np.empty((batch, *classifier.input_shape), dtype=np.uint8)
         self._label_topic = label_topic(source.id)
         self._health_topic = health_topic(source.id)
         self._seq = 0

@@ -76,8 +76,8 @@ class Classifier(Protocol):
 
     name: str
     backend: str
-    prepare: Preparer  # RGB uint8 (H, W, 3) -> float32 ``input_shape``, into ``out`` when given
-    input_shape: tuple[int, int, int]  # (C, H, W) of one prepared frame
+    prepare: Preparer  # RGB uint8 (H, W, 3) -> uint8 ``input_shape``, into ``out`` when given
+    input_shape: tuple[int, int, int]  # (H, W, 3) of one prepared frame
 
     def predict(self, batch: np.ndarray) -> list[Prediction]: ...
 

@@ -10,7 +10,14 @@ import numpy as np
 
 from eyed.config import ModelConfig
 from eyed.model.checkpoint import ModelLoadError
-from eyed.model.export import META_LABELS, META_MODEL_ID, META_PREPROCESS, ensure_onnx
+from eyed.model.export import (
+    FORMAT,
+    META_FORMAT,
+    META_LABELS,
+    META_MODEL_ID,
+    META_PREPROCESS,
+    ensure_onnx,
+)
 from eyed.model.labels import build_mapper
 from eyed.model.postprocess import Postprocessor
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
@@ -57,6 +64,11 @@ class OnnxClassifier:
         if META_LABELS not in meta or META_PREPROCESS not in meta:
             raise ModelLoadError(
                 f"{path} has no eyed metadata (labels, preprocessing): export it with `eyed export`"
+            )
+        if meta.get(META_FORMAT) != FORMAT:
+            raise ModelLoadError(
+                f"{path} was exported by an older eyed (format {meta.get(META_FORMAT, '1')}, need {FORMAT}): "
+                "export it again with `eyed export`"
             )
         labels = json.loads(meta[META_LABELS])
         self.name = meta.get(META_MODEL_ID, self.path.stem)

@@ -42,8 +42,9 @@ class TorchClassifier:
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        pixel_values = self._torch.from_numpy(self.prepare.normalise(batch))
         with self._torch.inference_mode():
-            out = self.model(pixel_values=self._torch.from_numpy(batch)).logits
+            out = self.model(pixel_values=pixel_values).logits
         return out.numpy()  # type: ignore[no-any-return]
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:

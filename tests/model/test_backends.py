@@ -1,0 +1,214 @@
+"""Classifier backends on the tiny generated checkpoint: ONNX metadata, torch parity, errors, export cache."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eyed.config import ConfigError, ModelConfig
+from eyed.model import ModelLoadError, load_classifier
+from eyed.model.export import cached_export_path, ensure_onnx
+from eyed.model.postprocess import Postprocessor, softmax
+from eyed.types import Classifier
+from tests.conftest import CIFAR10, imagenet_like_labels, synthetic_images
+
+
+@pytest.fixture(scope="module")
+def onnx_classifier(tiny_checkpoint: Path, tiny_onnx: Path) -> Classifier:
+    return load_classifier(ModelConfig(id=str(tiny_checkpoint), onnx=tiny_onnx, topk=5))
+
+
+@pytest.fixture(scope="module")
+def torch_classifier(tiny_checkpoint: Path) -> Classifier:
+    return load_classifier(ModelConfig(id=str(tiny_checkpoint), backend="torch", topk=5))
+
+
+def batch_of(classifier: Classifier, images: list[np.ndarray]) -> np.ndarray:
+    return np.stack([classifier.prepare(img) for img in images])
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Never touch the network or the user's hub cache.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at import; once something imported it (the tiny checkpoint
+    fixture does), setting the variable is not enough, so its constants are set too.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+# The ONNX backend
+
+
+def test_onnx_reads_labels_and_preprocessing_from_metadata(tiny_checkpoint: Path, tiny_onnx: Path) -> None:
+    # model.id points nowhere: everything must come from the file itself.
+    clf = load_classifier(ModelConfig(id="./not-used", onnx=tiny_onnx))
+    assert clf.backend == "onnx"
+    assert clf.post.labels == imagenet_like_labels()  # type: ignore[attr-defined]
+    assert clf.prepare.spec.shortest_edge == 40  # type: ignore[attr-defined]
+    assert clf.prepare.spec.crop == (32, 32)  # type: ignore[attr-defined]
+    assert clf.input_shape == (32, 32, 3)
+    assert clf.prepare(synthetic_images(1, size=64)[0]).shape == clf.input_shape
+    assert clf.name == str(tiny_checkpoint)  # the model id recorded at export
+
+
+def test_onnx_predict(onnx_classifier: Classifier) -> None:
+    images = synthetic_images(4, seed=1, size=48)
+    preds = onnx_classifier.predict(batch_of(onnx_classifier, images))
+    assert len(preds) == 4
+    labels = imagenet_like_labels()
+    for pred in preds:
+        scores = [s.score for s in pred.topk]
+        assert len(pred.topk) == 5
+        assert scores == sorted(scores, reverse=True)
+        assert all(0.0 <= s <= 1.0 for s in scores)
+        assert all(labels[s.class_id] == s.label for s in pred.topk)
+        assert pred.top.score == pytest.approx(float(pred.probs.max()))
+        assert pred.probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert pred.coarse is not None
+        assert pred.coarse.label in CIFAR10
+        assert 0.0 <= pred.coarse.score <= 1.0
+
+
+def test_torch_and_onnx_agree(onnx_classifier: Classifier, torch_classifier: Classifier) -> None:
+    images = synthetic_images(5, seed=2, size=40)
+    batch = batch_of(onnx_classifier, images)
+    assert np.array_equal(batch, batch_of(torch_classifier, images))
+    a = onnx_classifier.logits(batch)  # type: ignore[attr-defined]
+    b = torch_classifier.logits(batch)  # type: ignore[attr-defined]
+    assert a.shape == b.shape == (5, len(imagenet_like_labels()))
+    assert np.abs(a - b).max() < 1e-3
+    top_a = [p.top.class_id for p in onnx_classifier.predict(batch)]
+    top_b = [p.top.class_id for p in torch_classifier.predict(batch)]
+    assert top_a == top_b
+
+
+def test_onnx_without_eyed_metadata(tiny_onnx: Path, tmp_path: Path) -> None:
+    import onnx
+
+    proto = onnx.load(str(tiny_onnx))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(ModelLoadError, match="eyed export"):
+        load_classifier(ModelConfig(id="x", onnx=bare))
+
+
+def test_onnx_file_missing(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_classifier(ModelConfig(id="x", onnx=tmp_path / "missing.onnx"))
+
+
+def test_onnx_file_not_a_model(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelLoadError):
+        load_classifier(ModelConfig(id="x", onnx=junk))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_missing_local_model(backend: str, tmp_path: Path) -> None:
+    cfg = ModelConfig(id="./no-such-model", backend=backend, cache_dir=tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        load_classifier(cfg)
+
+
+def test_folder_without_config_json(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=re.escape("config.json")):
+        load_classifier(ModelConfig(id=str(tmp_path / "empty"), backend="torch"))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_hub_id_offline(backend: str, tmp_path: Path) -> None:
+    cfg = ModelConfig(id="google/mobilenet_v2_1.0_224", backend=backend, cache_dir=tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(ModelLoadError) as info:
+        load_classifier(cfg)
+    assert "cannot reach the hub" in str(info.value)
+    assert "local checkpoint" in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a model.coarse_priors file that is missing or invalid escapes load_classifier as "
+    "FileNotFoundError/ValueError, so `eyed run` dies with a traceback instead of a config exit code",
+)
+@pytest.mark.parametrize("content", [None, '{"priors": {"cat": 1.0}}'])
+def test_bad_priors_file_is_a_user_facing_error(
+    tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, content: str | None
+) -> None:
+    priors = tmp_path / "priors.json"
+    if content is not None:
+        priors.write_text(content)
+    with pytest.raises((ModelLoadError, ConfigError)):
+        load_classifier(ModelConfig(id=str(tiny_checkpoint), onnx=tiny_onnx, coarse_priors=str(priors)))
+
+
+# The export cache
+
+
+def test_ensure_onnx_exports_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    first = ensure_onnx(str(tiny_checkpoint), tmp_path)
+    assert first.is_file()
+    assert first == cached_export_path(str(tiny_checkpoint), tmp_path)
+    assert first.is_relative_to(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    second = ensure_onnx(str(tiny_checkpoint), tmp_path)
+    assert second == first
+    assert second.stat().st_mtime_ns == mtime
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary files left behind
+    # The cached file is a working model.
+    clf = load_classifier(ModelConfig(id=str(tiny_checkpoint), cache_dir=tmp_path))
+    assert clf.path == first  # type: ignore[attr-defined]
+
+
+def test_cached_export_path_follows_the_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    cache = tmp_path / "cache"
+    before = cached_export_path(str(ckpt), cache)
+    assert cached_export_path(str(ckpt), cache) == before
+    config = json.loads((ckpt / "config.json").read_text())
+    config["id2label"]["0"] = "background, renamed"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    after = cached_export_path(str(ckpt), cache)
+    assert after != before
+    assert after.parent == before.parent == cache / "onnx"
+
+
+# Postprocessor
+
+
+def test_softmax_rows_sum_to_one() -> None:
+    logits = np.array([[1.0, 2.0, 3.0], [1000.0, 1000.0, -1000.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    probs = softmax(logits)
+    assert probs.dtype == np.float32
+    assert np.all(np.isfinite(probs))
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    assert np.allclose(probs[1], [0.5, 0.5, 0.0])
+    assert np.allclose(probs[2], 1 / 3)
+    assert np.array_equal(np.argsort(probs[0]), [0, 1, 2])
+    assert np.array_equal(logits[0], [1.0, 2.0, 3.0])  # input left alone
+
+
+def test_topk_larger_than_labels_is_clamped() -> None:
+    post = Postprocessor(["a", "b", "c"], topk=10, mapper=None)
+    (pred,) = post(np.array([0.5, 2.0, -1.0], dtype=np.float32))
+    assert [s.label for s in pred.topk] == ["b", "a", "c"]
+    assert pred.coarse is None
+
+
+def test_topk_is_the_k_best_in_order() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    labels = [f"l{i}" for i in range(50)]
+    for row, pred in zip(logits, Postprocessor(labels, topk=4, mapper=None)(logits), strict=True):
+        assert [s.class_id for s in pred.topk] == list(np.argsort(-row)[:4])
+        assert [s.label for s in pred.topk] == [labels[i] for i in np.argsort(-row)[:4]]

@@ -1,0 +1,244 @@
+"""Preprocessing: HF configs, shapes, a plain numpy reference, and transformers on the real checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from eyed.model.preprocess import Preprocessor, PreprocessSpec
+from tests.conftest import synthetic_images
+
+# The real MobileNetV2 checkpoint's preprocessor_config.json.
+HF_CONFIG: dict[str, Any] = {
+    "do_resize": True,
+    "size": {"shortest_edge": 256},
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 0.00392156862745098,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "MobileNetV2ImageProcessor",
+    "resample": 2,
+}
+# Unequal mean and std per channel, so a channel mix-up shows.
+SPEC = PreprocessSpec(256, (224, 224), 1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth RGB uint8 image of any shape (photo-like, so interpolation kernels agree closely)."""
+    square = synthetic_images(1, seed=seed, size=max(height, width))[0]
+    return cv2.resize(square, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def tensor(pre: Preprocessor, image: np.ndarray) -> np.ndarray:
+    """The model input for one image: the geometric half, then the arithmetic half."""
+    return pre.normalise(pre(image)[None])[0]
+
+
+def reference(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Resize the shortest edge with OpenCV, centre crop, then (x / 255 - mean) / std, in float64."""
+    h, w = image.shape[:2]
+    s = spec.shortest_edge
+    new_h, new_w = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    shrinking = new_h * new_w < h * w
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interp).astype(np.float64)
+    ch, cw = spec.crop
+    top, left = (new_h - ch) // 2, (new_w - cw) // 2
+    crop = resized[top : top + ch, left : left + cw]
+    out = (crop * spec.rescale - np.array(spec.mean)) / np.array(spec.std)
+    return out.transpose(2, 0, 1)
+
+
+# PreprocessSpec.from_hf
+
+
+def test_from_hf_shortest_edge() -> None:
+    spec = PreprocessSpec.from_hf(HF_CONFIG)
+    assert spec.shortest_edge == 256
+    assert spec.crop == (224, 224)
+    assert spec.rescale == pytest.approx(1 / 255)
+    assert spec.mean == (0.5, 0.5, 0.5)
+    assert spec.std == (0.5, 0.5, 0.5)
+
+
+def test_from_hf_int_size_and_int_crop() -> None:
+    spec = PreprocessSpec.from_hf({**HF_CONFIG, "size": 300, "crop_size": 288})
+    assert spec.shortest_edge == 300
+    assert spec.crop == (288, 288)
+
+
+def test_from_hf_height_width_size() -> None:
+    spec = PreprocessSpec.from_hf({**HF_CONFIG, "size": {"height": 240, "width": 320}})
+    assert spec.shortest_edge == 240
+    assert spec.crop == (224, 224)
+
+
+def test_from_hf_non_square_crop() -> None:
+    spec = PreprocessSpec.from_hf({**HF_CONFIG, "crop_size": {"height": 192, "width": 256}})
+    assert spec.crop == (192, 256)
+    pre = Preprocessor(spec)
+    assert pre(smooth_image(480, 640)).shape == pre.shape == (192, 256, 3)
+
+
+def test_from_hf_without_centre_crop() -> None:
+    spec = PreprocessSpec.from_hf({**HF_CONFIG, "do_center_crop": False})
+    assert spec.crop == (256, 256)
+
+
+def test_from_hf_without_rescale_or_normalise() -> None:
+    spec = PreprocessSpec.from_hf({**HF_CONFIG, "do_rescale": False, "do_normalize": False})
+    assert spec.rescale == 1.0
+    assert spec.mean == (0.0, 0.0, 0.0)
+    assert spec.std == (1.0, 1.0, 1.0)
+    image = smooth_image(256, 256)
+    # Identity arithmetic on the centre 224x224: raw pixel values come through.
+    assert np.array_equal(tensor(Preprocessor(spec), image), image[16:240, 16:240].transpose(2, 0, 1))
+
+
+def test_spec_survives_json_metadata_round_trip() -> None:
+    """The spec is stored as JSON in the ONNX metadata; it must come back equal."""
+    assert PreprocessSpec.from_dict(json.loads(json.dumps(SPEC.to_dict()))) == SPEC
+
+
+def test_affine_is_rescale_then_normalise() -> None:
+    scale, shift = SPEC.affine()
+    x = np.array([0.0, 1.0, 128.0, 255.0])[:, None]
+    expected = (x * SPEC.rescale - np.array(SPEC.mean)) / np.array(SPEC.std)
+    assert np.allclose(x * scale - shift, expected, atol=1e-5)
+
+
+# Preprocessor
+
+
+@pytest.mark.parametrize("size", [(32, 32), (480, 640), (640, 480), (200, 300), (300, 200), (100, 1000)])
+@pytest.mark.parametrize("small_input", ["checkpoint", "fit"])
+def test_shape_and_dtype(size: tuple[int, int], small_input: str) -> None:
+    pre = Preprocessor(SPEC, small_input)
+    pixels = pre(smooth_image(*size))
+    assert pixels.shape == pre.shape == (224, 224, 3)
+    assert pixels.dtype == np.uint8
+    batch = pre.normalise(np.stack([pixels, pixels]))
+    assert batch.shape == (2, 3, 224, 224)
+    assert batch.dtype == np.float32
+
+
+def test_normalise_is_exact() -> None:
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    out = Preprocessor(SPEC).normalise(batch)
+    expected = (batch.astype(np.float64) / 255 - np.array(SPEC.mean)) / np.array(SPEC.std)
+    assert np.allclose(out, expected.transpose(0, 3, 1, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        (32, 32),  # upscale path
+        (480, 640),  # downscale path
+        (640, 480),
+        (200, 300),  # upscale, non-square
+        (300, 200),
+        (1000, 333),  # downscale, very non-square
+        (256, 256),  # no resize at all
+    ],
+)
+def test_matches_numpy_reference(size: tuple[int, int]) -> None:
+    image = smooth_image(*size, seed=sum(size))
+    out = tensor(Preprocessor(SPEC, "checkpoint"), image)
+    assert np.abs(out - reference(image, SPEC)).max() < 0.02
+
+
+def test_centre_crop_is_centred() -> None:
+    """A bright vertical band in the middle of a wide image stays in the middle of the crop."""
+    image = np.zeros((256, 512, 3), dtype=np.uint8)
+    image[:, 248:264] = 255
+    pixels = Preprocessor(SPEC)(image)
+    columns = np.flatnonzero(pixels[0, :, 0] > 127)
+    assert columns.min() == 104
+    assert columns.max() == 119
+
+
+def test_channels_stay_in_rgb_order() -> None:
+    """A pure red image gives the maximum in channel 0 only."""
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[..., 0] = 255
+    out = tensor(Preprocessor(SPEC), image)
+    expected = (np.array([1.0, 0.0, 0.0]) - np.array(SPEC.mean)) / np.array(SPEC.std)
+    assert np.allclose(out, expected[:, None, None], atol=1e-4)
+
+
+def test_fit_scales_small_images_whole_onto_the_crop() -> None:
+    image = smooth_image(32, 32, seed=3)
+    pixels = Preprocessor(SPEC, "fit")(image)
+    whole = cv2.resize(image, (224, 224), interpolation=cv2.INTER_CUBIC)
+    # Unlike the checkpoint path, nothing is cut away: it is the bicubic resize of the whole image.
+    assert np.abs(pixels.astype(int) - whole).max() <= 1
+    assert np.abs(pixels.astype(int) - Preprocessor(SPEC, "checkpoint")(image)).max() > 10
+
+
+def test_fit_small_non_square_keeps_aspect_and_crops() -> None:
+    image = smooth_image(16, 24, seed=4)
+    pixels = Preprocessor(SPEC, "fit")(image)
+    scaled = cv2.resize(image, (336, 224), interpolation=cv2.INTER_CUBIC)[:, 56:280]
+    assert np.abs(pixels.astype(int) - scaled).max() <= 1
+
+
+@pytest.mark.parametrize("size", [(480, 640), (224, 300)])
+def test_fit_leaves_larger_images_alone(size: tuple[int, int]) -> None:
+    image = smooth_image(*size, seed=5)
+    assert np.array_equal(Preprocessor(SPEC, "fit")(image), Preprocessor(SPEC, "checkpoint")(image))
+
+
+@pytest.mark.parametrize(
+    ("size", "small_input"), [((32, 32), "checkpoint"), ((32, 32), "fit"), ((480, 640), "fit")]
+)
+def test_out_is_filled_in_place(size: tuple[int, int], small_input: str) -> None:
+    pre = Preprocessor(SPEC, small_input)
+    image = smooth_image(*size, seed=6)
+    buffer = np.full((3, *pre.shape), 7, dtype=np.uint8)
+    result = pre(image, out=buffer[1])
+    assert np.shares_memory(result, buffer[1])
+    assert np.array_equal(buffer[1], pre(image))
+    assert (buffer[0] == 7).all()  # the neighbouring slots are untouched
+    assert (buffer[2] == 7).all()
+
+
+def test_non_contiguous_input() -> None:
+    image = smooth_image(480, 640, seed=7)
+    bgr_view = image[..., ::-1]
+    pre = Preprocessor(SPEC)
+    assert np.array_equal(pre(bgr_view), pre(np.ascontiguousarray(bgr_view)))
+
+
+# Against transformers on the real checkpoint
+
+
+@pytest.fixture(scope="module")
+def hf_processor(real_model: Path) -> Any:
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoImageProcessor.from_pretrained(real_model)
+
+
+@pytest.mark.assets
+@pytest.mark.parametrize("size", [(32, 32), (300, 200), (200, 300), (480, 640), (640, 480), (224, 224)])
+def test_matches_transformers_on_real_checkpoint(
+    real_model: Path, hf_processor: Any, size: tuple[int, int]
+) -> None:
+    from PIL import Image
+
+    spec = PreprocessSpec.from_hf(json.loads((real_model / "preprocessor_config.json").read_text()))
+    image = smooth_image(*size, seed=size[0] * 7 + size[1])
+    expected = hf_processor(Image.fromarray(image), return_tensors="np")["pixel_values"][0]
+    out = tensor(Preprocessor(spec, "checkpoint"), image)
+    assert out.shape == expected.shape
+    diff = np.abs(out - expected)
+    assert diff.max() < 0.05
+    assert diff.mean() < 0.01
