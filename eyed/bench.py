@@ -88,7 +88,7 @@ def _receive(endpoint: str, count: int, conn: Any) -> None:
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.SUBSCRIBE, b"label.")
     sock.connect(endpoint)
-    payloads = []
+    payloads: list[bytes] = []
     while len(payloads) < count and sock.poll(20000):
         payloads.append(sock.recv_multipart()[1])
     sock.close(linger=0)

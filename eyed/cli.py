@@ -90,9 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging("WARNING")
-    report = run_bench(
-        settings, frames=args.frames, seed_frames=args.seed_frames, batch=args.batch, rounds=args.rounds
-    )
+    report = run_bench(settings, frames=args.frames, seed_frames=args.seed_frames, batch=args.batch, rounds=args.rounds)
     print(json.dumps(report, indent=2) if args.json else report["text"])
     return EXIT_OK
 

@@ -65,9 +65,7 @@ class ModelConfig(Section):
     )
     backend: Literal["onnx", "torch"] = Field("onnx", description="Inference runtime.")
     onnx: Path | None = Field(None, description="Exported ONNX file; exported into cache_dir when unset.")
-    cache_dir: Path = Field(
-        Path("~/.cache/eyed"), description="Where the daemon keeps ONNX files it exported itself."
-    )
+    cache_dir: Path = Field(Path("~/.cache/eyed"), description="Where the daemon keeps ONNX files it exported itself.")
     topk: int = Field(5, ge=1, le=100, description="Classes listed in each label event.")
     threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 = the runtime's default.")
     batch: int = Field(1, ge=1, le=256, description="Frames per inference call when frames are waiting.")

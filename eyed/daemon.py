@@ -39,7 +39,7 @@ def warm_up(classifier: Classifier, batch: int) -> float:
 
 
 @contextlib.contextmanager
-def signals_set(stop: threading.Event):  # type: ignore[no-untyped-def]
+def signals_set(stop: threading.Event):
     """Install SIGTERM/SIGINT handlers that only set ``stop``; restore the old ones afterwards."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -65,9 +65,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         logger.info("warm-up took %.0f ms", warm_up(classifier, settings.model.batch) * 1000)
         source = stack.enter_context(open_source(settings.source))
         publisher = stack.enter_context(Publisher(settings.publish))
-        publisher.wait_for_subscribers(
-            settings.publish.wait_subscribers, settings.publish.wait_timeout_s, stop=stop
-        )
+        publisher.wait_for_subscribers(settings.publish.wait_subscribers, settings.publish.wait_timeout_s, stop=stop)
         pipeline = Pipeline(
             source,
             classifier,

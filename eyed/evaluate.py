@@ -116,13 +116,14 @@ def run_eval(settings: Settings, skip: int = 0) -> dict[str, Any]:
         if not keep:
             continue
         p = probs[keep]
-        truths.extend(index[frames[i].truth] for i in keep)  # type: ignore[index]
+        truths.extend(index[frames[i].truth] for i in keep)
         if mapper is None:
             preds["corrected"].append(p.argmax(axis=1))
             continue
         preds["corrected"].append(mapper.scores(p).argmax(axis=1))
         preds["group-sum"].append(mapper.scores(p, corrected=False).argmax(axis=1))
         top = p.argmax(axis=1)
+        assert fine_mapped is not None and fine_group is not None
         # A top-1 class outside every group counts as wrong: that is what a lookup-only system would report.
         preds["top-1 lookup"].append(np.where(fine_mapped[top], fine_group[top], -1))
     wall = time.perf_counter() - t0

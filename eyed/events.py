@@ -31,9 +31,7 @@ class EventContext:
     backend: str
 
 
-def label_event(
-    ctx: EventContext, seq: int, frame: Frame, pred: Prediction, latency_ms: float
-) -> dict[str, Any]:
+def label_event(ctx: EventContext, seq: int, frame: Frame, pred: Prediction, latency_ms: float) -> dict[str, Any]:
     """The payload of ``label.<source>`` for one classified frame."""
     top = pred.top
     return {

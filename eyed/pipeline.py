@@ -10,6 +10,7 @@ Replay sources deliver every frame (the capture thread waits when the queue is f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -106,10 +107,8 @@ class Pipeline:
             logger.exception("source %s failed", self.source.id)
         finally:
             # Always wake the inference thread, even when stopping.
-            try:
+            with contextlib.suppress(queue.Full):
                 self._queue.put(_END, timeout=1.0)
-            except queue.Full:
-                pass
 
     # -- inference thread ----------------------------------------------------------------------------------
     def _next_batch(self) -> tuple[list[Frame], bool]:
@@ -159,7 +158,7 @@ class Pipeline:
             self.done.set()
 
     def _classify(self, items: list[Frame]) -> None:
-        frames = []
+        frames: list[Frame] = []
         for frame in items:
             try:
                 self.classifier.prepare(frame.image, out=self._buffer[len(frames)])

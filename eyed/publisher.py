@@ -117,7 +117,7 @@ class Publisher:
                         f"publish.wait_subscribers={count}: only {min(peers, self.subscriptions)} subscriber(s) "
                         f"on {self.endpoint} after publish.wait_timeout_s={timeout_s:g}"
                     )
-                events = dict(poller.poll(min(remaining, 0.2) * 1000))
+                events = dict(poller.poll(int(min(remaining, 0.2) * 1000)))
                 if monitor in events:
                     while monitor.poll(0):
                         event = recv_monitor_message(monitor)["event"]

@@ -76,8 +76,12 @@ class Classifier(Protocol):
 
     name: str
     backend: str
-    prepare: Preparer  # RGB uint8 (H, W, 3) -> uint8 ``input_shape``, into ``out`` when given
     input_shape: tuple[int, int, int]  # (H, W, 3) of one prepared frame
+
+    @property
+    def prepare(self) -> Preparer:
+        """RGB uint8 (H, W, 3) -> uint8 ``input_shape`` (resize and crop), into ``out`` when given."""
+        ...
 
     def predict(self, batch: np.ndarray) -> list[Prediction]: ...
 

@@ -39,8 +39,22 @@ def test_replay_publishes_one_event_per_frame_and_finishes(base: dict[str, objec
     assert [p["truth"] for p in labels] == [CIFAR10[i % 10] for i in range(12) if i != 5]
     first = labels[0]
     assert {t for t, _ in events} == {"label.tiny", "health.tiny"}
-    for key in ("schema", "type", "source", "seq", "ts", "label", "class_id", "score", "topk", "coarse",
-                "truth", "latency_ms", "model", "backend"):
+    for key in (
+        "schema",
+        "type",
+        "source",
+        "seq",
+        "ts",
+        "label",
+        "class_id",
+        "score",
+        "topk",
+        "coarse",
+        "truth",
+        "latency_ms",
+        "model",
+        "backend",
+    ):
         assert key in first, key
     assert first["schema"] == 1 and first["backend"] == "onnx"
     assert len(first["topk"]) == 5
@@ -76,9 +90,7 @@ def test_sigterm_stops_a_looping_replay_cleanly(base: dict[str, object], endpoin
         ("publish.endpoint", "http://nope", "publish.endpoint"),
     ],
 )
-def test_invalid_config_exits_78_naming_the_field(
-    base: dict[str, object], key: str, value: str, field: str
-) -> None:
+def test_invalid_config_exits_78_naming_the_field(base: dict[str, object], key: str, value: str, field: str) -> None:
     code, err = finish(start_daemon({**base, key: value}))
     assert code == EXIT_CONFIG
     assert field in err
@@ -138,8 +150,21 @@ def test_eyed_subscribe_prints_events_as_json(base: dict[str, object], endpoint:
 
     proc = start_daemon(base)
     sub = subprocess.run(
-        [sys.executable, "-m", "eyed", "subscribe", "--endpoint", endpoint, "--topic", "label.", "--count", "4",
-         "--json", "--timeout", "60"],
+        [
+            sys.executable,
+            "-m",
+            "eyed",
+            "subscribe",
+            "--endpoint",
+            endpoint,
+            "--topic",
+            "label.",
+            "--count",
+            "4",
+            "--json",
+            "--timeout",
+            "60",
+        ],
         capture_output=True,
         text=True,
         timeout=90,

@@ -15,7 +15,16 @@ from eyed.sources.memory import MemorySource
 from tests.conftest import ROOT, synthetic_images
 
 # Calls that write images or raw arrays somewhere. eyed has no reason to make any of them.
-FORBIDDEN_CALLS = {"imwrite", "imencode", "VideoWriter", "tofile", "save", "savez", "savez_compressed", "dump"}
+FORBIDDEN_CALLS = {
+    "imwrite",
+    "imencode",
+    "VideoWriter",
+    "tofile",
+    "save",
+    "savez",
+    "savez_compressed",
+    "dump",
+}
 
 
 def test_no_module_calls_an_image_or_array_writer() -> None:
@@ -58,7 +67,7 @@ def test_events_carry_no_pixels(tiny_onnx: Path, tmp_path: Path) -> None:
     labels = [m for m in raw if m[0] == b"label.priv"]
     assert len(labels) == 6
     smallest_image = min(img.nbytes for img in images)
-    for topic, payload in raw:
+    for _topic, payload in raw:
         assert len(payload) < smallest_image // 2, "a message the size of an image"
         decoded = json.loads(payload)
 

@@ -21,7 +21,7 @@ def load_classifier(cfg: ModelConfig) -> Classifier:
     """Build the configured backend; raises ModelLoadError with a message for the user."""
     module_name, _, cls_name = BACKENDS[cfg.backend].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg)  # type: ignore[no-any-return]
+    return cls(cfg)
 
 
 __all__ = ["BACKENDS", "ModelLoadError", "load_classifier"]

@@ -38,13 +38,12 @@ def resolve_checkpoint(model_id: str) -> Path:
         return Path(snapshot_download(model_id, allow_patterns=CHECKPOINT_FILES))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
         raise ModelLoadError(
-            f"cannot reach the hub for {model_id} ({type(exc).__name__}): "
-            "set model.id to a local checkpoint folder"
+            f"cannot reach the hub for {model_id} ({type(exc).__name__}): set model.id to a local checkpoint folder"
         ) from exc
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def labels_of(config: dict[str, Any]) -> list[str]:

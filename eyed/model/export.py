@@ -84,7 +84,7 @@ def export_onnx(model_id: str, output: Path) -> Path:
     return output
 
 
-def PixelsToLogits(model: Any, spec: PreprocessSpec) -> Any:  # noqa: N802 - builds a torch module
+def PixelsToLogits(model: Any, spec: PreprocessSpec) -> Any:
     """Wrap an image classifier so it takes uint8 NHWC pixels and does rescale/normalise itself.
 
     The arithmetic then runs inside onnxruntime, vectorised and on every core, instead of in Python per frame.
@@ -101,8 +101,8 @@ def PixelsToLogits(model: Any, spec: PreprocessSpec) -> Any:  # noqa: N802 - bui
             self.register_buffer("shift", torch.from_numpy(shift).reshape(1, 3, 1, 1))
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            x = pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.shift
-            return self.model(pixel_values=x).logits  # type: ignore[no-any-return]
+            x = pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.shift  # type: ignore[operator]
+            return self.model(pixel_values=x).logits
 
     return _PixelsToLogits().eval()
 

@@ -32,7 +32,7 @@ MIN_COVERAGE = 0.9
 
 def _read_package_json(name: str) -> dict[str, Any]:
     with resources.files("eyed.data").joinpath(name).open("r", encoding="utf-8") as fh:
-        return json.load(fh)  # type: ignore[no-any-return]
+        return json.load(fh)
 
 
 def load_group_map(name: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -52,7 +52,7 @@ class CoarseMapper:
 
     def masses(self, probs: np.ndarray) -> np.ndarray:
         """Probability mass of each group, (n_coarse,) or (N, n_coarse) for a batch."""
-        return probs @ self.membership  # type: ignore[no-any-return]
+        return probs @ self.membership
 
     def scores(self, probs: np.ndarray, *, corrected: bool = True) -> np.ndarray:
         """Group scores that sum to 1: masses divided by the priors (when set and ``corrected``)."""
@@ -60,7 +60,7 @@ class CoarseMapper:
         if corrected and self.priors is not None:
             m = m / self.priors
         total = m.sum(axis=-1, keepdims=True)
-        return m / np.where(total > 0, total, 1.0)  # type: ignore[no-any-return]
+        return m / np.where(total > 0, total, 1.0)
 
     def coarse(self, probs: np.ndarray, *, corrected: bool = True) -> Coarse:
         s = self.scores(probs, corrected=corrected)
@@ -89,9 +89,7 @@ def build_mapper(labels: list[str], space: str = "cifar10", priors: str = "built
                 found += 1
                 membership[index[fine], j] = 1.0
     if found < MIN_COVERAGE * wanted:
-        logger.info(
-            "model labels cover %d of %d %s group members: no coarse mapping", found, wanted, space
-        )
+        logger.info("model labels cover %d of %d %s group members: no coarse mapping", found, wanted, space)
         return None
     return CoarseMapper(tuple(classes), membership, load_priors(priors, space, tuple(classes)))
 
@@ -129,7 +127,7 @@ def estimate_priors(mapper: CoarseMapper, probs: Iterable[np.ndarray], *, balanc
     priors = masses.mean(axis=0)
     if balance:
         priors = priors / balance_weights(masses / priors)
-    return (priors / priors.sum()).astype(np.float32)  # type: ignore[no-any-return]
+    return (priors / priors.sum()).astype(np.float32)
 
 
 def balance_weights(scores: np.ndarray, iterations: int = 300, rate: float = 0.5) -> np.ndarray:

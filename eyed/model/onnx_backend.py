@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from eyed.types import Prediction
 logger = logging.getLogger(__name__)
 
 
-def session_options(threads: int) -> object:
+def session_options(threads: int) -> Any:
     """ONNX Runtime session options shared by the daemon and the benchmark's bare loop."""
     import onnxruntime as ort
 
@@ -37,7 +38,7 @@ def session_options(threads: int) -> object:
     return so
 
 
-def open_session(path: Path, threads: int = 0) -> object:
+def open_session(path: Path, threads: int = 0) -> Any:
     """An InferenceSession on the CPU for ``path``; ModelLoadError when it cannot be opened."""
     try:
         import onnxruntime as ort
@@ -60,11 +61,9 @@ class OnnxClassifier:
             raise ModelLoadError(f"model.onnx {path}: no such file")
         self.path = Path(path)
         self.session = open_session(self.path, cfg.threads)
-        meta = self.session.get_modelmeta().custom_metadata_map  # type: ignore[attr-defined]
+        meta = self.session.get_modelmeta().custom_metadata_map
         if META_LABELS not in meta or META_PREPROCESS not in meta:
-            raise ModelLoadError(
-                f"{path} has no eyed metadata (labels, preprocessing): export it with `eyed export`"
-            )
+            raise ModelLoadError(f"{path} has no eyed metadata (labels, preprocessing): export it with `eyed export`")
         if meta.get(META_FORMAT) != FORMAT:
             raise ModelLoadError(
                 f"{path} was exported by an older eyed (format {meta.get(META_FORMAT, '1')}, need {FORMAT}): "
@@ -75,10 +74,10 @@ class OnnxClassifier:
         self.prepare = Preprocessor(PreprocessSpec.from_dict(json.loads(meta[META_PREPROCESS])), cfg.small_input)
         self.input_shape = self.prepare.shape
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
-        self._input = self.session.get_inputs()[0].name  # type: ignore[attr-defined]
+        self._input = self.session.get_inputs()[0].name
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self._input: batch})[0]  # type: ignore[attr-defined,no-any-return]
+        return self.session.run(None, {self._input: batch})[0]
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
         return self.post(self.logits(batch))

@@ -122,7 +122,7 @@ class Preprocessor:
         if out is None:
             out = np.empty(self.shape, dtype=np.uint8)
         if (new_h, new_w) == (ch, cw):
-            return cv2.resize(image, (cw, ch), dst=out, interpolation=interp)  # type: ignore[no-any-return]
+            return cv2.resize(image, (cw, ch), dst=out, interpolation=interp)
         resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
         top, left = (new_h - ch) // 2, (new_w - cw) // 2
         out[...] = resized[top : top + ch, left : left + cw]

@@ -37,7 +37,9 @@ class TorchClassifier:
             raise ModelLoadError(f"cannot load {cfg.id} with transformers: {exc}") from exc
         labels = labels_of(read_json(folder / "config.json"))
         self.name = cfg.id
-        self.prepare = Preprocessor(PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json")), cfg.small_input)
+        self.prepare = Preprocessor(
+            PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json")), cfg.small_input
+        )
         self.input_shape = self.prepare.shape
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
 
@@ -45,7 +47,7 @@ class TorchClassifier:
         pixel_values = self._torch.from_numpy(self.prepare.normalise(batch))
         with self._torch.inference_mode():
             out = self.model(pixel_values=pixel_values).logits
-        return out.numpy()  # type: ignore[no-any-return]
+        return out.numpy()
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
         return self.post(self.logits(batch))

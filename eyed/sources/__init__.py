@@ -20,7 +20,7 @@ def open_source(cfg: SourceConfig) -> Source:
     """The configured source, not yet entered (use it as a context manager)."""
     module_name, _, cls_name = SOURCES[cfg.kind].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg)  # type: ignore[no-any-return]
+    return cls(cfg)
 
 
 __all__ = ["SOURCES", "SourceError", "open_source"]
