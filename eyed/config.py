@@ -54,7 +54,7 @@ class SourceConfig(Section):
         if self.id:
             return self.id
         stem = Path(self.dataset.rstrip("/")).name or "replay"
-        return re.sub(r"[^A-Za-z0-9_\-]+", "-", f"{stem}-{self.split}").strip("-")
+        return re.sub(r"[^A-Za-z0-9_\-]+", "-", f"{stem}-{self.split}").strip("-") or "replay"
 
 
 class ModelConfig(Section):
@@ -220,4 +220,6 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(str(value))
+    # JSON string escapes are valid TOML basic-string escapes; ensure_ascii=False keeps non-ASCII characters
+    # as they are (JSON would write surrogate pairs, which TOML rejects).
+    return json.dumps(str(value), ensure_ascii=False)

@@ -188,7 +188,7 @@ class Pipeline:
             state=self.state,
             frames=c.frames,
             fps=fps,
-            dropped=c.dropped + self.publisher.dropped,
+            dropped=c.dropped,
             errors=c.errors,
             skipped=self.source.skipped,
             uptime_s=time.monotonic() - c.started,

@@ -31,15 +31,19 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 
 class Publisher:
-    """Owns the socket; ``send`` never blocks: a slow or absent subscriber loses messages, not the pipeline."""
+    """Owns the socket. ``send`` never blocks: past ``publish.hwm`` queued messages, ZeroMQ drops the newest ones
+    for that subscriber only (others are unaffected). The publisher cannot count those drops; subscribers see
+    them as gaps in ``seq``.
+    """
 
     def __init__(self, cfg: PublishConfig, context: zmq.Context[Any] | None = None) -> None:
         self.cfg = cfg
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.socket: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None
         self.sent = 0
-        self.dropped = 0
+        self.peers = 0
         self.subscriptions = 0
         self.endpoint = cfg.endpoint
 
@@ -49,35 +53,46 @@ class Publisher:
         sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
         # Every subscription message reaches us, duplicates included, so counting them counts subscribers.
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        # Watch handshakes from before bind, so a subscriber that connects before anyone waits still counts.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         try:
             sock.bind(self.cfg.endpoint)
         except zmq.ZMQError as exc:
-            sock.close(linger=0)
+            self._close(sock)
             raise PublishError(f"publish.endpoint {self.cfg.endpoint}: cannot bind: {exc}") from exc
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.cfg.endpoint
         logger.info("publishing on %s", self.endpoint)
         return self
 
+    def _close(self, sock: zmq.Socket[Any]) -> None:
+        if self._monitor is not None:
+            sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        sock.close(linger=self.cfg.linger_ms)
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self.socket is not None:
-            self.socket.close(linger=self.cfg.linger_ms)
+            self._close(self.socket)
             self.socket = None
         if self._own_context:
             self.context.term()
 
-    def send(self, topic: str, payload: dict[str, Any]) -> bool:
-        """Send one event; False (and counted) if it had to be dropped."""
+    def send(self, topic: str, payload: dict[str, Any]) -> None:
+        """Send one event without blocking."""
         assert self.socket is not None, "Publisher used outside its context manager"
-        try:
-            self.socket.send_multipart([topic.encode("utf-8"), encode(payload)], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped += 1
-            return False
+        # XPUB without XPUB_NODROP never raises EAGAIN: a full queue drops per subscriber instead.
+        self.socket.send_multipart([topic.encode("utf-8"), encode(payload)], flags=zmq.NOBLOCK)
         self.sent += 1
-        return True
+
+    def _drain_monitor(self) -> None:
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            self.peers += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
 
     def drain_subscriptions(self) -> int:
         """Read pending (un)subscription messages; returns the net count of new subscriptions."""
@@ -99,32 +114,24 @@ class Publisher:
         """
         if count <= 0:
             return
-        assert self.socket is not None
-        monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        peers = 0
+        assert self.socket is not None and self._monitor is not None
         deadline = time.monotonic() + timeout_s
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        try:
-            logger.info("waiting for %d subscriber(s) on %s", count, self.endpoint)
-            while peers < count or self.subscriptions < count:
-                if stop is not None and stop.is_set():
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise PublishError(
-                        f"publish.wait_subscribers={count}: only {min(peers, self.subscriptions)} subscriber(s) "
-                        f"on {self.endpoint} after publish.wait_timeout_s={timeout_s:g}"
-                    )
-                events = dict(poller.poll(int(min(remaining, 0.2) * 1000)))
-                if monitor in events:
-                    while monitor.poll(0):
-                        event = recv_monitor_message(monitor)["event"]
-                        peers += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
-                if self.socket in events:
-                    self.drain_subscriptions()
-            logger.info("%d subscriber(s) connected", peers)
-        finally:
-            self.socket.disable_monitor()
-            monitor.close(linger=0)
+        poller.register(self._monitor, zmq.POLLIN)
+        logger.info("waiting for %d subscriber(s) on %s", count, self.endpoint)
+        while True:
+            self._drain_monitor()
+            self.drain_subscriptions()
+            if self.peers >= count and self.subscriptions >= count:
+                break
+            if stop is not None and stop.is_set():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishError(
+                    f"publish.wait_subscribers={count}: only {min(self.peers, self.subscriptions)} subscriber(s) "
+                    f"on {self.endpoint} after publish.wait_timeout_s={timeout_s:g}"
+                )
+            poller.poll(int(min(remaining, 0.2) * 1000))
+        logger.info("%d subscriber(s) connected", self.peers)

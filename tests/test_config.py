@@ -181,11 +181,6 @@ def test_resolved_id(kwargs: dict[str, str], expected: str) -> None:
     assert re.fullmatch(r"[A-Za-z0-9_\-]+", resolved)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SourceConfig.resolved_id returns '' when dataset stem and split are both non-ASCII "
-    "(topic becomes 'label.')",
-)
 def test_resolved_id_never_empty() -> None:
     resolved = SourceConfig(dataset="/data/カメラ", split="テスト").resolved_id()
     assert re.fullmatch(r"[A-Za-z0-9_\-]+", resolved)
@@ -224,10 +219,6 @@ def test_dump_round_trips_non_defaults(tmp_path: Path) -> None:
     assert back.source.dataset == '/data/café "quoted" \\ back'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: dump_settings escapes non-BMP characters as JSON surrogate pairs, which TOML rejects",
-)
 def test_dump_round_trips_non_bmp_characters(tmp_path: Path) -> None:
     s = load_settings(None, ["source.dataset=/data/\U0001f4f7cam"])
     assert _round_trip(s, tmp_path) == s

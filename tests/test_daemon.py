@@ -96,6 +96,12 @@ def test_invalid_config_exits_78_naming_the_field(base: dict[str, object], key: 
     assert field in err
 
 
+def test_missing_priors_file_exits_78(base: dict[str, object], tmp_path: Path) -> None:
+    code, err = finish(start_daemon({**base, "model.coarse_priors": tmp_path / "nope.json"}))
+    assert code == EXIT_CONFIG
+    assert "model.coarse_priors" in err and "Traceback" not in err
+
+
 def test_model_that_cannot_load_exits_69(base: dict[str, object], tmp_path: Path) -> None:
     settings = {k: v for k, v in base.items() if k != "model.onnx"}
     code, err = finish(start_daemon({**settings, "model.id": tmp_path / "no-such-model"}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -23,8 +24,8 @@ def any_endpoint(request: pytest.FixtureRequest, endpoint: str, tmp_path: Path) 
     return endpoint if request.param == "tcp" else f"ipc://{tmp_path / 'eyed.sock'}"
 
 
-def publisher(endpoint: str, **kwargs: object) -> Publisher:
-    return Publisher(PublishConfig(endpoint=endpoint, linger_ms=0, **kwargs))  # type: ignore[arg-type]
+def publisher(endpoint: str, **kwargs: Any) -> Publisher:
+    return Publisher(PublishConfig(endpoint=endpoint, linger_ms=0, **kwargs))
 
 
 def drain(sub: Subscriber, quiet_s: float = 0.5) -> int:
@@ -41,8 +42,8 @@ def drain(sub: Subscriber, quiet_s: float = 0.5) -> int:
 class LateSubscriber(threading.Thread):
     """A real Subscriber that connects from its own thread once the publisher is already waiting for it.
 
-    wait_for_subscribers only sees handshakes that complete after it starts (see the xfail test below), so
-    the subscriber must not connect before the wait: the delay orders the two, it is never asserted on.
+    Connecting after the wait has started is the daemon's usual order (the test below covers the other one);
+    the delay orders the two, it is never asserted on.
     """
 
     def __init__(self, endpoint: str, topics: tuple[str, ...] = ("",), expect: int = 1, delay_s: float = 0.3):
@@ -87,10 +88,9 @@ def test_wait_for_a_subscriber_then_deliver(any_endpoint: str) -> None:
         pub.wait_for_subscribers(1, timeout_s=10)
         assert pub.subscriptions >= 1
         # No slow-joiner loss: the very first message after the wait arrives.
-        assert pub.send("label.cam", PAYLOAD) is True
+        pub.send("label.cam", PAYLOAD)
         assert late.result() == [("label.cam", PAYLOAD)]
     assert pub.sent == 1
-    assert pub.dropped == 0
 
 
 def test_wait_for_two_subscribers(endpoint: str) -> None:
@@ -103,11 +103,6 @@ def test_wait_for_two_subscribers(endpoint: str) -> None:
         assert [s.result() for s in subs] == [[("label.cam", PAYLOAD)]] * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: wait_for_subscribers attaches its socket monitor only when called, so a subscriber whose "
-    "handshake completed between bind and the call is never counted and the wait times out",
-)
 def test_wait_counts_a_subscriber_that_connected_before_the_call(endpoint: str) -> None:
     with publisher(endpoint) as pub, Subscriber(endpoint) as sub:
         assert pub.socket is not None
@@ -181,32 +176,25 @@ def test_endpoint_free_again_after_exit(endpoint: str) -> None:
 
 def test_send_with_no_subscriber_does_not_block(endpoint: str) -> None:
     with publisher(endpoint, hwm=10) as pub:
-        results = [pub.send("label.cam", {"seq": i}) for i in range(1000)]
-    assert len(results) == 1000
-    assert pub.sent + pub.dropped == 1000
-
-
-def test_slow_subscriber_does_not_block_the_publisher(endpoint: str) -> None:
-    with publisher(endpoint, hwm=10) as pub, Subscriber(endpoint):
-        await_subscriptions(pub)
-        for i in range(100_000):
+        for i in range(1000):
             pub.send("label.cam", {"seq": i})
-    assert pub.sent + pub.dropped == 100_000
+    assert pub.sent == 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: PUB/XPUB sockets drop silently at the high-water mark (zmq.Again is never raised without "
-    "XPUB_NODROP), so Publisher.dropped stays 0 and health events under-report drops",
-)
-def test_dropped_messages_are_counted(endpoint: str) -> None:
+def test_slow_subscriber_does_not_block_the_publisher_and_sees_gaps(endpoint: str) -> None:
+    """Past the high-water mark ZeroMQ drops for the slow subscriber; the publisher goes on, seq shows the loss."""
     with publisher(endpoint, hwm=10) as pub, Subscriber(endpoint) as sub:
         await_subscriptions(pub)
         for i in range(100_000):
             pub.send("label.cam", {"seq": i, "pad": "x" * 100})
-        delivered = drain(sub)
-    # Every message is either delivered or counted as dropped.
-    assert delivered + pub.dropped == 100_000
+        assert sub.socket is not None
+        seqs = []
+        while sub.socket.poll(500):
+            seqs.append(sub.receive(1)[1]["seq"])
+    assert pub.sent == 100_000
+    assert 0 < len(seqs) < 100_000
+    assert seqs == sorted(set(seqs)), "delivered events keep their order"
+    assert any(b - a > 1 for a, b in itertools.pairwise(seqs)), "the loss is visible as a gap in seq"
 
 
 def test_encode_is_compact_utf8_json() -> None:
@@ -223,7 +211,7 @@ def test_send_refuses_nan_and_counts_nothing(endpoint: str) -> None:
     with publisher(endpoint) as pub:
         with pytest.raises(ValueError):
             pub.send("label.cam", {"score": float("nan")})
-        assert (pub.sent, pub.dropped) == (0, 0)
+        assert pub.sent == 0
 
 
 def test_receive_times_out(endpoint: str) -> None:

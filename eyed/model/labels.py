@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from eyed.config import ConfigError
 from eyed.types import Coarse
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,11 @@ def build_mapper(labels: list[str], space: str = "cifar10", priors: str = "built
     if found < MIN_COVERAGE * wanted:
         logger.info("model labels cover %d of %d %s group members: no coarse mapping", found, wanted, space)
         return None
-    return CoarseMapper(tuple(classes), membership, load_priors(priors, space, tuple(classes)))
+    try:
+        prior_values = load_priors(priors, space, tuple(classes))
+    except (OSError, ValueError, KeyError) as exc:  # a missing or malformed file named in the config
+        raise ConfigError(f"model.coarse_priors {priors}: {exc}") from exc
+    return CoarseMapper(tuple(classes), membership, prior_values)
 
 
 def load_priors(priors: str, space: str, classes: tuple[str, ...]) -> np.ndarray | None:

@@ -24,5 +24,5 @@ class Pacer:
             time.sleep(self._next - now)
             now = self._next
         # Schedule from the ideal time, not from now, so a late frame does not shift every later one;
-        # but never try to catch up on more than one period of backlog.
-        self._next = max(self._next + self.period, now)
+        # but a frame later than its slot starts a new schedule instead of bursting to catch up.
+        self._next = max(self._next, now) + self.period

@@ -91,6 +91,8 @@ class ReplaySource:
             raise SourceError("the replay source needs the replay extra (pip install 'eyed[replay]')") from exc
         name = self.cfg.dataset
         local = Path(name).expanduser()
+        if not local.exists() and name.startswith((".", "/", "~")):
+            raise SourceError(f"source.dataset {name}: no such folder")
         target = str(local.resolve()) if local.exists() else name
         try:
             ds = load_dataset(target, split=self.cfg.split, streaming=True)

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from eyed.model.export import cached_export_path, ensure_onnx
 from eyed.model.postprocess import Postprocessor, softmax
 from eyed.types import Classifier
 from tests.conftest import CIFAR10, imagenet_like_labels, synthetic_images
+
+Backend = Literal["onnx", "torch"]
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +118,8 @@ def test_onnx_file_not_a_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
-def test_missing_local_model(backend: str, tmp_path: Path) -> None:
-    cfg = ModelConfig(id="./no-such-model", backend=backend, cache_dir=tmp_path)  # type: ignore[arg-type]
+def test_missing_local_model(backend: Backend, tmp_path: Path) -> None:
+    cfg = ModelConfig(id="./no-such-model", backend=backend, cache_dir=tmp_path)
     with pytest.raises(ModelLoadError, match="no such folder"):
         load_classifier(cfg)
 
@@ -128,19 +131,14 @@ def test_folder_without_config_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
-def test_hub_id_offline(backend: str, tmp_path: Path) -> None:
-    cfg = ModelConfig(id="google/mobilenet_v2_1.0_224", backend=backend, cache_dir=tmp_path)  # type: ignore[arg-type]
+def test_hub_id_offline(backend: Backend, tmp_path: Path) -> None:
+    cfg = ModelConfig(id="google/mobilenet_v2_1.0_224", backend=backend, cache_dir=tmp_path)
     with pytest.raises(ModelLoadError) as info:
         load_classifier(cfg)
     assert "cannot reach the hub" in str(info.value)
     assert "local checkpoint" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a model.coarse_priors file that is missing or invalid escapes load_classifier as "
-    "FileNotFoundError/ValueError, so `eyed run` dies with a traceback instead of a config exit code",
-)
 @pytest.mark.parametrize("content", [None, '{"priors": {"cat": 1.0}}'])
 def test_bad_priors_file_is_a_user_facing_error(
     tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, content: str | None
@@ -148,7 +146,7 @@ def test_bad_priors_file_is_a_user_facing_error(
     priors = tmp_path / "priors.json"
     if content is not None:
         priors.write_text(content)
-    with pytest.raises((ModelLoadError, ConfigError)):
+    with pytest.raises(ConfigError, match=r"model\.coarse_priors"):
         load_classifier(ModelConfig(id=str(tiny_checkpoint), onnx=tiny_onnx, coarse_priors=str(priors)))
 
 

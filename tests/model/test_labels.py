@@ -50,9 +50,7 @@ def test_map_groups_are_non_empty_and_disjoint(group_map: tuple[list[str], dict[
         ("goldfish, Carassius auratus", None),
     ],
 )
-def test_map_spot_checks(
-    group_map: tuple[list[str], dict[str, list[str]]], label: str, coarse: str | None
-) -> None:
+def test_map_spot_checks(group_map: tuple[list[str], dict[str, list[str]]], label: str, coarse: str | None) -> None:
     _, groups = group_map
     found = [c for c, members in groups.items() if label in members]
     assert found == ([coarse] if coarse else [])

@@ -197,9 +197,7 @@ def test_fit_leaves_larger_images_alone(size: tuple[int, int]) -> None:
     assert np.array_equal(Preprocessor(SPEC, "fit")(image), Preprocessor(SPEC, "checkpoint")(image))
 
 
-@pytest.mark.parametrize(
-    ("size", "small_input"), [((32, 32), "checkpoint"), ((32, 32), "fit"), ((480, 640), "fit")]
-)
+@pytest.mark.parametrize(("size", "small_input"), [((32, 32), "checkpoint"), ((32, 32), "fit"), ((480, 640), "fit")])
 def test_out_is_filled_in_place(size: tuple[int, int], small_input: str) -> None:
     pre = Preprocessor(SPEC, small_input)
     image = smooth_image(*size, seed=6)
@@ -229,9 +227,7 @@ def hf_processor(real_model: Path) -> Any:
 
 @pytest.mark.assets
 @pytest.mark.parametrize("size", [(32, 32), (300, 200), (200, 300), (480, 640), (640, 480), (224, 224)])
-def test_matches_transformers_on_real_checkpoint(
-    real_model: Path, hf_processor: Any, size: tuple[int, int]
-) -> None:
+def test_matches_transformers_on_real_checkpoint(real_model: Path, hf_processor: Any, size: tuple[int, int]) -> None:
     from PIL import Image
 
     spec = PreprocessSpec.from_hf(json.loads((real_model / "preprocessor_config.json").read_text()))
