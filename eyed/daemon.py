@@ -88,6 +88,8 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         if not pipeline.join(settings.daemon.shutdown_timeout_s):
             raise ShutdownTimeout(f"pipeline still running after {settings.daemon.shutdown_timeout_s:g} s")
         if pipeline.failure is not None:
-            raise pipeline.failure
+            # Already logged with its traceback where it happened; a non-zero exit lets systemd restart us.
+            logger.error("pipeline failed: %s", pipeline.failure)
+            return 1
         logger.info("done: %d frames, %d skipped", pipeline.counters.frames, source.skipped)
     return 0

@@ -1,11 +1,11 @@
-"""Capture thread -> bounded queue -> inference thread -> publisher.
+"""Source -> inference thread -> publisher; live sources get a capture thread and a bounded queue in between.
 
-The capture thread only reads and decodes frames. The inference thread preprocesses them into a buffer
-allocated once, classifies, turns predictions into events and is the only user of the publisher. Doing the
-preprocessing there, not in the capture thread, is deliberate: onnxruntime already keeps both cores of a small
-board busy, and preprocessing in parallel slowed every inference by more than it saved (measured with
-``eyed bench``: 0.78x of a bare onnxruntime loop in parallel, see the README for the serial figure).
-Replay sources deliver every frame (the capture thread waits when the queue is full).
+The inference thread resizes frames into a buffer allocated once, classifies, turns predictions into events
+and is the only user of the publisher. A live source (a camera) is read by its own capture thread, so a slow
+camera never stalls the loop. A replay source is read by the inference thread itself: it is never late, it must
+deliver every frame, and onnxruntime already keeps both cores of a small board busy, so a hand-off between
+threads costs more than it saves (``eyed bench`` measured 0.83-0.89x of a bare onnxruntime loop with the hand-off,
+0.96x without).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,15 +66,15 @@ class Pipeline:
         self.failure: BaseException | None = None
         self.ctx = EventContext(source=source.id, model=classifier.name, backend=classifier.backend)
         self._queue: queue.Queue[Frame | None] = queue.Queue(max(queue_size, batch))
+        self._inline: Iterator[Frame] | None = None if source.live else iter(source.frames())
         self._buffer = np.empty((batch, *classifier.input_shape), dtype=np.uint8)
         self._label_topic = label_topic(source.id)
         self._health_topic = health_topic(source.id)
         self._seq = 0
         self._health_seq = 0
-        self._threads = [
-            threading.Thread(target=self._capture, name="eyed-capture", daemon=True),
-            threading.Thread(target=self._infer, name="eyed-infer", daemon=True),
-        ]
+        self._threads = [threading.Thread(target=self._infer, name="eyed-infer", daemon=True)]
+        if source.live:
+            self._threads.append(threading.Thread(target=self._capture, name="eyed-capture", daemon=True))
 
     def start(self) -> None:
         self.counters.started = self.counters.last_progress = time.monotonic()
@@ -81,7 +82,7 @@ class Pipeline:
             t.start()
 
     def join(self, timeout_s: float) -> bool:
-        """Wait for both threads; False if either is still running after ``timeout_s``."""
+        """Wait for the pipeline's threads; False if any is still running after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -112,7 +113,18 @@ class Pipeline:
 
     # -- inference thread ----------------------------------------------------------------------------------
     def _next_batch(self) -> tuple[list[Frame], bool]:
-        """Up to ``batch`` queued frames (waiting for the first only); True once the source has ended."""
+        """Up to ``batch`` frames (waiting for the first only); True once the source has ended."""
+        if self._inline is not None:
+            items: list[Frame] = []
+            try:
+                for frame in self._inline:
+                    items.append(frame)
+                    if len(items) == self.batch:
+                        return items, False
+            except Exception as exc:  # the frames read before the failure are still classified
+                self.failure = exc
+                logger.exception("source %s failed", self.source.id)
+            return items, True
         try:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:

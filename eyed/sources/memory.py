@@ -14,10 +14,15 @@ from eyed.types import Frame
 class MemorySource:
     """Yields the given images once, stamped with the time each is handed out."""
 
-    live = False
-
-    def __init__(self, images: Sequence[np.ndarray], truths: Sequence[str | None] | None = None, id: str = "memory"):
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        truths: Sequence[str | None] | None = None,
+        id: str = "memory",
+        live: bool = False,
+    ):
         self.id = id
+        self.live = live
         self.images = images
         self.truths = truths or [None] * len(images)
         self.skipped = 0

@@ -1,0 +1,93 @@
+"""The pipeline with a real classifier and publisher, fed from memory: inline (replay) and threaded (live)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from eyed.config import ModelConfig, PublishConfig
+from eyed.model import load_classifier
+from eyed.pipeline import Pipeline
+from eyed.publisher import Publisher
+from eyed.sources.memory import MemorySource
+from eyed.types import Frame
+from tests.conftest import synthetic_images
+
+
+def run_pipeline(tiny_onnx: Path, tmp_path: Path, source: Any, batch: int = 1) -> list[dict[str, Any]]:
+    import json
+
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx, batch=batch))
+    endpoint = f"ipc://{tmp_path}/pipe.sock"
+    ctx = zmq.Context()
+    events = []
+    with Publisher(PublishConfig(endpoint=endpoint), ctx) as pub:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(endpoint)
+        pub.wait_for_subscribers(1, 10)
+        pipeline = Pipeline(source, classifier, pub, batch=batch, queue_size=64, heartbeat_s=3600)
+        pipeline.start()
+        assert pipeline.done.wait(30)
+        assert pipeline.join(5)
+        while sub.poll(2000):
+            events.append(json.loads(sub.recv_multipart()[1]))
+            if events[-1].get("state") in ("finished", "failed"):
+                break
+        sub.close(linger=0)
+    ctx.term()
+    return events
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["inline", "capture-thread"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_every_frame_is_classified_in_order(tiny_onnx: Path, tmp_path: Path, live: bool, batch: int) -> None:
+    images = synthetic_images(10, seed=1, size=40)
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(images, [f"t{i}" for i in range(10)], live=live), batch)
+    labels = [e for e in events if e["type"] == "label"]
+    assert [e["seq"] for e in labels] == list(range(10))
+    assert [e["frame"] for e in labels] == list(range(10))
+    assert [e["truth"] for e in labels] == [f"t{i}" for i in range(10)]
+    assert events[-1]["state"] == "finished" and events[-1]["frames"] == 10
+
+
+def test_batched_predictions_equal_single_ones(tiny_onnx: Path, tmp_path: Path) -> None:
+    images = synthetic_images(8, seed=2, size=32)
+    one = [e for e in run_pipeline(tiny_onnx, tmp_path, MemorySource(images), 1) if e["type"] == "label"]
+    four = [e for e in run_pipeline(tiny_onnx, tmp_path, MemorySource(images), 4) if e["type"] == "label"]
+    assert [e["class_id"] for e in one] == [e["class_id"] for e in four]
+    assert np.allclose([e["score"] for e in one], [e["score"] for e in four], atol=1e-4)
+
+
+class BrokenSource(MemorySource):
+    def frames(self):  # type: ignore[no-untyped-def]
+        yield from list(super().frames())[:3]
+        raise OSError("camera unplugged")
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["inline", "capture-thread"])
+def test_a_failing_source_ends_in_state_failed(tiny_onnx: Path, tmp_path: Path, live: bool) -> None:
+    events = run_pipeline(tiny_onnx, tmp_path, BrokenSource(synthetic_images(5), live=live))
+    labels = [e for e in events if e["type"] == "label"]
+    assert len(labels) == 3
+    assert events[-1]["type"] == "health" and events[-1]["state"] == "failed"
+
+
+def test_a_frame_that_cannot_be_resized_is_skipped_and_counted(tiny_onnx: Path, tmp_path: Path) -> None:
+    images = synthetic_images(4)
+    images.insert(2, np.zeros((0, 0, 3), dtype=np.uint8))  # a zero-size read
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(images))
+    labels = [e for e in events if e["type"] == "label"]
+    assert [e["frame"] for e in labels] == [0, 1, 3, 4]
+    assert [e["seq"] for e in labels] == [0, 1, 2, 3]
+    assert events[-1]["errors"] == 1 and events[-1]["state"] == "finished"
+
+
+def test_frames_are_frozen() -> None:
+    frame = Frame(np.zeros((2, 2, 3), np.uint8), 0, 0.0, 0.0)
+    with pytest.raises(AttributeError):
+        frame.index = 1  # type: ignore[misc]
