@@ -63,10 +63,15 @@ class CoarseMapper:
         total = m.sum(axis=-1, keepdims=True)
         return m / np.where(total > 0, total, 1.0)
 
-    def coarse(self, probs: np.ndarray, *, corrected: bool = True) -> Coarse:
-        s = self.scores(probs, corrected=corrected)
-        i = int(np.argmax(s))
-        return Coarse(self.classes[i], float(s[i]))
+    def coarse(self, probs: np.ndarray) -> Coarse:
+        """The prior-corrected coarse label of one probability vector (the per-frame path: few numpy calls)."""
+        m = self.masses(probs)
+        if self.priors is not None:
+            m = m / self.priors
+        values = m.tolist()
+        i = max(range(len(values)), key=values.__getitem__)
+        total = sum(values)
+        return Coarse(self.classes[i], values[i] / total if total > 0 else 0.0)
 
     def with_priors(self, priors: np.ndarray | None) -> CoarseMapper:
         return CoarseMapper(self.classes, self.membership, priors)

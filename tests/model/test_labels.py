@@ -120,7 +120,9 @@ def test_prior_correction_changes_the_argmax() -> None:
     # 0.6 / 0.75 = 0.8 against 0.4 / 0.25 = 1.6: "one" gets 2/3.
     assert coarse.score == pytest.approx(2 / 3, abs=1e-6)
     # corrected=False ignores the priors.
-    assert corrected.coarse(probs, corrected=False).label == "many"
+    assert corrected.classes[int(np.argmax(corrected.scores(probs, corrected=False)))] == "many"
+    # The per-frame path and the batch path agree.
+    assert corrected.classes[int(np.argmax(corrected.scores(probs)))] == coarse.label
 
 
 # build_mapper
