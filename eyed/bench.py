@@ -97,37 +97,50 @@ def _receive(endpoint: str, count: int, conn: Any) -> None:
     conn.close()
 
 
+class _RecordingPublisher(Publisher):
+    """Keeps each label event's latency, for the run without a subscriber."""
+
+    def __init__(self, cfg: PublishConfig) -> None:
+        super().__init__(cfg)
+        self.latencies: list[float] = []
+
+    def send(self, topic: str, payload: dict[str, Any]) -> None:
+        super().send(topic, payload)
+        if payload["type"] == "label":
+            self.latencies.append(payload["latency_ms"])
+
+
 def bench_daemon(
-    settings: Settings, classifier: OnnxClassifier, images: list[np.ndarray], batch: int
+    settings: Settings, classifier: OnnxClassifier, images: list[np.ndarray], batch: int, subscriber: bool
 ) -> dict[str, Any]:
-    """The pipeline from frames in memory to events received by a real SUB socket in another process."""
+    """The pipeline from frames in memory to published events; with ``subscriber``, a real SUB socket in another
+    process receives every one of them (and takes its share of this machine's two cores)."""
     import multiprocessing
 
     mp = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="eyed-bench-") as tmp:
-        cfg = PublishConfig(endpoint=f"ipc://{tmp}/bench.sock")
-        with Publisher(cfg) as pub:
+    with (
+        tempfile.TemporaryDirectory(prefix="eyed-bench-") as tmp,
+        _RecordingPublisher(PublishConfig(endpoint=f"ipc://{tmp}/bench.sock")) as pub,
+    ):
+        if subscriber:
             parent, child = mp.Pipe(duplex=False)
             receiver = mp.Process(target=_receive, args=(pub.endpoint, len(images), child), daemon=True)
             receiver.start()
             pub.wait_for_subscribers(1, 60)
-            pipeline = Pipeline(
-                MemorySource(images),
-                classifier,
-                pub,
-                batch=batch,
-                queue_size=settings.source.queue,
-                heartbeat_s=3600,
-            )
-            t0 = time.perf_counter()
-            pipeline.start()
-            pipeline.done.wait()
-            wall = time.perf_counter() - t0
-            latencies = parent.recv() if parent.poll(30) else []
+        pipeline = Pipeline(MemorySource(images), classifier, pub, batch=batch, heartbeat_s=3600)
+        t0 = time.perf_counter()
+        pipeline.start()
+        pipeline.done.wait()
+        wall = time.perf_counter() - t0
+        latencies = pub.latencies
+        if subscriber:
+            received = parent.recv() if parent.poll(30) else []
             receiver.join(10)
-    if len(latencies) != len(images):
-        raise RuntimeError(f"bench: the subscriber received {len(latencies)} of {len(images)} events")
-    name = "daemon path" if batch == 1 else f"daemon path, batch {batch}"
+            if len(received) != len(images):
+                raise RuntimeError(f"bench: the subscriber received {len(received)} of {len(images)} events")
+    name = "daemon path" + (" -> SUB process" if subscriber else ", no subscriber")
+    if batch > 1:
+        name += f", batch {batch}"
     return summarise(name, latencies, wall, len(images))
 
 
@@ -172,8 +185,9 @@ def run_bench(
     for _ in range(rounds):
         for row in (
             bench_bare(classifier.path, settings.model.threads, tensors),
-            bench_daemon(settings, classifier, images, 1),
-            *([bench_daemon(settings, classifier, images, batch)] if batch > 1 else []),
+            bench_daemon(settings, classifier, images, 1, subscriber=True),
+            bench_daemon(settings, classifier, images, 1, subscriber=False),
+            *([bench_daemon(settings, classifier, images, batch, subscriber=True)] if batch > 1 else []),
         ):
             runs.setdefault(row["name"], []).append(row)
     rows = [_pool(name, rs) for name, rs in runs.items()]
@@ -181,9 +195,13 @@ def run_bench(
     def ratio(a: str, b: str) -> float:
         return statistics.median(x["fps"] / y["fps"] for x, y in zip(runs[a], runs[b], strict=True))
 
-    ratios = {"daemon/bare": ratio("daemon path", "bare onnxruntime")}
+    daemon = "daemon path -> SUB process"
+    ratios = {
+        "daemon/bare": ratio(daemon, "bare onnxruntime"),
+        "daemon (no subscriber)/bare": ratio("daemon path, no subscriber", "bare onnxruntime"),
+    }
     if batch > 1:
-        ratios[f"daemon batch {batch}/daemon batch 1"] = ratio(f"daemon path, batch {batch}", "daemon path")
+        ratios[f"daemon batch {batch}/daemon batch 1"] = ratio(f"{daemon}, batch {batch}", daemon)
     if seed_frames > 0:
         try:
             seed = bench_seed(settings.model.id, images[:seed_frames])
@@ -191,11 +209,11 @@ def run_bench(
             logger.warning("torch/transformers not installed: transformers loop skipped")
         else:
             rows.append(seed)
-            ratios["daemon/transformers"] = next(r for r in rows if r["name"] == "daemon path")["fps"] / seed["fps"]
+            ratios["daemon/transformers"] = next(r for r in rows if r["name"] == daemon)["fps"] / seed["fps"]
     classifier.close()
-    lines = [f"{'path':<28} {'frames':>7} {'fps':>9} {'p50 ms':>8} {'p99 ms':>8}"]
+    lines = [f"{'path':<38} {'frames':>7} {'fps':>9} {'p50 ms':>8} {'p99 ms':>8}"]
     lines += [
-        f"{r['name']:<28} {r['frames']:>7} {r['fps']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}" for r in rows
+        f"{r['name']:<38} {r['frames']:>7} {r['fps']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}" for r in rows
     ]
     lines += [f"{name}: {value:.2f}x" for name, value in ratios.items()]
     lines.append(

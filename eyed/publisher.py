@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -19,6 +19,9 @@ from zmq.utils.monitor import recv_monitor_message
 from eyed.config import PublishConfig
 
 logger = logging.getLogger(__name__)
+
+
+_P = TypeVar("_P", bound="Publisher")
 
 
 class PublishError(Exception):
@@ -47,7 +50,7 @@ class Publisher:
         self.subscriptions = 0
         self.endpoint = cfg.endpoint
 
-    def __enter__(self) -> Publisher:
+    def __enter__(self: _P) -> _P:
         sock = self.context.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
         sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
