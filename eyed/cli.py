@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -73,6 +74,26 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             else:
                 print(_summary(topic, payload), flush=True)
     return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when a heartbeat with state ``live`` arrives within the timeout, else 1."""
+    from eyed.subscriber import Subscriber
+
+    endpoint = args.endpoint or _settings(args).publish.endpoint
+    topic = f"health.{args.source}" if args.source else "health."
+    deadline = time.monotonic() + args.timeout
+    with Subscriber(endpoint, (topic,)) as sub:
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                name, payload = sub.receive(remaining)
+            except TimeoutError:
+                break
+            print(_summary(name, payload), flush=True)
+            if payload.get("state") == "live":
+                return EXIT_OK
+    print(f"eyed health: no live heartbeat on {endpoint} within {args.timeout:g} s", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _summary(topic: str, p: dict[str, object]) -> str:
@@ -143,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="stop after this many events (0 = never)")
     p.add_argument("--timeout", type=float, default=30.0, help="give up after this many quiet seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = add("health", cmd_health, "exit 0 if a live source's heartbeat arrives within --timeout, else 1")
+    p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
+    p.add_argument("--source", help="only this source.id (default: any)")
+    p.add_argument("--timeout", type=float, default=12.0, help="seconds to wait (heartbeats come every 5 s)")
     p = add("bench", cmd_bench, "daemon path vs a bare onnxruntime loop vs the transformers loop, same frames")
     p.add_argument("--frames", type=int, default=500, help="frames per round for the onnx measurements")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds")

@@ -19,6 +19,7 @@ from eyed.config import Settings
 from eyed.model import load_classifier
 from eyed.pipeline import Pipeline
 from eyed.publisher import Publisher
+from eyed.sdnotify import Notifier
 from eyed.sources import open_source
 from eyed.types import Classifier
 
@@ -56,16 +57,59 @@ def signals_set(stop: threading.Event):
             signal.signal(s, h)
 
 
+class Supervisor:
+    """The main thread's view of the pipeline for systemd: watchdog pings while it progresses, STATUS lines."""
+
+    def __init__(self, notifier: Notifier, pipeline: Pipeline, status_every_s: float) -> None:
+        self.notifier = notifier
+        self.pipeline = pipeline
+        self.status_every_s = status_every_s
+        self.watchdog_s = notifier.watchdog_s
+        self._last_ping = 0.0
+        self._last_status = 0.0
+        self._status_frames = 0
+
+    @property
+    def tick_s(self) -> float:
+        """How often the main thread should call :meth:`tick`."""
+        return min(0.5, self.watchdog_s / 4) if self.watchdog_s else 0.5
+
+    def healthy(self, now: float) -> bool:
+        """True while the inference loop has come round within the watchdog window (or no watchdog is set)."""
+        if not self.watchdog_s:
+            return True
+        return now - self.pipeline.counters.last_progress < self.watchdog_s
+
+    def tick(self, waiting: bool = False) -> None:
+        """Ping the watchdog at half its interval when healthy (or ``waiting`` for subscribers); update STATUS."""
+        now = time.monotonic()
+        if self.watchdog_s and now - self._last_ping >= self.watchdog_s / 2 and (waiting or self.healthy(now)):
+            self.notifier.notify("WATCHDOG=1")
+            self._last_ping = now
+        if now - self._last_status >= self.status_every_s:
+            self.notifier.notify(f"STATUS={self.status(now, waiting)}")
+            self._status_frames = self.pipeline.counters.frames
+            self._last_status = now
+
+    def status(self, now: float, waiting: bool) -> str:
+        if waiting:
+            return "waiting for subscribers"
+        c = self.pipeline.counters
+        fps = (c.frames - self._status_frames) / max(now - self._last_status, 1e-9) if self._last_status else 0.0
+        h = self.pipeline.health(fps)
+        return f"{h.state}: {h.frames} frames, {h.fps:.1f} fps, {h.dropped} dropped, {h.errors} errors"
+
+
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
     """Run the daemon until the source finishes (exit 0) or a signal arrives (exit 0 after clean shutdown)."""
     stop = stop or threading.Event()
     with signals_set(stop), contextlib.ExitStack() as stack:
+        notifier = stack.enter_context(Notifier())
         classifier = load_classifier(settings.model)
         stack.callback(classifier.close)
         logger.info("warm-up took %.0f ms", warm_up(classifier, settings.model.batch) * 1000)
         source = stack.enter_context(open_source(settings.source))
         publisher = stack.enter_context(Publisher(settings.publish))
-        publisher.wait_for_subscribers(settings.publish.wait_subscribers, settings.publish.wait_timeout_s, stop=stop)
         pipeline = Pipeline(
             source,
             classifier,
@@ -75,14 +119,26 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             heartbeat_s=settings.publish.heartbeat_s,
             stop=stop,
         )
+        supervisor = Supervisor(notifier, pipeline, settings.publish.heartbeat_s)
+        # Ready: the model is loaded and warm, the endpoint is bound. Waiting for subscribers comes after, so a
+        # unit's start-up timeout never depends on when clients show up.
+        notifier.notify("READY=1", "STATUS=ready")
+        publisher.wait_for_subscribers(
+            settings.publish.wait_subscribers,
+            settings.publish.wait_timeout_s,
+            stop=stop,
+            tick=lambda: supervisor.tick(waiting=True),
+        )
         if stop.is_set():
             logger.info("stopped before the first frame")
+            notifier.notify("STOPPING=1")
             return 0
         pipeline.start()
         logger.info("running: source=%s model=%s backend=%s", source.id, classifier.name, classifier.backend)
-        # A timed wait keeps the main thread responsive to signals and is where watchdog pings will go.
-        while not stop.wait(0.5):
-            pass
+        # A timed wait keeps the main thread responsive to signals and paces the watchdog.
+        while not stop.wait(supervisor.tick_s):
+            supervisor.tick()
+        notifier.notify("STOPPING=1", "STATUS=stopping")
         if not pipeline.done.is_set():
             logger.info("stopping")
         if not pipeline.join(settings.daemon.shutdown_timeout_s):

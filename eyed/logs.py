@@ -1,4 +1,4 @@
-"""Logging set-up: plain lines on stderr; no timestamps under journald, which adds its own."""
+"""Logging set-up: plain lines on stderr; under journald no timestamps and syslog priority prefixes."""
 
 from __future__ import annotations
 
@@ -6,12 +6,30 @@ import logging
 import os
 import sys
 
+# sd-daemon(3) prefixes: journald reads "<N>" at the start of a line as that line's priority.
+SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>logger: message``; journald adds the time, the unit and the pid itself."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = SYSLOG_PRIORITY.get(record.levelno, 6)
+        # Every line of a traceback gets the prefix, or journald would log its tail at the default priority.
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
 
 def setup_logging(level: str = "INFO") -> None:
     """Configure the root logger once for a command-line run."""
-    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     # Third-party chatter that is not about eyed's work.
     for name in ("httpx", "httpcore", "urllib3", "filelock", "fsspec", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))

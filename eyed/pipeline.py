@@ -37,7 +37,7 @@ class Counters:
     errors: int = 0
     dropped: int = 0
     started: float = field(default_factory=time.monotonic)
-    last_progress: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)  # last turn of the inference loop
 
 
 class Pipeline:
@@ -153,6 +153,8 @@ class Pipeline:
                 if items:
                     self._classify(items)
                 now = time.monotonic()
+                # The loop came round: what systemd's watchdog is fed on (a hung inference stops it).
+                self.counters.last_progress = now
                 if now >= next_beat:
                     fps = (self.counters.frames - beat_frames) / max(now - beat_t, 1e-9)
                     beat_frames, beat_t = self.counters.frames, now
@@ -192,7 +194,6 @@ class Pipeline:
             self.publisher.send(self._label_topic, label_event(self.ctx, self._seq, frame, pred, latency_ms))
             self._seq += 1
         self.counters.frames += len(frames)
-        self.counters.last_progress = time.monotonic()
 
     def health(self, fps: float) -> Health:
         c = self.counters

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -110,10 +111,13 @@ class Publisher:
         self.subscriptions += net
         return net
 
-    def wait_for_subscribers(self, count: int, timeout_s: float, stop: Any = None) -> None:
+    def wait_for_subscribers(
+        self, count: int, timeout_s: float, stop: Any = None, tick: Callable[[], None] | None = None
+    ) -> None:
         """Block until ``count`` peers have connected and subscribed; PublishError after ``timeout_s``.
 
-        ``stop`` (a threading.Event) ends the wait early without an error.
+        ``stop`` (a threading.Event) ends the wait early without an error; ``tick`` is called a few times a
+        second meanwhile (the daemon pings systemd's watchdog from it).
         """
         if count <= 0:
             return
@@ -130,6 +134,8 @@ class Publisher:
                 break
             if stop is not None and stop.is_set():
                 return
+            if tick is not None:
+                tick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishError(

@@ -181,3 +181,28 @@ def test_eyed_subscribe_prints_events_as_json(base: dict[str, object], endpoint:
     lines = [json.loads(line) for line in sub.stdout.splitlines()]
     assert [e["seq"] for e in lines] == [0, 1, 2, 3]
     assert all(e["topic"] == "label.tiny" and e["type"] == "label" for e in lines)
+
+
+def test_eyed_health_exits_0_on_a_live_heartbeat_and_1_without(base: dict[str, object], endpoint: str) -> None:
+    import subprocess
+    import sys
+
+    def health(timeout: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "eyed", "health", "--endpoint", endpoint, "--timeout", timeout],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    quiet = health("1")
+    assert quiet.returncode == 1 and "no live heartbeat" in quiet.stderr
+    proc = start_daemon({**base, "publish.wait_subscribers": 0, "source.loop": True, "source.fps": 20})
+    try:
+        alive = health("20")
+        assert alive.returncode == 0, alive.stderr
+        assert "state=live" in alive.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc)
+    assert code == 0, err

@@ -1,0 +1,218 @@
+"""systemd notification against a real unix datagram socket as NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from eyed.config import load_settings
+from eyed.logs import JournalFormatter
+from eyed.sdnotify import Notifier
+from tests.daemon_helpers import daemon_env, finish
+
+
+class NotifyListener:
+    """A bound AF_UNIX datagram socket collecting (monotonic time, fields) of every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, list[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode().split("\n")))
+
+    def fields(self) -> list[str]:
+        return [f for _, fs in list(self.messages) for f in fs]
+
+    def wait_for(self, field: str, timeout_s: float) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for t, fs in list(self.messages):
+                if field in fs:
+                    return t
+            time.sleep(0.02)
+        raise AssertionError(f"no {field} within {timeout_s} s; got {self.fields()}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener(tmp_path: Path):  # type: ignore[no-untyped-def]
+    lst = NotifyListener(tmp_path / "notify.sock")
+    yield lst
+    lst.close()
+
+
+def test_notifier_reads_the_environment_like_systemd_sets_it() -> None:
+    pid = str(os.getpid())
+    n = Notifier({"NOTIFY_SOCKET": "/run/x.sock", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": pid})
+    assert n.address == "/run/x.sock" and n.watchdog_s == 2.0
+    assert Notifier({"NOTIFY_SOCKET": "@abstract"}).address == b"\0abstract"
+    # The variables were meant for another process (a parent that spawned us): no pings from here.
+    assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}).watchdog_s is None
+    assert Notifier({}).enabled is False and Notifier({}).watchdog_s is None
+    with Notifier({}) as quiet:
+        assert quiet.notify("READY=1") is False
+
+
+def test_ready_watchdog_status_then_stopping_after_sigterm(
+    listener: NotifyListener, tiny_dataset: Path, tiny_onnx: Path, endpoint: str
+) -> None:
+    env = daemon_env(
+        {
+            "source.dataset": tiny_dataset,
+            "source.split": "train",
+            "source.loop": True,
+            "source.fps": 50,
+            "model.onnx": tiny_onnx,
+            "publish.endpoint": endpoint,
+            "publish.heartbeat_s": 0.5,
+        },
+        NOTIFY_SOCKET=str(listener.path),
+        WATCHDOG_USEC="1000000",
+    )
+    # As systemd does: WATCHDOG_PID is the service's main pid (exec keeps the shell's pid).
+    proc = subprocess.Popen(
+        ["sh", "-c", f'WATCHDOG_PID=$$ exec "{sys.executable}" -m eyed run'],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ready = listener.wait_for("READY=1", 60)
+    time.sleep(2.5)
+    pings = [t for t, fs in listener.messages if "WATCHDOG=1" in fs and t > ready]
+    assert len(pings) >= 3, listener.fields()
+    assert max(b - a for a, b in zip([ready, *pings], pings, strict=False)) < 1.0  # within WATCHDOG_USEC
+    assert any(f.startswith("STATUS=live:") and "fps" in f for f in listener.fields())
+    first_watchdog = next(i for i, f in enumerate(listener.fields()) if f == "WATCHDOG=1")
+    assert listener.fields().index("READY=1") < first_watchdog
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, timeout_s=15)
+    assert code == 0, err
+    listener.wait_for("STOPPING=1", 5)
+
+
+class HangingClassifier:
+    """The real tiny classifier, except that predict blocks forever after ``after`` calls (a hung runtime)."""
+
+    def __init__(self, inner: Any, after: int) -> None:
+        self.inner, self.after = inner, after
+        self.name, self.backend = inner.name, inner.backend
+        self.prepare, self.input_shape = inner.prepare, inner.input_shape
+        self.calls = 0
+        self.hung = threading.Event()
+        self.release = threading.Event()
+
+    def predict(self, batch: np.ndarray) -> Any:
+        self.calls += 1
+        if self.calls > self.after:
+            self.hung.set()
+            self.release.wait(30)
+        return self.inner.predict(batch)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_watchdog_pings_stop_when_the_inference_loop_is_stuck(
+    listener: NotifyListener,
+    tiny_dataset: Path,
+    tiny_onnx: Path,
+    endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import eyed.daemon
+    from eyed.model import load_classifier
+
+    settings = load_settings(
+        None,
+        [
+            f"source.dataset={tiny_dataset}",
+            "source.split=train",
+            "source.loop=true",
+            "source.fps=50",
+            f"model.onnx={tiny_onnx}",
+            f"publish.endpoint={endpoint}",
+        ],
+    )
+    hanging = HangingClassifier(load_classifier(settings.model), after=20)
+    monkeypatch.setattr(eyed.daemon, "load_classifier", lambda cfg: hanging)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    stop = threading.Event()
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(eyed.daemon.run(settings, stop)), daemon=True)
+    runner.start()
+    listener.wait_for("READY=1", 30)
+    assert hanging.hung.wait(30)
+    hung_at = time.monotonic()
+    before = [t for t, fs in listener.messages if "WATCHDOG=1" in fs and t < hung_at]
+    assert len(before) >= 2
+    time.sleep(1.5)
+    # Pings may go on for at most one watchdog window after the loop's last turn, then must stop.
+    late = [t for t, fs in listener.messages if "WATCHDOG=1" in fs and t > hung_at + 0.5]
+    assert late == []
+    hanging.release.set()
+    stop.set()
+    runner.join(15)
+    assert result == [0]
+    listener.wait_for("STOPPING=1", 5)
+
+
+def test_journal_formatter_prefixes_every_line_with_the_priority() -> None:
+    fmt = JournalFormatter()
+    record = logging.LogRecord("eyed.x", logging.ERROR, __file__, 1, "boom %s", ("now",), None)
+    assert fmt.format(record) == "<3>eyed.x: boom now"
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        record = logging.LogRecord("eyed.x", logging.WARNING, __file__, 1, "oops", (), sys.exc_info())
+    lines = fmt.format(record).splitlines()
+    assert len(lines) > 2 and all(line.startswith("<4>") for line in lines)
+
+
+def test_journal_stream_drops_timestamps(tiny_dataset: Path, tiny_onnx: Path, endpoint: str) -> None:
+    env = daemon_env(
+        {
+            "source.dataset": tiny_dataset,
+            "source.split": "train",
+            "model.onnx": tiny_onnx,
+            "publish.endpoint": endpoint,
+        },
+        JOURNAL_STREAM="8:12345",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eyed", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    code, err = finish(proc)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("<")]
+    assert any(line.startswith("<6>eyed.pipeline: health source=") for line in lines)
+    assert not any(line[:4].isdigit() for line in err.splitlines())
