@@ -27,7 +27,7 @@ from eyed.model import load_classifier
 from eyed.model.onnx_backend import OnnxClassifier, open_session
 from eyed.pipeline import Pipeline
 from eyed.publisher import Publisher
-from eyed.sources import open_source
+from eyed.sources import open_recorded
 from eyed.sources.memory import MemorySource
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def load_frames(settings: Settings, n: int) -> tuple[list[np.ndarray], list[str 
     """The first ``n`` frames of the configured source, decoded, in memory."""
     cfg = settings.source.model_copy(update={"limit": n, "fps": 0.0, "loop": False})
     images, truths = [], []
-    with open_source(cfg) as src:
+    with open_recorded(cfg) as src:
         for frame in src.frames():
             images.append(frame.image)
             truths.append(frame.truth)

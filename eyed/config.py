@@ -29,17 +29,26 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    kind: Literal["replay"] = Field("replay", description="Where frames come from.")
+    kind: Literal["replay", "webcam", "rtsp", "file"] = Field("replay", description="Where frames come from.")
     dataset: str = Field(
         "uoft-cs/cifar10",
         min_length=1,
         description="Replay: Hugging Face hub id or a local folder of parquet shards.",
     )
     split: str = Field("test", min_length=1, description="Replay: dataset split.")
+    url: str | None = Field(None, min_length=1, description="rtsp: the stream URL; file: the video file's path.")
+    device: int | str | None = Field(None, description="webcam: index (0) or device path (/dev/video0).")
+    width: int | None = Field(None, gt=0, description="webcam: frame width to request.")
+    height: int | None = Field(None, gt=0, description="webcam: frame height to request.")
+    transport: Literal["tcp", "udp"] = Field("tcp", description="rtsp: RTP transport.")
     limit: int = Field(0, ge=0, description="Stop after this many frames; 0 = all.")
     skip: int = Field(0, ge=0, description="Replay: skip this many records first (e.g. to reach held-out ones).")
-    fps: float = Field(0.0, ge=0.0, description="Pace frames to this rate; 0 = as fast as the model goes.")
-    loop: bool = Field(False, description="Replay: start again at the end instead of finishing.")
+    fps: float = Field(
+        0.0,
+        ge=0.0,
+        description="replay/file: pace frames to this rate (0 = as fast as the model goes); webcam: rate to request.",
+    )
+    loop: bool = Field(False, description="replay/file: start again at the end instead of finishing.")
     id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_\-]+$",
@@ -47,14 +56,46 @@ class SourceConfig(Section):
     )
     image_column: str | None = Field(None, description="Replay: image column; auto-detected when unset.")
     label_column: str | None = Field(None, description="Replay: label column; auto-detected when unset.")
-    queue: int = Field(8, ge=1, le=1024, description="Frames buffered between capture and inference.")
+    open_timeout_s: float = Field(10.0, gt=0, le=300, description="Camera: give up opening after this long.")
+    read_timeout_s: float = Field(5.0, gt=0, le=300, description="Camera: give up one read after this long.")
+    stall_s: float = Field(
+        10.0, gt=0, description="Camera: seconds without a new frame (or with frozen frames) before 'stalled'."
+    )
+    freeze_diff: float = Field(
+        0.5,
+        ge=0,
+        description="Camera: mean absolute difference (0-255, on a small grey copy) under which frames count as "
+        "frozen; 0 turns frozen-frame detection off.",
+    )
+    reconnect_initial_s: float = Field(0.5, gt=0, description="Camera: first delay before reconnecting.")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Camera: cap of the exponential reconnect backoff.")
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> SourceConfig:
+        if self.kind in ("rtsp", "file") and not self.url:
+            raise ValueError(f"source.url is required when source.kind is '{self.kind}'")
+        if self.kind == "rtsp" and self.url and not self.url.startswith(("rtsp://", "rtsps://")):
+            raise ValueError("source.url must start with rtsp:// when source.kind is 'rtsp'")
+        if self.kind == "webcam" and self.device is None:
+            raise ValueError("source.device is required when source.kind is 'webcam' (e.g. 0 or /dev/video0)")
+        if self.reconnect_initial_s > self.reconnect_max_s:
+            raise ValueError("source.reconnect_initial_s is larger than source.reconnect_max_s")
+        return self
 
     def resolved_id(self) -> str:
-        """The source name used in topics: ``id`` if set, else derived from the dataset and split."""
+        """The source name used in topics: ``id`` if set, else derived from what the source reads."""
         if self.id:
             return self.id
-        stem = Path(self.dataset.rstrip("/")).name or "replay"
-        return re.sub(r"[^A-Za-z0-9_\-]+", "-", f"{stem}-{self.split}").strip("-") or "replay"
+        if self.kind == "replay":
+            raw = f"{Path(self.dataset.rstrip('/')).name or 'replay'}-{self.split}"
+        elif self.kind == "webcam":
+            raw = f"webcam-{Path(str(self.device)).name}"
+        elif self.kind == "file":
+            raw = Path(str(self.url)).stem
+        else:  # rtsp: host and path, never the credentials
+            rest = str(self.url).split("://", 1)[-1].rsplit("@", 1)[-1]
+            raw = f"rtsp-{rest}"
+        return re.sub(r"[^A-Za-z0-9_\-]+", "-", raw).strip("-") or self.kind
 
 
 class ModelConfig(Section):

@@ -108,14 +108,14 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         classifier = load_classifier(settings.model)
         stack.callback(classifier.close)
         logger.info("warm-up took %.0f ms", warm_up(classifier, settings.model.batch) * 1000)
-        source = stack.enter_context(open_source(settings.source))
+        source = open_source(settings.source)
+        stack.enter_context(source)
         publisher = stack.enter_context(Publisher(settings.publish))
         pipeline = Pipeline(
             source,
             classifier,
             publisher,
             batch=settings.model.batch,
-            queue_size=settings.source.queue,
             heartbeat_s=settings.publish.heartbeat_s,
             stop=stop,
         )

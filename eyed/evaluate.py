@@ -15,7 +15,7 @@ from eyed.config import Settings
 from eyed.model import load_classifier
 from eyed.model.labels import estimate_priors, save_priors
 from eyed.model.postprocess import softmax
-from eyed.sources import open_source
+from eyed.sources import open_recorded
 from eyed.types import Classifier, Frame
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def classify_stream(settings: Settings, classifier: Classifier) -> Iterator[tupl
     """(frames, probabilities) batches over the configured source, with a progress line on stderr."""
     total = settings.source.limit
     done = 0
-    with open_source(settings.source) as src:
+    with open_recorded(settings.source) as src:
         for batch in _batches(src.frames(), BATCH):
             tensors = np.stack([classifier.prepare(f.image) for f in batch])
             yield batch, softmax(classifier.logits(tensors))  # type: ignore[attr-defined]

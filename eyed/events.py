@@ -59,13 +59,15 @@ def label_event(ctx: EventContext, seq: int, frame: Frame, pred: Prediction, lat
 class Health:
     """A snapshot of the pipeline's counters."""
 
-    state: str  # starting | live | finished | failed
+    state: str  # live | finished | stopped | failed; cameras: connecting | live | stalled | offline
     frames: int
     fps: float
     dropped: int
     errors: int
     skipped: int
     uptime_s: float
+    reconnects: int = 0
+    last_frame_age_s: float | None = None
 
 
 def health_event(ctx: EventContext, seq: int, ts: float, health: Health) -> dict[str, Any]:
@@ -83,6 +85,8 @@ def health_event(ctx: EventContext, seq: int, ts: float, health: Health) -> dict
         "errors": health.errors,
         "skipped": health.skipped,
         "uptime_s": round(health.uptime_s, 3),
+        "reconnects": health.reconnects,
+        "last_frame_age_s": None if health.last_frame_age_s is None else round(health.last_frame_age_s, 3),
         "model": ctx.model,
         "backend": ctx.backend,
     }

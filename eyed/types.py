@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -52,7 +52,8 @@ class Prediction:
 
 
 class Source(Protocol):
-    """A context manager that yields frames; ``skipped`` counts records it could not decode."""
+    """A context manager that yields every frame in order (replay, video file); ``skipped`` counts records it
+    could not decode."""
 
     id: str
     live: bool
@@ -65,6 +66,34 @@ class Source(Protocol):
     ) -> None: ...
 
     def frames(self) -> Iterator[Frame]: ...
+
+
+@runtime_checkable
+class LiveSource(Protocol):
+    """A camera: its own capture thread keeps only the newest frame; ``state`` says how the camera is doing."""
+
+    id: str
+    live: bool
+    skipped: int
+    dropped: int  # frames overwritten before the pipeline took them
+    reconnects: int
+
+    @property
+    def state(self) -> str:
+        """connecting | live | stalled | offline | finished"""
+        ...
+
+    def __enter__(self) -> LiveSource: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def next_frame(self, timeout_s: float) -> Frame | None:
+        """The newest frame not yet handed out, waiting up to ``timeout_s``; None if there is none."""
+        ...
+
+    def last_frame_age_s(self) -> float | None: ...
 
 
 class Preparer(Protocol):

@@ -86,7 +86,6 @@ def test_precedence_overrides_env_toml_defaults(tmp_path: Path, monkeypatch: pyt
     assert s.source.skip == 8  # env beats file
     assert s.source.split == "train"  # file beats default
     assert s.source.fps == 2.5
-    assert s.source.queue == 8  # default
     # Without the override, the environment wins over the file.
     assert load_settings(path).source.limit == 7
 
@@ -173,9 +172,13 @@ def test_failed_load_does_not_leak_the_toml_file(tmp_path: Path) -> None:
         ({"dataset": "/data/my cifar/", "split": "train"}, "my-cifar-train"),
         ({"dataset": "./local", "split": "train[:10%]"}, "local-train-10"),
         ({"dataset": "/", "split": "test"}, "replay-test"),
+        ({"kind": "webcam", "device": 0}, "webcam-0"),
+        ({"kind": "webcam", "device": "/dev/video2"}, "webcam-video2"),
+        ({"kind": "file", "url": "/videos/shelf cam.mp4"}, "shelf-cam"),
+        ({"kind": "rtsp", "url": "rtsp://user:secret@10.0.0.5:554/stream1"}, "rtsp-10-0-0-5-554-stream1"),
     ],
 )
-def test_resolved_id(kwargs: dict[str, str], expected: str) -> None:
+def test_resolved_id(kwargs: dict[str, object], expected: str) -> None:
     resolved = SourceConfig(**kwargs).resolved_id()
     assert resolved == expected
     assert re.fullmatch(r"[A-Za-z0-9_\-]+", resolved)
@@ -266,3 +269,23 @@ def test_console_script_exit_code() -> None:
     assert result.returncode == EXIT_CONFIG == 78
     assert "source.limit" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "rtsp"}, "source.url is required"),
+        ({"kind": "rtsp", "url": "http://cam/stream"}, "must start with rtsp://"),
+        ({"kind": "file"}, "source.url is required"),
+        ({"kind": "webcam"}, "source.device is required"),
+        ({"kind": "webcam", "device": 0, "reconnect_initial_s": 5, "reconnect_max_s": 1}, "reconnect_initial_s"),
+    ],
+)
+def test_camera_fields_are_checked(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SourceConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_rtsp_source_id_never_contains_credentials() -> None:
+    cfg = SourceConfig(kind="rtsp", url="rtsp://admin:hunter2@cam.local/live")
+    assert "hunter2" not in cfg.resolved_id() and "admin" not in cfg.resolved_id()

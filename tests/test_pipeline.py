@@ -30,7 +30,7 @@ def run_pipeline(tiny_onnx: Path, tmp_path: Path, source: Any, batch: int = 1) -
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(endpoint)
         pub.wait_for_subscribers(1, 10)
-        pipeline = Pipeline(source, classifier, pub, batch=batch, queue_size=64, heartbeat_s=3600)
+        pipeline = Pipeline(source, classifier, pub, batch=batch, heartbeat_s=3600)
         pipeline.start()
         assert pipeline.done.wait(30)
         assert pipeline.join(5)
@@ -43,11 +43,10 @@ def run_pipeline(tiny_onnx: Path, tmp_path: Path, source: Any, batch: int = 1) -
     return events
 
 
-@pytest.mark.parametrize("live", [False, True], ids=["inline", "capture-thread"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_every_frame_is_classified_in_order(tiny_onnx: Path, tmp_path: Path, live: bool, batch: int) -> None:
+def test_every_frame_is_classified_in_order(tiny_onnx: Path, tmp_path: Path, batch: int) -> None:
     images = synthetic_images(10, seed=1, size=40)
-    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(images, [f"t{i}" for i in range(10)], live=live), batch)
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(images, [f"t{i}" for i in range(10)]), batch)
     labels = [e for e in events if e["type"] == "label"]
     assert [e["seq"] for e in labels] == list(range(10))
     assert [e["frame"] for e in labels] == list(range(10))
@@ -69,9 +68,8 @@ class BrokenSource(MemorySource):
         raise OSError("camera unplugged")
 
 
-@pytest.mark.parametrize("live", [False, True], ids=["inline", "capture-thread"])
-def test_a_failing_source_ends_in_state_failed(tiny_onnx: Path, tmp_path: Path, live: bool) -> None:
-    events = run_pipeline(tiny_onnx, tmp_path, BrokenSource(synthetic_images(5), live=live))
+def test_a_failing_source_ends_in_state_failed(tiny_onnx: Path, tmp_path: Path) -> None:
+    events = run_pipeline(tiny_onnx, tmp_path, BrokenSource(synthetic_images(5)))
     labels = [e for e in events if e["type"] == "label"]
     assert len(labels) == 3
     assert events[-1]["type"] == "health" and events[-1]["state"] == "failed"

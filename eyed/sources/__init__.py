@@ -9,18 +9,31 @@ from eyed.sources.base import SourceError
 
 if TYPE_CHECKING:
     from eyed.config import SourceConfig
-    from eyed.types import Source
+    from eyed.types import LiveSource, Source
 
 SOURCES = {
     "replay": "eyed.sources.replay:ReplaySource",
+    "webcam": "eyed.sources.capture:CaptureSource",
+    "rtsp": "eyed.sources.capture:CaptureSource",
+    "file": "eyed.sources.capture:CaptureSource",
 }
 
 
-def open_source(cfg: SourceConfig) -> Source:
+def open_source(cfg: SourceConfig) -> Source | LiveSource:
     """The configured source, not yet entered (use it as a context manager)."""
     module_name, _, cls_name = SOURCES[cfg.kind].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(cfg)
 
 
-__all__ = ["SOURCES", "SourceError", "open_source"]
+def open_recorded(cfg: SourceConfig) -> Source:
+    """A source that delivers every frame in order (replay or file), for eval, priors and bench."""
+    from eyed.types import LiveSource
+
+    source = open_source(cfg)
+    if isinstance(source, LiveSource):
+        raise SourceError(f"source.kind {cfg.kind} is a live camera: this command needs replay or file")
+    return source
+
+
+__all__ = ["SOURCES", "SourceError", "open_recorded", "open_source"]

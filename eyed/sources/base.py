@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+import cv2
+import numpy as np
+
 
 class SourceError(Exception):
     """The source cannot be opened; the message tells the user what to do."""
@@ -26,3 +29,20 @@ class Pacer:
         # Schedule from the ideal time, not from now, so a late frame does not shift every later one;
         # but a frame later than its slot starts a new schedule instead of bursting to catch up.
         self._next = max(self._next, now) + self.period
+
+
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """Normalise an OpenCV-decoded image (gray, BGR, BGRA, 16-bit) to RGB uint8."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img.astype(np.float32), np.empty_like(img, np.float32), 0, 255, cv2.NORM_MINMAX).astype(
+            np.uint8
+        )
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -19,10 +19,9 @@ class MemorySource:
         images: Sequence[np.ndarray],
         truths: Sequence[str | None] | None = None,
         id: str = "memory",
-        live: bool = False,
     ):
         self.id = id
-        self.live = live
+        self.live = False
         self.images = images
         self.truths = truths or [None] * len(images)
         self.skipped = 0

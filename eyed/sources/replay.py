@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from eyed.config import SourceConfig
-from eyed.sources.base import Pacer, SourceError
+from eyed.sources.base import Pacer, SourceError, to_rgb
 from eyed.types import Frame
 
 logger = logging.getLogger(__name__)
@@ -41,23 +41,6 @@ def decode_image(value: Any) -> np.ndarray | None:
     if img is None or img.size == 0:
         return None
     return to_rgb(img)
-
-
-def to_rgb(img: np.ndarray) -> np.ndarray:
-    """Normalise an OpenCV-decoded image (gray, BGR, BGRA, 16-bit) to RGB uint8."""
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        img = cv2.normalize(img.astype(np.float32), np.empty_like(img, np.float32), 0, 255, cv2.NORM_MINMAX).astype(
-            np.uint8
-        )
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    if img.shape[2] == 1:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 class ReplaySource:

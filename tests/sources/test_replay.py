@@ -13,8 +13,8 @@ import pytest
 
 from eyed.config import SourceConfig
 from eyed.sources import SourceError, open_source
-from eyed.sources.base import Pacer
-from eyed.sources.replay import ReplaySource, decode_image, to_rgb
+from eyed.sources.base import Pacer, to_rgb
+from eyed.sources.replay import ReplaySource, decode_image
 from eyed.types import Frame
 from tests.conftest import CIFAR10, png, synthetic_images
 
