@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -62,6 +63,8 @@ class Pipeline:
         self.ctx = EventContext(source=source.id, model=classifier.name, backend=classifier.backend)
         self._buffer = np.empty((self.batch, *classifier.input_shape), dtype=np.uint8)
         self._inline: Iterator[Frame] | None = None
+        # The class may serve both kinds (CaptureSource does files too): the flag decides, not the methods.
+        self._live: LiveSource | None = cast(LiveSource, source) if source.live else None
         self._label_topic = label_topic(source.id)
         self._health_topic = health_topic(source.id)
         self._seq = 0
@@ -79,11 +82,11 @@ class Pipeline:
 
     def _next_batch(self) -> tuple[list[Frame], bool]:
         """Up to ``batch`` frames; True once the source has ended."""
-        if isinstance(self.source, LiveSource):
-            frame = self.source.next_frame(0.1)
-            return ([frame] if frame is not None else []), self.source.state == "finished"
+        if self._live is not None:
+            frame = self._live.next_frame(0.1)
+            return ([frame] if frame is not None else []), self._live.state == "finished"
         if self._inline is None:
-            self._inline = iter(self.source.frames())
+            self._inline = iter(cast(Source, self.source).frames())
         items: list[Frame] = []
         try:
             for frame in self._inline:
@@ -97,8 +100,8 @@ class Pipeline:
 
     def current_state(self) -> str:
         """What ``health.<id>`` says: the camera's own state while running, else the pipeline's."""
-        if self.state == "live" and isinstance(self.source, LiveSource):
-            return self.source.state
+        if self.state == "live" and self._live is not None:
+            return self._live.state
         return self.state
 
     def _infer(self) -> None:
@@ -160,7 +163,7 @@ class Pipeline:
 
     def health(self, fps: float) -> Health:
         c = self.counters
-        live = self.source if isinstance(self.source, LiveSource) else None
+        live = self._live
         return Health(
             state=self.current_state(),
             frames=c.frames,

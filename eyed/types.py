@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 
@@ -68,7 +68,6 @@ class Source(Protocol):
     def frames(self) -> Iterator[Frame]: ...
 
 
-@runtime_checkable
 class LiveSource(Protocol):
     """A camera: its own capture thread keeps only the newest frame; ``state`` says how the camera is doing."""
 

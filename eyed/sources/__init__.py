@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from eyed.sources.base import SourceError
 
@@ -28,12 +28,10 @@ def open_source(cfg: SourceConfig) -> Source | LiveSource:
 
 def open_recorded(cfg: SourceConfig) -> Source:
     """A source that delivers every frame in order (replay or file), for eval, priors and bench."""
-    from eyed.types import LiveSource
-
     source = open_source(cfg)
-    if isinstance(source, LiveSource):
+    if source.live:
         raise SourceError(f"source.kind {cfg.kind} is a live camera: this command needs replay or file")
-    return source
+    return cast("Source", source)
 
 
 __all__ = ["SOURCES", "SourceError", "open_recorded", "open_source"]

@@ -1,0 +1,227 @@
+"""The daemon against a real RTSP server on loopback (GStreamer's, from Debian packages; .ci/run installs it).
+
+Kills the server mid-stream and brings it back: the daemon must stay up, say so on health.<id>, and carry on
+with label events whose seq has no gap. Also: a camera that stops sending is reported stalled, a frozen picture
+too, and a video file source.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from eyed.subscriber import Subscriber
+from tests.conftest import ROOT, free_port, synthetic_images
+from tests.daemon_helpers import collect, finish, start_daemon
+from tests.sources.test_capture import write_video
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def gst_rtsp_available() -> bool:
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0')"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(
+    not Path(SYSTEM_PYTHON).exists() or not gst_rtsp_available(),
+    reason="GStreamer RTSP server not installed (python3-gi gir1.2-gst-rtsp-server-1.0; .ci/run installs them)",
+)
+
+
+class RtspServer:
+    def __init__(self, port: int, pattern: str = "ball") -> None:
+        self.port, self.pattern = port, pattern
+        self.url = f"rtsp://127.0.0.1:{port}/test"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> RtspServer:
+        self.proc = subprocess.Popen(
+            [SYSTEM_PYTHON, str(ROOT / "tests" / "rtsp_server.py"), str(self.port), self.pattern],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready", self.proc.stderr.read() if self.proc.stderr else ""
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Recorder(threading.Thread):
+    """Collects every event from the daemon with its arrival time, until told to stop."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(daemon=True)
+        self.endpoint = endpoint
+        self.events: list[tuple[float, str, dict[str, Any]]] = []
+        self.halt = threading.Event()
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        with Subscriber(self.endpoint) as sub:
+            self.connected.set()
+            while not self.halt.is_set():
+                try:
+                    topic, payload = sub.receive(0.2)
+                except TimeoutError:
+                    continue
+                self.events.append((time.monotonic(), topic, payload))
+
+    def labels(self, after: float = 0.0) -> list[dict[str, Any]]:
+        return [p for t, _, p in list(self.events) if p["type"] == "label" and t > after]
+
+    def states(self) -> list[str]:
+        out: list[str] = []
+        for _, _, p in list(self.events):
+            if p["type"] == "health" and (not out or out[-1] != p["state"]):
+                out.append(p["state"])
+        return out
+
+    def wait(self, predicate: Any, timeout_s: float, what: str) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return time.monotonic()
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; states {self.states()}")
+
+
+def camera_settings(url: str, endpoint: str, tiny_onnx: Path) -> dict[str, object]:
+    return {
+        "source.kind": "rtsp",
+        "source.url": url,
+        "source.id": "cam",
+        "source.stall_s": 2,
+        "source.open_timeout_s": 3,
+        "source.read_timeout_s": 2,
+        "source.reconnect_initial_s": 0.2,
+        "source.reconnect_max_s": 1,
+        "model.onnx": tiny_onnx,
+        "publish.endpoint": endpoint,
+        "publish.wait_subscribers": 1,
+        "publish.heartbeat_s": 1,
+    }
+
+
+def test_rtsp_server_killed_and_restarted(tiny_onnx: Path, endpoint: str) -> None:
+    server = RtspServer(free_port()).start()
+    recorder = Recorder(endpoint)
+    proc = start_daemon(camera_settings(server.url, endpoint, tiny_onnx))
+    try:
+        recorder.start()
+        recorder.wait(lambda: len(recorder.labels()) >= 20, 60, "20 labels")
+        server.kill()
+        killed = time.monotonic()
+        recorder.wait(lambda: recorder.states()[-1] in ("offline", "connecting", "stalled"), 20, "the loss")
+        assert proc.poll() is None, "the daemon must stay up without its camera"
+        time.sleep(1.5)  # a few failed reconnects
+        server.start()
+        restarted = time.monotonic()
+        back = recorder.wait(lambda: len(recorder.labels(after=restarted)) >= 20, 60, "20 labels after restart")
+        first_back = min(t for t, _, p in recorder.events if p["type"] == "label" and t > restarted)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc, timeout_s=20)
+        recorder.halt.set()
+        recorder.join(5)
+        server.kill()
+    assert code == 0, err
+    labels = recorder.labels()
+    assert [p["seq"] for p in labels] == list(range(len(labels))), "seq must have no gaps across the outage"
+    states = recorder.states()
+    assert states[0] in ("connecting", "live") and "live" in states
+    lost = next(
+        i for i, s in enumerate(states) if s in ("offline", "connecting", "stalled") and i > states.index("live")
+    )
+    assert "live" in states[lost:], states
+    healths = [p for _, _, p in recorder.events if p["type"] == "health"]
+    assert max(h["reconnects"] for h in healths) >= 1
+    latencies = np.array([p["latency_ms"] for p in labels])
+    report = {
+        "latency_p50_ms": float(np.percentile(latencies, 50)),
+        "latency_p99_ms": float(np.percentile(latencies, 99)),
+        "reconnect_s": first_back - restarted,
+        "outage_s": restarted - killed,
+        "labels": len(labels),
+        "states": states,
+        "within_s": back - restarted,
+    }
+    print("RTSP", json.dumps(report))
+
+
+def test_a_camera_that_stops_sending_is_stalled_in_time(tiny_onnx: Path, endpoint: str) -> None:
+    server = RtspServer(free_port()).start()
+    recorder = Recorder(endpoint)
+    settings = {**camera_settings(server.url, endpoint, tiny_onnx), "source.read_timeout_s": 30}
+    proc = start_daemon(settings)
+    try:
+        recorder.start()
+        recorder.wait(lambda: len(recorder.labels()) >= 5, 60, "5 labels")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)  # the connection stays open, no frame comes
+        frozen_at = time.monotonic()
+        stalled = recorder.wait(lambda: recorder.states()[-1] == "stalled", 15, "stalled")
+        # stall_s is 2 s; the state is checked ten times a second and published at once.
+        assert stalled - frozen_at < 2 + 1.5
+        assert proc.poll() is None
+    finally:
+        if server.proc is not None:
+            server.proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc, timeout_s=40)
+        recorder.halt.set()
+        recorder.join(5)
+        server.kill()
+    assert code == 0, err
+
+
+def test_a_frozen_picture_is_stalled_although_frames_arrive(tiny_onnx: Path, endpoint: str) -> None:
+    server = RtspServer(free_port(), pattern="white").start()
+    recorder = Recorder(endpoint)
+    proc = start_daemon(camera_settings(server.url, endpoint, tiny_onnx))
+    try:
+        recorder.start()
+        recorder.wait(lambda: "stalled" in recorder.states(), 40, "stalled on a frozen picture")
+        assert len(recorder.labels()) > 0  # frames kept coming: this is the frozen case, not the silent one
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc, timeout_s=20)
+        recorder.halt.set()
+        recorder.join(5)
+        server.kill()
+    assert code == 0, err
+
+
+def test_video_file_source_end_to_end(tiny_onnx: Path, endpoint: str, tmp_path: Path) -> None:
+    video = write_video(tmp_path / "shelf.avi", synthetic_images(15, seed=7, size=96))
+    proc = start_daemon(
+        {
+            "source.kind": "file",
+            "source.url": video,
+            "model.onnx": tiny_onnx,
+            "publish.endpoint": endpoint,
+            "publish.wait_subscribers": 1,
+        }
+    )
+    events = collect(endpoint)
+    code, err = finish(proc)
+    assert code == 0, err
+    labels = [p for _, p in events if p["type"] == "label"]
+    assert [p["seq"] for p in labels] == list(range(15))
+    assert {p["source"] for p in labels} == {"shelf"}
+    assert events[-1][1]["state"] == "finished"
