@@ -57,9 +57,11 @@ def summarise(name: str, latencies_ms: list[float], wall_s: float, n: int) -> di
     }
 
 
-def bench_bare(path: Path, threads: int, tensors: list[np.ndarray]) -> dict[str, Any]:
-    """``session.run`` alone, batch 1, on tensors preprocessed beforehand."""
-    session: Any = open_session(path, threads)
+def bench_bare(
+    path: Path, threads: int, tensors: list[np.ndarray], providers: list[str] | None = None
+) -> dict[str, Any]:
+    """``session.run`` alone, batch 1, on tensors preprocessed beforehand (same session options as the daemon)."""
+    session: Any = open_session(path, threads, providers)
     name = session.get_inputs()[0].name
     batches = [t[None] for t in tensors]
     for b in batches[:10]:
@@ -184,7 +186,7 @@ def run_bench(
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
         for row in (
-            bench_bare(classifier.path, settings.model.threads, tensors),
+            bench_bare(classifier.path, settings.model.threads, tensors, settings.model.providers),
             bench_daemon(settings, classifier, images, 1, subscriber=True),
             bench_daemon(settings, classifier, images, 1, subscriber=False),
             *([bench_daemon(settings, classifier, images, batch, subscriber=True)] if batch > 1 else []),

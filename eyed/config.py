@@ -109,6 +109,12 @@ class ModelConfig(Section):
     cache_dir: Path = Field(Path("~/.cache/eyed"), description="Where the daemon keeps ONNX files it exported itself.")
     topk: int = Field(5, ge=1, le=100, description="Classes listed in each label event.")
     threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 = the runtime's default.")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        description="onnxruntime execution providers in order of preference (Jetson: CUDAExecutionProvider or "
+        "TensorrtExecutionProvider first, CPUExecutionProvider last).",
+    )
     batch: int = Field(1, ge=1, le=256, description="Frames per inference call when frames are waiting.")
     small_input: Literal["fit", "checkpoint"] = Field(
         "fit",

@@ -38,14 +38,21 @@ def session_options(threads: int) -> Any:
     return so
 
 
-def open_session(path: Path, threads: int = 0) -> Any:
-    """An InferenceSession on the CPU for ``path``; ModelLoadError when it cannot be opened."""
+def open_session(path: Path, threads: int = 0, providers: list[str] | None = None) -> Any:
+    """An InferenceSession for ``path`` (CPU unless ``providers`` says otherwise); ModelLoadError on failure."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise ModelLoadError("the onnx backend needs onnxruntime (pip install 'eyed[onnx]')") from exc
+    providers = providers or ["CPUExecutionProvider"]
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise ModelLoadError(
+            f"model.providers: {', '.join(missing)} not available in this onnxruntime build "
+            f"(available: {', '.join(ort.get_available_providers())})"
+        )
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
         raise ModelLoadError(f"cannot load ONNX model {path}: {exc}") from exc
 
@@ -60,7 +67,7 @@ class OnnxClassifier:
         if not Path(path).is_file():
             raise ModelLoadError(f"model.onnx {path}: no such file")
         self.path = Path(path)
-        self.session = open_session(self.path, cfg.threads)
+        self.session = open_session(self.path, cfg.threads, cfg.providers)
         meta = self.session.get_modelmeta().custom_metadata_map
         if META_LABELS not in meta or META_PREPROCESS not in meta:
             raise ModelLoadError(f"{path} has no eyed metadata (labels, preprocessing): export it with `eyed export`")

@@ -210,3 +210,8 @@ def test_topk_is_the_k_best_in_order() -> None:
     for row, pred in zip(logits, Postprocessor(labels, topk=4, mapper=None)(logits), strict=True):
         assert [s.class_id for s in pred.topk] == list(np.argsort(-row)[:4])
         assert [s.label for s in pred.topk] == [labels[i] for i in np.argsort(-row)[:4]]
+
+
+def test_unavailable_provider_is_a_clear_error(tiny_onnx: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"model\.providers: CUDAExecutionProvider not available"):
+        load_classifier(ModelConfig(onnx=tiny_onnx, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
