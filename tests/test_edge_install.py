@@ -51,7 +51,7 @@ def test_onnx_only_daemon_classifies_a_video_file(
             f"publish.endpoint={endpoint}",
             "--set",
             "publish.wait_subscribers=1",
-        ],  # fmt: skip
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
