@@ -68,8 +68,8 @@ def test_onnx_only_daemon_classifies_a_video_file(
 def test_onnx_only_install_says_what_to_do_for_a_hub_model(onnx_only_venv: Path, tmp_path: Path) -> None:
     """No model.onnx and no torch: exporting is impossible here, and the message says how to get a file."""
     result = subprocess.run(
-        [str(onnx_only_venv / "bin" / "eyed"), "run", "--set", "source.kind=file", "--set", f"source.url={tmp_path}/x.avi",
-         "--set", f"model.cache_dir={tmp_path}"],
+        [str(onnx_only_venv / "bin" / "eyed"), "run", "--set", "source.kind=file",
+         "--set", f"source.url={tmp_path}/x.avi", "--set", f"model.cache_dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=60,
