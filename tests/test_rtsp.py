@@ -7,11 +7,13 @@ too, and a video file source.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,25 @@ class Recorder(threading.Thread):
         raise AssertionError(f"timed out waiting for {what}; states {self.states()}")
 
 
+@contextlib.contextmanager
+def running(server: RtspServer, settings: dict[str, object], endpoint: str) -> Iterator[tuple[Any, Recorder, dict]]:
+    """The daemon and a recorder; on the way out: SIGTERM, the exit code and stderr in the yielded dict."""
+    recorder = Recorder(endpoint)
+    proc = start_daemon(settings)
+    outcome: dict[str, Any] = {}
+    try:
+        recorder.start()
+        yield proc, recorder, outcome
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        outcome["code"], outcome["err"] = finish(proc, timeout_s=40)
+        recorder.halt.set()
+        recorder.join(5)
+        server.kill()
+
+
 def camera_settings(url: str, endpoint: str, tiny_onnx: Path) -> dict[str, object]:
     return {
         "source.kind": "rtsp",
@@ -120,10 +141,7 @@ def camera_settings(url: str, endpoint: str, tiny_onnx: Path) -> dict[str, objec
 
 def test_rtsp_server_killed_and_restarted(tiny_onnx: Path, endpoint: str) -> None:
     server = RtspServer(free_port()).start()
-    recorder = Recorder(endpoint)
-    proc = start_daemon(camera_settings(server.url, endpoint, tiny_onnx))
-    try:
-        recorder.start()
+    with running(server, camera_settings(server.url, endpoint, tiny_onnx), endpoint) as (proc, recorder, outcome):
         recorder.wait(lambda: len(recorder.labels()) >= 20, 60, "20 labels")
         server.kill()
         killed = time.monotonic()
@@ -134,13 +152,7 @@ def test_rtsp_server_killed_and_restarted(tiny_onnx: Path, endpoint: str) -> Non
         restarted = time.monotonic()
         back = recorder.wait(lambda: len(recorder.labels(after=restarted)) >= 20, 60, "20 labels after restart")
         first_back = min(t for t, _, p in recorder.events if p["type"] == "label" and t > restarted)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code, err = finish(proc, timeout_s=20)
-        recorder.halt.set()
-        recorder.join(5)
-        server.kill()
-    assert code == 0, err
+    assert outcome["code"] == 0, outcome["err"]
     labels = recorder.labels()
     assert [p["seq"] for p in labels] == list(range(len(labels))), "seq must have no gaps across the outage"
     states = recorder.states()
@@ -166,11 +178,8 @@ def test_rtsp_server_killed_and_restarted(tiny_onnx: Path, endpoint: str) -> Non
 
 def test_a_camera_that_stops_sending_is_stalled_in_time(tiny_onnx: Path, endpoint: str) -> None:
     server = RtspServer(free_port()).start()
-    recorder = Recorder(endpoint)
     settings = {**camera_settings(server.url, endpoint, tiny_onnx), "source.read_timeout_s": 30}
-    proc = start_daemon(settings)
-    try:
-        recorder.start()
+    with running(server, settings, endpoint) as (proc, recorder, outcome):
         recorder.wait(lambda: len(recorder.labels()) >= 5, 60, "5 labels")
         assert server.proc is not None
         server.proc.send_signal(signal.SIGSTOP)  # the connection stays open, no frame comes
@@ -179,32 +188,15 @@ def test_a_camera_that_stops_sending_is_stalled_in_time(tiny_onnx: Path, endpoin
         # stall_s is 2 s; the state is checked ten times a second and published at once.
         assert stalled - frozen_at < 2 + 1.5
         assert proc.poll() is None
-    finally:
-        if server.proc is not None:
-            server.proc.send_signal(signal.SIGCONT)
-        proc.send_signal(signal.SIGTERM)
-        code, err = finish(proc, timeout_s=40)
-        recorder.halt.set()
-        recorder.join(5)
-        server.kill()
-    assert code == 0, err
+    assert outcome["code"] == 0, outcome["err"]
 
 
 def test_a_frozen_picture_is_stalled_although_frames_arrive(tiny_onnx: Path, endpoint: str) -> None:
     server = RtspServer(free_port(), pattern="white").start()
-    recorder = Recorder(endpoint)
-    proc = start_daemon(camera_settings(server.url, endpoint, tiny_onnx))
-    try:
-        recorder.start()
+    with running(server, camera_settings(server.url, endpoint, tiny_onnx), endpoint) as (_, recorder, outcome):
         recorder.wait(lambda: "stalled" in recorder.states(), 40, "stalled on a frozen picture")
         assert len(recorder.labels()) > 0  # frames kept coming: this is the frozen case, not the silent one
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code, err = finish(proc, timeout_s=20)
-        recorder.halt.set()
-        recorder.join(5)
-        server.kill()
-    assert code == 0, err
+    assert outcome["code"] == 0, outcome["err"]
 
 
 def test_video_file_source_end_to_end(tiny_onnx: Path, endpoint: str, tmp_path: Path) -> None:
