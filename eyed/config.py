@@ -267,6 +267,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     # JSON string escapes are valid TOML basic-string escapes; ensure_ascii=False keeps non-ASCII characters
     # as they are (JSON would write surrogate pairs, which TOML rejects).
     return json.dumps(str(value), ensure_ascii=False)
