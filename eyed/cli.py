@@ -136,6 +136,26 @@ def cmd_priors(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from eyed.finetune import FinetuneOptions, run_finetune
+
+    settings = _settings(args)
+    if args.limit is not None:
+        settings.source.limit = args.limit
+    setup_logging(settings.log.level)
+    opts = FinetuneOptions(
+        output=args.output,
+        epochs=args.epochs,
+        weight_decay=args.weight_decay,
+        val_fraction=args.val_fraction,
+        flip=args.flip,
+        seed=args.seed,
+    )
+    report = run_finetune(settings, opts)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eyed", description="Edge vision daemon: labels, never pixels.")
     common = argparse.ArgumentParser(add_help=False)
@@ -177,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "accuracy of the configured model on a labelled replay source")
     p.add_argument("--skip", type=int, default=0, help="skip this many records first (e.g. 45000)")
     p.add_argument("--json", action="store_true")
+    p = add("finetune", cmd_finetune, "train a new head on source.dataset/split; save checkpoint + ONNX to --output")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--limit", type=int, help="training images (default: source.limit; 0 = all)")
+    p.add_argument("--epochs", type=int, default=300, help="L-BFGS iterations on the cached features")
+    p.add_argument("--weight-decay", type=float, default=3e-3)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out from training for validation")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip augmentation")
+    p.add_argument("--seed", type=int, default=0)
     p = add("priors", cmd_priors, "estimate coarse-label priors from the configured source (no labels used)")
     p.add_argument("--output", type=Path, required=True)
     return parser

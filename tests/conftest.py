@@ -62,6 +62,12 @@ def make_checkpoint(folder: Path, labels: list[str], seed: int = 0) -> Path:
         label2id={label: i for i, label in enumerate(labels)},
     )
     model = MobileNetV2ForImageClassification(config).eval()
+    # transformers initialises convolutions with std 0.02: after 50 layers every feature is ~1e-26. He
+    # initialisation keeps the random features alive, so a head trained on them (eyed finetune) can learn.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     model.save_pretrained(folder)
     preprocessor = {
         "do_resize": True,

@@ -34,11 +34,16 @@ META_FORMAT = "eyed.format"
 FORMAT = "2"
 INPUT_NAME = "pixels"  # uint8 (N, H, W, 3) RGB, resized and cropped
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"
 OPSET = 17
 
 
-def export_onnx(model_id: str, output: Path) -> Path:
-    """Export ``model_id`` (hub id or folder) to ``output``; returns the path written."""
+def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
+    """Export ``model_id`` (hub id or folder) to ``output``; returns the path written.
+
+    With ``features``, the graph ends before the classifier and outputs the pooled backbone features
+    (``eyed finetune`` extracts them once and trains a new head on them).
+    """
     folder = resolve_checkpoint(model_id)
     try:
         import torch
@@ -52,7 +57,8 @@ def export_onnx(model_id: str, output: Path) -> Path:
     config = read_json(folder / "config.json")
     labels = labels_of(config)
     spec = PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json"))
-    model = PixelsToLogits(AutoModelForImageClassification.from_pretrained(folder).eval(), spec)
+    model = PixelsToLogits(AutoModelForImageClassification.from_pretrained(folder).eval(), spec, features)
+    output_name = FEATURES_NAME if features else OUTPUT_NAME
     dummy = torch.zeros(1, *spec.crop, 3, dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary name and rename, so a crash never leaves a half-written file in the cache.
@@ -72,8 +78,8 @@ def export_onnx(model_id: str, output: Path) -> Path:
                 (dummy,),
                 str(tmp),
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                output_names=[output_name],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
                 opset_version=OPSET,
                 dynamo=False,
             )
@@ -84,8 +90,9 @@ def export_onnx(model_id: str, output: Path) -> Path:
     return output
 
 
-def PixelsToLogits(model: Any, spec: PreprocessSpec) -> Any:
-    """Wrap an image classifier so it takes uint8 NHWC pixels and does rescale/normalise itself.
+def PixelsToLogits(model: Any, spec: PreprocessSpec, features: bool = False) -> Any:
+    """Wrap an image classifier so it takes uint8 NHWC pixels and does rescale/normalise itself; with
+    ``features`` it returns the pooled backbone output instead of the logits.
 
     The arithmetic then runs inside onnxruntime, vectorised and on every core, instead of in Python per frame.
     """
@@ -102,6 +109,8 @@ def PixelsToLogits(model: Any, spec: PreprocessSpec) -> Any:
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
             x = pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.shift  # type: ignore[operator]
+            if features:
+                return self.model.base_model(pixel_values=x).pooler_output
             return self.model(pixel_values=x).logits
 
     return _PixelsToLogits().eval()

@@ -86,6 +86,13 @@ def build_mapper(labels: list[str], space: str = "cifar10", priors: str = "built
         return None
     classes, groups = load_group_map(space)
     index = {label: i for i, label in enumerate(labels)}
+    if set(labels) == set(classes):
+        # A model trained on the coarse classes themselves (eyed finetune): coarse is the model's own label,
+        # and no prior correction applies.
+        native = np.zeros((len(labels), len(classes)), dtype=np.float32)
+        for j, cls in enumerate(classes):
+            native[index[cls], j] = 1.0
+        return CoarseMapper(tuple(classes), native, None)
     membership = np.zeros((len(labels), len(classes)), dtype=np.float32)
     wanted = found = 0
     for j, cls in enumerate(classes):

@@ -33,7 +33,8 @@ class Postprocessor:
         out = []
         for row in probs:
             # argpartition finds the k best in O(C); only those k are then sorted.
-            best = np.argpartition(row, -k)[-k:] if k < row.shape[0] else np.arange(row.shape[0])
+            # Sorted ids first, so equal scores rank by class id, as np.argmax (and the coarse label) does.
+            best = np.sort(np.argpartition(row, -k)[-k:]) if k < row.shape[0] else np.arange(row.shape[0])
             scores = row[best]
             order = np.argsort(-scores, kind="stable")
             topk = tuple(

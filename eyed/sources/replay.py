@@ -134,6 +134,11 @@ class ReplaySource:
                 return str(col)
         return next((c for c in LABEL_COLUMNS if c in features), None)
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names in label order (from its ClassLabel feature), if it has them."""
+        return self._names
+
     def _truth(self, record: dict[str, Any]) -> str | None:
         if not self._label_col:
             return None
