@@ -169,41 +169,70 @@ def bench_seed(model_id: str, images: list[np.ndarray]) -> dict[str, Any]:
     return summarise("transformers loop (seed)", lat, time.perf_counter() - t0, len(pil))
 
 
+def int8_model(settings: Settings, fp32: OnnxClassifier, calibration: int = 300) -> Path:
+    """The INT8 version of the benchmarked model, quantised once into the cache (calibrated on the source)."""
+    from eyed.model.quantize import export_int8
+
+    path = settings.model.cache_dir.expanduser() / "onnx" / f"{fp32.path.stem}-int8-c{calibration}.onnx"
+    if not path.is_file():
+        logger.warning("quantising %s to INT8 for the benchmark (once): %s", fp32.path, path)
+        model = settings.model.model_copy(update={"onnx": fp32.path})
+        export_int8(settings.model_copy(update={"model": model}), path, calibration=calibration, check=0)
+    return path
+
+
 def run_bench(
-    settings: Settings, frames: int = 500, seed_frames: int = 100, batch: int = 8, rounds: int = 5
+    settings: Settings,
+    frames: int = 500,
+    seed_frames: int = 100,
+    batch: int = 8,
+    rounds: int = 5,
+    int8: Path | None = None,
+    with_int8: bool = True,
 ) -> dict[str, Any]:
     """Measure every path on the same frames in alternating rounds; returns rows, ratios and a text table.
 
-    fps is the median over rounds; each ratio is the median of the per-round ratios, so a slow spell on a
-    shared machine hits both sides of a ratio alike. Latencies are pooled over all rounds.
+    Each precision (FP32, and INT8 unless ``with_int8`` is false: the file ``int8``, else one quantised into
+    the cache) runs the bare loop and the daemon's path. fps is the median over rounds; each ratio is the
+    median of the per-round ratios, so a slow spell on a shared machine hits both sides of a ratio alike.
+    Latencies are pooled over all rounds.
     """
     if settings.model.backend != "onnx":
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"backend": "onnx"})})
     images, _ = load_frames(settings, frames)
-    classifier = load_classifier(settings.model)
-    assert isinstance(classifier, OnnxClassifier)
-    tensors = [classifier.prepare(img) for img in images]
+    fp32 = load_classifier(settings.model)
+    assert isinstance(fp32, OnnxClassifier)
+    models = {"fp32": fp32}
+    if with_int8:
+        path = int8 or int8_model(settings, fp32)
+        models["int8"] = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
+    tensors = [fp32.prepare(img) for img in images]
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
-        for row in (
-            bench_bare(classifier.path, settings.model.threads, tensors, settings.model.providers),
-            bench_daemon(settings, classifier, images, 1, subscriber=True),
-            bench_daemon(settings, classifier, images, 1, subscriber=False),
-            *([bench_daemon(settings, classifier, images, batch, subscriber=True)] if batch > 1 else []),
-        ):
-            runs.setdefault(row["name"], []).append(row)
+        for precision, classifier in models.items():
+            for row in (
+                bench_bare(classifier.path, settings.model.threads, tensors, settings.model.providers),
+                bench_daemon(settings, classifier, images, 1, subscriber=True),
+                bench_daemon(settings, classifier, images, 1, subscriber=False),
+                *([bench_daemon(settings, classifier, images, batch, subscriber=True)] if batch > 1 else []),
+            ):
+                row["name"] = f"{precision} {row['name']}"
+                runs.setdefault(row["name"], []).append(row)
     rows = [_pool(name, rs) for name, rs in runs.items()]
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x["fps"] / y["fps"] for x, y in zip(runs[a], runs[b], strict=True))
 
     daemon = "daemon path -> SUB process"
-    ratios = {
-        "daemon/bare": ratio(daemon, "bare onnxruntime"),
-        "daemon (no subscriber)/bare": ratio("daemon path, no subscriber", "bare onnxruntime"),
-    }
-    if batch > 1:
-        ratios[f"daemon batch {batch}/daemon batch 1"] = ratio(f"{daemon}, batch {batch}", daemon)
+    ratios: dict[str, float] = {}
+    for p in models:
+        ratios[f"{p} daemon/bare"] = ratio(f"{p} {daemon}", f"{p} bare onnxruntime")
+        ratios[f"{p} daemon (no subscriber)/bare"] = ratio(f"{p} daemon path, no subscriber", f"{p} bare onnxruntime")
+        if batch > 1:
+            ratios[f"{p} daemon batch {batch}/daemon batch 1"] = ratio(f"{p} {daemon}, batch {batch}", f"{p} {daemon}")
+    if "int8" in models:
+        ratios["int8/fp32 bare"] = ratio("int8 bare onnxruntime", "fp32 bare onnxruntime")
+        ratios["int8/fp32 daemon"] = ratio(f"int8 {daemon}", f"fp32 {daemon}")
     if seed_frames > 0:
         try:
             seed = bench_seed(settings.model.id, images[:seed_frames])
@@ -211,11 +240,15 @@ def run_bench(
             logger.warning("torch/transformers not installed: transformers loop skipped")
         else:
             rows.append(seed)
-            ratios["daemon/transformers"] = next(r for r in rows if r["name"] == daemon)["fps"] / seed["fps"]
-    classifier.close()
-    lines = [f"{'path':<38} {'frames':>7} {'fps':>9} {'p50 ms':>8} {'p99 ms':>8}"]
+            for p in models:
+                ratios[f"{p} daemon/transformers"] = (
+                    next(r for r in rows if r["name"] == f"{p} {daemon}")["fps"] / (seed["fps"])
+                )
+    for classifier in models.values():
+        classifier.close()
+    lines = [f"{'path':<43} {'frames':>7} {'fps':>9} {'p50 ms':>8} {'p99 ms':>8}"]
     lines += [
-        f"{r['name']:<38} {r['frames']:>7} {r['fps']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}" for r in rows
+        f"{r['name']:<43} {r['frames']:>7} {r['fps']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}" for r in rows
     ]
     lines += [f"{name}: {value:.2f}x" for name, value in ratios.items()]
     lines.append(
@@ -224,7 +257,7 @@ def run_bench(
     )
     return {
         "model": settings.model.id,
-        "onnx": str(classifier.path),
+        "onnx": {p: str(c.path) for p, c in models.items()},
         "threads": settings.model.threads,
         "rounds": rounds,
         "rows": rows,

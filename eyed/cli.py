@@ -51,8 +51,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging(settings.log.level)
-    path = export_onnx(settings.model.id, args.output)
-    print(path)
+    if not args.int8:
+        print(export_onnx(settings.model.id, args.output))
+        return EXIT_OK
+    from eyed.model.quantize import export_int8
+
+    if settings.model.backend != "onnx":
+        settings.model.backend = "onnx"
+    record = export_int8(settings, args.output, calibration=args.calibration, check=args.check)
+    print(json.dumps(record, indent=2))
+    print(args.output)
     return EXIT_OK
 
 
@@ -111,7 +119,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging("WARNING")
-    report = run_bench(settings, frames=args.frames, seed_frames=args.seed_frames, batch=args.batch, rounds=args.rounds)
+    report = run_bench(
+        settings,
+        frames=args.frames,
+        seed_frames=args.seed_frames,
+        batch=args.batch,
+        rounds=args.rounds,
+        int8=args.int8,
+        with_int8=not args.no_int8,
+    )
     print(json.dumps(report, indent=2) if args.json else report["text"])
     return EXIT_OK
 
@@ -121,7 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging("WARNING")
-    report = run_eval(settings, skip=args.skip)
+    vs = [[item for item in group.split(",") if item] for group in args.vs]
+    report = run_eval(settings, skip=args.skip, vs=vs, png=args.png)
     print(json.dumps(report, indent=2) if args.json else report["text"])
     return EXIT_OK
 
@@ -178,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate the configuration and print the effective one")
     p = add("export", cmd_export, "export model.id to an ONNX file with labels and preprocessing")
     p.add_argument("--output", type=Path, required=True)
+    p.add_argument(
+        "--int8", action="store_true", help="static INT8 quantisation, calibrated on frames of the configured source"
+    )
+    p.add_argument("--calibration", type=int, default=300, help="--int8: calibration frames (from source.skip)")
+    p.add_argument("--check", type=int, default=500, help="--int8: frames after those for the accuracy check")
     p = add("subscribe", cmd_subscribe, "print events from a running daemon")
     p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
     p.add_argument("--topic", action="append", default=[], help="topic prefix (repeatable); default all")
@@ -193,9 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     p.add_argument("--seed-frames", type=int, default=100, help="frames for the transformers loop (0 = skip)")
     p.add_argument("--batch", type=int, default=8, help="batch size for the batched daemon run (1 = skip)")
+    p.add_argument("--int8", type=Path, help="INT8 file to compare (default: quantise model.onnx once into the cache)")
+    p.add_argument("--no-int8", action="store_true", help="FP32 only")
     p.add_argument("--json", action="store_true")
     p = add("eval", cmd_eval, "accuracy of the configured model on a labelled replay source")
     p.add_argument("--skip", type=int, default=0, help="skip this many records first (e.g. 45000)")
+    p.add_argument(
+        "--vs",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE[,...]",
+        help="also evaluate this variant of the model on the same frames, e.g. model.onnx=int8.onnx or "
+        "model.id=finetuned/ (repeatable)",
+    )
+    p.add_argument("--png", type=Path, help="write the confusion matrices to this PNG")
     p.add_argument("--json", action="store_true")
     p = add("finetune", cmd_finetune, "train a new head on source.dataset/split; save checkpoint + ONNX to --output")
     p.add_argument("--output", type=Path, required=True)

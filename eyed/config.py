@@ -146,6 +146,38 @@ class PublishConfig(Section):
     linger_ms: int = Field(1000, ge=0, description="How long close() may flush queued messages.")
 
 
+class DriftConfig(Section):
+    enabled: bool | None = Field(
+        None,
+        description="Monitor drift; unset = on when drift.reference is set. Without a reference the first "
+        "drift.learn_windows windows become the reference.",
+    )
+    reference: Path | None = Field(None, description="Reference profile written by 'eyed profile --output'.")
+    window: int = Field(250, ge=20, description="Frames per drift window.")
+    consecutive: int = Field(2, ge=1, description="Windows over a drift threshold in a row before status 'drift'.")
+    learn_windows: int = Field(4, ge=1, description="Without a reference: windows that become the reference.")
+    top_classes: int = Field(20, ge=1, le=200, description="Fine classes compared one by one (the rest: 'other').")
+    psi_warn: float = Field(0.1, gt=0, description="PSI warn threshold (raised to the reference's own noise).")
+    psi_drift: float = Field(0.25, gt=0, description="PSI drift threshold (raised to the reference's own noise).")
+    js_warn: float = Field(0.1, gt=0, description="Jensen-Shannon distance warn threshold (raised likewise).")
+    js_drift: float = Field(0.2, gt=0, description="Jensen-Shannon distance drift threshold (raised likewise).")
+    ks_warn: float = Field(0.15, gt=0, le=1, description="Kolmogorov-Smirnov statistic warn threshold.")
+    ks_drift: float = Field(0.25, gt=0, le=1, description="Kolmogorov-Smirnov statistic drift threshold.")
+    sigmas: float = Field(
+        3.0, ge=0, description="Thresholds are at least mean + sigmas x std of the metric on reference windows."
+    )
+
+    @model_validator(mode="after")
+    def _check_order(self) -> DriftConfig:
+        for name in ("psi", "js", "ks"):
+            if getattr(self, f"{name}_warn") > getattr(self, f"{name}_drift"):
+                raise ValueError(f"drift.{name}_warn is larger than drift.{name}_drift")
+        return self
+
+    def active(self) -> bool:
+        return self.enabled if self.enabled is not None else self.reference is not None
+
+
 class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
@@ -169,6 +201,7 @@ class Settings(BaseSettings):
     source: SourceConfig = Field(default_factory=SourceConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 

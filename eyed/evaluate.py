@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from eyed.config import Settings
 from eyed.model import load_classifier
 from eyed.model.labels import estimate_priors, save_priors
 from eyed.model.postprocess import softmax
+from eyed.progress import progress
 from eyed.sources import open_recorded
 from eyed.types import Classifier, Frame
 
@@ -35,18 +35,11 @@ def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
 
 
 def classify_stream(settings: Settings, classifier: Classifier) -> Iterator[tuple[list[Frame], np.ndarray]]:
-    """(frames, probabilities) batches over the configured source, with a progress line on stderr."""
-    total = settings.source.limit
-    done = 0
+    """(frames, probabilities) batches over the configured source, with a progress bar on a terminal."""
     with open_recorded(settings.source) as src:
-        for batch in _batches(src.frames(), BATCH):
+        for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
             tensors = np.stack([classifier.prepare(f.image) for f in batch])
             yield batch, softmax(classifier.logits(tensors))  # type: ignore[attr-defined]
-            done += len(batch)
-            if sys.stderr.isatty():
-                print(f"\r{done}{'/' + str(total) if total else ''} frames", end="", file=sys.stderr, flush=True)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
 
 
 def run_priors(settings: Settings, output: Path) -> np.ndarray:
@@ -93,72 +86,155 @@ def format_confusion(m: np.ndarray, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(settings: Settings, skip: int = 0) -> dict[str, Any]:
-    """Accuracy of the configured model on the configured labelled source (coarse space for ImageNet models)."""
+class _Scorer:
+    """One model's predictions over an eval stream, in its own label space (coarse for ImageNet models)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.classifier = load_classifier(settings.model)
+        post = self.classifier.post  # type: ignore[attr-defined]
+        self.mapper = post.mapper
+        self.classes = list(self.mapper.classes) if self.mapper is not None else list(post.labels)
+        self.index = {c: i for i, c in enumerate(self.classes)}
+        self.truths: list[int] = []
+        self.preds: dict[str, list[np.ndarray]] = {"corrected": [], "group-sum": [], "top-1 lookup": []}
+        self.unknown = 0
+        self.seconds = 0.0  # preprocessing and inference only, so models compare on their own cost
+        self.frames = 0
+        if self.mapper is not None:
+            self._fine_group = self.mapper.membership.argmax(axis=1)
+            self._fine_mapped = self.mapper.membership.any(axis=1)
+
+    def add(self, frames: list[Frame]) -> None:
+        t0 = time.perf_counter()
+        tensors = np.stack([self.classifier.prepare(f.image) for f in frames])
+        probs = softmax(self.classifier.logits(tensors))  # type: ignore[attr-defined]
+        self.seconds += time.perf_counter() - t0
+        self.frames += len(frames)
+        keep = [i for i, f in enumerate(frames) if f.truth in self.index]
+        self.unknown += len(frames) - len(keep)
+        if not keep:
+            return
+        p = probs[keep]
+        self.truths.extend(self.index[str(frames[i].truth)] for i in keep)
+        if self.mapper is None:
+            self.preds["corrected"].append(p.argmax(axis=1))
+            return
+        self.preds["corrected"].append(self.mapper.scores(p).argmax(axis=1))
+        self.preds["group-sum"].append(self.mapper.scores(p, corrected=False).argmax(axis=1))
+        top = p.argmax(axis=1)
+        # A top-1 class outside every group counts as wrong: that is what a lookup-only system would report.
+        self.preds["top-1 lookup"].append(np.where(self._fine_mapped[top], self._fine_group[top], -1))
+
+    def report(self) -> dict[str, Any]:
+        model = self.settings.model
+        if not self.truths:
+            raise ValueError(f"{model.id}: no frame had a ground-truth label in the model's label space")
+        y = np.asarray(self.truths)
+        results = {name: np.concatenate(v) for name, v in self.preds.items() if v}
+        acc = {name: float((v == y).mean()) for name, v in results.items()}
+        main = results["corrected"]
+        per_class = {c: float((main[y == i] == i).mean()) if (y == i).any() else None for c, i in self.index.items()}
+        cm = confusion(y, np.clip(main, 0, len(self.classes) - 1), len(self.classes))
+        space = "coarse" if self.mapper is not None else "native"
+        name = f"{model.onnx or model.id} ({self.classifier.backend})"
+        fps = self.frames / max(self.seconds, 1e-9)
+        src = self.settings.source
+        lines = [f"model {name}, {space} labels, {len(y)} frames from {src.dataset}:{src.split} (skip {src.skip})"]
+        if self.mapper is not None:
+            lines.append(f"priors: {model.coarse_priors}")
+            lines += [f"  accuracy {k:<13} {v:.4f}" for k, v in acc.items()]
+        lines.append("per class: " + ", ".join(f"{c} {v:.3f}" for c, v in per_class.items() if v is not None))
+        lines.append(format_confusion(cm, self.classes))
+        if self.unknown:
+            lines.append(f"{self.unknown} frames had a truth outside the label space and were not scored")
+        self.classifier.close()
+        return {
+            "model": model.id,
+            "onnx": str(model.onnx) if model.onnx else None,
+            "name": name,
+            "backend": self.classifier.backend,
+            "space": space,
+            "frames": len(y),
+            "accuracy": acc["corrected"],
+            "accuracies": acc,
+            "per_class": per_class,
+            "classes": self.classes,
+            "confusion": cm.tolist(),
+            "fps": fps,
+            "text": "\n".join(lines),
+            "line": f"accuracy={acc['corrected']:.4f} fps={fps:.1f} frames={len(y)} space={space}",
+        }
+
+
+def run_eval(
+    settings: Settings, skip: int = 0, vs: list[list[str]] | None = None, png: Path | None = None
+) -> dict[str, Any]:
+    """Accuracy of the configured model on the configured labelled source and, for each override list in ``vs``,
+    of that variant of it (e.g. ``model.onnx=int8.onnx``) on the very same frames, decoded once.
+
+    fps counts preprocessing and inference of each model only, not decoding the shared frames.
+    """
     if skip:
         settings = settings.model_copy(update={"source": settings.source.model_copy(update={"skip": skip})})
-    classifier = load_classifier(settings.model)
-    post = classifier.post  # type: ignore[attr-defined]
-    mapper = post.mapper
-    classes = list(mapper.classes) if mapper is not None else list(post.labels)
-    index = {c: i for i, c in enumerate(classes)}
-    fine_group = mapper.membership.argmax(axis=1) if mapper is not None else None
-    fine_mapped = mapper.membership.any(axis=1) if mapper is not None else None
-    truths: list[int] = []
-    preds: dict[str, list[np.ndarray]] = {"corrected": [], "group-sum": [], "top-1 lookup": []}
-    unknown = 0
-    t0 = time.perf_counter()
-    n = 0
-    for frames, probs in classify_stream(settings, classifier):
-        n += len(frames)
-        keep = [i for i, f in enumerate(frames) if f.truth in index]
-        unknown += len(frames) - len(keep)
-        if not keep:
-            continue
-        p = probs[keep]
-        truths.extend(index[frames[i].truth] for i in keep)
-        if mapper is None:
-            preds["corrected"].append(p.argmax(axis=1))
-            continue
-        preds["corrected"].append(mapper.scores(p).argmax(axis=1))
-        preds["group-sum"].append(mapper.scores(p, corrected=False).argmax(axis=1))
-        top = p.argmax(axis=1)
-        assert fine_mapped is not None and fine_group is not None
-        # A top-1 class outside every group counts as wrong: that is what a lookup-only system would report.
-        preds["top-1 lookup"].append(np.where(fine_mapped[top], fine_group[top], -1))
-    wall = time.perf_counter() - t0
-    if not truths:
-        raise ValueError("no frame had a ground-truth label in the model's label space")
-    y = np.asarray(truths)
-    results = {name: np.concatenate(v) for name, v in preds.items() if v}
-    acc = {name: float((v == y).mean()) for name, v in results.items()}
-    main = results["corrected"]
-    per_class = {c: float((main[y == i] == i).mean()) if (y == i).any() else None for c, i in index.items()}
-    cm = confusion(y, np.clip(main, 0, len(classes) - 1), len(classes))
-    space = "coarse" if mapper is not None else "native"
-    lines = [
-        f"model {settings.model.id} ({classifier.backend}), {space} labels, {len(y)} frames "
-        f"from {settings.source.dataset}:{settings.source.split} (skip {settings.source.skip})",
-    ]
-    if mapper is not None:
-        lines.append(f"priors: {settings.model.coarse_priors}")
-        lines += [f"  accuracy {name:<13} {value:.4f}" for name, value in acc.items()]
-    lines.append("per class: " + ", ".join(f"{c} {v:.3f}" for c, v in per_class.items() if v is not None))
-    lines.append(format_confusion(cm, classes))
-    if unknown:
-        lines.append(f"{unknown} frames had a truth outside the label space and were not scored")
-    fps = n / wall
-    lines.append(f"accuracy={acc['corrected']:.4f} fps={fps:.1f} frames={len(y)} space={space}")
-    return {
-        "model": settings.model.id,
-        "backend": classifier.backend,
-        "space": space,
-        "frames": len(y),
-        "accuracy": acc["corrected"],
-        "accuracies": acc,
-        "per_class": per_class,
-        "classes": classes,
-        "confusion": cm.tolist(),
-        "fps": fps,
-        "text": "\n".join(lines),
-    }
+    variants = [settings] + [apply_overrides(settings, overrides) for overrides in vs or []]
+    scorers = [_Scorer(s) for s in variants]
+    with open_recorded(settings.source) as src:
+        for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
+            for scorer in scorers:
+                scorer.add(batch)
+    reports = [scorer.report() for scorer in scorers]
+    main, others = reports[0], reports[1:]
+    text = [r["text"] for r in reversed(reports)]  # the configured model last, next to its final line
+    for other in others:
+        diff = other["accuracy"] - main["accuracy"]
+        text.append(f"vs {other['name']}: {other['line']} ({diff * 100:+.2f} points)")
+    if png is not None:
+        draw_confusions(reports, png)
+        text.append(f"confusion matrices: {png}")
+    text.append(main["line"])
+    return {**main, "vs": others, "text": "\n".join(text)}
+
+
+def apply_overrides(settings: Settings, overrides: list[str]) -> Settings:
+    """A copy of ``settings`` with ``section.field=value`` overrides, validated like the command line's."""
+    from eyed.config import ConfigError, parse_override
+
+    data = settings.model_dump()
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) != 2 or path[0] not in data or path[1] not in data[path[0]]:
+            raise ConfigError(f"--vs {text}: unknown option {'.'.join(path)}")
+        data[path[0]][path[1]] = value
+    try:
+        return Settings.model_validate(data)
+    except ValueError as exc:
+        raise ConfigError(f"--vs {' '.join(overrides)}: {exc}") from None
+
+
+def draw_confusions(reports: list[dict[str, Any]], path: Path) -> Path:
+    """One row-normalised confusion matrix per model, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 5.5), squeeze=False)
+    for ax, r in zip(axes[0], reports, strict=True):
+        m = np.asarray(r["confusion"], dtype=np.float64)
+        m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+        ticks = range(len(r["classes"]))
+        ax.set_xticks(ticks, r["classes"], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(ticks, r["classes"], fontsize=8)
+        for (i, j), v in np.ndenumerate(m):
+            if v >= 0.01:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v > 0.5 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("truth")
+        ax.set_title(f"{Path(r['name']).name[:40]}\naccuracy {r['accuracy']:.3f}, {r['frames']} frames", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -22,30 +22,28 @@ def overrides(tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path) -> lis
 
 
 def test_bench_json_compares_every_path_on_the_same_frames(
-    overrides: list[str], capsys: pytest.CaptureFixture[str]
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["bench", *overrides, "--frames", "8", "--rounds", "2", "--seed-frames", "4", "--batch", "4", "--json"])
+    args = ["--frames", "8", "--rounds", "2", "--seed-frames", "4", "--batch", "4", "--json"]
+    code = main(["bench", *overrides, "--set", f"model.cache_dir={tmp_path}", *args])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in report["rows"]]
-    assert names == [
-        "bare onnxruntime",
-        "daemon path -> SUB process",
-        "daemon path, no subscriber",
-        "daemon path -> SUB process, batch 4",
-        "transformers loop (seed)",
-    ]
+    paths = ["bare onnxruntime", "daemon path -> SUB process", "daemon path, no subscriber"]
+    paths.append("daemon path -> SUB process, batch 4")
+    assert names == [f"{p} {name}" for p in ("fp32", "int8") for name in paths] + ["transformers loop (seed)"]
     for row in report["rows"]:
         assert row["fps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
     # 11 frames decode from the 12 records (one is corrupt), 8 are used, twice each for the onnx paths.
-    assert [r["frames"] for r in report["rows"]] == [16, 16, 16, 16, 4]
-    assert set(report["ratios"]) == {
-        "daemon/bare",
-        "daemon (no subscriber)/bare",
-        "daemon batch 4/daemon batch 1",
-        "daemon/transformers",
-    }
+    assert [r["frames"] for r in report["rows"]] == [16] * 8 + [4]
+    expected = {"int8/fp32 bare", "int8/fp32 daemon"}
+    for p in ("fp32", "int8"):
+        expected |= {f"{p} daemon/bare", f"{p} daemon (no subscriber)/bare", f"{p} daemon batch 4/daemon batch 1"}
+        expected.add(f"{p} daemon/transformers")
+    assert set(report["ratios"]) == expected
     assert all(v > 0 for v in report["ratios"].values())
+    # The INT8 model was quantised once into the cache, and is a different file from the FP32 one.
+    assert Path(report["onnx"]["int8"]).parent == tmp_path / "onnx" and report["onnx"]["int8"] != report["onnx"]["fp32"]
 
 
 def test_eval_reports_accuracy_and_fps(overrides: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,3 +73,22 @@ def test_priors_are_written_and_loadable(overrides: list[str], tmp_path: Path) -
     classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
     priors = load_priors(str(out), "cifar10", classes)
     assert priors is not None and priors.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_eval_compares_variants_on_the_same_frames(
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "cm.png"
+    code = main(["eval", *overrides, "--vs", "model.coarse_priors=none", "--png", str(png), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    [other] = report["vs"]
+    assert other["frames"] == report["frames"] == 11
+    # Without priors the variant's corrected accuracy is the main model's group-sum accuracy: same frames.
+    assert other["accuracy"] == pytest.approx(report["accuracies"]["group-sum"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_rejects_an_unknown_variant_option(overrides: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", *overrides, "--vs", "model.nope=1"]) == 78
+    assert "model.nope" in capsys.readouterr().err

@@ -25,9 +25,9 @@ FORBIDDEN_CALLS = {
     "savez_compressed",
     "dump",
 }
-# Writers that store model data, never pixels: the exported ONNX model (weights) and fine-tuning's cache of
-# pooled backbone features (1280 floats per image, from which the image cannot be rebuilt).
-ALLOWED = {("export.py", "save"), ("finetune.py", "savez")}
+# Writers that store model data, never pixels: exported and quantised ONNX models (weights) and fine-tuning's
+# cache of pooled backbone features (1280 floats per image, from which the image cannot be rebuilt).
+ALLOWED = {("export.py", "save"), ("quantize.py", "save"), ("finetune.py", "savez")}
 
 
 def test_no_module_calls_an_image_or_array_writer() -> None:

@@ -1,0 +1,193 @@
+"""``eyed export --int8``: static post-training quantisation of an exported model with onnxruntime's tools.
+
+QDQ format, weights signed 8-bit per output channel, activations unsigned 8-bit per tensor, ranges from
+min/max with a moving average over calibration batches (a single bright outlier frame then cannot stretch a
+range for all the others). Not dynamic quantisation: onnxruntime's dynamic mode quantises MatMul/Gemm only and
+leaves the convolutions, which are nearly all of MobileNetV2's work, in float.
+
+Two parts stay in float on purpose: the input stage (uint8 pixels -> normalised floats, a handful of cheap
+element-wise ops whose quantisation only adds error) and the final classifier layer. The coarse label sums the
+probability mass of up to 120 fine classes, so the long tail of small logits matters; 8-bit logits flatten it.
+The calibration set and an accuracy check against the float model on frames not used for calibration are
+recorded in the file's metadata, so ``eyed`` and a person can see how the file was made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eyed.config import Settings
+from eyed.model.checkpoint import ModelLoadError
+from eyed.model.export import INPUT_NAME
+from eyed.progress import progress
+from eyed.sources import open_recorded
+
+logger = logging.getLogger(__name__)
+
+META_QUANTIZATION = "eyed.quantization"
+CALIBRATION_BATCH = 8
+# Intermediate outputs kept before ranges are merged: bounds the calibrator's memory (every activation of a
+# 224x224 MobileNetV2 is ~25 MB per frame; keeping all of a few hundred frames runs a 24 GB machine out).
+MAX_INTERMEDIATE_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class AccuracyCheck:
+    """The INT8 model against the float one on the same frames (not used for calibration)."""
+
+    frames: int
+    top1_agreement: float  # same fine class
+    coarse_agreement: float | None  # same coarse label
+    coarse_accuracy_fp32: float | None  # against the dataset's labels, when it has them
+    coarse_accuracy_int8: float | None
+
+
+def _prepared(settings: Settings, prepare: Any, skip: int, limit: int) -> tuple[np.ndarray, list[str | None], int]:
+    """Up to ``limit`` prepared frames from record ``skip`` on, their truths, and the records read (a corrupt
+    record is read but gives no frame, so the next part of the stream starts after it)."""
+    cfg = settings.source.model_copy(update={"skip": skip, "limit": limit, "fps": 0.0, "loop": False})
+    images, truths = [], []
+    with open_recorded(cfg) as source:
+        for frame in progress(source.frames(), "frames", limit):
+            images.append(prepare(frame.image))
+            truths.append(frame.truth)
+        records = len(images) + source.skipped
+    if not images:
+        raise ValueError(f"{settings.source.dataset}: no frames after skipping {skip}")
+    return np.stack(images), truths, records
+
+
+def float_nodes(model: Any) -> list[str]:
+    """Names of the nodes left in float: everything before the first Conv, and the final Gemm/MatMul."""
+    nodes = list(model.graph.node)
+    first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), None)
+    if first_conv is None:
+        raise ModelLoadError("the model has no convolution: not a model eyed knows how to quantise")
+    keep = [n.name for n in nodes[:first_conv]]
+    last = next((n for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
+    if last is not None:
+        keep.append(last.name)
+    return keep
+
+
+def quantize_int8(fp32: Path, output: Path, calibration: np.ndarray) -> Path:
+    """Write the static INT8 (QDQ) version of ``fp32`` to ``output``, calibrated on prepared uint8 frames."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            starts = range(0, len(calibration), CALIBRATION_BATCH)
+            self._batches = iter(
+                progress((calibration[i : i + CALIBRATION_BATCH] for i in starts), "calibration", len(starts), "batch")
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="eyed-quant-") as tmp:
+        # Shape inference and constant folding first, as onnxruntime recommends: it folds the exported
+        # graph's explicit Pad nodes into the convolutions, so every Conv becomes one QLinearConv.
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        staged = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(pre),
+            str(staged),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=float_nodes(onnx.load(str(pre))),
+            extra_options={"CalibMovingAverage": True, "CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_BATCHES},
+        )
+        shutil.move(staged, output)  # the temporary folder may be on another filesystem
+    return output
+
+
+def check_accuracy(fp32: Any, int8: Any, tensors: np.ndarray, truths: list[str | None]) -> AccuracyCheck:
+    """Compare two classifiers (``OnnxClassifier``) on the same prepared frames."""
+    from eyed.model.postprocess import softmax
+
+    def probs(classifier: Any) -> np.ndarray:
+        return np.concatenate([softmax(classifier.logits(tensors[i : i + 32])) for i in range(0, len(tensors), 32)])
+
+    pa, pb = probs(fp32), probs(int8)
+    mapper = fp32.post.mapper
+    coarse_agree = acc_a = acc_b = None
+    if mapper is not None:
+        ca, cb = mapper.scores(pa).argmax(axis=1), mapper.scores(pb).argmax(axis=1)
+        coarse_agree = float((ca == cb).mean())
+        index = {c: i for i, c in enumerate(mapper.classes)}
+        known = [i for i, t in enumerate(truths) if t in index]
+        if known:
+            y = np.array([index[str(truths[i])] for i in known])
+            acc_a, acc_b = float((ca[known] == y).mean()), float((cb[known] == y).mean())
+    return AccuracyCheck(
+        frames=len(tensors),
+        top1_agreement=float((pa.argmax(axis=1) == pb.argmax(axis=1)).mean()),
+        coarse_agreement=coarse_agree,
+        coarse_accuracy_fp32=acc_a,
+        coarse_accuracy_int8=acc_b,
+    )
+
+
+def export_int8(settings: Settings, output: Path, calibration: int = 300, check: int = 500) -> dict[str, Any]:
+    """Quantise the configured model, calibrated on ``calibration`` frames of the configured source, checked on
+    the ``check`` frames after them; returns what was recorded in the file's metadata."""
+    import onnx
+
+    from eyed.model.onnx_backend import OnnxClassifier
+
+    fp32 = OnnxClassifier(settings.model)  # exports model.id to the cache first when model.onnx is unset
+    src = settings.source
+    logger.info("calibrating on %d frames of %s:%s from record %d", calibration, src.dataset, src.split, src.skip)
+    t0 = time.monotonic()
+    cal, _, records = _prepared(settings, fp32.prepare, src.skip, calibration)
+    quantize_int8(fp32.path, output, cal)
+    seconds = time.monotonic() - t0
+    record: dict[str, Any] = {
+        "method": "static QDQ, per-channel int8 weights, uint8 activations, min/max with moving average",
+        "float_nodes": "input normalisation, final classifier layer",
+        "from": str(fp32.path),
+        "calibration": {
+            "dataset": src.dataset,
+            "split": src.split,
+            "skip": src.skip,
+            "frames": len(cal),
+            "small_input": settings.model.small_input,
+        },
+        "seconds": round(seconds, 1),
+    }
+    if check > 0:
+        tensors, truths, _ = _prepared(settings, fp32.prepare, src.skip + records, check)
+        int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": output}))
+        result = check_accuracy(fp32, int8, tensors, truths)
+        int8.close()
+        record["check"] = {"skip": src.skip + records, **asdict(result)}
+    fp32.close()
+    proto = onnx.load(str(output))
+    proto.metadata_props.add(key=META_QUANTIZATION, value=json.dumps(record))
+    onnx.save(proto, str(output))
+    logger.info("INT8 model written to %s: %s", output, json.dumps(record.get("check", {})))
+    return record
