@@ -136,7 +136,9 @@ class _Scorer:
         main = results["corrected"]
         per_class = {c: float((main[y == i] == i).mean()) if (y == i).any() else None for c, i in self.index.items()}
         cm = confusion(y, np.clip(main, 0, len(self.classes) - 1), len(self.classes))
-        space = "coarse" if self.mapper is not None else "native"
+        # A model trained on the coarse classes (eyed finetune) has an identity mapping: its labels are native.
+        native = self.mapper is None or list(self.mapper.classes) == list(self.classifier.post.labels)  # type: ignore[attr-defined]
+        space = "native" if native else "coarse"
         name = f"{model.onnx or model.id} ({self.classifier.backend})"
         fps = self.frames / max(self.seconds, 1e-9)
         src = self.settings.source

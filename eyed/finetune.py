@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from eyed.model.checkpoint import ModelLoadError, fingerprint, resolve_checkpoin
 from eyed.model.export import FORMAT, export_onnx
 from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
+from eyed.progress import progress
 from eyed.sources import open_recorded
 
 logger = logging.getLogger(__name__)
@@ -47,11 +47,6 @@ class Features:
     x_flip: np.ndarray | None  # (N, D) of the mirrored images, or None
     y: np.ndarray  # (N,) class indices
     classes: list[str]
-
-
-def _progress(done: int, total: int) -> None:
-    if sys.stderr.isatty():
-        print(f"\rfeatures: {done}{'/' + str(total) if total else ''} images", end="", file=sys.stderr, flush=True)
 
 
 def _cache_key(settings: Settings, folder: Path, flip: bool) -> str:
@@ -81,7 +76,7 @@ def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> 
     truths: list[str] = []
     n = 0
     with open_recorded(settings.source) as source:
-        frames = source.frames()
+        frames = progress(source.frames(), "features", settings.source.limit, "image")
         while True:
             chunk = [f for _, f in zip(range(batch), frames, strict=False) if f.truth is not None]
             if not chunk:
@@ -95,10 +90,7 @@ def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> 
                 flips.append(session.run(None, {"pixels": flipped})[0])
             truths.extend(str(f.truth) for f in chunk)
             n += len(chunk)
-            _progress(n, settings.source.limit)
         names = getattr(source, "class_names", None)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
     if not truths:
         raise ValueError(f"{settings.source.dataset}: no labelled frames to train on")
     classes = list(names) if names else sorted(set(truths))

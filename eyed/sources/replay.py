@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,9 +70,15 @@ class ReplaySource:
 
     def _open(self) -> Any:
         try:
+            import datasets
             from datasets import Image, load_dataset
         except ImportError as exc:
             raise SourceError("the replay source needs the replay extra (pip install 'eyed[replay]')") from exc
+        if "torch" not in sys.modules:
+            # datasets imports torch for every streaming dataset when it is installed, only to offer torch
+            # DataLoader integration that eyed never uses: ~300 MB of RSS and seconds of start-up for an
+            # onnx-backend daemon. The flag is read at use, so clearing it keeps torch out.
+            datasets.config.TORCH_AVAILABLE = False
         name = self.cfg.dataset
         local = Path(name).expanduser()
         if not local.exists() and name.startswith((".", "/", "~")):

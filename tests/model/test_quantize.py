@@ -13,7 +13,7 @@ import pytest
 from eyed.cli import main
 from eyed.config import ModelConfig
 from eyed.model.onnx_backend import OnnxClassifier
-from eyed.model.quantize import META_QUANTIZATION, float_nodes
+from eyed.model.quantize import FLOAT_LEADING_CONVS, META_QUANTIZATION, float_nodes
 from tests.conftest import synthetic_images
 
 
@@ -42,19 +42,23 @@ def test_int8_graph_is_static_qdq_with_float_input_stage_and_head(int8_file: Pat
     convs = Counter(n.op_type for n in onnx.load(str(tiny_onnx)).graph.node)["Conv"]
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     assert ops["DynamicQuantizeLinear"] == 0 and ops["ConvInteger"] == 0  # static, not dynamic
-    # Every convolution's weight is stored as int8 (DequantizeLinear of an int8 initializer).
-    int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert len(int8_weights) >= convs
+    # Every convolution after the leading float ones takes its weight as int8, through a DequantizeLinear.
+    int8_init = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_init}
+    quantized_convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantized]
+    assert len(quantized_convs) == convs - FLOAT_LEADING_CONVS
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
     producers = {o: n.op_type for n in graph.node for o in n.output}
     assert all(producers.get(i) != "DequantizeLinear" for i in gemm.input[1:])  # the head kept float weights
 
 
-def test_float_nodes_are_the_input_stage_and_the_classifier(tiny_onnx: Path) -> None:
+@pytest.mark.parametrize("leading", [0, 9])
+def test_float_nodes_are_the_input_stage_leading_convs_and_the_classifier(tiny_onnx: Path, leading: int) -> None:
     nodes = list(onnx.load(str(tiny_onnx)).graph.node)
-    kept = float_nodes(onnx.load(str(tiny_onnx)))
-    first_conv = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
-    assert kept[:-1] == [n.name for n in nodes[:first_conv]]
+    kept = float_nodes(onnx.load(str(tiny_onnx)), leading)
+    first_quantised = [i for i, n in enumerate(nodes) if n.op_type == "Conv"][leading]
+    assert kept[:-1] == [n.name for n in nodes[:first_quantised]]
+    assert sum(nodes[i].op_type == "Conv" for i in range(first_quantised)) == leading
     assert kept[-1] == next(n.name for n in reversed(nodes) if n.op_type == "Gemm")
 
 

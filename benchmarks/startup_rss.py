@@ -1,0 +1,132 @@
+"""Start-up time (process start -> first label event received) and peak RSS of an onnx-backend daemon.
+
+Runs `eyed run` as a child process with the real MobileNetV2 from $EYED_SHARED (its ONNX export cached
+beforehand, as on a device), once on a video file (what a camera deployment loads) and once on the replay
+source (which adds `datasets` and pyarrow), and reports for each: seconds to the first event at a real SUB
+socket, peak RSS (the child's ru_maxrss) and whether torch/transformers were imported.
+
+    .venv/bin/python benchmarks/startup_rss.py [--runs 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from eyed.subscriber import Subscriber
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_video(path: Path, frames: int = 60) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 15, (320, 240))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(cv2.resize(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), (320, 240)))
+    writer.release()
+    return path
+
+
+def one_run(env: dict[str, str], endpoint: str) -> dict[str, Any]:
+    # The child reports which heavy modules it imported; the daemon itself is unchanged.
+    probe = (
+        "import atexit, sys; "
+        "atexit.register(lambda: print('MODULES', 'torch' in sys.modules, 'transformers' in sys.modules, "
+        "file=sys.stderr)); "
+        "from eyed.cli import main; sys.exit(main(['run']))"
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with Subscriber(endpoint, ("label.",)) as sub:
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-c", probe], env=env, stderr=subprocess.PIPE, text=True)
+        sub.receive(120)
+        first = time.monotonic() - t0
+    _, err = proc.communicate(timeout=120)
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if proc.returncode != 0:
+        raise RuntimeError(f"eyed run exited {proc.returncode}: {err[-2000:]}")
+    modules = next(line for line in err.splitlines() if line.startswith("MODULES")).split()[1:]
+    return {
+        "first_event_s": first,
+        # ru_maxrss of children is the largest so far: only meaningful when this run set a new maximum.
+        "peak_rss_mb": peak_kb / 1024 if peak_kb > before else None,
+        "torch_imported": modules[0] == "True",
+        "transformers_imported": modules[1] == "True",
+    }
+
+
+def measure(name: str, settings: dict[str, str], runs: int) -> dict[str, Any]:
+    results = []
+    for i in range(runs):
+        endpoint = f"ipc://{tempfile.gettempdir()}/eyed-startup-{os.getpid()}-{i}.sock"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EYED_")}
+        env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "EYED_PUBLISH__ENDPOINT": endpoint})
+        env.update({"EYED_PUBLISH__WAIT_SUBSCRIBERS": "1", "EYED_LOG__LEVEL": "WARNING"})
+        env.update(settings)
+        results.append(one_run(env, endpoint))
+    peaks = [r["peak_rss_mb"] for r in results if r["peak_rss_mb"] is not None]
+    return {
+        "source": name,
+        "runs": runs,
+        "first_event_s_median": statistics.median(r["first_event_s"] for r in results),
+        "first_event_s": [round(r["first_event_s"], 3) for r in results],
+        "peak_rss_mb": max(peaks) if peaks else None,
+        "torch_imported": any(r["torch_imported"] for r in results),
+        "transformers_imported": any(r["transformers_imported"] for r in results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
+    model = shared / "models" / "mobilenet_v2_1.0_224"
+    cache = ROOT / ".cache" / "eyed"
+    # Export once beforehand: the figure is for a device that already has its model file.
+    from eyed.model.export import ensure_onnx
+
+    ensure_onnx(str(model), cache)
+    common = {"EYED_MODEL__ID": str(model), "EYED_MODEL__CACHE_DIR": str(cache)}
+    with tempfile.TemporaryDirectory() as tmp:
+        video = write_video(Path(tmp) / "clip.avi")
+        rows = [
+            # The file source starts in the same order the RTSP/webcam ones do: model, publisher, then capture.
+            measure("file", {**common, "EYED_SOURCE__KIND": "file", "EYED_SOURCE__URL": str(video)}, args.runs),
+            measure(
+                "replay",
+                {
+                    **common,
+                    "EYED_SOURCE__DATASET": str(shared / "data" / "cifar10"),
+                    "EYED_SOURCE__SPLIT": "train",
+                    "EYED_SOURCE__LIMIT": "200",
+                },
+                args.runs,
+            ),
+        ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print(
+            f"{r['source']:<7} first event {r['first_event_s_median']:.2f} s (runs {r['first_event_s']}), "
+            f"peak RSS {r['peak_rss_mb'] or float('nan'):.0f} MB, torch imported: {r['torch_imported']}, "
+            f"transformers imported: {r['transformers_imported']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
