@@ -153,6 +153,41 @@ def cmd_priors(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from eyed.evaluate import run_profile
+
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    report = run_profile(settings, args.output)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+def cmd_drift_report(args: argparse.Namespace) -> int:
+    from eyed.drift.reference import load_reference
+    from eyed.drift.report import draw_report, read_drift_events
+
+    settings = _settings(args)
+    setup_logging(settings.log.level)
+    reference_path = args.reference or settings.drift.reference
+    if reference_path is not None:
+        settings.drift.reference = reference_path
+    if args.events is not None:
+        events = read_drift_events(args.events)
+    else:
+        from eyed.evaluate import run_drift
+
+        events = run_drift(settings)
+        for event in events:
+            print(json.dumps({"topic": f"drift.{event['source']}", **event}))
+    if not events:
+        print(f"eyed drift-report: no drift windows in {args.events or 'the run'}", file=sys.stderr)
+        return EXIT_FAILURE
+    reference = load_reference(reference_path) if reference_path is not None else None
+    print(draw_report(events, args.output, reference, source=args.source), file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from eyed.finetune import FinetuneOptions, run_finetune
 
@@ -238,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out from training for validation")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip augmentation")
     p.add_argument("--seed", type=int, default=0)
+    p = add("profile", cmd_profile, "write a drift reference (and coarse priors) from the configured source")
+    p.add_argument("--output", type=Path, required=True)
+    p = add(
+        "drift-report",
+        cmd_drift_report,
+        "chart drift windows against their thresholds: recorded events (--events) or a run of the source",
+    )
+    p.add_argument("--output", type=Path, required=True, help="PNG to write")
+    p.add_argument("--events", type=Path, help="JSON lines from `eyed subscribe --json --topic drift.`")
+    p.add_argument("--reference", type=Path, help="default: drift.reference")
+    p.add_argument("--source", help="source id, when the events come from several")
     p = add("priors", cmd_priors, "estimate coarse-label priors from the configured source (no labels used)")
     p.add_argument("--output", type=Path, required=True)
     return parser

@@ -15,9 +15,9 @@ from types import FrameType
 
 import numpy as np
 
-from eyed.config import Settings
+from eyed.config import ConfigError, Settings
 from eyed.model import load_classifier
-from eyed.pipeline import Pipeline
+from eyed.pipeline import DriftWatch, Pipeline
 from eyed.publisher import Publisher
 from eyed.sdnotify import Notifier
 from eyed.sources import open_source
@@ -100,6 +100,36 @@ class Supervisor:
         return f"{h.state}: {h.frames} frames, {h.fps:.1f} fps, {h.dropped} dropped, {h.errors} errors"
 
 
+def build_drift(settings: Settings, classifier: Classifier) -> DriftWatch | None:
+    """The drift monitor the configuration asks for, or None; ConfigError for an unusable reference."""
+    cfg = settings.drift
+    if not cfg.active():
+        return None
+    from eyed.drift import DriftMonitor, StatsExtractor, load_reference
+
+    post = getattr(classifier, "post", None)
+    mapper = getattr(post, "mapper", None)
+    coarse = tuple(mapper.classes) if mapper is not None else ()
+    labels = list(post.labels) if post is not None else None
+    reference = None
+    if cfg.reference is not None:
+        try:
+            reference = load_reference(cfg.reference)
+            monitor = DriftMonitor(cfg, reference, coarse_classes=coarse, labels=labels)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"drift.reference {cfg.reference}: {exc}") from exc
+        logger.info("drift: comparing windows of %d frames with %s", cfg.window, cfg.reference)
+    else:
+        monitor = DriftMonitor(cfg, None, coarse_classes=coarse, labels=labels)
+        logger.info(
+            "drift: no drift.reference set; the first %d windows of %d frames become the reference "
+            "(run `eyed profile` on in-domain data for a better one)",
+            cfg.learn_windows,
+            cfg.window,
+        )
+    return DriftWatch(StatsExtractor(coarse), monitor)
+
+
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
     """Run the daemon until the source finishes (exit 0) or a signal arrives (exit 0 after clean shutdown)."""
     stop = stop or threading.Event()
@@ -111,6 +141,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         source = open_source(settings.source)
         stack.enter_context(source)
         publisher = stack.enter_context(Publisher(settings.publish))
+        drift = build_drift(settings, classifier)
         pipeline = Pipeline(
             source,
             classifier,
@@ -118,6 +149,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             batch=settings.model.batch,
             heartbeat_s=settings.publish.heartbeat_s,
             stop=stop,
+            drift=drift,
         )
         supervisor = Supervisor(notifier, pipeline, settings.publish.heartbeat_s)
         # Ready: the model is loaded and warm, the endpoint is bound. Waiting for subscribers comes after, so a

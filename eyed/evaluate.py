@@ -16,7 +16,7 @@ from eyed.model.labels import estimate_priors, save_priors
 from eyed.model.postprocess import softmax
 from eyed.progress import progress
 from eyed.sources import open_recorded
-from eyed.types import Classifier, Frame
+from eyed.types import Classifier, Frame, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +240,66 @@ def draw_confusions(reports: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def predictions(settings: Settings, classifier: Classifier) -> Iterator[tuple[list[Frame], list[Prediction]]]:
+    """(frames, predictions) batches over the configured source, with a progress bar on a terminal."""
+    with open_recorded(settings.source) as src:
+        for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
+            yield batch, classifier.predict(np.stack([classifier.prepare(f.image) for f in batch]))
+
+
+def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
+    """``eyed profile``: the drift reference of the configured source and model, written to ``output``.
+
+    The profile also holds coarse-label priors estimated on the same frames (no labels used), so
+    ``model.coarse_priors`` can point at it too.
+    """
+    from eyed.drift import ProfileBuilder, StatsExtractor
+
+    classifier = load_classifier(settings.model)
+    post = classifier.post  # type: ignore[attr-defined]
+    mapper = post.mapper
+    coarse = tuple(mapper.classes) if mapper is not None else ()
+    extractor = StatsExtractor(coarse)
+    builder = ProfileBuilder(
+        coarse,
+        top_classes=settings.drift.top_classes,
+        # An identity mapping (a model trained on the coarse classes) has no priors to estimate.
+        mapper=mapper if mapper is not None and mapper.priors is not None else None,
+        labels=list(post.labels),
+        model=classifier.name,
+        source=f"{settings.source.kind}:{settings.source.dataset if settings.source.kind == 'replay' else ''}"
+        f"{settings.source.url or settings.source.device or ''}",
+    )
+    for frames, preds in predictions(settings, classifier):
+        stats = [extractor(f.image, p) for f, p in zip(frames, preds, strict=True)]
+        builder.add_many(stats, np.stack([p.probs for p in preds]) if builder.mapper is not None else None)
+    classifier.close()
+    reference = builder.build()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    reference.write(output)
+    logger.info("drift reference from %d frames written to %s", reference.frames, output)
+    return {"output": str(output), "frames": reference.frames, "priors": reference.priors}
+
+
+def run_drift(settings: Settings) -> list[dict[str, Any]]:
+    """The drift payloads the daemon would publish for the configured source, computed offline."""
+    from eyed.daemon import build_drift
+
+    classifier = load_classifier(settings.model)
+    if not settings.drift.active():
+        settings = settings.model_copy(update={"drift": settings.drift.model_copy(update={"enabled": True})})
+    watch = build_drift(settings, classifier)
+    assert watch is not None
+    source = settings.source.resolved_id()
+    payloads: list[dict[str, Any]] = []
+    from eyed.drift import window_payload
+
+    for frames, preds in predictions(settings, classifier):
+        for frame, pred in zip(frames, preds, strict=True):
+            report = watch.observe(frame.image, pred)
+            if report is not None:
+                payloads.append(window_payload(report, source, len(payloads), time.time()))
+    classifier.close()
+    return payloads

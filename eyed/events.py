@@ -22,6 +22,10 @@ def health_topic(source_id: str) -> str:
     return f"health.{source_id}"
 
 
+def drift_topic(source_id: str) -> str:
+    return f"drift.{source_id}"
+
+
 @dataclass(frozen=True)
 class EventContext:
     """What every event of one run shares."""

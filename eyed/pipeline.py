@@ -15,13 +15,24 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from eyed.events import EventContext, Health, health_event, health_topic, label_event, label_topic
+from eyed.events import (
+    EventContext,
+    Health,
+    drift_topic,
+    health_event,
+    health_topic,
+    label_event,
+    label_topic,
+)
 from eyed.publisher import Publisher
-from eyed.types import Classifier, Frame, LiveSource, Source
+from eyed.types import Classifier, Frame, LiveSource, Prediction, Source
+
+if TYPE_CHECKING:
+    from eyed.drift import DriftMonitor, StatsExtractor, WindowReport
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +47,17 @@ class Counters:
     last_progress: float = field(default_factory=time.monotonic)  # last turn of the inference loop
 
 
+@dataclass
+class DriftWatch:
+    """Per-frame statistics into the drift monitor; a window report every ``drift.window`` frames."""
+
+    extractor: StatsExtractor
+    monitor: DriftMonitor
+
+    def observe(self, image: np.ndarray, pred: Prediction) -> WindowReport | None:
+        return self.monitor.update(self.extractor(image, pred))
+
+
 class Pipeline:
     """Runs until the source ends or ``stop`` is set; ``join`` waits a bounded time."""
 
@@ -48,6 +70,7 @@ class Pipeline:
         batch: int = 1,
         heartbeat_s: float = 5.0,
         stop: threading.Event | None = None,
+        drift: DriftWatch | None = None,
     ) -> None:
         self.source = source
         self.classifier = classifier
@@ -69,6 +92,9 @@ class Pipeline:
         self._health_topic = health_topic(source.id)
         self._seq = 0
         self._health_seq = 0
+        self.drift = drift
+        self._drift_topic = drift_topic(source.id)
+        self._drift_seq = 0
         self._thread = threading.Thread(target=self._infer, name="eyed-infer", daemon=True)
 
     def start(self) -> None:
@@ -159,7 +185,26 @@ class Pipeline:
             latency_ms = (time.perf_counter() - frame.t_in) * 1000.0
             self.publisher.send(self._label_topic, label_event(self.ctx, self._seq, frame, pred, latency_ms))
             self._seq += 1
+            if self.drift is not None:
+                self._watch(self.drift, frame, pred)
         self.counters.frames += len(frames)
+
+    def _watch(self, drift: DriftWatch, frame: Frame, pred: Prediction) -> None:
+        """After the label event is out, so drift statistics never add to its latency."""
+        try:
+            report = drift.observe(frame.image, pred)
+        except Exception:  # a statistic that fails on an odd frame must not cost the label stream
+            self.counters.errors += 1
+            logger.exception("drift statistics failed on frame %d", frame.index)
+            return
+        if report is None:
+            return
+        from eyed.drift import format_window, window_payload
+
+        self.publisher.send(self._drift_topic, window_payload(report, self.ctx.source, self._drift_seq, time.time()))
+        self._drift_seq += 1
+        log = logger.warning if report.status != "ok" else logger.info
+        log("%s", format_window(report))
 
     def health(self, fps: float) -> Health:
         c = self.counters

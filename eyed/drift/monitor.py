@@ -1,0 +1,439 @@
+"""Windows of per-frame statistics compared with a reference profile -> one :class:`WindowReport` per window.
+
+Pure: no sockets, no clocks (the caller stamps payloads). Metrics, each comparing one window with the reference:
+
+- ``js_coarse`` / ``js_fine``: Jensen-Shannon distance (base 2, in [0, 1]) of the coarse-label distribution and of
+  the top-N fine classes plus "other";
+- ``psi_coarse`` / ``psi_fine``: population stability index of the same distributions;
+- ``ks_confidence`` / ``ks_margin`` / ``ks_entropy``: two-sample Kolmogorov-Smirnov statistic against the
+  reference's reservoir;
+- ``psi_<stat>`` for every input statistic, over the reference's quantile bins (outer bins open).
+
+Thresholds are calibrated for the window size in use (see :func:`calibrate`), and ``drift`` needs
+``cfg.consecutive`` windows in a row over a drift threshold, so one odd window does not flap the status.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from eyed.config import DriftConfig
+from eyed.drift.reference import (
+    RESERVOIR,
+    Histogram,
+    ProfileBuilder,
+    Reference,
+    class_counts,
+    fine_index,
+)
+from eyed.drift.stats import FIELDS, INPUT_STATS, NUMERIC_STATS, OUTPUT_STATS, FrameStats
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = 1
+# Pseudo-count added to every bin of both sides before PSI normalises: an empty bin would otherwise put a
+# log(0) in the sum. 0.5 is the Jeffreys prior for counts.
+PSEUDO = 0.5
+BOOTSTRAP = 200
+
+Status = Literal["ok", "warn", "drift"]
+COL = {name: i for i, name in enumerate(FIELDS)}
+
+
+def family(metric: str) -> str:
+    """``psi``, ``js`` or ``ks``: which configured defaults a metric's thresholds start from."""
+    return metric.split("_", 1)[0]
+
+
+def psi(expected: np.ndarray, actual: np.ndarray, pseudo: float = PSEUDO) -> float:
+    """Population stability index of two count vectors over the same bins, with ``pseudo`` added to each bin.
+
+    The reference is first rescaled to the window's size, so both sides get the same smoothing: with raw
+    counts a bin empty on both sides would weigh 0.5 in 250 against 0.5 in 50,000 and make identical
+    distributions look different.
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    e = e * (a.sum() / e.sum()) + pseudo if e.sum() > 0 else e + pseudo
+    a = a + pseudo
+    e /= e.sum()
+    a /= a.sum()
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance, base 2 (0 = same, 1 = disjoint), of two count or probability vectors.
+
+    Equals ``scipy.spatial.distance.jensenshannon(p, q, base=2)``, without importing scipy into the daemon.
+    Empty bins need no smoothing here: 0 * log(0) is taken as 0.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p = p / p.sum()
+    q = q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(x: np.ndarray) -> float:
+        nz = x > 0
+        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
+
+    return math.sqrt(max(0.5 * kl(p) + 0.5 * kl(q), 0.0))
+
+
+def ks_statistic(reference_sorted: np.ndarray, sample: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic (max distance between the empirical CDFs).
+
+    ``reference_sorted`` must be sorted. Same value as ``scipy.stats.ks_2samp(...).statistic``.
+    """
+    sample = np.sort(sample)
+    points = np.concatenate([reference_sorted, sample])
+    cdf_ref = np.searchsorted(reference_sorted, points, side="right") / reference_sorted.size
+    cdf_win = np.searchsorted(sample, points, side="right") / sample.size
+    return float(np.max(np.abs(cdf_ref - cdf_win)))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The reference side of every comparison, in the form the metrics read."""
+
+    coarse_counts: np.ndarray | None  # None: no coarse labels to compare
+    fine_ids: tuple[int, ...]
+    fine_counts: np.ndarray
+    histograms: Mapping[str, Histogram]  # input statistics only
+    ks_sorted: Mapping[str, np.ndarray]  # finite reservoir values of the output statistics, sorted
+
+    @classmethod
+    def of(cls, ref: Reference) -> Baseline:
+        coarse = ref.coarse_counts if len(ref.coarse_classes) and ref.coarse_counts.sum() > 0 else None
+        ks = {}
+        for name in OUTPUT_STATS:
+            col = ref.column(name)
+            col = np.sort(col[np.isfinite(col)])
+            if col.size:
+                ks[name] = col
+        hists = {name: ref.histograms[name] for name in INPUT_STATS if name in ref.histograms}
+        return cls(coarse, ref.fine_ids, ref.fine_counts, hists, ks)
+
+    def without(self, rows: np.ndarray, rest: np.ndarray) -> Baseline:
+        """This baseline minus ``rows`` (which are part of it), with ``rest`` (the other reservoir rows) as the
+        KS sample: what an independent window would be compared with."""
+        coarse = None
+        if self.coarse_counts is not None:
+            own = class_counts(rows[:, COL["coarse"]].astype(np.int64), self.coarse_counts.size)
+            coarse = np.maximum(self.coarse_counts - own, 0)
+        fine = np.maximum(self.fine_counts - _fine_counts(rows, self.fine_ids), 0)
+        hists = {
+            name: Histogram(h.edges, np.maximum(h.counts - h.count(rows[:, COL[name]]), 0))
+            for name, h in self.histograms.items()
+        }
+        ks = {}
+        for name in self.ks_sorted:
+            col = rest[:, COL[name]]
+            ks[name] = np.sort(col[np.isfinite(col)])
+        return Baseline(coarse, self.fine_ids, fine, hists, ks)
+
+    def metric_names(self) -> list[str]:
+        names = ["js_coarse", "psi_coarse"] if self.coarse_counts is not None else []
+        names += ["js_fine", "psi_fine"]
+        names += [f"ks_{name}" for name in OUTPUT_STATS if name in self.ks_sorted]
+        names += [f"psi_{name}" for name in INPUT_STATS if name in self.histograms]
+        return names
+
+
+def _fine_counts(rows: np.ndarray, fine_ids: tuple[int, ...]) -> np.ndarray:
+    return np.bincount(fine_index(fine_ids, rows[:, COL["top1"]]), minlength=len(fine_ids) + 1)
+
+
+def window_metrics(rows: np.ndarray, base: Baseline) -> dict[str, float]:
+    """Every metric of one window of rows (``FIELDS`` order) against ``base``; a metric without data is left
+    out (e.g. motion before a second frame)."""
+    out: dict[str, float] = {}
+    if base.coarse_counts is not None:
+        counts = class_counts(rows[:, COL["coarse"]].astype(np.int64), base.coarse_counts.size)
+        if counts.sum() > 0:
+            out["js_coarse"] = js_distance(base.coarse_counts, counts)
+            out["psi_coarse"] = psi(base.coarse_counts, counts)
+    fine = _fine_counts(rows, base.fine_ids)
+    out["js_fine"] = js_distance(base.fine_counts, fine)
+    out["psi_fine"] = psi(base.fine_counts, fine)
+    for name, ref_sorted in base.ks_sorted.items():
+        col = rows[:, COL[name]]
+        col = col[np.isfinite(col)]
+        if col.size:
+            out[f"ks_{name}"] = ks_statistic(ref_sorted, col)
+    for name, hist in base.histograms.items():
+        counts = hist.count(rows[:, COL[name]])
+        if counts.sum() > 0:
+            out[f"psi_{name}"] = psi(hist.counts, counts)
+    return out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per metric: (warn, drift) thresholds, and the mean and std of the metric on in-domain windows."""
+
+    thresholds: Mapping[str, tuple[float, float]]
+    null_mean: Mapping[str, float]
+    null_std: Mapping[str, float]
+    rounds: int
+
+
+def calibrate(
+    cfg: DriftConfig, reference: Reference, window: int | None = None, rounds: int = BOOTSTRAP, seed: int = 0
+) -> Calibration:
+    """Thresholds that hold for windows of ``window`` frames (default ``cfg.window``) of in-domain data.
+
+    A window of a few hundred frames differs from the reference by sampling noise alone, and for sparse
+    distributions (20 fine classes) that noise exceeds the textbook PSI / JS thresholds. So: draw ``rounds``
+    windows from the reference's reservoir, each without replacement, and compare each with the reference
+    *minus that window* (counts subtracted; KS against the other reservoir rows), which is what an independent
+    in-domain window would see. Then, per metric:
+
+    - warn = max(configured warn, mean + ``cfg.sigmas`` x std of the metric over those windows);
+    - drift = max(configured drift, warn x configured drift / configured warn): the noise raises both levels by
+      the same factor, so a shift must still be as many times the warn level as the defaults ask.
+
+    The defaults are floors: a large window on a steady reference keeps the textbook thresholds.
+    """
+    w = window or cfg.window
+    base = Baseline.of(reference)
+    res = reference.reservoir
+    n = res.shape[0]
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {name: [] for name in base.metric_names()}
+    for _ in range(rounds):
+        if n > w:
+            pick = np.zeros(n, dtype=bool)
+            pick[rng.choice(n, size=w, replace=False)] = True
+            rows, rest = res[pick], res[~pick]
+            metrics = window_metrics(rows, base.without(rows, rest))
+        else:
+            # Fewer reservoir rows than a window: resample with replacement against the whole reference.
+            metrics = window_metrics(res[rng.integers(0, n, size=w)], base)
+        for name, value in metrics.items():
+            samples.setdefault(name, []).append(value)
+    if n <= w:
+        logger.warning("drift: the reference keeps %d frames, fewer than a window (%d): thresholds are rough", n, w)
+    thresholds: dict[str, tuple[float, float]] = {}
+    means: dict[str, float] = {}
+    stds: dict[str, float] = {}
+    for name, values in samples.items():
+        warn0, drift0 = _defaults(cfg, name)
+        arr = np.asarray(values, dtype=np.float64)
+        arr = arr[np.isfinite(arr)]
+        mean = float(arr.mean()) if arr.size else 0.0
+        std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+        warn = max(warn0, mean + cfg.sigmas * std)
+        drift = max(drift0, warn * drift0 / warn0)
+        thresholds[name] = (warn, drift)
+        means[name] = mean
+        stds[name] = std
+    return Calibration(thresholds, means, stds, rounds)
+
+
+def _defaults(cfg: DriftConfig, metric: str) -> tuple[float, float]:
+    fam = family(metric)
+    return float(getattr(cfg, f"{fam}_warn")), float(getattr(cfg, f"{fam}_drift"))
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    """The verdict on one window of frames.
+
+    ``fired`` lists the metrics over the threshold that matches the status, most exceeded first: over their
+    drift threshold when the status is ``drift``, over their warn threshold when it is ``warn`` (this includes a
+    window over a drift threshold that is not yet ``cfg.consecutive`` in a row), empty when ``ok``.
+    """
+
+    window: int  # index from 0 over the monitor's life, learning windows included
+    n: int  # frames in the window
+    status: Status
+    metrics: Mapping[str, float]
+    fired: tuple[str, ...]
+    thresholds: Mapping[str, tuple[float, float]]  # metric -> (warn, drift)
+    reference: Literal["file", "self"]
+    learning: bool
+    summary: Mapping[str, float]  # mean of each statistic over the window, for people
+
+
+class DriftMonitor:
+    """Feeds on :class:`FrameStats`; every ``cfg.window`` frames returns a :class:`WindowReport`.
+
+    With ``reference=None`` the first ``cfg.learn_windows`` windows become the reference (status ``ok``,
+    ``learning=True``, no metrics) and the monitor then compares with that, reporting ``reference="self"``.
+    ``coarse_classes`` names the extractor's coarse indices; needed only when learning, and checked against a
+    given reference.
+    """
+
+    def __init__(
+        self,
+        cfg: DriftConfig,
+        reference: Reference | None,
+        *,
+        coarse_classes: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+        rounds: int = BOOTSTRAP,
+        seed: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.rounds = rounds
+        self.seed = seed
+        self.origin: Literal["file", "self"] = "file" if reference is not None else "self"
+        if reference is not None and coarse_classes is not None and tuple(coarse_classes) != reference.coarse_classes:
+            raise ValueError(
+                f"the drift reference has coarse classes {list(reference.coarse_classes)}, the model "
+                f"{list(coarse_classes)}: profile this model again"
+            )
+        self._buf = np.empty((cfg.window, len(FIELDS)), dtype=np.float64)
+        self._fill = 0
+        self._window = 0
+        self._streak = 0
+        self._learner: ProfileBuilder | None = None
+        self.reference: Reference | None = None
+        self.calibration: Calibration | None = None
+        self._base: Baseline | None = None
+        if reference is not None:
+            self._use(reference)
+        else:
+            self._learner = ProfileBuilder(
+                coarse_classes or (),
+                top_classes=cfg.top_classes,
+                reservoir=max(RESERVOIR, cfg.learn_windows * cfg.window),
+                labels=labels,
+                source="first windows of this run",
+                seed=seed,
+            )
+
+    @property
+    def learning(self) -> bool:
+        return self._base is None
+
+    @property
+    def thresholds(self) -> Mapping[str, tuple[float, float]]:
+        return self.calibration.thresholds if self.calibration is not None else {}
+
+    def _use(self, reference: Reference) -> None:
+        self.reference = reference
+        self._base = Baseline.of(reference)
+        self.calibration = calibrate(self.cfg, reference, self.cfg.window, self.rounds, self.seed)
+
+    def update(self, stats: FrameStats) -> WindowReport | None:
+        """Add one frame; the report when this frame completes a window, else None."""
+        self._buf[self._fill] = stats
+        self._fill += 1
+        if self._fill < self.cfg.window:
+            return None
+        self._fill = 0
+        report = self._close(self._buf)
+        self._window += 1
+        return report
+
+    def _close(self, rows: np.ndarray) -> WindowReport:
+        summary = window_summary(rows)
+        if self._base is None:
+            assert self._learner is not None
+            self._learner.add_rows(rows)
+            learned = self._window + 1 >= self.cfg.learn_windows
+            if learned:
+                self._use(self._learner.build())
+                self._learner = None
+                logger.info(
+                    "drift: no reference profile given; learned one from the first %d frames (%d windows): "
+                    "later windows are compared with it",
+                    self.cfg.learn_windows * self.cfg.window,
+                    self.cfg.learn_windows,
+                )
+            return WindowReport(self._window, rows.shape[0], "ok", {}, (), {}, "self", True, summary)
+        metrics = window_metrics(rows, self._base)
+        thresholds = self.thresholds
+        over_warn = _over(metrics, thresholds, 0)
+        over_drift = _over(metrics, thresholds, 1)
+        self._streak = self._streak + 1 if over_drift else 0
+        status: Status
+        if self._streak >= self.cfg.consecutive:
+            status, fired = "drift", over_drift
+        elif over_warn:
+            status, fired = "warn", over_warn
+        else:
+            status, fired = "ok", ()
+        return WindowReport(
+            self._window,
+            rows.shape[0],
+            status,
+            metrics,
+            fired,
+            {name: thresholds[name] for name in metrics if name in thresholds},
+            self.origin,
+            False,
+            summary,
+        )
+
+
+def _over(metrics: Mapping[str, float], thresholds: Mapping[str, tuple[float, float]], level: int) -> tuple[str, ...]:
+    """Metrics over their threshold at ``level`` (0 warn, 1 drift), most exceeded (by ratio) first."""
+    over = [
+        (value / thresholds[name][level], name)
+        for name, value in metrics.items()
+        if name in thresholds and value > thresholds[name][level]
+    ]
+    return tuple(name for _, name in sorted(over, key=lambda x: (-x[0], x[1])))
+
+
+def window_summary(rows: np.ndarray) -> dict[str, float]:
+    """Mean of each numeric statistic over a window (NaN left out; a statistic with no value is omitted)."""
+    out = {}
+    for name in NUMERIC_STATS:
+        col = rows[:, COL[name]]
+        col = col[np.isfinite(col)]
+        if col.size:
+            out[name] = float(col.mean())
+    return out
+
+
+def _num(value: float) -> float | None:
+    """A JSON-safe number, to 6 significant digits; None for NaN and infinities."""
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def format_window(report: WindowReport) -> str:
+    """One structured log line: ``drift window=3 n=250 status=ok reference=file psi_brightness=0.0123 ...``."""
+    parts = [
+        f"drift window={report.window}",
+        f"n={report.n}",
+        f"status={report.status}",
+        f"reference={report.reference}",
+    ]
+    if report.learning:
+        parts.append("learning=true")
+    parts += [f"{name}={value:.4g}" for name, value in report.metrics.items()]
+    if report.fired:
+        parts.append("fired=" + ",".join(report.fired))
+    if report.learning:
+        parts += [f"mean_{name}={value:.4g}" for name, value in report.summary.items()]
+    return " ".join(parts)
+
+
+def window_payload(report: WindowReport, source: str, seq: int, ts: float) -> dict[str, Any]:
+    """The JSON-ready payload of ``drift.<source>`` for one window (numbers only: no pixels)."""
+    return {
+        "schema": SCHEMA,
+        "type": "drift",
+        "source": source,
+        "seq": seq,
+        "ts": round(ts, 6),
+        "window": report.window,
+        "n": report.n,
+        "status": report.status,
+        "metrics": {name: _num(value) for name, value in report.metrics.items()},
+        "fired": list(report.fired),
+        "thresholds": {name: [_num(w), _num(d)] for name, (w, d) in report.thresholds.items()},
+        "reference": report.reference,
+        "learning": report.learning,
+        "summary": {name: _num(value) for name, value in report.summary.items()},
+    }

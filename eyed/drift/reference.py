@@ -1,0 +1,371 @@
+"""The reference profile: what in-domain frames look like, summarised without pixels and without labels.
+
+A profile holds, for one model on one stream: histograms of every per-frame statistic (bin edges from the
+stream's own quantiles), the predicted-class distributions (coarse labels; the most frequent fine classes plus
+"other"), a uniform sample of the per-frame rows (so thresholds can be calibrated later for any window size),
+and re-estimated coarse-label priors. Written as JSON under a top-level ``"priors"`` key too, the profile file
+is also a priors file for ``model.coarse_priors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eyed.drift.stats import FIELDS, NUMERIC_STATS, FrameStats
+from eyed.model.labels import CoarseMapper, estimate_priors
+
+SCHEMA = 1
+KIND = "eyed-drift-reference"
+BINS = 10
+RESERVOIR = 5000
+# Six significant digits keep the reservoir a few hundred kB; the statistics are not that precise anyway.
+DIGITS = 6
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Counts over bins ``(-inf, e0], (e0, e1], ..., (e_last, inf)``: ``len(counts) == len(edges) + 1``.
+
+    Right-closed bins put a point mass at the low end (no clipping, a still scene: many exact zeros) into one
+    bin of its own instead of smearing it over the first quantile bins.
+    """
+
+    edges: np.ndarray
+    counts: np.ndarray
+
+    def count(self, values: np.ndarray) -> np.ndarray:
+        """Counts of the finite ``values`` over this histogram's bins."""
+        return hist_counts(values, self.edges)
+
+
+def hist_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    values = values[np.isfinite(values)]
+    return np.bincount(np.searchsorted(edges, values, side="left"), minlength=len(edges) + 1)
+
+
+def quantile_edges(values: np.ndarray, bins: int = BINS) -> np.ndarray:
+    """Inner bin edges at the ``bins``-quantiles of the finite ``values`` (ties merged); empty if none."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return np.zeros(0)
+    return np.unique(np.quantile(values, np.arange(1, bins) / bins))
+
+
+def fine_index(fine_ids: Sequence[int], top1: np.ndarray) -> np.ndarray:
+    """Position of each top-1 class id in ``fine_ids``; ``len(fine_ids)`` (other) when it is not there."""
+    other = len(fine_ids)
+    size = max(fine_ids, default=-1) + 1
+    lookup = np.full(size + 1, other, dtype=np.int64)
+    lookup[list(fine_ids)] = np.arange(other)
+    ids = top1.astype(np.int64)
+    return lookup[np.where((ids >= 0) & (ids < size), ids, size)]
+
+
+def class_counts(index: np.ndarray, k: int) -> np.ndarray:
+    """Counts of the class indices 0..k-1; negative indices (no label) are left out."""
+    index = index[index >= 0].astype(np.int64)
+    return np.bincount(index, minlength=k)[:k]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An in-memory reference profile; :func:`load_reference` reads one, :meth:`write` writes one."""
+
+    frames: int
+    model: str
+    source: str
+    created: float
+    coarse_classes: tuple[str, ...]
+    coarse_counts: np.ndarray  # (len(coarse_classes),)
+    fine_ids: tuple[int, ...]  # the most frequent top-1 classes, most frequent first
+    fine_labels: tuple[str, ...]  # their names ("" when unknown), for people reading the file
+    fine_counts: np.ndarray  # (len(fine_ids) + 1,): the last bin is every other class
+    histograms: Mapping[str, Histogram]  # one per NUMERIC_STATS with at least one finite value
+    reservoir: np.ndarray = field(repr=False)  # (n, len(FIELDS)) rows sampled uniformly from the stream
+    priors: Mapping[str, float] | None = None  # coarse class -> prior, estimated without labels
+
+    def fine_index(self, top1: np.ndarray) -> np.ndarray:
+        """Index into ``fine_counts`` of each top-1 class id (``len(fine_ids)`` = other)."""
+        return fine_index(self.fine_ids, top1)
+
+    def column(self, name: str) -> np.ndarray:
+        """One column of the reservoir."""
+        return self.reservoir[:, FIELDS.index(name)]
+
+    def summary(self) -> dict[str, float]:
+        """Mean of each numeric statistic over the reservoir (NaN-free), for people and charts."""
+        out = {}
+        for name in NUMERIC_STATS:
+            col = self.column(name)
+            col = col[np.isfinite(col)]
+            if col.size:
+                out[name] = float(col.mean())
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema": SCHEMA,
+            "kind": KIND,
+            "frames": self.frames,
+            "model": self.model,
+            "source": self.source,
+            "created": self.created,
+            "coarse": {"classes": list(self.coarse_classes), "counts": _ints(self.coarse_counts)},
+            "fine": {
+                "ids": list(self.fine_ids),
+                "labels": list(self.fine_labels),
+                "counts": _ints(self.fine_counts),
+            },
+            "histograms": {
+                name: {"edges": [float(e) for e in h.edges], "counts": _ints(h.counts)}
+                for name, h in self.histograms.items()
+            },
+            "reservoir": {
+                "size": int(self.reservoir.shape[0]),
+                "columns": {name: _column_json(name, self.reservoir[:, i]) for i, name in enumerate(FIELDS)},
+            },
+        }
+        if self.priors is not None:
+            data["priors_method"] = (
+                "mean coarse group mass over this stream, refined so each class wins the argmax equally often "
+                "(eyed.model.labels.estimate_priors); no labels used"
+            )
+            data["priors"] = {c: float(v) for c, v in self.priors.items()}
+        return data
+
+    def write(self, path: Path) -> Path:
+        """Write the profile as JSON (no pixels: statistics and class counts only)."""
+        path.write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n", encoding="utf-8")
+        return path
+
+
+def _ints(values: np.ndarray) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _column_json(name: str, values: np.ndarray) -> list[Any]:
+    if name in ("top1", "coarse"):
+        return [int(v) for v in values]
+    return [None if not math.isfinite(v) else float(f"{v:.{DIGITS}g}") for v in values.tolist()]
+
+
+def load_reference(path: Path) -> Reference:
+    """Read a profile written by :meth:`Reference.write`; ValueError says what is wrong with a bad file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"drift reference {path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"drift reference {path}: not JSON ({exc})") from exc
+    try:
+        return reference_from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"drift reference {path}: {exc}") from exc
+
+
+def reference_from_dict(data: Any) -> Reference:
+    """Validate and convert the JSON form; ValueError names the first problem."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if data.get("kind") != KIND:
+        raise ValueError(f"not a drift reference (kind {data.get('kind')!r}, expected {KIND!r})")
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"unsupported schema {data.get('schema')!r} (this eyed reads schema {SCHEMA})")
+    missing = [key for key in ("frames", "coarse", "fine", "histograms", "reservoir") if key not in data]
+    if missing:
+        raise ValueError(f"missing key {missing[0]!r}")
+    with _section("coarse"):
+        coarse_classes = tuple(str(c) for c in data["coarse"]["classes"])
+        coarse_counts = np.asarray(data["coarse"]["counts"], dtype=np.int64)
+        if coarse_counts.shape != (len(coarse_classes),):
+            raise ValueError("counts and classes differ in length")
+    with _section("fine"):
+        fine = data["fine"]
+        fine_ids = tuple(int(i) for i in fine["ids"])
+        fine_labels = tuple(str(s) for s in fine.get("labels", [""] * len(fine_ids)))
+        fine_counts = np.asarray(fine["counts"], dtype=np.int64)
+        if fine_counts.shape != (len(fine_ids) + 1,) or len(fine_labels) != len(fine_ids):
+            raise ValueError("needs one count per id plus 'other', and one label per id")
+    histograms = {}
+    for name, h in dict(data["histograms"]).items():
+        with _section(f"histograms.{name}"):
+            if name not in NUMERIC_STATS:
+                raise ValueError("unknown statistic")
+            edges = np.asarray(h["edges"], dtype=np.float64)
+            counts = np.asarray(h["counts"], dtype=np.int64)
+            if edges.ndim != 1 or counts.shape != (edges.size + 1,) or np.any(np.diff(edges) <= 0):
+                raise ValueError("needs increasing edges and one more count than edges")
+            histograms[name] = Histogram(edges, counts)
+    with _section("reservoir"):
+        columns = data["reservoir"]["columns"]
+        absent = [name for name in FIELDS if name not in columns]
+        if absent:
+            raise ValueError(f"missing columns {', '.join(absent)}")
+        arrays = [
+            np.asarray([math.nan if v is None else v for v in columns[name]], dtype=np.float64) for name in FIELDS
+        ]
+        if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1 or arrays[0].size == 0:
+            raise ValueError("empty, or columns of different lengths")
+        reservoir = np.column_stack(arrays)
+    priors = None
+    if data.get("priors") is not None:
+        with _section("priors"):
+            priors = {str(c): float(v) for c, v in data["priors"].items()}
+            if not all(v > 0 for v in priors.values()):
+                raise ValueError("priors must be positive")
+    with _section("metadata"):
+        frames = int(data["frames"])
+        if frames < reservoir.shape[0]:
+            raise ValueError("frames is smaller than the reservoir")
+        return Reference(
+            frames=frames,
+            model=str(data.get("model", "")),
+            source=str(data.get("source", "")),
+            created=float(data.get("created", 0.0)),
+            coarse_classes=coarse_classes,
+            coarse_counts=coarse_counts,
+            fine_ids=fine_ids,
+            fine_labels=fine_labels,
+            fine_counts=fine_counts,
+            histograms=histograms,
+            reservoir=reservoir,
+            priors=priors,
+        )
+
+
+@contextmanager
+def _section(name: str) -> Iterator[None]:
+    """Re-raise any conversion error inside one part of the file as a ValueError that names the part."""
+    try:
+        yield
+    except KeyError as exc:
+        raise ValueError(f"{name}: missing key {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+class ProfileBuilder:
+    """Accumulates :class:`FrameStats` (and, for priors, the coarse group masses) into a :class:`Reference`.
+
+    Keeps every row (10 floats) and every frame's group masses (10 floats): 80 bytes a frame, 4 MB for 50,000
+    frames. The masses are needed because the balanced prior estimate looks at all frames at once; the rows
+    let the histograms count the whole stream with edges from its own quantiles.
+    """
+
+    def __init__(
+        self,
+        coarse_classes: Sequence[str] = (),
+        *,
+        top_classes: int = 20,
+        bins: int = BINS,
+        reservoir: int = RESERVOIR,
+        mapper: CoarseMapper | None = None,
+        labels: Sequence[str] | None = None,
+        model: str = "",
+        source: str = "",
+        seed: int = 0,
+    ) -> None:
+        if mapper is not None and coarse_classes and tuple(coarse_classes) != mapper.classes:
+            raise ValueError("coarse_classes and the mapper's classes differ")
+        self.coarse_classes = tuple(coarse_classes) if coarse_classes else (mapper.classes if mapper else ())
+        self.top_classes = top_classes
+        self.bins = bins
+        self.reservoir_size = reservoir
+        self.mapper = mapper
+        self.labels = list(labels) if labels is not None else None
+        self.model = model
+        self.source = source
+        self.seed = seed
+        self._rows = np.empty((1024, len(FIELDS)), dtype=np.float64)
+        self._n = 0
+        self._masses: list[np.ndarray] = []
+
+    @property
+    def frames(self) -> int:
+        return self._n
+
+    def add(self, stats: FrameStats, probs: np.ndarray | None = None) -> None:
+        """One frame; ``probs`` (its softmax) is required when the builder has a mapper (for priors)."""
+        if self.mapper is not None:
+            if probs is None:
+                raise ValueError("this ProfileBuilder estimates priors: pass each frame's probabilities")
+            self._masses.append(np.atleast_2d(self.mapper.masses(probs)))
+        self.add_rows(np.asarray([stats], dtype=np.float64))
+
+    def add_many(self, stats: Sequence[FrameStats], probs: np.ndarray | None = None) -> None:
+        """A batch of frames; ``probs`` is their (N, classes) softmax, required when the builder has a mapper."""
+        if not stats:
+            return
+        if self.mapper is not None:
+            if probs is None or len(probs) != len(stats):
+                raise ValueError("this ProfileBuilder estimates priors: pass one probability row per frame")
+            self._masses.append(self.mapper.masses(np.atleast_2d(probs)))
+        self.add_rows(np.asarray(stats, dtype=np.float64))
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        """Several rows at once, each in ``FIELDS`` order (what the monitor's window buffer holds)."""
+        rows = np.atleast_2d(rows)
+        need = self._n + rows.shape[0]
+        if need > self._rows.shape[0]:
+            grown = np.empty((max(need, 2 * self._rows.shape[0]), len(FIELDS)), dtype=np.float64)
+            grown[: self._n] = self._rows[: self._n]
+            self._rows = grown
+        self._rows[self._n : need] = rows
+        self._n = need
+
+    def build(self, created: float | None = None) -> Reference:
+        """The profile of everything added so far; ValueError when nothing was."""
+        if self._n == 0:
+            raise ValueError("cannot build a drift reference from an empty stream")
+        rows = self._rows[: self._n]
+        top1 = rows[:, FIELDS.index("top1")].astype(np.int64)
+        ids, counts = np.unique(top1, return_counts=True)
+        # Most frequent first; equal counts by class id, so the choice does not depend on stream order.
+        order = np.lexsort((ids, -counts))[: self.top_classes]
+        fine_ids = tuple(int(i) for i in ids[order])
+        labels = self.labels
+        fine_labels = tuple(labels[i] if labels is not None and 0 <= i < len(labels) else "" for i in fine_ids)
+        histograms = {}
+        for name in NUMERIC_STATS:
+            values = rows[:, FIELDS.index(name)]
+            if np.isfinite(values).any():
+                edges = quantile_edges(values, self.bins)
+                histograms[name] = Histogram(edges, hist_counts(values, edges))
+        rng = np.random.default_rng(self.seed)
+        size = min(self.reservoir_size, self._n)
+        # A uniform sample without replacement, kept in stream order; the builder holds every row already, so
+        # this equals what reservoir sampling would keep, without its per-frame random draws.
+        keep = np.sort(rng.choice(self._n, size=size, replace=False))
+        priors = None
+        if self.mapper is not None and self._masses:
+            # estimate_priors wants probability vectors and maps them with mapper.masses; an identity mapper
+            # over the coarse classes lets it take the masses kept here, with no change to labels.py.
+            k = len(self.mapper.classes)
+            identity = CoarseMapper(self.mapper.classes, np.eye(k, dtype=np.float32), None)
+            values = estimate_priors(identity, [np.concatenate(self._masses)])
+            priors = {c: float(v) for c, v in zip(self.mapper.classes, values, strict=True)}
+        return Reference(
+            frames=self._n,
+            model=self.model,
+            source=self.source,
+            created=time.time() if created is None else created,
+            coarse_classes=self.coarse_classes,
+            coarse_counts=class_counts(rows[:, FIELDS.index("coarse")].astype(np.int64), len(self.coarse_classes)),
+            fine_ids=fine_ids,
+            fine_labels=fine_labels,
+            fine_counts=np.bincount(fine_index(fine_ids, top1), minlength=len(fine_ids) + 1),
+            histograms=histograms,
+            reservoir=rows[keep].copy(),
+            priors=priors,
+        )

@@ -1,0 +1,142 @@
+"""The reference profile: what it holds, its JSON round trip, errors on bad files, and its use as priors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eyed.drift.reference import FIELDS, NUMERIC_STATS, ProfileBuilder, Reference, load_reference
+from eyed.model.labels import build_mapper, load_priors
+from tests.conftest import imagenet_like_labels
+from tests.drift import COARSE, synthetic_stats
+
+
+def built(n: int = 3000, **kwargs: object) -> Reference:
+    builder = ProfileBuilder(COARSE, top_classes=20, model="m", source="synthetic", **kwargs)  # type: ignore[arg-type]
+    for s in synthetic_stats(n):
+        builder.add(s)
+    return builder.build(created=1.0)
+
+
+def test_profile_holds_histograms_class_distributions_and_a_reservoir() -> None:
+    ref = built(3000, reservoir=1000)
+    assert ref.frames == 3000 and ref.reservoir.shape == (1000, len(FIELDS))
+    assert set(ref.histograms) == set(NUMERIC_STATS)
+    for h in ref.histograms.values():
+        assert h.counts.sum() in (3000, 2999)  # motion has no value for the first frame
+        assert len(h.counts) <= 10
+    assert ref.coarse_counts.sum() == 3000 and len(ref.coarse_counts) == len(COARSE)
+    assert len(ref.fine_ids) == 20 and ref.fine_counts.sum() == 3000
+    # The most frequent classes, most frequent first; everything else is "other".
+    top1 = np.array([s.top1 for s in synthetic_stats(3000)])
+    counts = np.bincount(top1)
+    assert [int(counts[i]) for i in ref.fine_ids] == list(ref.fine_counts[:-1])
+    assert list(ref.fine_counts[:-1]) == sorted(ref.fine_counts[:-1], reverse=True)
+    assert ref.fine_counts[-1] == 3000 - counts[list(ref.fine_ids)].sum()
+
+
+def test_reservoir_is_a_seeded_uniform_sample() -> None:
+    a, b, c = built(2000, reservoir=500), built(2000, reservoir=500), built(2000, reservoir=500, seed=1)
+    assert np.array_equal(a.reservoir, b.reservoir, equal_nan=True)
+    assert not np.array_equal(a.reservoir, c.reservoir, equal_nan=True)
+    # Uniform over the stream: the sample's mean brightness is the stream's.
+    col = FIELDS.index("brightness")
+    assert abs(a.reservoir[:, col].mean() - np.mean([s.brightness for s in synthetic_stats(2000)])) < 3
+
+
+def test_fewer_frames_than_the_reservoir_keeps_them_all() -> None:
+    assert built(300, reservoir=5000).reservoir.shape[0] == 300
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    ref = built(1500)
+    path = ref.write(tmp_path / "ref.json")
+    back = load_reference(path)
+    assert (back.frames, back.model, back.source, back.created) == (1500, "m", "synthetic", 1.0)
+    assert back.coarse_classes == COARSE and back.fine_ids == ref.fine_ids
+    assert np.array_equal(back.coarse_counts, ref.coarse_counts)
+    assert np.array_equal(back.fine_counts, ref.fine_counts)
+    for name, h in ref.histograms.items():
+        assert np.allclose(back.histograms[name].edges, h.edges)
+        assert np.array_equal(back.histograms[name].counts, h.counts)
+    assert np.allclose(back.reservoir, ref.reservoir, rtol=1e-5, equal_nan=True)
+    assert np.isnan(back.reservoir[:, FIELDS.index("motion")]).sum() <= 1
+    assert path.stat().st_size < 400_000
+
+
+def test_empty_stream_is_an_error() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        ProfileBuilder(COARSE).build()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(schema=99), "unsupported schema 99"),
+        (lambda d: d.update(kind="something"), "not a drift reference"),
+        (lambda d: d.pop("fine"), "missing key 'fine'"),
+        (lambda d: d["coarse"].update(counts=[1, 2]), "coarse: counts and classes"),
+        (lambda d: d["histograms"].update(nonsense={"edges": [], "counts": [0]}), "unknown statistic"),
+        (lambda d: d.update(priors={"cat": -1}), "priors must be positive"),
+        (lambda d: d.update(frames=3), "frames is smaller"),
+        (lambda d: d["histograms"]["brightness"].update(edges=[3.0, 1.0]), "histograms.brightness"),
+        (lambda d: d["reservoir"]["columns"].pop("sharpness"), "missing columns sharpness"),
+        (lambda d: d["reservoir"]["columns"].update(top1=[1, 2]), "reservoir: empty, or columns of different"),
+        (lambda d: d["fine"].update(ids="abc"), "fine: invalid literal"),
+    ],
+)
+def test_malformed_files_say_what_is_wrong(tmp_path: Path, mutate: object, message: str) -> None:
+    data = built(500).to_dict()
+    mutate(data)  # type: ignore[operator]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message) as err:
+        load_reference(path)
+    assert str(path) in str(err.value)
+
+
+def test_not_json_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_reference(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_reference(tmp_path / "missing.json")
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        load_reference(bad)
+
+
+def test_profile_is_a_priors_file(tmp_path: Path) -> None:
+    """With the model's mapper, the profile re-estimates coarse priors; load_priors reads the file as is."""
+    mapper = build_mapper(imagenet_like_labels(), "cifar10", "none")
+    assert mapper is not None
+    rng = np.random.default_rng(0)
+    k = mapper.membership.shape[0]
+    builder = ProfileBuilder(mapper=mapper, top_classes=5)
+    stats = synthetic_stats(400)
+    probs = rng.dirichlet(np.full(k, 0.05), size=len(stats)).astype(np.float32)
+    builder.add_many(stats[:100], probs[:100])
+    for s, p in zip(stats[100:], probs[100:], strict=True):
+        builder.add(s, p)
+    ref = builder.build()
+    assert ref.coarse_classes == mapper.classes
+    path = ref.write(tmp_path / "profile.json")
+    priors = load_priors(str(path), "cifar10", mapper.classes)
+    assert priors is not None and priors.shape == (10,) and np.all(priors > 0)
+    assert priors.sum() == pytest.approx(1.0, abs=1e-5)
+    # Same numbers as estimate_priors on the probabilities themselves.
+    from eyed.model.labels import estimate_priors
+
+    assert np.allclose(priors, estimate_priors(mapper, [probs]), rtol=1e-4)
+    assert load_reference(path).priors is not None
+
+
+def test_a_builder_with_a_mapper_needs_probabilities() -> None:
+    mapper = build_mapper(imagenet_like_labels(), "cifar10", "none")
+    assert mapper is not None
+    with pytest.raises(ValueError, match="probabilities"):
+        ProfileBuilder(mapper=mapper).add(synthetic_stats(1)[0])

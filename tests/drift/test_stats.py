@@ -1,0 +1,131 @@
+"""Per-frame statistics: output statistics of known distributions, input statistics move the right way."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from eyed.drift.stats import FIELDS, FrameStats, StatsExtractor, output_stats, small_grey
+from eyed.types import Coarse, Prediction, Scored
+from tests.conftest import synthetic_images
+from tests.drift import COARSE
+
+
+def prediction(probs: np.ndarray, coarse: str | None = "cat", topk: int = 5) -> Prediction:
+    order = np.argsort(-probs, kind="stable")[:topk]
+    scored = tuple(Scored(f"c{i}", int(i), float(probs[i])) for i in order)
+    return Prediction(scored, Coarse(coarse, 0.9) if coarse else None, probs.astype(np.float32))
+
+
+def photo(seed: int = 0, size: int = 32) -> np.ndarray:
+    return synthetic_images(1, seed=seed, size=size)[0]
+
+
+def test_output_stats_of_uniform_and_one_hot() -> None:
+    uniform = np.full(1001, 1 / 1001)
+    conf, margin, entropy = output_stats(prediction(uniform))
+    assert conf == pytest.approx(1 / 1001) and margin == pytest.approx(0) and entropy == pytest.approx(1, abs=1e-5)
+    one_hot = np.zeros(1001)
+    one_hot[7] = 1.0  # exact zeros elsewhere: entropy must be 0, not NaN
+    conf, margin, entropy = output_stats(prediction(one_hot))
+    assert (conf, margin, entropy) == (1.0, 1.0, 0.0)
+
+
+def test_margin_without_a_second_topk_entry() -> None:
+    probs = np.array([0.1, 0.6, 0.3])
+    assert output_stats(prediction(probs, topk=1))[1] == pytest.approx(0.3)
+
+
+def test_row_is_numeric_and_coarse_is_an_index() -> None:
+    extractor = StatsExtractor(COARSE)
+    probs = np.full(1001, 1 / 1001)
+    first = extractor(photo(), prediction(probs, "cat"))
+    assert first._fields == FIELDS
+    assert first.coarse == COARSE.index("cat") and first.top1 == 0
+    assert math.isnan(first.motion)  # no previous frame yet
+    assert extractor(photo(), prediction(probs, None)).coarse == -1
+    assert extractor(photo(), prediction(probs, "not a class")).coarse == -1
+    assert all(isinstance(v, (int, float)) for v in first)
+
+
+def test_motion_is_zero_for_a_repeated_frame_and_reset_forgets() -> None:
+    extractor = StatsExtractor()
+    pred = prediction(np.full(10, 0.1))
+    extractor(photo(1), pred)
+    assert extractor(photo(1), pred).motion == 0.0
+    assert extractor(photo(2), pred).motion > 5
+    extractor.reset()
+    assert math.isnan(extractor(photo(2), pred).motion)
+
+
+def test_a_frame_of_another_size_restarts_motion() -> None:
+    extractor = StatsExtractor()
+    pred = prediction(np.full(10, 0.1))
+    extractor(photo(1, 32), pred)
+    assert math.isnan(extractor(photo(1, 48), pred).motion)
+
+
+def test_darkening_blur_and_low_contrast_move_the_right_statistics() -> None:
+    extractor = StatsExtractor()
+    pred = prediction(np.full(10, 0.1))
+    rng = np.random.default_rng(0)
+    # Detail at the pixel scale, like a photo: blur must have something to remove.
+    img = np.clip(photo(3, 64).astype(np.int16) + rng.integers(-30, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
+    base = extractor(img, pred)
+    dark = extractor((img * 0.35).astype(np.uint8), pred)
+    blurred = extractor(cv2.GaussianBlur(img, (5, 5), 1.5), pred)
+    mean = img.mean()
+    flat = extractor(np.clip(mean + (img - mean) * 0.4, 0, 255).astype(np.uint8), pred)
+    assert dark.brightness < 0.5 * base.brightness
+    assert dark.contrast < base.contrast and dark.sharpness < base.sharpness
+    assert blurred.sharpness < 0.3 * base.sharpness
+    assert flat.contrast == pytest.approx(0.4 * base.contrast, rel=0.05)
+    assert abs(flat.brightness - base.brightness) < 2
+
+
+def test_clipped_counts_crushed_and_blown_pixels() -> None:
+    extractor = StatsExtractor()
+    pred = prediction(np.full(10, 0.1))
+    img = np.full((32, 32, 3), 128, np.uint8)
+    img[:8] = 0  # a quarter crushed
+    img[8:12] = 255  # an eighth blown
+    stats = extractor(img, pred)
+    assert stats.clipped == pytest.approx(0.25 + 0.125)
+    assert extractor(np.full((32, 32, 3), 128, np.uint8), pred).clipped == 0.0
+
+
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (480, 640), (1080, 1920), (100, 30)])
+def test_small_grey_copy_is_at_most_64_px(h: int, w: int) -> None:
+    grey = small_grey(np.zeros((h, w, 3), np.uint8))
+    assert grey.ndim == 2 and grey.dtype == np.uint8 and max(grey.shape) == min(64, max(h, w))
+
+
+def test_small_grey_keeps_the_mean_of_a_large_frame() -> None:
+    img = cv2.resize(photo(5, 32), (1920, 1080), interpolation=cv2.INTER_CUBIC)
+    full = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).mean()
+    assert small_grey(img).mean() == pytest.approx(full, abs=1.5)
+
+
+def test_cost_per_frame_is_a_small_fraction_of_an_inference() -> None:
+    """Generous bound for a shared CI core; the benchmark reports the real figure (~15 us on 32x32)."""
+    extractor = StatsExtractor(COARSE)
+    pred = prediction(np.random.default_rng(0).dirichlet(np.ones(1001)), "dog")
+    images = synthetic_images(50, size=32)
+    for img in images:
+        extractor(img, pred)
+    t0 = time.perf_counter()
+    for _ in range(4):
+        for img in images:
+            extractor(img, pred)
+    per_frame = (time.perf_counter() - t0) / 200
+    assert per_frame < 500e-6
+
+
+def test_frame_stats_is_immutable() -> None:
+    stats = FrameStats(1, 0, 0.5, 0.1, 0.3, 100.0, 40.0, 200.0, 0.0, float("nan"))
+    with pytest.raises(AttributeError):
+        stats.top1 = 2  # type: ignore[misc]

@@ -1,0 +1,110 @@
+"""Drift monitoring wired into the real daemon: eyed profile, drift.<id> events at a real SUB socket, and
+eyed drift-report on what a subscriber recorded. Tiny generated model and data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eyed.cli import EXIT_CONFIG, main
+from eyed.drift import load_reference
+from eyed.model.labels import load_priors
+from tests.conftest import CIFAR10, synthetic_images, write_parquet_dataset
+from tests.daemon_helpers import collect, finish, start_daemon
+
+PAYLOAD_FIELDS = {"schema", "type", "source", "seq", "ts", "window", "n", "status", "metrics", "fired"}
+
+
+@pytest.fixture(scope="module")
+def clean_and_dark(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """40 varied images, and the same images darkened to a third (a lens going dark, night falling)."""
+    images = synthetic_images(40, seed=11)
+    labels = [i % 10 for i in range(40)]
+    clean = write_parquet_dataset(tmp_path_factory.mktemp("clean"), images, labels)
+    dark = [(img.astype(np.float32) * 0.3).astype(np.uint8) for img in images]
+    return clean, write_parquet_dataset(tmp_path_factory.mktemp("dark"), dark, labels)
+
+
+@pytest.fixture(scope="module")
+def reference(clean_and_dark: tuple[Path, Path], tiny_checkpoint: Path, tiny_onnx: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "reference.json"
+    args = ["--set", f"source.dataset={clean_and_dark[0]}", "--set", "source.split=train"]
+    args += ["--set", f"model.id={tiny_checkpoint}", "--set", f"model.onnx={tiny_onnx}"]
+    assert main(["profile", *args, "--output", str(out)]) == 0
+    return out
+
+
+def settings(dataset: Path, onnx: Path, endpoint: str, **extra: object) -> dict[str, object]:
+    return {
+        "source.dataset": dataset,
+        "source.split": "train",
+        "source.id": "shelf",
+        "source.loop": True,
+        "source.limit": 200,
+        "model.onnx": onnx,
+        "publish.endpoint": endpoint,
+        "publish.wait_subscribers": 1,
+        "drift.window": 40,
+        **extra,
+    }
+
+
+def test_profile_is_a_drift_reference_and_a_priors_file(reference: Path) -> None:
+    ref = load_reference(reference)
+    assert ref.frames == 40 and ref.coarse_classes == tuple(CIFAR10)
+    assert "brightness" in ref.histograms
+    priors = load_priors(str(reference), "cifar10", tuple(CIFAR10))  # model.coarse_priors can point at it
+    assert priors is not None and priors.sum() == pytest.approx(1.0, abs=1e-4)
+    text = reference.read_text()
+    assert len(text) < 200_000  # statistics and counts, not images
+
+
+def test_daemon_without_reference_learns_then_monitors(
+    clean_and_dark: tuple[Path, Path], tiny_onnx: Path, endpoint: str
+) -> None:
+    proc = start_daemon(settings(clean_and_dark[0], tiny_onnx, endpoint, **{"drift.enabled": True}))
+    events = collect(endpoint)
+    code, err = finish(proc)
+    assert code == 0, err
+    drift = [p for t, p in events if t == "drift.shelf"]
+    labels = [p for t, p in events if t == "label.shelf"]
+    assert [p["seq"] for p in labels] == list(range(200))  # drift work never costs a label event
+    assert [p["window"] for p in drift] == list(range(5)) and all(p["n"] == 40 for p in drift)
+    for p in drift:
+        assert set(p) >= PAYLOAD_FIELDS and p["type"] == "drift" and p["schema"] == 1
+        assert p["reference"] == "self"
+    # The first drift.learn_windows (4) windows become the reference; the fifth is compared with them.
+    assert [p["learning"] for p in drift] == [True] * 4 + [False]
+    assert drift[-1]["status"] == "ok" and drift[-1]["metrics"], json.dumps(drift[-1])
+    assert "the first 4 windows" in err  # the log says there is no reference file
+
+
+def test_daemon_detects_darkening_against_a_profile(
+    clean_and_dark: tuple[Path, Path], tiny_onnx: Path, reference: Path, endpoint: str, tmp_path: Path
+) -> None:
+    proc = start_daemon(settings(clean_and_dark[1], tiny_onnx, endpoint, **{"drift.reference": reference}))
+    events = collect(endpoint)
+    code, err = finish(proc)
+    assert code == 0, err
+    drift = [p for t, p in events if t == "drift.shelf"]
+    assert len(drift) == 5 and all(p["reference"] == "file" and not p["learning"] for p in drift)
+    # Two windows over the drift threshold in a row (drift.consecutive) before the status says drift.
+    assert drift[0]["status"] == "warn" and drift[1]["status"] == "drift"
+    assert "psi_brightness" in drift[0]["fired"]
+    assert "status=drift" in err  # one structured log line per window
+    # eyed drift-report draws what a subscriber recorded (eyed subscribe --json lines).
+    recorded = tmp_path / "drift.jsonl"
+    recorded.write_text("".join(json.dumps({"topic": t, **p}) + "\n" for t, p in events))
+    png = tmp_path / "drift.png"
+    assert main(["drift-report", "--events", str(recorded), "--reference", str(reference), "--output", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_unreadable_reference_is_a_config_error(tiny_dataset: Path, tiny_onnx: Path, endpoint: str) -> None:
+    proc = start_daemon(settings(tiny_dataset, tiny_onnx, endpoint, **{"drift.reference": "/nonexistent/ref.json"}))
+    code, err = finish(proc)
+    assert code == EXIT_CONFIG
+    assert "drift.reference /nonexistent/ref.json" in err
