@@ -262,6 +262,7 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
     mapper = post.mapper
     coarse = tuple(mapper.classes) if mapper is not None else ()
     extractor = StatsExtractor(coarse)
+    src = settings.source
     builder = ProfileBuilder(
         coarse,
         top_classes=settings.drift.top_classes,
@@ -269,8 +270,7 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
         mapper=mapper if mapper is not None and mapper.priors is not None else None,
         labels=list(post.labels),
         model=classifier.name,
-        source=f"{settings.source.kind}:{settings.source.dataset if settings.source.kind == 'replay' else ''}"
-        f"{settings.source.url or settings.source.device or ''}",
+        source=f"{src.kind}:{src.dataset if src.kind == 'replay' else src.url or src.device}",
     )
     for frames, preds in predictions(settings, classifier):
         stats = [extractor(f.image, p) for f, p in zip(frames, preds, strict=True)]
