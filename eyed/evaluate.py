@@ -34,12 +34,11 @@ def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
         yield batch
 
 
-def classify_stream(settings: Settings, classifier: Classifier) -> Iterator[tuple[list[Frame], np.ndarray]]:
-    """(frames, probabilities) batches over the configured source, with a progress bar on a terminal."""
+def predictions(settings: Settings, classifier: Classifier) -> Iterator[tuple[list[Frame], list[Prediction]]]:
+    """(frames, predictions) batches over the configured source, with a progress bar on a terminal."""
     with open_recorded(settings.source) as src:
         for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
-            tensors = np.stack([classifier.prepare(f.image) for f in batch])
-            yield batch, softmax(classifier.logits(tensors))  # type: ignore[attr-defined]
+            yield batch, classifier.predict(np.stack([classifier.prepare(f.image) for f in batch]))
 
 
 def run_priors(settings: Settings, output: Path) -> np.ndarray:
@@ -52,9 +51,9 @@ def run_priors(settings: Settings, output: Path) -> np.ndarray:
 
     def probs() -> Iterator[np.ndarray]:
         nonlocal n
-        for frames, p in classify_stream(settings, classifier):
+        for frames, preds in predictions(settings, classifier):
             n += len(frames)
-            yield p
+            yield np.stack([p.probs for p in preds])
 
     priors = estimate_priors(mapper, probs())
     meta = {
@@ -240,13 +239,6 @@ def draw_confusions(reports: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def predictions(settings: Settings, classifier: Classifier) -> Iterator[tuple[list[Frame], list[Prediction]]]:
-    """(frames, predictions) batches over the configured source, with a progress bar on a terminal."""
-    with open_recorded(settings.source) as src:
-        for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
-            yield batch, classifier.predict(np.stack([classifier.prepare(f.image) for f in batch]))
 
 
 def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
