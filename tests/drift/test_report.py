@@ -10,22 +10,24 @@ import pytest
 
 from eyed.config import DriftConfig
 from eyed.drift.monitor import DriftMonitor, window_payload
-from eyed.drift.reference import ProfileBuilder
+from eyed.drift.reference import ProfileBuilder, Reference
 from eyed.drift.report import draw_report, read_drift_events
 from tests.drift import COARSE, synthetic_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def synthetic_reference(frames: int) -> Reference:
+    builder = ProfileBuilder(COARSE)
+    for s in synthetic_stats(frames, seed=1):
+        builder.add(s)
+    return builder.build()
+
+
 def payloads(source: str, learn: bool) -> list[dict[str, Any]]:
     """A run with learning windows (no reference) or against a reference, then a darkening shift."""
     cfg = DriftConfig(window=100, learn_windows=2)
-    reference = None
-    if not learn:
-        builder = ProfileBuilder(COARSE)
-        for s in synthetic_stats(2000, seed=1):
-            builder.add(s)
-        reference = builder.build()
+    reference = None if learn else synthetic_reference(2000)
     monitor = DriftMonitor(cfg, reference, coarse_classes=COARSE)
     stream = [*synthetic_stats(600, seed=2), *synthetic_stats(400, seed=3, brightness=40)]
     reports = [r for r in map(monitor.update, stream) if r is not None]
@@ -58,12 +60,7 @@ def test_a_broken_line_names_its_number(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("learn", [True, False])
 def test_draws_a_png(tmp_path: Path, learn: bool) -> None:
-    reference = None
-    if not learn:
-        builder = ProfileBuilder(COARSE)
-        for s in synthetic_stats(500, seed=1):
-            builder.add(s)
-        reference = builder.build()
+    reference = None if learn else synthetic_reference(500)
     events = read_drift_events(record(tmp_path / "d.jsonl", payloads("cam", learn)))
     out = draw_report(events, tmp_path / "drift.png", reference)
     assert out == tmp_path / "drift.png"
