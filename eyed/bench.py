@@ -1,22 +1,27 @@
 """``eyed bench``: the daemon's path against a bare onnxruntime loop (and the seed study's transformers loop),
 on the same frames, in one run, so the ratios mean something on a shared, noisy machine.
 
-- bare onnxruntime: ``session.run`` on tensors preprocessed beforehand, one frame per call: the runtime's limit.
+- bare onnxruntime: ``session.run`` on tensors preprocessed beforehand, one frame per call, fetching the logits
+  only: the runtime's limit.
 - daemon path: the real pipeline (capture thread with preprocessing, inference thread, events, XPUB socket,
   a SUB client receiving every event) fed from memory.
 - transformers loop: ``AutoImageProcessor`` + ``AutoModelForImageClassification`` in eager PyTorch, one PIL
   image at a time, as in the seed study.
 
-Paths are measured in alternating rounds and each keeps its best round, so a burst of load from another
-process on the machine penalises no path in particular.
+Every path keeps its session, publisher and subscriber for the whole run, and the paths take turns in short
+rounds (reversed every other round), so the two sides of a ratio are measured seconds apart: a burst of load
+from another process on the machine then hits both alike instead of one path in particular.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import numpy as np
 
 from eyed.config import PublishConfig, Settings
 from eyed.model import load_classifier
+from eyed.model.export import OUTPUT_NAME
 from eyed.model.onnx_backend import OnnxClassifier, open_session
 from eyed.pipeline import Pipeline
 from eyed.publisher import Publisher
@@ -57,26 +63,34 @@ def summarise(name: str, latencies_ms: list[float], wall_s: float, n: int) -> di
     }
 
 
-def bench_bare(
-    path: Path, threads: int, tensors: list[np.ndarray], providers: list[str] | None = None
-) -> dict[str, Any]:
-    """``session.run`` alone, batch 1, on tensors preprocessed beforehand (same session options as the daemon)."""
-    session: Any = open_session(path, threads, providers)
-    name = session.get_inputs()[0].name
-    batches = [t[None] for t in tensors]
-    for b in batches[:10]:
-        session.run(None, {name: b})
-    lat = []
-    t0 = time.perf_counter()
-    for b in batches:
-        s = time.perf_counter()
-        session.run(None, {name: b})
-        lat.append((time.perf_counter() - s) * 1000)
-    return summarise("bare onnxruntime", lat, time.perf_counter() - t0, len(batches))
+class BareLoop:
+    """``session.run`` alone, batch 1, on tensors preprocessed beforehand (same session options as the daemon),
+    fetching only the logits (the daemon also fetches the graph's softmax and top-k). The session is opened and
+    warmed once, so every round measures steady state."""
+
+    def __init__(self, path: Path, threads: int, tensors: list[np.ndarray], providers: list[str] | None = None):
+        self.session: Any = open_session(path, threads, providers)
+        self._input = self.session.get_inputs()[0].name
+        self.batches = [t[None] for t in tensors]
+        for b in self.batches[:10]:
+            self.session.run([OUTPUT_NAME], {self._input: b})
+
+    def __call__(self) -> dict[str, Any]:
+        run, fetch, name = self.session.run, [OUTPUT_NAME], self._input
+        lat = []
+        t0 = time.perf_counter()
+        for b in self.batches:
+            s = time.perf_counter()
+            run(fetch, {name: b})
+            lat.append((time.perf_counter() - s) * 1000)
+        return summarise("bare onnxruntime", lat, time.perf_counter() - t0, len(self.batches))
 
 
-def _receive(endpoint: str, count: int, conn: Any) -> None:
-    """In a separate process: receive ``count`` label events, then send back their latencies.
+END = "label.bench-end"  # topic of the last message the benchmark publishes: the subscriber then reports back
+
+
+def _receive(endpoint: str, conn: Any) -> None:
+    """In a separate process: receive label events until the end message, then send back their latencies.
 
     Raw payloads are kept and parsed only at the end, so the subscriber takes as little CPU as it can from
     the pipeline it is measuring (this machine has two cores).
@@ -88,11 +102,17 @@ def _receive(endpoint: str, count: int, conn: Any) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, b"label.")
+    sock.setsockopt(zmq.RCVTIMEO, 60000)  # a blocking receive, not a poll and a receive: one call per event
+    sock.setsockopt(zmq.SUBSCRIBE, b"label.")  # END included
     sock.connect(endpoint)
+    end = END.encode()
     payloads: list[bytes] = []
-    while len(payloads) < count and sock.poll(20000):
-        payloads.append(sock.recv_multipart()[1])
+    with contextlib.suppress(zmq.Again):
+        while True:
+            topic, payload = sock.recv_multipart()
+            if topic == end:
+                break
+            payloads.append(payload)
     sock.close(linger=0)
     ctx.term()
     conn.send([json.loads(p)["latency_ms"] for p in payloads])
@@ -100,7 +120,7 @@ def _receive(endpoint: str, count: int, conn: Any) -> None:
 
 
 class _RecordingPublisher(Publisher):
-    """Keeps each label event's latency, for the run without a subscriber."""
+    """Keeps each label event's latency."""
 
     def __init__(self, cfg: PublishConfig) -> None:
         super().__init__(cfg)
@@ -112,38 +132,57 @@ class _RecordingPublisher(Publisher):
             self.latencies.append(payload["latency_ms"])
 
 
-def bench_daemon(
-    settings: Settings, classifier: OnnxClassifier, images: list[np.ndarray], batch: int, subscriber: bool
-) -> dict[str, Any]:
-    """The pipeline from frames in memory to published events; with ``subscriber``, a real SUB socket in another
-    process receives every one of them (and takes its share of this machine's two cores)."""
-    import multiprocessing
+class DaemonPath:
+    """The pipeline from frames in memory to published events. One publisher (and, with ``subscriber``, one
+    SUB socket in another process, taking its share of this machine's two cores) serves every round; each
+    round runs a fresh pipeline over the frames. On exit the subscriber must have received every event."""
 
-    mp = multiprocessing.get_context("spawn")
-    with (
-        tempfile.TemporaryDirectory(prefix="eyed-bench-") as tmp,
-        _RecordingPublisher(PublishConfig(endpoint=f"ipc://{tmp}/bench.sock")) as pub,
-    ):
-        if subscriber:
-            parent, child = mp.Pipe(duplex=False)
-            receiver = mp.Process(target=_receive, args=(pub.endpoint, len(images), child), daemon=True)
-            receiver.start()
-            pub.wait_for_subscribers(1, 60)
-        pipeline = Pipeline(MemorySource(images), classifier, pub, batch=batch, heartbeat_s=3600)
+    def __init__(self, classifier: OnnxClassifier, images: list[np.ndarray], subscriber: bool) -> None:
+        self.classifier = classifier
+        self.images = images
+        self.subscriber = subscriber
+        self._stack = contextlib.ExitStack()
+        self._labels = 0
+
+    def __enter__(self) -> DaemonPath:
+        import multiprocessing
+
+        tmp = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="eyed-bench-"))
+        self.pub = self._stack.enter_context(_RecordingPublisher(PublishConfig(endpoint=f"ipc://{tmp}/bench.sock")))
+        if self.subscriber:
+            mp = multiprocessing.get_context("spawn")
+            self._results, child = mp.Pipe(duplex=False)
+            self._receiver = mp.Process(target=_receive, args=(self.pub.endpoint, child), daemon=True)
+            self._receiver.start()
+            self.pub.wait_for_subscribers(1, 60)
+        return self
+
+    def __call__(self, batch: int) -> dict[str, Any]:
+        pipeline = Pipeline(MemorySource(self.images), self.classifier, self.pub, batch=batch, heartbeat_s=3600)
+        before = len(self.pub.latencies)
         t0 = time.perf_counter()
         pipeline.start()
         pipeline.done.wait()
         wall = time.perf_counter() - t0
-        latencies = pub.latencies
-        if subscriber:
-            received = parent.recv() if parent.poll(30) else []
-            receiver.join(10)
-            if len(received) != len(images):
-                raise RuntimeError(f"bench: the subscriber received {len(received)} of {len(images)} events")
-    name = "daemon path" + (" -> SUB process" if subscriber else ", no subscriber")
-    if batch > 1:
-        name += f", batch {batch}"
-    return summarise(name, latencies, wall, len(images))
+        if pipeline.failure is not None:
+            raise RuntimeError(f"bench: the pipeline failed: {pipeline.failure}")
+        latencies = self.pub.latencies[before:]
+        self._labels += len(latencies)
+        name = "daemon path" + (" -> SUB process" if self.subscriber else ", no subscriber")
+        if batch > 1:
+            name += f", batch {batch}"
+        return summarise(name, latencies, wall, len(self.images))
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.subscriber:
+                self.pub.send(END, {"type": END})
+                received = self._results.recv() if self._results.poll(60) else []
+                self._receiver.join(10)
+                if len(received) != self._labels and exc[0] is None:
+                    raise RuntimeError(f"bench: the subscriber received {len(received)} of {self._labels} events")
+        finally:
+            self._stack.close()
 
 
 def bench_seed(model_id: str, images: list[np.ndarray]) -> dict[str, Any]:
@@ -183,10 +222,10 @@ def int8_model(settings: Settings, fp32: OnnxClassifier, calibration: int = 300)
 
 def run_bench(
     settings: Settings,
-    frames: int = 500,
+    frames: int = 200,
     seed_frames: int = 100,
     batch: int = 8,
-    rounds: int = 5,
+    rounds: int = 12,
     int8: Path | None = None,
     with_int8: bool = True,
 ) -> dict[str, Any]:
@@ -208,14 +247,24 @@ def run_bench(
         models["int8"] = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
     tensors = [fp32.prepare(img) for img in images]
     runs: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(rounds):
+    with contextlib.ExitStack() as stack:
+        paths: list[tuple[str, Callable[[], dict[str, Any]]]] = []
         for precision, classifier in models.items():
-            for row in (
-                bench_bare(classifier.path, settings.model.threads, tensors, settings.model.providers),
-                bench_daemon(settings, classifier, images, 1, subscriber=True),
-                bench_daemon(settings, classifier, images, 1, subscriber=False),
-                *([bench_daemon(settings, classifier, images, batch, subscriber=True)] if batch > 1 else []),
-            ):
+            bare = BareLoop(classifier.path, settings.model.threads, tensors, settings.model.providers)
+            sub = stack.enter_context(DaemonPath(classifier, images, subscriber=True))
+            alone = stack.enter_context(DaemonPath(classifier, images, subscriber=False))
+            sub(1)  # the pipeline's first frames warm its session up, as BareLoop's do
+            paths += [
+                (precision, bare),
+                (precision, functools.partial(sub, 1)),
+                (precision, functools.partial(alone, 1)),
+            ]
+            if batch > 1:
+                paths.append((precision, functools.partial(sub, batch)))
+        for r in range(rounds):
+            # Reversed every other round, so a trend in the machine's load favours no path.
+            for precision, measure in paths if r % 2 == 0 else paths[::-1]:
+                row = measure()
                 row["name"] = f"{precision} {row['name']}"
                 runs.setdefault(row["name"], []).append(row)
     rows = [_pool(name, rs) for name, rs in runs.items()]

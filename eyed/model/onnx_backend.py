@@ -13,10 +13,15 @@ from eyed.config import ModelConfig
 from eyed.model.checkpoint import ModelLoadError
 from eyed.model.export import (
     FORMAT,
+    K_NAME,
     META_FORMAT,
     META_LABELS,
     META_MODEL_ID,
     META_PREPROCESS,
+    OUTPUT_NAME,
+    PROBS_NAME,
+    TOP_IDS_NAME,
+    TOP_SCORES_NAME,
     ensure_onnx,
 )
 from eyed.model.labels import build_mapper
@@ -82,12 +87,19 @@ class OnnxClassifier:
         self.input_shape = self.prepare.shape
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
         self._input = self.session.get_inputs()[0].name
+        # Fed with every run (onnxruntime reads numpy inputs in place): how many classes TopK returns.
+        self._k = np.array([self.post.topk], dtype=np.int64)
+        self._outputs = [PROBS_NAME, TOP_SCORES_NAME, TOP_IDS_NAME]
+
+    def _run(self, outputs: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(outputs, {self._input: batch, K_NAME: self._k})
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self._input: batch})[0]
+        return self._run([OUTPUT_NAME], batch)[0]
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
-        return self.post(self.logits(batch))
+        # Softmax and top-k ran in the graph (eyed.model.export.append_postprocessing).
+        return self.post.from_topk(*self._run(self._outputs, batch))
 
     def close(self) -> None:
         # InferenceSession has no close(); dropping the reference frees its arena.

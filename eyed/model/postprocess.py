@@ -26,20 +26,21 @@ class Postprocessor:
         self.mapper = mapper
 
     def __call__(self, logits: np.ndarray) -> list[Prediction]:
-        # Few, whole-row numpy calls: right after an inference each call runs on cold caches (measured ~5-10 us
-        # apiece instead of 1-2), so their number, not their arithmetic, is what this costs per frame.
+        """Softmax and top-k in numpy: the torch backend's way (the ONNX graph does both itself)."""
         probs = softmax(np.atleast_2d(logits))
+        # A stable sort of the whole row, so equal scores rank by class id, as np.argmax, the coarse label and
+        # ONNX TopK do (argpartition would pick among ties at the k-th place arbitrarily).
+        best = np.argsort(-probs, axis=1, kind="stable")[:, : self.topk]
+        return self.from_topk(probs, np.take_along_axis(probs, best, axis=1), best)
+
+    def from_topk(self, probs: np.ndarray, top_scores: np.ndarray, top_ids: np.ndarray) -> list[Prediction]:
+        """Predictions from probabilities and their top-k (N, >= k), best first."""
+        # Plain Python on small lists from here on: right after an inference every numpy call runs on cold
+        # caches (measured 5-10 us apiece instead of 1-2), so their number is what this costs per frame.
         k = self.topk
         out = []
-        for row in probs:
-            # argpartition finds the k best in O(C); only those k are then sorted.
-            # Sorted ids first, so equal scores rank by class id, as np.argmax (and the coarse label) does.
-            best = np.sort(np.argpartition(row, -k)[-k:]) if k < row.shape[0] else np.arange(row.shape[0])
-            scores = row[best]
-            order = np.argsort(-scores, kind="stable")
-            topk = tuple(
-                Scored(self.labels[i], i, p) for i, p in zip(best[order].tolist(), scores[order].tolist(), strict=True)
-            )
+        for row, ids, scores in zip(probs, top_ids[:, :k].tolist(), top_scores[:, :k].tolist(), strict=True):
+            topk = tuple(Scored(self.labels[i], i, p) for i, p in zip(ids, scores, strict=True))
             coarse = self.mapper.coarse(row) if self.mapper is not None else None
             out.append(Prediction(topk=topk, coarse=coarse, probs=row))
         return out

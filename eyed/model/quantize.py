@@ -73,16 +73,15 @@ def _prepared(settings: Settings, prepare: Any, skip: int, limit: int) -> tuple[
 
 def float_nodes(model: Any, leading_convs: int = FLOAT_LEADING_CONVS) -> list[str]:
     """Names of the nodes left in float: the input stage and the first ``leading_convs`` convolutions (every
-    node before the first quantised one), and the final Gemm/MatMul."""
+    node before the first quantised one), and the final Gemm/MatMul with everything after it (softmax, top-k)."""
     nodes = list(model.graph.node)
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
     if not convs:
         raise ModelLoadError("the model has no convolution: not a model eyed knows how to quantise")
     first_quantised = convs[min(leading_convs, len(convs) - 1)]
     keep = [n.name for n in nodes[:first_quantised]]
-    last = next((n for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
-    if last is not None:
-        keep.append(last.name)
+    last = max((i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul")), default=len(nodes))
+    keep += [n.name for n in nodes[last:]]
     return keep
 
 
@@ -175,7 +174,8 @@ def export_int8(settings: Settings, output: Path, calibration: int = 300, check:
     seconds = time.monotonic() - t0
     record: dict[str, Any] = {
         "method": "static QDQ, per-channel int8 weights, uint8 activations, min/max with moving average",
-        "float_nodes": f"input normalisation, first {FLOAT_LEADING_CONVS} convolutions, final classifier layer",
+        "float_nodes": f"input normalisation, first {FLOAT_LEADING_CONVS} convolutions, final classifier layer "
+        "and what follows it (softmax, top-k)",
         "from": str(fp32.path),
         "calibration": {
             "dataset": src.dataset,

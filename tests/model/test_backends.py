@@ -81,6 +81,48 @@ def test_onnx_predict(onnx_classifier: Classifier) -> None:
         assert 0.0 <= pred.coarse.score <= 1.0
 
 
+@pytest.mark.parametrize("k", [1, 3, 1001])
+def test_onnx_graph_postprocessing_matches_numpy(tiny_onnx: Path, k: int) -> None:
+    """Softmax and top-k in the exported graph give what the numpy postprocessor gives on its logits."""
+    clf = load_classifier(ModelConfig(onnx=tiny_onnx, topk=min(k, 100)))
+    batch = batch_of(clf, synthetic_images(6, seed=5, size=40))
+    in_graph = clf.predict(batch)
+    in_numpy = clf.post(clf.logits(batch))  # type: ignore[attr-defined]
+    assert len(in_graph) == len(in_numpy) == 6
+    for a, b in zip(in_graph, in_numpy, strict=True):
+        assert len(a.topk) == min(k, 100)
+        assert [s.class_id for s in a.topk] == [s.class_id for s in b.topk]
+        assert [s.score for s in a.topk] == pytest.approx([s.score for s in b.topk], abs=1e-6)
+        assert np.allclose(a.probs, b.probs, atol=1e-6)
+        assert a.coarse == b.coarse or (a.coarse and b.coarse and a.coarse.label == b.coarse.label)
+
+
+def test_graph_topk_ranks_ties_by_class_id_like_numpy(tmp_path: Path) -> None:
+    """Equal scores rank by class id in both postprocessing paths, so both backends list ties alike."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from eyed.model.export import K_NAME, OUTPUT_NAME, TOP_IDS_NAME, TOP_SCORES_NAME, append_postprocessing
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], [OUTPUT_NAME])],
+        "ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", 6])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    append_postprocessing(proto)
+    onnx.checker.check_model(proto)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = np.array([[0.0, 2.0, 1.0, 2.0, 2.0, 1.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]], dtype=np.float32)
+    scores, ids = session.run([TOP_SCORES_NAME, TOP_IDS_NAME], {"x": logits, K_NAME: np.array([4], dtype=np.int64)})
+    assert ids.tolist() == [[1, 3, 4, 2], [0, 1, 2, 3]]
+    post = Postprocessor([f"l{i}" for i in range(6)], topk=4, mapper=None)
+    assert [[s.class_id for s in p.topk] for p in post(logits)] == ids.tolist()
+    assert [[s.class_id for s in p.topk] for p in post.from_topk(softmax(logits), scores, ids)] == ids.tolist()
+
+
 def test_torch_and_onnx_agree(onnx_classifier: Classifier, torch_classifier: Classifier) -> None:
     images = synthetic_images(5, seed=2, size=40)
     batch = batch_of(onnx_classifier, images)
