@@ -116,9 +116,9 @@ class Preprocessor:
             interp = cv2.INTER_CUBIC
         else:
             new_h, new_w = self.resized_size(h, w)
-            # INTER_AREA averages when shrinking, like PIL's antialiased bilinear; INTER_LINEAR matches PIL's
-            # bilinear when growing.
-            interp = cv2.INTER_AREA if new_h * new_w < h * w else cv2.INTER_LINEAR
+            if new_h * new_w < h * w:
+                return self._shrink(image, new_h, new_w, out)
+            interp = cv2.INTER_LINEAR  # matches PIL's bilinear when growing
         if out is None:
             out = np.empty(self.shape, dtype=np.uint8)
         if (new_h, new_w) == (ch, cw):
@@ -127,6 +127,32 @@ class Preprocessor:
         top, left = (new_h - ch) // 2, (new_w - cw) // 2
         out[...] = resized[top : top + ch, left : left + cw]
         return out
+
+    def _shrink(self, image: np.ndarray, new_h: int, new_w: int, out: np.ndarray | None) -> np.ndarray:
+        """Shortest-edge downscale to (new_h, new_w) and centre crop, resizing only what the crop keeps.
+
+        INTER_AREA averages, like PIL's antialiased bilinear. Only the part of the frame that the centre crop
+        keeps is resized (under half of a 16:9 frame), and a frame several times the crop is first reduced
+        by a whole factor, for which OpenCV has a fast path. A 1080p camera frame: 4.6 ms -> about 1 ms here,
+        within 2 grey levels of resizing the whole frame and then cropping (tests/model/test_preprocess.py).
+        """
+        h, w = image.shape[:2]
+        ch, cw = self.spec.crop
+        top, left = (new_h - ch) // 2, (new_w - cw) // 2
+        y0, y1 = round(top * h / new_h), round((top + ch) * h / new_h)
+        x0, x1 = round(left * w / new_w), round((left + cw) * w / new_w)
+        factor = min((y1 - y0) // ch, (x1 - x0) // cw)
+        if factor >= 2:
+            # Trim to a multiple of the factor, evenly on both sides, so the crop stays centred.
+            dy, dx = (y1 - y0) % factor, (x1 - x0) % factor
+            y0, x0 = y0 + dy // 2, x0 + dx // 2
+            y1, x1 = y1 - (dy - dy // 2), x1 - (dx - dx // 2)
+            size = ((x1 - x0) // factor, (y1 - y0) // factor)
+            image = cv2.resize(image[y0:y1, x0:x1], size, interpolation=cv2.INTER_AREA)
+            y0, y1, x0, x1 = 0, size[1], 0, size[0]
+        if out is None:
+            out = np.empty(self.shape, dtype=np.uint8)
+        return cv2.resize(image[y0:y1, x0:x1], (cw, ch), dst=out, interpolation=cv2.INTER_AREA)
 
     def normalise(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, 3, H, W): rescale and normalise, as the ONNX graph does."""

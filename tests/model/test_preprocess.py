@@ -166,6 +166,34 @@ def test_centre_crop_is_centred() -> None:
     assert columns.max() == 119
 
 
+@pytest.mark.parametrize("size", [(720, 1280), (1080, 1920), (1920, 1080), (2000, 600), (480, 640)])
+def test_large_frames_match_resizing_the_whole_frame(size: tuple[int, int]) -> None:
+    """Camera frames are resized only where the crop lands, and big ones first by a whole factor: the result
+    stays within 2 grey levels of resizing the whole frame with INTER_AREA and cropping."""
+    image = smooth_image(*size, seed=size[1])
+    pre = Preprocessor(SPEC, "checkpoint")
+    new_h, new_w = pre.resized_size(*size)
+    whole = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    top, left = (new_h - 224) // 2, (new_w - 224) // 2
+    expected = whole[top : top + 224, left : left + 224].astype(int)
+    diff = np.abs(pre(image).astype(int) - expected)
+    assert diff.max() <= 2 and diff.mean() < 0.3
+
+
+@pytest.mark.parametrize(("height", "width"), [(1080, 1920), (1920, 1080)])
+def test_large_frame_crop_is_centred(height: int, width: int) -> None:
+    """A bright band across the middle of a 1080p frame lands in the middle of the crop, to half a pixel."""
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    if width > height:
+        image[:, width // 2 - 40 : width // 2 + 40] = 255
+        profile = Preprocessor(SPEC)(image)[100, :, 0]
+    else:
+        image[height // 2 - 40 : height // 2 + 40] = 255
+        profile = Preprocessor(SPEC)(image)[:, 100, 0]
+    bright = np.flatnonzero(profile > 127)
+    assert abs((bright.min() + bright.max()) / 2 - 111.5) <= 0.5
+
+
 def test_channels_stay_in_rgb_order() -> None:
     """A pure red image gives the maximum in channel 0 only."""
     image = np.zeros((64, 64, 3), dtype=np.uint8)
@@ -226,7 +254,7 @@ def hf_processor(real_model: Path) -> Any:
 
 
 @pytest.mark.assets
-@pytest.mark.parametrize("size", [(32, 32), (300, 200), (200, 300), (480, 640), (640, 480), (224, 224)])
+@pytest.mark.parametrize("size", [(32, 32), (300, 200), (200, 300), (480, 640), (640, 480), (224, 224), (1080, 1920)])
 def test_matches_transformers_on_real_checkpoint(real_model: Path, hf_processor: Any, size: tuple[int, int]) -> None:
     from PIL import Image
 
