@@ -15,8 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from eyed.model.checkpoint import (
     ModelLoadError,
     fingerprint,
@@ -149,17 +147,16 @@ def append_postprocessing(proto: Any) -> None:
 
     Done by onnxruntime in one call with the inference, these cost a few microseconds; the same softmax,
     argpartition and sort in numpy right after ``session.run`` cost 70-190 us per frame on cold caches here,
-    the largest part of what the daemon adds to a bare onnxruntime loop. ``k`` is an input with a default of
-    5 (an initializer of the same name), so ``model.topk`` stays a run-time setting and a plain
-    ``session.run(None, {"pixels": x})`` still works.
+    the largest part of what the daemon adds to a bare onnxruntime loop. ``k`` is an input, so ``model.topk``
+    stays a run-time setting. It has no default: an initializer of the same name would be one, but
+    onnxruntime then warns at every session start that it cannot fold it.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     graph = proto.graph
     logits = next(o for o in graph.output if o.name == OUTPUT_NAME)
     classes = logits.type.tensor_type.shape.dim[1].dim_value
     graph.input.append(helper.make_tensor_value_info(K_NAME, TensorProto.INT64, [1]))
-    graph.initializer.append(numpy_helper.from_array(np.array([min(5, classes)], dtype=np.int64), K_NAME))
     graph.node.extend(
         [
             helper.make_node("Softmax", [OUTPUT_NAME], [PROBS_NAME], name="eyed_softmax", axis=-1),

@@ -28,7 +28,7 @@ import numpy as np
 
 from eyed.config import Settings
 from eyed.model.checkpoint import ModelLoadError
-from eyed.model.export import INPUT_NAME
+from eyed.model.export import INPUT_NAME, K_NAME
 from eyed.progress import progress
 from eyed.sources import open_recorded
 
@@ -106,7 +106,7 @@ def quantize_int8(fp32: Path, output: Path, calibration: np.ndarray) -> Path:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
+            return None if batch is None else {INPUT_NAME: batch, K_NAME: np.array([1], dtype=np.int64)}
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="eyed-quant-") as tmp:

@@ -97,6 +97,15 @@ def test_onnx_graph_postprocessing_matches_numpy(tiny_onnx: Path, k: int) -> Non
         assert a.coarse == b.coarse or (a.coarse and b.coarse and a.coarse.label == b.coarse.label)
 
 
+def test_session_start_is_quiet(tiny_onnx: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """onnxruntime says nothing when the daemon opens an exported file (it warns, for instance, about an
+    initializer that is also a graph input), so the journal holds only what eyed means to say."""
+    capfd.readouterr()
+    clf = load_classifier(ModelConfig(onnx=tiny_onnx))
+    clf.predict(batch_of(clf, synthetic_images(1, seed=3)))
+    assert capfd.readouterr().err == ""
+
+
 def test_graph_topk_ranks_ties_by_class_id_like_numpy(tmp_path: Path) -> None:
     """Equal scores rank by class id in both postprocessing paths, so both backends list ties alike."""
     import onnx
