@@ -183,7 +183,12 @@ class Pipeline:
             return
         for frame, pred in zip(frames, preds, strict=True):
             latency_ms = (time.perf_counter() - frame.t_in) * 1000.0
-            self.publisher.send(self._label_topic, label_event(self.ctx, self._seq, frame, pred, latency_ms))
+            try:
+                self.publisher.send(self._label_topic, label_event(self.ctx, self._seq, frame, pred, latency_ms))
+            except ValueError:  # NaN or infinite scores (a broken model output): JSON cannot carry them
+                self.counters.errors += 1
+                logger.error("frame %d: the model gave non-finite scores; no event", frame.index)
+                continue
             self._seq += 1
             if self.drift is not None:
                 self._watch(self.drift, frame, pred)

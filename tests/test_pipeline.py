@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ from eyed.types import Frame
 from tests.conftest import synthetic_images
 
 
-def run_pipeline(tiny_onnx: Path, tmp_path: Path, source: Any, batch: int = 1) -> list[dict[str, Any]]:
+def run_pipeline(
+    tiny_onnx: Path, tmp_path: Path, source: Any, batch: int = 1, classifier: Any = None
+) -> list[dict[str, Any]]:
     import json
 
-    classifier = load_classifier(ModelConfig(onnx=tiny_onnx, batch=batch))
+    classifier = classifier or load_classifier(ModelConfig(onnx=tiny_onnx, batch=batch))
     endpoint = f"ipc://{tmp_path}/pipe.sock"
     ctx = zmq.Context()
     events = []
@@ -82,6 +85,38 @@ def test_a_frame_that_cannot_be_resized_is_skipped_and_counted(tiny_onnx: Path, 
     labels = [e for e in events if e["type"] == "label"]
     assert [e["frame"] for e in labels] == [0, 1, 3, 4]
     assert [e["seq"] for e in labels] == [0, 1, 2, 3]
+    assert events[-1]["errors"] == 1 and events[-1]["state"] == "finished"
+
+
+class NaNOnFrame:
+    """The real classifier, except that frame ``bad`` (by call order) comes out with NaN scores."""
+
+    def __init__(self, classifier: Any, bad: int) -> None:
+        self.inner, self.bad, self.calls = classifier, bad, 0
+        self.name, self.backend, self.input_shape = classifier.name, classifier.backend, classifier.input_shape
+        self.prepare = classifier.prepare
+
+    def predict(self, batch: np.ndarray) -> list[Any]:
+        preds = self.inner.predict(batch)
+        self.calls += 1
+        if self.calls - 1 == self.bad:
+            nan = float("nan")
+            preds = [
+                dataclasses.replace(p, topk=tuple(dataclasses.replace(s, score=nan) for s in p.topk)) for p in preds
+            ]
+        return preds
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_non_finite_scores_are_skipped_and_counted(tiny_onnx: Path, tmp_path: Path) -> None:
+    """A model output that JSON cannot carry costs its own event, not the daemon."""
+    classifier = NaNOnFrame(load_classifier(ModelConfig(onnx=tiny_onnx)), bad=1)
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(synthetic_images(4)), classifier=classifier)
+    labels = [e for e in events if e["type"] == "label"]
+    assert [e["frame"] for e in labels] == [0, 2, 3]
+    assert [e["seq"] for e in labels] == [0, 1, 2]
     assert events[-1]["errors"] == 1 and events[-1]["state"] == "finished"
 
 
