@@ -30,11 +30,12 @@ from eyed.subscriber import Subscriber
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_video(path: Path, frames: int = 60) -> Path:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 15, (320, 240))
+def write_video(path: Path, frames: int = 60, size: tuple[int, int] = (320, 240)) -> Path:
+    """A small MJPG clip of smooth random pictures, ``size`` = (width, height)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 15, size)
     rng = np.random.default_rng(0)
     for _ in range(frames):
-        writer.write(cv2.resize(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), (320, 240)))
+        writer.write(cv2.resize(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), size))
     writer.release()
     return path
 

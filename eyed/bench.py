@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from eyed.config import PublishConfig, Settings
+from eyed.config import ModelConfig, PublishConfig, Settings
 from eyed.model import load_classifier
 from eyed.model.export import INPUT_NAME, K_NAME, OUTPUT_NAME
 from eyed.model.onnx_backend import OnnxClassifier, open_session
@@ -69,8 +69,8 @@ class BareLoop:
     fetching only the logits (the daemon also fetches the graph's softmax and top-k). The session is opened and
     warmed once, so every round measures steady state."""
 
-    def __init__(self, path: Path, threads: int, tensors: list[np.ndarray], providers: list[str] | None = None):
-        self.session: Any = open_session(path, threads, providers)
+    def __init__(self, path: Path, cfg: ModelConfig, tensors: list[np.ndarray]):
+        self.session: Any = open_session(path, cfg)
         self.feeds = [{INPUT_NAME: t[None], K_NAME: np.array([1], dtype=np.int64)} for t in tensors]
         for feed in self.feeds[:10]:
             self.session.run([OUTPUT_NAME], feed)
@@ -250,7 +250,7 @@ def run_bench(
     with contextlib.ExitStack() as stack:
         paths: list[tuple[str, Callable[[], dict[str, Any]]]] = []
         for precision, classifier in models.items():
-            bare = BareLoop(classifier.path, settings.model.threads, tensors, settings.model.providers)
+            bare = BareLoop(classifier.path, settings.model, tensors)
             sub = stack.enter_context(DaemonPath(classifier, images, subscriber=True))
             alone = stack.enter_context(DaemonPath(classifier, images, subscriber=False))
             sub(1)  # the pipeline's first frames warm its session up, as BareLoop's do

@@ -116,6 +116,18 @@ class ModelConfig(Section):
         "TensorrtExecutionProvider first, CPUExecutionProvider last).",
     )
     batch: int = Field(1, ge=1, le=256, description="Frames per inference call when frames are waiting.")
+    spinning: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Whether onnxruntime's threads spin between jobs. 'auto': on for a replay or file source at "
+            "fps 0 (throughput), off for cameras and paced sources, where spinning burns a core between "
+            "frames for about a millisecond of latency."
+        ),
+    )
+    graph_optimization: Literal["all", "extended", "basic", "disabled"] = Field(
+        "all", description="onnxruntime graph optimisation level."
+    )
+    cpu_arena: bool = Field(True, description="onnxruntime's CPU memory arena (off: memory back to the system sooner).")
     small_input: Literal["fit", "checkpoint"] = Field(
         "fit",
         description=(
@@ -204,6 +216,13 @@ class Settings(BaseSettings):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+
+    def runtime_model(self) -> ModelConfig:
+        """The model section with ``spinning="auto"`` decided for this source."""
+        if self.model.spinning != "auto":
+            return self.model
+        throughput = self.source.kind in ("replay", "file") and self.source.fps == 0
+        return self.model.model_copy(update={"spinning": "on" if throughput else "off"})
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:

@@ -135,7 +135,8 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
     with signals_set(stop), contextlib.ExitStack() as stack:
         notifier = stack.enter_context(Notifier())
-        classifier = load_classifier(settings.model)
+        model = settings.runtime_model()
+        classifier = load_classifier(model)
         stack.callback(classifier.close)
         logger.info("warm-up took %.0f ms", warm_up(classifier, settings.model.batch) * 1000)
         source = open_source(settings.source)
@@ -166,7 +167,13 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             notifier.notify("STOPPING=1")
             return 0
         pipeline.start()
-        logger.info("running: source=%s model=%s backend=%s", source.id, classifier.name, classifier.backend)
+        logger.info(
+            "running: source=%s model=%s backend=%s spinning=%s",
+            source.id,
+            classifier.name,
+            classifier.backend,
+            model.spinning if classifier.backend == "onnx" else "n/a",
+        )
         # A timed wait keeps the main thread responsive to signals and paces the watchdog.
         while not stop.wait(supervisor.tick_s):
             supervisor.tick()

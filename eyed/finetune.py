@@ -67,7 +67,7 @@ def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> 
     backbone = cache / "onnx" / f"{folder.name}-{fingerprint(folder)}-features-v{FORMAT}.onnx"
     if not backbone.is_file():
         export_onnx(str(folder), backbone, features=True)
-    session = open_session(backbone, settings.model.threads, settings.model.providers)
+    session = open_session(backbone, settings.model)
     spec = PreprocessSpec.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
     prepare = Preprocessor(spec, settings.model.small_input)
     buffer = np.empty((batch, *prepare.shape), dtype=np.uint8)

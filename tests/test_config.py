@@ -123,6 +123,8 @@ def test_unknown_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
         ("publish.endpoint=http://x", "publish.endpoint"),
         ("model.topk=0", "model.topk"),
         ("source.id=has space", "source.id"),
+        ("model.spinning=sometimes", "model.spinning"),
+        ("model.graph_optimization=max", "model.graph_optimization"),
     ],
 )
 def test_bad_values_name_the_field(override: str, field: str) -> None:
@@ -134,6 +136,25 @@ def test_bad_values_name_the_field(override: str, field: str) -> None:
 def test_bad_value_in_toml_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape("source.limit")):
         load_settings(write_toml(tmp_path, "[source]\nlimit = -1\n"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "spinning"),
+    [
+        ([], "on"),  # replay as fast as the model goes: throughput
+        (["source.fps=15"], "off"),  # paced replay
+        (["source.kind=file", "source.url=/tmp/clip.avi"], "on"),
+        (["source.kind=file", "source.url=/tmp/clip.avi", "source.fps=30"], "off"),
+        (["source.kind=rtsp", "source.url=rtsp://cam/stream"], "off"),  # a camera: idle cores between frames
+        (["source.kind=webcam", "source.device=0"], "off"),
+        (["source.kind=webcam", "source.device=0", "model.spinning=on"], "on"),  # an explicit choice stands
+        (["model.spinning=off"], "off"),
+    ],
+)
+def test_auto_spinning_follows_the_source(overrides: list[str], spinning: str) -> None:
+    settings = load_settings(None, overrides)
+    assert settings.runtime_model().spinning == spinning
+    assert settings.model.spinning == ("auto" if not any("spinning" in o for o in overrides) else spinning)
 
 
 def test_cross_field_rule() -> None:

@@ -64,6 +64,7 @@ def test_replay_publishes_one_event_per_frame_and_finishes(base: dict[str, objec
     final = events[-1][1]
     assert final["type"] == "health" and final["state"] == "finished"
     assert final["frames"] == 11 and final["skipped"] == 1 and final["errors"] == 0
+    assert "spinning=on" in err  # replay at fps 0: throughput
 
 
 def test_sigterm_stops_a_looping_replay_cleanly(base: dict[str, object], endpoint: str) -> None:
@@ -79,6 +80,7 @@ def test_sigterm_stops_a_looping_replay_cleanly(base: dict[str, object], endpoin
     assert time.monotonic() - t < 15
     assert seen == list(range(seen[0], seen[0] + 30))
     assert "done:" in err
+    assert "spinning=off" in err  # a paced source leaves the cores idle between frames
 
 
 @pytest.mark.parametrize(

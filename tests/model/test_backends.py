@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -95,6 +95,27 @@ def test_onnx_graph_postprocessing_matches_numpy(tiny_onnx: Path, k: int) -> Non
         assert [s.score for s in a.topk] == pytest.approx([s.score for s in b.topk], abs=1e-6)
         assert np.allclose(a.probs, b.probs, atol=1e-6)
         assert a.coarse == b.coarse or (a.coarse and b.coarse and a.coarse.label == b.coarse.label)
+
+
+@pytest.mark.parametrize(
+    ("tuning", "spin", "level", "arena"),
+    [
+        ({}, "1", "ORT_ENABLE_ALL", True),
+        ({"spinning": "off", "graph_optimization": "basic", "cpu_arena": False}, "0", "ORT_ENABLE_BASIC", False),
+        ({"spinning": "on", "graph_optimization": "disabled"}, "1", "ORT_DISABLE_ALL", True),
+    ],
+)
+def test_session_tuning_reaches_onnxruntime(
+    tiny_onnx: Path, tuning: dict[str, Any], spin: str, level: str, arena: bool
+) -> None:
+    import onnxruntime as ort
+
+    clf = load_classifier(ModelConfig(onnx=tiny_onnx, **tuning))
+    so = clf.session.get_session_options()  # type: ignore[attr-defined]
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == spin
+    assert so.graph_optimization_level == getattr(ort.GraphOptimizationLevel, level)
+    assert so.enable_cpu_mem_arena is arena
+    assert len(clf.predict(batch_of(clf, synthetic_images(1, seed=4)))) == 1
 
 
 def test_session_start_is_quiet(tiny_onnx: Path, capfd: pytest.CaptureFixture[str]) -> None:
