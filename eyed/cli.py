@@ -69,7 +69,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     endpoint = args.endpoint or _settings(args).publish.endpoint
     received = 0
-    with Subscriber(endpoint, tuple(args.topic) or ("",)) as sub:
+    with Subscriber(endpoint, tuple(args.topic) or ("",), _curve(args)) as sub:
         while args.count == 0 or received < args.count:
             try:
                 topic, payload = sub.receive(args.timeout)
@@ -91,7 +91,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or _settings(args).publish.endpoint
     topic = f"health.{args.source}" if args.source else "health."
     deadline = time.monotonic() + args.timeout
-    with Subscriber(endpoint, (topic,)) as sub:
+    with Subscriber(endpoint, (topic,), _curve(args)) as sub:
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 name, payload = sub.receive(remaining)
@@ -102,6 +102,22 @@ def cmd_health(args: argparse.Namespace) -> int:
                 return EXIT_OK
     print(f"eyed health: no live heartbeat on {endpoint} within {args.timeout:g} s", file=sys.stderr)
     return EXIT_FAILURE
+
+
+def _curve(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """(--curve-key, --server-key) for a daemon with CURVE on; both or neither."""
+    if (args.curve_key is None) != (args.server_key is None):
+        raise ConfigError("--curve-key and --server-key go together (this subscriber's secret, the daemon's public)")
+    return None if args.curve_key is None else (args.curve_key, args.server_key)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Write a CURVE key pair: NAME.key (public, to hand out) and NAME.key_secret (0600, to keep)."""
+    from eyed.curve import create_keys
+
+    public, secret = create_keys(args.output, args.name)
+    print(f"public key: {public}\nsecret key: {secret}")
+    return EXIT_OK
 
 
 def _summary(topic: str, p: dict[str, object]) -> str:
@@ -208,6 +224,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def curve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-key", type=Path, help="CURVE: this subscriber's NAME.key_secret (from eyed keys)")
+    p.add_argument("--server-key", type=Path, help="CURVE: the daemon's public NAME.key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eyed", description="Edge vision daemon: labels, never pixels.")
     common = argparse.ArgumentParser(add_help=False)
@@ -241,10 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, help="stop after this many events (0 = never)")
     p.add_argument("--timeout", type=float, default=30.0, help="give up after this many quiet seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    curve_arguments(p)
     p = add("health", cmd_health, "exit 0 if a live source's heartbeat arrives within --timeout, else 1")
     p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
     p.add_argument("--source", help="only this source.id (default: any)")
     p.add_argument("--timeout", type=float, default=12.0, help="seconds to wait (heartbeats come every 5 s)")
+    curve_arguments(p)
+    p = add("keys", cmd_keys, "write a CURVE key pair for the daemon or a subscriber")
+    p.add_argument("--output", type=Path, required=True, help="folder for NAME.key and NAME.key_secret")
+    p.add_argument("--name", default="eyed", help="file name stem (default: eyed)")
     p = add("bench", cmd_bench, "daemon path vs a bare onnxruntime loop vs the transformers loop, same frames")
     p.add_argument("--frames", type=int, default=200, help="frames per round for the onnx measurements")
     p.add_argument("--rounds", type=int, default=12, help="rounds in which the paths take turns")
@@ -290,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from eyed.curve import CurveError
     from eyed.daemon import ShutdownTimeout
     from eyed.model import ModelLoadError
     from eyed.publisher import PublishError
@@ -298,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, CurveError) as exc:
         print(f"eyed: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (ModelLoadError, SourceError, PublishError) as exc:

@@ -156,6 +156,18 @@ class PublishConfig(Section):
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between health heartbeats.")
     hwm: int = Field(10000, ge=1, description="Messages queued per subscriber before dropping.")
     linger_ms: int = Field(1000, ge=0, description="How long close() may flush queued messages.")
+    curve_secret_key: Path | None = Field(
+        None, description="CURVE: the daemon's NAME.key_secret from `eyed keys`; set, only listed clients connect."
+    )
+    curve_clients: Path | None = Field(
+        None, description="CURVE: folder of the public keys (*.key) of the subscribers allowed to connect."
+    )
+
+    @model_validator(mode="after")
+    def _check_curve(self) -> PublishConfig:
+        if (self.curve_secret_key is None) != (self.curve_clients is None):
+            raise ValueError("publish.curve_secret_key and publish.curve_clients must be set together")
+        return self
 
 
 class DriftConfig(Section):

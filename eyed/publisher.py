@@ -18,12 +18,16 @@ import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from eyed.config import PublishConfig
+from eyed.config import ConfigError, PublishConfig
+from eyed.curve import CurveError, CurveServer
 
 logger = logging.getLogger(__name__)
 
 
 _P = TypeVar("_P", bound="Publisher")
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class PublishError(Exception):
@@ -71,26 +75,49 @@ class Publisher:
         self._monitor: zmq.Socket[Any] | None = None
         self.sent = 0
         self.peers = 0
+        self._failed_pending = 0
         self.subscriptions = 0
         self.endpoint = cfg.endpoint
+        self._curve: CurveServer | None = None
 
     def __enter__(self: _P) -> _P:
+        self._curve = self._start_curve()
         sock = self.context.socket(zmq.XPUB)
+        if self._curve is not None:
+            self._curve.apply(sock)
         sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
         sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
         # Every subscription message reaches us, duplicates included, so counting them counts subscribers.
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         # Watch handshakes from before bind, so a subscriber that connects before anyone waits still counts.
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+        )
         try:
             sock.bind(self.cfg.endpoint)
         except zmq.ZMQError as exc:
             self._close(sock)
+            self._stop_curve()
             raise PublishError(f"publish.endpoint {self.cfg.endpoint}: cannot bind: {exc}") from exc
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.cfg.endpoint
         logger.info("publishing on %s", self.endpoint)
         return self
+
+    def _start_curve(self) -> CurveServer | None:
+        cfg = self.cfg
+        if cfg.curve_secret_key is None or cfg.curve_clients is None:
+            return None
+        try:
+            curve = CurveServer(self.context, cfg.curve_secret_key, cfg.curve_clients)
+        except CurveError as exc:
+            raise ConfigError(f"publish.curve_secret_key / publish.curve_clients: {exc}") from exc
+        return curve.__enter__()
+
+    def _stop_curve(self) -> None:
+        if self._curve is not None:
+            self._curve.__exit__(None, None, None)
+            self._curve = None
 
     def _close(self, sock: zmq.Socket[Any]) -> None:
         if self._monitor is not None:
@@ -105,6 +132,7 @@ class Publisher:
         if self.socket is not None:
             self._close(self.socket)
             self.socket = None
+        self._stop_curve()
         if self._own_context:
             self.context.term()
 
@@ -119,7 +147,18 @@ class Publisher:
         assert self._monitor is not None
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
-            self.peers += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.peers += 1
+            elif event & HANDSHAKE_FAILED:
+                # A failed handshake (a CURVE client with the wrong key retries again and again) is followed by
+                # a disconnect that is not a peer leaving; the monitor does not say which connection an event
+                # is about, so the next disconnect is set against it. Only handshakes that succeeded count.
+                self._failed_pending += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                if self._failed_pending:
+                    self._failed_pending -= 1
+                else:
+                    self.peers -= 1
 
     def drain_subscriptions(self) -> int:
         """Read pending (un)subscription messages; returns the net count of new subscriptions."""

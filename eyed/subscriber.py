@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import zmq
 
+from eyed.curve import apply_client
+
 
 class Subscriber:
-    """Connects to ``endpoint`` and receives ``(topic, payload)``; ``receive`` raises TimeoutError."""
+    """Connects to ``endpoint`` and receives ``(topic, payload)``; ``receive`` raises TimeoutError.
 
-    def __init__(self, endpoint: str, topics: tuple[str, ...] = ("",)) -> None:
+    ``curve`` = (this subscriber's NAME.key_secret, the daemon's public NAME.key) for a daemon with CURVE on.
+    """
+
+    def __init__(self, endpoint: str, topics: tuple[str, ...] = ("",), curve: tuple[Path, Path] | None = None) -> None:
         self.endpoint = endpoint
         self.topics = topics
+        self.curve = curve
         self.context: zmq.Context[Any] = zmq.Context()
         self.socket: zmq.Socket[Any] | None = None
 
@@ -24,7 +31,14 @@ class Subscriber:
         sock.setsockopt(zmq.RCVHWM, 100000)
         for topic in self.topics:
             sock.setsockopt_string(zmq.SUBSCRIBE, topic)
-        sock.connect(self.endpoint)
+        try:
+            if self.curve is not None:
+                apply_client(sock, *self.curve)
+            sock.connect(self.endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            self.context.term()
+            raise
         self.socket = sock
         return self
 

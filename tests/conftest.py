@@ -152,3 +152,18 @@ def free_port() -> int:
 @pytest.fixture
 def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def base(tiny_dataset: Path, tiny_onnx: Path, endpoint: str) -> dict[str, object]:
+    """Settings for `eyed run` on the tiny dataset and model, waiting for one subscriber on ``endpoint``."""
+    return {
+        "source.dataset": tiny_dataset,
+        "source.split": "train",
+        "source.id": "tiny",
+        "model.onnx": tiny_onnx,
+        "publish.endpoint": endpoint,
+        "publish.wait_subscribers": 1,
+        "publish.wait_timeout_s": 30,
+        "publish.heartbeat_s": 0.5,
+    }

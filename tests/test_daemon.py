@@ -14,20 +14,6 @@ from tests.conftest import CIFAR10
 from tests.daemon_helpers import collect, finish, start_daemon
 
 
-@pytest.fixture
-def base(tiny_dataset: Path, tiny_onnx: Path, endpoint: str) -> dict[str, object]:
-    return {
-        "source.dataset": tiny_dataset,
-        "source.split": "train",
-        "source.id": "tiny",
-        "model.onnx": tiny_onnx,
-        "publish.endpoint": endpoint,
-        "publish.wait_subscribers": 1,
-        "publish.wait_timeout_s": 30,
-        "publish.heartbeat_s": 0.5,
-    }
-
-
 def test_replay_publishes_one_event_per_frame_and_finishes(base: dict[str, object], endpoint: str) -> None:
     proc = start_daemon(base)
     events = collect(endpoint)

@@ -1,0 +1,81 @@
+"""ZeroMQ CURVE for the event socket: keys, the daemon's server side and a subscriber's client side.
+
+With ``publish.curve_secret_key`` set, the PUB socket only completes handshakes with subscribers whose public
+key is in ``publish.curve_clients``, and everything on the wire is encrypted. pyzmq's ThreadAuthenticator
+does the checking (ZAP); this module only wires keys to sockets. Key files are ZeroMQ's own certificate
+format (``zmq.auth``): ``NAME.key`` holds the public key, ``NAME.key_secret`` both keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+logger = logging.getLogger(__name__)
+
+
+class CurveError(Exception):
+    """A key file is missing or unreadable."""
+
+
+def create_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """Write a new key pair as ``folder/NAME.key`` (public, to hand out) and ``NAME.key_secret`` (kept, 0600)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    public, secret = (Path(p) for p in zmq.auth.create_certificates(folder, name))
+    os.chmod(secret, 0o600)
+    return public, secret
+
+
+def load_keys(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret) from a certificate file; CurveError naming the file when it is unusable."""
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise CurveError(f"{path}: cannot read a ZeroMQ certificate: {exc}") from exc
+    if secret and secret_key is None:
+        raise CurveError(f"{path}: holds no secret key (give the NAME.key_secret file written by `eyed keys`)")
+    return public, secret_key
+
+
+class CurveServer:
+    """Makes a socket a CURVE server that accepts only the public keys found in ``clients``."""
+
+    def __init__(self, context: zmq.Context[Any], secret_key: Path, clients: Path) -> None:
+        self.public, self.secret = load_keys(secret_key, secret=True)
+        if not clients.is_dir():
+            raise CurveError(f"{clients}: no such folder of client public keys")
+        self.allowed = sorted(clients.glob("*.key"))
+        if not self.allowed:
+            logger.warning("CURVE: no client keys (*.key) in %s: no subscriber can connect", clients)
+        self.clients = clients
+        self._auth = ThreadAuthenticator(context)
+
+    def __enter__(self) -> CurveServer:
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(self.clients))
+        logger.info("CURVE: %d allowed client key(s) from %s", len(self.allowed), self.clients)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._auth.stop()
+
+    def apply(self, sock: zmq.Socket[Any]) -> None:
+        """Before bind: the socket's own keys, and the server role."""
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+
+
+def apply_client(sock: zmq.Socket[Any], secret_key: Path, server_key: Path) -> None:
+    """Before connect: a subscriber's own key pair and the daemon's public key."""
+    public, secret = load_keys(secret_key, secret=True)
+    server_public, _ = load_keys(server_key, secret=False)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = server_public

@@ -1,0 +1,142 @@
+"""CURVE on the event socket: only subscribers whose public key is allowed receive anything."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from eyed.cli import EXIT_CONFIG, EXIT_OK, main
+from eyed.config import ConfigError, PublishConfig
+from eyed.curve import CurveError, create_keys
+from eyed.publisher import Publisher
+from eyed.subscriber import Subscriber
+from tests.daemon_helpers import finish, start_daemon
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Path]:
+    """The daemon's pair, an allowed subscriber's pair (public key in clients/) and a stranger's pair."""
+    server_pub, server_secret = create_keys(tmp_path / "server", "eyed")
+    allowed_pub, allowed_secret = create_keys(tmp_path / "allowed", "dashboard")
+    _, stranger_secret = create_keys(tmp_path / "stranger", "stranger")
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    (clients / allowed_pub.name).write_bytes(allowed_pub.read_bytes())
+    return {
+        "server_pub": server_pub,
+        "server_secret": server_secret,
+        "allowed_secret": allowed_secret,
+        "stranger_secret": stranger_secret,
+        "clients": clients,
+    }
+
+
+def test_eyed_keys_writes_a_pair_with_a_private_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "--output", str(tmp_path / "k"), "--name", "cam1"]) == EXIT_OK
+    public, secret = tmp_path / "k" / "cam1.key", tmp_path / "k" / "cam1.key_secret"
+    assert str(public) in capsys.readouterr().out
+    assert "secret-key" in secret.read_text() and "secret-key" not in public.read_text()
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def test_only_the_allowed_key_receives(keys: dict[str, Path], endpoint: str) -> None:
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
+    with (
+        Publisher(cfg) as pub,
+        Subscriber(pub.endpoint, ("label.",), (keys["allowed_secret"], keys["server_pub"])) as allowed,
+        Subscriber(pub.endpoint, ("label.",), (keys["stranger_secret"], keys["server_pub"])) as stranger,
+        Subscriber(pub.endpoint, ("label.",)) as plain,
+    ):
+        pub.wait_for_subscribers(1, 10)
+        for seq in range(20):
+            pub.send("label.cam", {"seq": seq})
+        got = [allowed.receive(5)[1]["seq"] for _ in range(20)]
+        assert got == list(range(20))
+        for outsider in (stranger, plain):
+            with pytest.raises(TimeoutError):
+                outsider.receive(0.5)
+        pub.wait_for_subscribers(1, 1)
+        assert pub.peers <= 1  # the other two never completed a handshake, so they never count
+
+
+def test_eyed_subscribe_with_keys(keys: dict[str, Path], endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`eyed subscribe --curve-key --server-key` is the allowed client; without them it hears nothing."""
+    import threading
+
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
+    with Publisher(cfg) as pub:
+        stop = threading.Event()
+
+        def publish() -> None:
+            seq = 0
+            while not stop.is_set():
+                pub.send("label.cam", {"seq": seq})
+                seq += 1
+                stop.wait(0.02)
+
+        sender = threading.Thread(target=publish)
+        sender.start()
+        try:
+            curve = ["--curve-key", str(keys["allowed_secret"]), "--server-key", str(keys["server_pub"])]
+            args = ["subscribe", "--endpoint", endpoint, "--count", "3", "--json", "--timeout", "10"]
+            assert main([*args, *curve]) == EXIT_OK
+            assert capsys.readouterr().out.count('"topic": "label.cam"') == 3
+            assert main([*args[:-1], "1"]) == 1  # no keys: nothing within a second
+            assert main([*args, "--curve-key", str(keys["allowed_secret"])]) == EXIT_CONFIG
+        finally:
+            stop.set()
+            sender.join()
+
+
+def test_curve_settings_go_together() -> None:
+    with pytest.raises(ValueError, match=r"curve_secret_key and publish\.curve_clients"):
+        PublishConfig(curve_secret_key=Path("/x.key_secret"))
+
+
+def test_a_public_key_given_as_the_secret_is_a_config_error(keys: dict[str, Path], endpoint: str) -> None:
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_pub"], curve_clients=keys["clients"])
+    with pytest.raises(ConfigError, match="no secret key"), Publisher(cfg):
+        pass
+
+
+def test_subscriber_with_a_missing_key_file_fails_cleanly(keys: dict[str, Path], tmp_path: Path) -> None:
+    with (
+        pytest.raises(CurveError, match="cannot read"),
+        Subscriber("tcp://127.0.0.1:1", ("",), (tmp_path / "no", keys["server_pub"])),
+    ):
+        pass
+
+
+def test_daemon_with_curve_serves_only_the_allowed_subscriber(
+    base: dict[str, object], keys: dict[str, Path], endpoint: str
+) -> None:
+    settings = {
+        **base,
+        "publish.endpoint": endpoint,
+        "publish.curve_secret_key": str(keys["server_secret"]),
+        "publish.curve_clients": str(keys["clients"]),
+    }
+    with Subscriber(endpoint, ("label.",)) as plain:
+        with Subscriber(endpoint, ("label.",), (keys["allowed_secret"], keys["server_pub"])) as allowed:
+            proc = start_daemon(settings)  # base waits for 1 subscriber: only the allowed one counts
+            labels = [allowed.receive(30)[1] for _ in range(11)]
+            code, err = finish(proc)
+        assert code == 0, err
+        assert [p["seq"] for p in labels] == list(range(11))
+        with pytest.raises(TimeoutError):
+            plain.receive(0.5)
+
+
+def test_daemon_exits_78_on_a_missing_client_folder(
+    base: dict[str, object], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = {
+        **base,
+        "publish.curve_secret_key": str(keys["server_secret"]),
+        "publish.curve_clients": str(tmp_path / "nowhere"),
+    }
+    code, err = finish(start_daemon(settings))
+    assert code == EXIT_CONFIG, err
+    assert "publish.curve_clients" in err and "no such folder" in err
