@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import statistics
 import tempfile
@@ -102,17 +103,17 @@ def _receive(endpoint: str, conn: Any) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 60000)  # a blocking receive, not a poll and a receive: one call per event
     sock.setsockopt(zmq.SUBSCRIBE, b"label.")  # END included
     sock.connect(endpoint)
     end = END.encode()
     payloads: list[bytes] = []
-    with contextlib.suppress(zmq.Again):
-        while True:
-            topic, payload = sock.recv_multipart()
-            if topic == end:
-                break
-            payloads.append(payload)
+    # A blocking receive with no timeout (the other paths' rounds may take minutes on a small board): the
+    # END message ends it, and the parent terminates this process if that never comes.
+    while True:
+        topic, payload = sock.recv_multipart()
+        if topic == end:
+            break
+        payloads.append(payload)
     sock.close(linger=0)
     ctx.term()
     conn.send([json.loads(p)["latency_ms"] for p in payloads])
@@ -154,8 +155,19 @@ class DaemonPath:
             self._results, child = mp.Pipe(duplex=False)
             self._receiver = mp.Process(target=_receive, args=(self.pub.endpoint, child), daemon=True)
             self._receiver.start()
-            self.pub.wait_for_subscribers(1, 60)
+            self._stack.callback(self._stop_receiver)
+            try:
+                self.pub.wait_for_subscribers(1, 60)
+            except BaseException:
+                self._stack.close()
+                raise
         return self
+
+    def _stop_receiver(self) -> None:
+        self._receiver.join(10)
+        if self._receiver.is_alive():
+            self._receiver.terminate()
+            self._receiver.join(5)
 
     def __call__(self, batch: int) -> dict[str, Any]:
         pipeline = Pipeline(MemorySource(self.images), self.classifier, self.pub, batch=batch, heartbeat_s=3600)
@@ -178,7 +190,6 @@ class DaemonPath:
             if self.subscriber:
                 self.pub.send(END, {"type": END})
                 received = self._results.recv() if self._results.poll(60) else []
-                self._receiver.join(10)
                 if len(received) != self._labels and exc[0] is None:
                     raise RuntimeError(f"bench: the subscriber received {len(received)} of {self._labels} events")
         finally:
@@ -212,7 +223,9 @@ def int8_model(settings: Settings, fp32: OnnxClassifier, calibration: int = 300)
     """The INT8 version of the benchmarked model, quantised once into the cache (calibrated on the source)."""
     from eyed.model.quantize import export_int8
 
-    path = settings.model.cache_dir.expanduser() / "onnx" / f"{fp32.path.stem}-int8-c{calibration}.onnx"
+    # The FP32 file's content is part of the name: a re-exported or replaced model.onnx gets a new INT8 file.
+    digest = hashlib.sha256(fp32.path.read_bytes()).hexdigest()[:12]
+    path = settings.model.cache_dir.expanduser() / "onnx" / f"{fp32.path.stem}-{digest}-int8-c{calibration}.onnx"
     if not path.is_file():
         logger.warning("quantising %s to INT8 for the benchmark (once): %s", fp32.path, path)
         model = settings.model.model_copy(update={"onnx": fp32.path})

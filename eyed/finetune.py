@@ -21,7 +21,7 @@ import numpy as np
 
 from eyed.config import Settings
 from eyed.model.checkpoint import ModelLoadError, fingerprint, resolve_checkpoint
-from eyed.model.export import FORMAT, export_onnx
+from eyed.model.export import FEATURES_FORMAT, export_onnx
 from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
 from eyed.progress import progress
@@ -52,7 +52,7 @@ class Features:
 def _cache_key(settings: Settings, folder: Path, flip: bool) -> str:
     src = settings.source
     parts = [str(folder), fingerprint(folder), src.dataset, src.split, src.skip, src.limit, settings.model.small_input]
-    return hashlib.sha256(json.dumps([*parts, flip, FORMAT], default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([*parts, flip, FEATURES_FORMAT], default=str).encode()).hexdigest()[:16]
 
 
 def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> Features:
@@ -64,7 +64,7 @@ def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> 
         logger.info("using cached features %s", path)
         data = np.load(path, allow_pickle=False)
         return Features(data["x"], data["x_flip"] if flip else None, data["y"], [str(c) for c in data["classes"]])
-    backbone = cache / "onnx" / f"{folder.name}-{fingerprint(folder)}-features-v{FORMAT}.onnx"
+    backbone = cache / "onnx" / f"{folder.name}-{fingerprint(folder)}-features-v{FEATURES_FORMAT}.onnx"
     if not backbone.is_file():
         export_onnx(str(folder), backbone, features=True)
     session = open_session(backbone, settings.model)

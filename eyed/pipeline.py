@@ -190,9 +190,10 @@ class Pipeline:
                 logger.error("frame %d: the model gave non-finite scores; no event", frame.index)
                 continue
             self._seq += 1
+            # Counted per event sent, so frames + errors is every frame read, as for the failures above.
+            self.counters.frames += 1
             if self.drift is not None:
                 self._watch(self.drift, frame, pred)
-        self.counters.frames += len(frames)
 
     def _watch(self, drift: DriftWatch, frame: Frame, pred: Prediction) -> None:
         """After the label event is out, so drift statistics never add to its latency."""

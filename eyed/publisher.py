@@ -14,6 +14,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
+import numpy as np
 import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -39,24 +40,24 @@ def encode(payload: dict[str, Any]) -> bytes:
 
     orjson, because the standard library's encoder cost 20-40 us per label event in the daemon's loop (cold
     caches right after an inference), a few percent of an INT8 frame; orjson with the check below costs a
-    few. orjson itself would write a non-finite float as null, hence the check.
+    few. orjson itself would write a non-finite float as null, hence the check. numpy scalars are accepted
+    (and checked) like Python floats and ints.
     """
     if not _finite(payload):
         raise ValueError("event payload holds a NaN or infinite number, which JSON cannot carry")
-    return orjson.dumps(payload)
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _finite(payload: dict[str, Any]) -> bool:
     stack: list[Any] = [payload]
     while stack:
         value = stack.pop()
-        kind = type(value)
-        if kind is float:
+        if isinstance(value, float | np.floating):
             if not math.isfinite(value):
                 return False
-        elif kind is dict:
+        elif isinstance(value, dict):
             stack.extend(value.values())
-        elif kind is list or kind is tuple:
+        elif isinstance(value, list | tuple):
             stack.extend(value)
     return True
 

@@ -11,7 +11,7 @@ import pytest
 from eyed.cli import main
 from eyed.config import ModelConfig
 from eyed.model import load_classifier
-from tests.conftest import CIFAR10, write_parquet_dataset
+from tests.conftest import CIFAR10, synthetic_images, write_parquet_dataset
 from tests.daemon_helpers import collect, finish, start_daemon
 
 
@@ -56,8 +56,12 @@ def test_finetune_saves_a_cifar10_checkpoint_and_onnx(
     assert report["train_images"] == 54 and report["val_images"] == 6
     # Colour is all it takes here, and even a random tiny backbone sees colour.
     assert report["train_accuracy"] >= 0.9
-    classifier = load_classifier(ModelConfig(onnx=tmp_path / "ft" / "model.onnx"))
+    classifier = load_classifier(ModelConfig(onnx=tmp_path / "ft" / "model.onnx", topk=100))
     assert classifier.post.labels == CIFAR10  # type: ignore[attr-defined]
+    # model.topk above the model's 10 classes: the graph's TopK is asked for all 10 (more would fail), best first.
+    (pred,) = classifier.predict(np.stack([classifier.prepare(synthetic_images(1, seed=6)[0])]))
+    assert sorted(s.class_id for s in pred.topk) == list(range(10))
+    assert [s.score for s in pred.topk] == sorted((s.score for s in pred.topk), reverse=True)
 
 
 def test_finetune_is_deterministic_and_reuses_its_feature_cache(

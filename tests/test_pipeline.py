@@ -117,7 +117,7 @@ def test_non_finite_scores_are_skipped_and_counted(tiny_onnx: Path, tmp_path: Pa
     labels = [e for e in events if e["type"] == "label"]
     assert [e["frame"] for e in labels] == [0, 2, 3]
     assert [e["seq"] for e in labels] == [0, 1, 2]
-    assert events[-1]["errors"] == 1 and events[-1]["state"] == "finished"
+    assert events[-1]["errors"] == 1 and events[-1]["frames"] == 3 and events[-1]["state"] == "finished"
 
 
 def test_frames_are_frozen() -> None:

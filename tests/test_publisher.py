@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import zmq
 
@@ -201,7 +202,12 @@ def test_encode_is_compact_utf8_json() -> None:
     assert encode({"label": "café", "score": 0.5}) == '{"label":"café","score":0.5}'.encode()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_encode_takes_numpy_scalars_like_python_numbers() -> None:
+    payload = {"score": np.float32(0.5), "n": np.int64(3), "rows": [np.float64(0.25)]}
+    assert encode(payload) == b'{"score":0.5,"n":3,"rows":[0.25]}'
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), np.float32("nan"), np.float64("inf")])
 def test_encode_refuses_non_finite_numbers(bad: float) -> None:
     with pytest.raises(ValueError):
         encode({"score": bad})

@@ -32,6 +32,9 @@ META_MODEL_ID = "eyed.model_id"
 META_FORMAT = "eyed.format"
 # Bumped whenever the exported graph's contract changes (input layout, outputs); part of the cache key.
 FORMAT = "3"
+# The features graph (eyed finetune) has its own contract, so a change to the classifier's outputs does not
+# throw away cached feature extracts.
+FEATURES_FORMAT = "2"
 INPUT_NAME = "pixels"  # uint8 (N, H, W, 3) RGB, resized and cropped
 K_NAME = "k"  # int64 (1,): how many classes TopK returns
 OUTPUT_NAME = "logits"
