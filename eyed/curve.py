@@ -26,9 +26,17 @@ class CurveError(Exception):
 
 def create_keys(folder: Path, name: str) -> tuple[Path, Path]:
     """Write a new key pair as ``folder/NAME.key`` (public, to hand out) and ``NAME.key_secret`` (kept, 0600)."""
+    public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
+    existing = [str(p) for p in (public, secret) if p.exists()]
+    if existing:  # a second run must not silently replace the key every subscriber trusts
+        raise CurveError(f"{', '.join(existing)} already exist(s): remove it first to make a new pair")
     folder.mkdir(parents=True, exist_ok=True)
-    public, secret = (Path(p) for p in zmq.auth.create_certificates(folder, name))
-    os.chmod(secret, 0o600)
+    old = os.umask(0o077)  # the secret is never readable by others, not even between writing and chmod
+    try:
+        zmq.auth.create_certificates(folder, name)
+    finally:
+        os.umask(old)
+    os.chmod(public, 0o644)
     return public, secret
 
 

@@ -39,6 +39,10 @@ def test_eyed_keys_writes_a_pair_with_a_private_secret(tmp_path: Path, capsys: p
     assert str(public) in capsys.readouterr().out
     assert "secret-key" in secret.read_text() and "secret-key" not in public.read_text()
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644
+    before = secret.read_bytes()
+    assert main(["keys", "--output", str(tmp_path / "k"), "--name", "cam1"]) == EXIT_CONFIG  # never overwrites
+    assert secret.read_bytes() == before
 
 
 def test_only_the_allowed_key_receives(keys: dict[str, Path], endpoint: str) -> None:
