@@ -66,9 +66,16 @@ class CurveServer:
 
     def __enter__(self) -> CurveServer:
         self._auth.start()
+        self.reload()
+        return self
+
+    def reload(self) -> int:
+        """Read the allow-list folder again; returns how many keys it holds. It applies to handshakes from now
+        on: a subscriber whose key was removed stays connected until it reconnects or the daemon restarts."""
+        self.allowed = sorted(self.clients.glob("*.key"))
         self._auth.configure_curve(domain="*", location=str(self.clients))
         logger.info("CURVE: %d allowed client key(s) from %s", len(self.allowed), self.clients)
-        return self
+        return len(self.allowed)
 
     def __exit__(self, *exc: object) -> None:
         self._auth.stop()

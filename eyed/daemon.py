@@ -40,21 +40,42 @@ def warm_up(classifier: Classifier, batch: int) -> float:
 
 
 @contextlib.contextmanager
-def signals_set(stop: threading.Event):
-    """Install SIGTERM/SIGINT handlers that only set ``stop``; restore the old ones afterwards."""
+def signals_set(stop: threading.Event, reload: threading.Event | None = None):
+    """Install handlers that only set flags: SIGTERM/SIGINT set ``stop``, SIGHUP sets ``reload``; restore the
+    old handlers afterwards."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
+
+    def hup(signum: int, frame: FrameType | None) -> None:
+        assert reload is not None
+        reload.set()
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    if reload is not None:
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def reload_now(reload: threading.Event, notifier: Notifier, publisher: Publisher) -> None:
+    """On SIGHUP: read the CURVE allow-list again, the one setting that changes without a restart."""
+    if not reload.is_set():
+        return
+    reload.clear()
+    notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    allowed = publisher.reload_clients()
+    if allowed is None:
+        logger.info("SIGHUP: nothing to reload without CURVE; restart the daemon to apply other settings")
+    else:
+        logger.info("SIGHUP: CURVE allow-list read again, %d key(s); other settings need a restart", allowed)
+    notifier.notify("READY=1")
 
 
 class Supervisor:
@@ -133,7 +154,8 @@ def build_drift(settings: Settings, classifier: Classifier) -> DriftWatch | None
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
     """Run the daemon until the source finishes (exit 0) or a signal arrives (exit 0 after clean shutdown)."""
     stop = stop or threading.Event()
-    with signals_set(stop), contextlib.ExitStack() as stack:
+    reload = threading.Event()
+    with signals_set(stop, reload), contextlib.ExitStack() as stack:
         notifier = stack.enter_context(Notifier())
         model = settings.runtime_model()
         classifier = load_classifier(model)
@@ -156,11 +178,17 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         # Ready: the model is loaded and warm, the endpoint is bound. Waiting for subscribers comes after, so a
         # unit's start-up timeout never depends on when clients show up.
         notifier.notify("READY=1", "STATUS=ready")
+
+        def waiting_tick() -> None:
+            # A key added to the allow-list and a SIGHUP can let in the subscriber being waited for.
+            reload_now(reload, notifier, publisher)
+            supervisor.tick(waiting=True)
+
         publisher.wait_for_subscribers(
             settings.publish.wait_subscribers,
             settings.publish.wait_timeout_s,
             stop=stop,
-            tick=lambda: supervisor.tick(waiting=True),
+            tick=waiting_tick,
         )
         if stop.is_set():
             logger.info("stopped before the first frame")
@@ -176,6 +204,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         )
         # A timed wait keeps the main thread responsive to signals and paces the watchdog.
         while not stop.wait(supervisor.tick_s):
+            reload_now(reload, notifier, publisher)
             supervisor.tick()
         notifier.notify("STOPPING=1", "STATUS=stopping")
         if not pipeline.done.is_set():

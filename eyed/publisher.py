@@ -115,6 +115,10 @@ class Publisher:
             raise ConfigError(f"publish.curve_secret_key / publish.curve_clients: {exc}") from exc
         return curve.__enter__()
 
+    def reload_clients(self) -> int | None:
+        """Read the CURVE allow-list again (SIGHUP); the number of allowed keys, or None without CURVE."""
+        return self._curve.reload() if self._curve is not None else None
+
     def _stop_curve(self) -> None:
         if self._curve is not None:
             self._curve.__exit__(None, None, None)

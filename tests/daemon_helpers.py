@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,3 +64,42 @@ def finish(proc: subprocess.Popen[str], timeout_s: float = 30.0) -> tuple[int, s
         _, err = proc.communicate()
         raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{err}") from None
     return proc.returncode, err
+
+
+class NotifyListener:
+    """A bound AF_UNIX datagram socket collecting (monotonic time, fields) of every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, list[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode().split("\n")))
+
+    def fields(self) -> list[str]:
+        return [f for _, fs in list(self.messages) for f in fs]
+
+    def wait_for(self, field: str, timeout_s: float) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for t, fs in list(self.messages):
+                if field in fs:
+                    return t
+            time.sleep(0.02)
+        raise AssertionError(f"no {field} within {timeout_s} s; got {self.fields()}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from eyed.config import ConfigError, PublishConfig
 from eyed.curve import CurveError, create_keys
 from eyed.publisher import Publisher
 from eyed.subscriber import Subscriber
-from tests.daemon_helpers import finish, start_daemon
+from tests.daemon_helpers import NotifyListener, finish, start_daemon
 
 
 @pytest.fixture
@@ -131,6 +133,45 @@ def test_daemon_with_curve_serves_only_the_allowed_subscriber(
         assert [p["seq"] for p in labels] == list(range(11))
         with pytest.raises(TimeoutError):
             plain.receive(0.5)
+
+
+def test_sighup_reads_the_allow_list_again(
+    base: dict[str, object], keys: dict[str, Path], endpoint: str, tmp_path: Path
+) -> None:
+    """A subscriber whose key is added after start-up gets in after a SIGHUP (systemctl reload), with the
+    notify protocol's RELOADING=1 / READY=1 around it, and the daemon never stops."""
+    newcomer_pub, newcomer_secret = create_keys(tmp_path / "newcomer", "newcomer")
+    listener = NotifyListener(tmp_path / "notify.sock")
+    settings = {
+        **base,
+        "publish.wait_subscribers": 0,
+        "source.loop": True,
+        "source.fps": 20,
+        "publish.curve_secret_key": str(keys["server_secret"]),
+        "publish.curve_clients": str(keys["clients"]),
+    }
+    curve = (newcomer_secret, keys["server_pub"])
+    try:
+        proc = start_daemon(settings, NOTIFY_SOCKET=str(listener.path))
+        listener.wait_for("READY=1", 60)
+        with Subscriber(endpoint, ("label.",), curve) as early, pytest.raises(TimeoutError):
+            early.receive(2.0)  # not allowed yet (and, denied, it does not retry: a subscriber reconnects itself)
+        (keys["clients"] / newcomer_pub.name).write_bytes(newcomer_pub.read_bytes())
+        proc.send_signal(signal.SIGHUP)
+        reloading = listener.wait_for("RELOADING=1", 10)
+        deadline = time.monotonic() + 10
+        while not any("READY=1" in fs and t >= reloading for t, fs in listener.messages):
+            assert time.monotonic() < deadline, listener.fields()
+            time.sleep(0.05)
+        with Subscriber(endpoint, ("label.",), curve) as newcomer:
+            assert newcomer.receive(20)[0] == "label.tiny"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc)
+        assert code == 0, err
+        assert "CURVE allow-list read again, 2 key(s)" in err
+    finally:
+        listener.close()
 
 
 def test_daemon_exits_78_on_a_missing_client_folder(

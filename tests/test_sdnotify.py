@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,46 +18,7 @@ import pytest
 from eyed.config import load_settings
 from eyed.logs import JournalFormatter
 from eyed.sdnotify import Notifier
-from tests.daemon_helpers import daemon_env, finish
-
-
-class NotifyListener:
-    """A bound AF_UNIX datagram socket collecting (monotonic time, fields) of every message."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, list[str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode().split("\n")))
-
-    def fields(self) -> list[str]:
-        return [f for _, fs in list(self.messages) for f in fs]
-
-    def wait_for(self, field: str, timeout_s: float) -> float:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for t, fs in list(self.messages):
-                if field in fs:
-                    return t
-            time.sleep(0.02)
-        raise AssertionError(f"no {field} within {timeout_s} s; got {self.fields()}")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
+from tests.daemon_helpers import NotifyListener, daemon_env, finish
 
 
 @pytest.fixture
@@ -112,10 +72,19 @@ def test_ready_watchdog_status_then_stopping_after_sigterm(
     assert any(f.startswith("STATUS=live:") and "fps" in f for f in listener.fields())
     first_watchdog = next(i for i, f in enumerate(listener.fields()) if f == "WATCHDOG=1")
     assert listener.fields().index("READY=1") < first_watchdog
+    # SIGHUP is a reload, not the end: RELOADING=1, then READY=1 again, and the daemon keeps going.
+    proc.send_signal(signal.SIGHUP)
+    reloading = listener.wait_for("RELOADING=1", 5)
+    assert any(f.startswith("MONOTONIC_USEC=") for _, fs in listener.messages for f in fs)
+    assert any("READY=1" in fs and t >= reloading for t, fs in listener.messages)
+    time.sleep(1.0)
+    assert proc.poll() is None
+    assert any("WATCHDOG=1" in fs and t > reloading for t, fs in listener.messages)
     proc.send_signal(signal.SIGTERM)
     code, err = finish(proc, timeout_s=15)
     assert code == 0, err
     listener.wait_for("STOPPING=1", 5)
+    assert "SIGHUP: nothing to reload without CURVE" in err
 
 
 class HangingClassifier:
