@@ -185,15 +185,26 @@ class Calibration:
 
 
 def calibrate(
-    cfg: DriftConfig, reference: Reference, window: int | None = None, rounds: int = BOOTSTRAP, seed: int = 0
+    cfg: DriftConfig,
+    reference: Reference,
+    window: int | None = None,
+    rounds: int = BOOTSTRAP,
+    seed: int = 0,
+    *,
+    contiguous: bool = True,
 ) -> Calibration:
     """Thresholds that hold for windows of ``window`` frames (default ``cfg.window``) of in-domain data.
 
     A window of a few hundred frames differs from the reference by sampling noise alone, and for sparse
     distributions (20 fine classes) that noise exceeds the textbook PSI / JS thresholds. So: draw ``rounds``
-    windows from the reference's reservoir, each without replacement, and compare each with the reference
-    *minus that window* (counts subtracted; KS against the other reservoir rows), which is what an independent
-    in-domain window would see. Then, per metric:
+    windows from the reference's reservoir and compare each with the reference *minus that window* (counts
+    subtracted; KS against the other reservoir rows), which is what an in-domain window would see.
+
+    Each window is a run of consecutive reservoir rows (the reservoir keeps stream order), not rows drawn at
+    random: a camera's frames are correlated (a person walking through fills a whole window), so its windows
+    vary far more than random draws suggest, and thresholds from random draws raise false alarms. On a
+    stream of independent frames (a shuffled dataset) both ways give the same thresholds. ``contiguous=False``
+    draws at random (tests compare the two). Then, per metric:
 
     - warn = max(configured warn, mean + ``cfg.sigmas`` x std of the metric over those windows);
     - drift = max(configured drift, warn x configured drift / configured warn): the noise raises both levels by
@@ -210,7 +221,11 @@ def calibrate(
     for _ in range(rounds):
         if n > w:
             pick = np.zeros(n, dtype=bool)
-            pick[rng.choice(n, size=w, replace=False)] = True
+            if contiguous:
+                start = int(rng.integers(0, n - w + 1))
+                pick[start : start + w] = True
+            else:
+                pick[rng.choice(n, size=w, replace=False)] = True
             rows, rest = res[pick], res[~pick]
             metrics = window_metrics(rows, base.without(rows, rest))
         else:

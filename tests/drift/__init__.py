@@ -35,3 +35,19 @@ def synthetic_stats(
             )
         )
     return rows
+
+
+def scene_stream(n: int, seed: int) -> list[FrameStats]:
+    """A camera's statistics: the scene changes every 100-300 frames (lighting, what is in view), and frames
+    within a scene are alike, so neighbouring frames are correlated as a real camera's are."""
+    rng = np.random.default_rng(seed)
+    rows: list[FrameStats] = []
+    while len(rows) < n:
+        rows += synthetic_stats(
+            int(rng.integers(100, 300)),
+            seed=int(rng.integers(1 << 30)),
+            brightness=float(rng.normal(120, 15)),
+            sharpness=float(np.exp(rng.normal(np.log(400), 0.3))),
+            classes=int(rng.integers(20, 60)),
+        )
+    return rows[:n]

@@ -10,6 +10,7 @@ import pytest
 
 from eyed.config import DriftConfig
 from eyed.drift.monitor import (
+    Calibration,
     DriftMonitor,
     WindowReport,
     calibrate,
@@ -18,7 +19,7 @@ from eyed.drift.monitor import (
 )
 from eyed.drift.reference import ProfileBuilder, Reference
 from eyed.drift.stats import FrameStats
-from tests.drift import COARSE, synthetic_stats
+from tests.drift import COARSE, scene_stream, synthetic_stats
 
 ALL_METRICS = {
     "js_coarse",
@@ -131,6 +132,29 @@ def test_recovery_ends_drift(reference: Reference) -> None:
     reports = feed(monitor, [*synthetic_stats(300, seed=3, brightness=40), *synthetic_stats(300, seed=4)])
     assert [r.status for r in reports][:3] == ["warn", "drift", "drift"]
     assert reports[-1].status == "ok"
+
+
+def test_correlated_camera_frames_raise_no_false_drift() -> None:
+    """Calibration windows are runs of consecutive frames: a camera whose scene changes every few hundred
+    frames stays out of drift against a reference recorded from the same camera. Windows drawn at random
+    from the same reference underestimate how much such windows vary, and alarm."""
+    builder = ProfileBuilder(COARSE, top_classes=20)
+    for s in scene_stream(4000, seed=1):
+        builder.add(s)
+    ref = builder.build()
+    cfg = DriftConfig(window=250)
+    live = scene_stream(10_000, seed=2)
+
+    def statuses(calibration: Calibration) -> list[str]:
+        monitor = DriftMonitor(cfg, ref)
+        monitor.calibration = calibration
+        return [r.status for r in feed(monitor, live)]
+
+    contiguous = statuses(calibrate(cfg, ref))
+    shuffled = statuses(calibrate(cfg, ref, contiguous=False))
+    assert len(contiguous) == 40
+    assert contiguous.count("drift") == 0 and contiguous.count("warn") <= 12
+    assert shuffled.count("drift") >= 4 and shuffled.count("warn") > contiguous.count("warn")
 
 
 def test_learning_without_a_reference(caplog: pytest.LogCaptureFixture) -> None:
