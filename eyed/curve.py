@@ -64,10 +64,20 @@ class CurveServer:
         self.clients = clients
         self._auth = ThreadAuthenticator(context)
 
-    def __enter__(self) -> CurveServer:
+    def start(self) -> CurveServer:
+        """Start the authenticator thread with the allow-list as it is now."""
         self._auth.start()
         self.reload()
         return self
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+    def __enter__(self) -> CurveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def reload(self) -> int:
         """Read the allow-list folder again; returns how many keys it holds. It applies to handshakes from now
@@ -76,9 +86,6 @@ class CurveServer:
         self._auth.configure_curve(domain="*", location=str(self.clients))
         logger.info("CURVE: %d allowed client key(s) from %s", len(self.allowed), self.clients)
         return len(self.allowed)
-
-    def __exit__(self, *exc: object) -> None:
-        self._auth.stop()
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         """Before bind: the socket's own keys, and the server role."""

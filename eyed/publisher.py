@@ -113,7 +113,7 @@ class Publisher:
             curve = CurveServer(self.context, cfg.curve_secret_key, cfg.curve_clients)
         except CurveError as exc:
             raise ConfigError(f"publish.curve_secret_key / publish.curve_clients: {exc}") from exc
-        return curve.__enter__()
+        return curve.start()
 
     def reload_clients(self) -> int | None:
         """Read the CURVE allow-list again (SIGHUP); the number of allowed keys, or None without CURVE."""
@@ -121,7 +121,7 @@ class Publisher:
 
     def _stop_curve(self) -> None:
         if self._curve is not None:
-            self._curve.__exit__(None, None, None)
+            self._curve.stop()
             self._curve = None
 
     def _close(self, sock: zmq.Socket[Any]) -> None:
