@@ -58,9 +58,6 @@ class CurveServer:
         self.public, self.secret = load_keys(secret_key, secret=True)
         if not clients.is_dir():
             raise CurveError(f"{clients}: no such folder of client public keys")
-        self.allowed = sorted(clients.glob("*.key"))
-        if not self.allowed:
-            logger.warning("CURVE: no client keys (*.key) in %s: no subscriber can connect", clients)
         self.clients = clients
         self._auth = ThreadAuthenticator(context)
 
@@ -82,10 +79,13 @@ class CurveServer:
     def reload(self) -> int:
         """Read the allow-list folder again; returns how many keys it holds. It applies to handshakes from now
         on: a subscriber whose key was removed stays connected until it reconnects or the daemon restarts."""
-        self.allowed = sorted(self.clients.glob("*.key"))
+        allowed = len(list(self.clients.glob("*.key")))
         self._auth.configure_curve(domain="*", location=str(self.clients))
-        logger.info("CURVE: %d allowed client key(s) from %s", len(self.allowed), self.clients)
-        return len(self.allowed)
+        if allowed:
+            logger.info("CURVE: %d allowed client key(s) from %s", allowed, self.clients)
+        else:
+            logger.warning("CURVE: no client keys (*.key) in %s: no subscriber can connect", self.clients)
+        return allowed
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         """Before bind: the socket's own keys, and the server role."""
