@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from startup_rss import ROOT, write_video
+from startup_rss import cached_model, write_video
 
 from eyed.subscriber import Subscriber
 
@@ -66,12 +66,7 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=15.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
-    model = shared / "models" / "mobilenet_v2_1.0_224"
-    cache = ROOT / ".cache" / "eyed"
-    from eyed.model.export import ensure_onnx
-
-    ensure_onnx(str(model), cache)
+    _, model = cached_model()
     frames = WARM_EVENTS + int(args.seconds * args.fps)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,8 +77,7 @@ def main() -> None:
             env.update(
                 {
                     "HF_HUB_OFFLINE": "1",
-                    "EYED_MODEL__ID": str(model),
-                    "EYED_MODEL__CACHE_DIR": str(cache),
+                    **model,
                     "EYED_MODEL__SPINNING": spinning,
                     "EYED_SOURCE__KIND": "file",
                     "EYED_SOURCE__URL": str(video),

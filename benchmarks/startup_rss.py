@@ -40,6 +40,20 @@ def write_video(path: Path, frames: int = 60, size: tuple[int, int] = (320, 240)
     return path
 
 
+def cached_model() -> tuple[Path, dict[str, str]]:
+    """$EYED_SHARED, and the settings that run the real MobileNetV2 from it with its ONNX export cached.
+
+    Exported once beforehand: the figures are for a device that already has its model file.
+    """
+    from eyed.model.export import ensure_onnx
+
+    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
+    model = shared / "models" / "mobilenet_v2_1.0_224"
+    cache = ROOT / ".cache" / "eyed"
+    ensure_onnx(str(model), cache)
+    return shared, {"EYED_MODEL__ID": str(model), "EYED_MODEL__CACHE_DIR": str(cache)}
+
+
 def one_run(env: dict[str, str], endpoint: str) -> dict[str, Any]:
     # The child reports which heavy modules it imported; the daemon itself is unchanged.
     probe = (
@@ -94,14 +108,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
-    model = shared / "models" / "mobilenet_v2_1.0_224"
-    cache = ROOT / ".cache" / "eyed"
-    # Export once beforehand: the figure is for a device that already has its model file.
-    from eyed.model.export import ensure_onnx
-
-    ensure_onnx(str(model), cache)
-    common = {"EYED_MODEL__ID": str(model), "EYED_MODEL__CACHE_DIR": str(cache)}
+    shared, common = cached_model()
     with tempfile.TemporaryDirectory() as tmp:
         video = write_video(Path(tmp) / "clip.avi")
         rows = [
