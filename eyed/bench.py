@@ -221,11 +221,12 @@ def bench_seed(model_id: str, images: list[np.ndarray]) -> dict[str, Any]:
 
 def int8_model(settings: Settings, fp32: OnnxClassifier, calibration: int = 300) -> Path:
     """The INT8 version of the benchmarked model, quantised once into the cache (calibrated on the source)."""
-    from eyed.model.quantize import export_int8
+    from eyed.model.quantize import METHOD_VERSION, export_int8
 
     # The FP32 file's content is part of the name: a re-exported or replaced model.onnx gets a new INT8 file.
     digest = hashlib.sha256(fp32.path.read_bytes()).hexdigest()[:12]
-    path = settings.model.cache_dir.expanduser() / "onnx" / f"{fp32.path.stem}-{digest}-int8-c{calibration}.onnx"
+    name = f"{fp32.path.stem}-{digest}-int8v{METHOD_VERSION}-c{calibration}.onnx"
+    path = settings.model.cache_dir.expanduser() / "onnx" / name
     if not path.is_file():
         logger.warning("quantising %s to INT8 for the benchmark (once): %s", fp32.path, path)
         model = settings.model.model_copy(update={"onnx": fp32.path})

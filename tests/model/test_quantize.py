@@ -13,7 +13,14 @@ import pytest
 from eyed.cli import main
 from eyed.config import ModelConfig
 from eyed.model.onnx_backend import OnnxClassifier
-from eyed.model.quantize import FLOAT_LEADING_CONVS, META_QUANTIZATION, float_nodes
+from eyed.model.quantize import (
+    FLOAT_LEADING_CONVS,
+    META_QUANTIZATION,
+    aligned_weight_scales,
+    float_nodes,
+    grid_step,
+    quantize_int8,
+)
 from tests.conftest import synthetic_images
 
 
@@ -36,7 +43,7 @@ def test_int8_export_records_calibration_and_check(int8_file: Path, tiny_dataset
     assert "eyed.labels" in meta and "eyed.preprocess" in meta  # still runs without torch
 
 
-def test_int8_graph_is_static_qdq_with_float_input_stage_and_head(int8_file: Path, tiny_onnx: Path) -> None:
+def test_int8_graph_is_static_qdq_with_float_input_stage_and_logits(int8_file: Path, tiny_onnx: Path) -> None:
     graph = onnx.load(str(int8_file)).graph
     ops = Counter(n.op_type for n in graph.node)
     convs = Counter(n.op_type for n in onnx.load(str(tiny_onnx)).graph.node)["Conv"]
@@ -47,18 +54,21 @@ def test_int8_graph_is_static_qdq_with_float_input_stage_and_head(int8_file: Pat
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_init}
     quantized_convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantized]
     assert len(quantized_convs) == convs - FLOAT_LEADING_CONVS
+    # The classifier runs in 8 bits (int8 weights) but its logits stay float: nothing quantises them.
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
-    producers = {o: n.op_type for n in graph.node for o in n.output}
-    assert all(producers.get(i) != "DequantizeLinear" for i in gemm.input[1:])  # the head kept float weights
+    assert gemm.input[1] in dequantized
+    assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == gemm.output[0]]
+    consumers = [n.op_type for n in graph.node if gemm.output[0] in n.input]
+    assert consumers == ["Softmax"]
 
 
 @pytest.mark.parametrize("leading", [0, 9])
-def test_float_nodes_are_the_input_stage_leading_convs_and_the_classifier(tiny_onnx: Path, leading: int) -> None:
+def test_float_nodes_are_the_input_stage_leading_convs_and_the_postprocessing(tiny_onnx: Path, leading: int) -> None:
     nodes = list(onnx.load(str(tiny_onnx)).graph.node)
     kept = float_nodes(onnx.load(str(tiny_onnx)), leading)
     first_quantised = [i for i, n in enumerate(nodes) if n.op_type == "Conv"][leading]
     head = next(i for i, n in enumerate(nodes) if n.op_type == "Gemm")
-    tail = [n.name for n in nodes[head:]]
+    tail = [n.name for n in nodes[head + 1 :]]
     assert [nodes[head + 1].op_type, nodes[head + 2].op_type] == ["Softmax", "TopK"]  # the graph's postprocessing
     assert kept == [n.name for n in nodes[:first_quantised]] + tail
     assert sum(nodes[i].op_type == "Conv" for i in range(first_quantised)) == leading
@@ -75,3 +85,77 @@ def test_the_daemon_classifier_runs_the_int8_file(int8_file: Path, tiny_onnx: Pa
     assert np.abs(a - b).mean() < 0.25 * np.abs(b - b.mean()).mean() + 1e-3
     preds = int8.predict(batch)
     assert len(preds) == 4 and all(abs(float(p.probs.sum()) - 1) < 1e-4 for p in preds)
+
+
+def snap_to_grid(w: np.ndarray, levels: int = 254) -> np.ndarray:
+    """``w`` moved to the nearest points of a per-tensor 8-bit grid through zero (as a dequantised checkpoint)."""
+    step = (float(w.max()) - float(w.min())) / levels
+    return (np.round(w.astype(np.float64) / step) * step).astype(np.float32)
+
+
+def test_grid_step_finds_a_dequantised_tensor_and_rejects_float_weights() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.1, (16, 8, 3, 3)).astype(np.float32)
+    assert grid_step(w) is None
+    assert grid_step(np.zeros((4, 4), np.float32)) is None
+    snapped = snap_to_grid(w)
+    step = grid_step(snapped)
+    assert step is not None
+    assert np.allclose(snapped / step, np.round(snapped / step), atol=1e-3)
+
+
+def test_aligned_scales_are_one_step_unless_a_channel_reaches_past_127_steps(tiny_onnx: Path) -> None:
+    model = onnx.load(str(tiny_onnx))
+    weights = {i.name: i for i in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in weights)
+    assert aligned_weight_scales(model) == {}  # trained in float: onnxruntime's own scales
+    shape = onnx.numpy_helper.to_array(weights[conv.input[1]]).shape
+    step = 0.01
+    q = np.random.default_rng(1).integers(-100, 55, shape)
+    q[0].flat[0], q[0].flat[1] = -200, 54  # channel 0 reaches 200 steps; the tensor spans 254
+    weights[conv.input[1]].CopyFrom(onnx.numpy_helper.from_array((q * step).astype(np.float32), conv.input[1]))
+    channels = aligned_weight_scales(model)[conv.input[1]]
+    assert channels[0]["axis"] == 0 and len(channels) == shape[0]
+    assert np.isclose(channels[0]["scale"], 200 * step / 127)
+    assert all(np.isclose(c["scale"], step) and c["zero_point"] == 0 for c in channels[1:])
+
+
+def _dequantized_weights(path: Path) -> dict[str, np.ndarray]:
+    """Each int8 weight of a QDQ file, dequantised, by the name of the float weight it replaced."""
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    out = {}
+    for n in graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8:
+            q, scale = inits[n.input[0]].astype(np.float64), inits[n.input[1]].astype(np.float64)
+            out[n.input[0].removesuffix("_quantized")] = q * scale.reshape((-1,) + (1,) * (q.ndim - 1))
+    return out
+
+
+def test_grid_weights_are_quantised_exactly(tiny_onnx: Path, tmp_path: Path) -> None:
+    """A checkpoint dequantised from 8 bits keeps its weights through INT8 export; ORT's own scales round them."""
+    model = onnx.load(str(tiny_onnx))
+    originals = {}
+    for init in model.graph.initializer:
+        w = onnx.numpy_helper.to_array(init)
+        if w.ndim == 4 and w.shape[0] > 1:  # convolution weights
+            step = float(np.abs(w).max()) / 127
+            q = np.round(w / step)
+            q.flat[0], q.flat[1] = -127, 127  # a grid of 254 steps that no channel reaches past
+            w = (q * step).astype(np.float32)
+            originals[init.name] = w
+            init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    snapped = tmp_path / "snapped.onnx"
+    onnx.save(model, str(snapped))
+    fp32 = OnnxClassifier(ModelConfig(onnx=snapped))
+    calibration = np.stack([fp32.prepare(img) for img in synthetic_images(8, seed=3)])
+
+    def worst_error(align: bool) -> float:
+        out = quantize_int8(snapped, tmp_path / f"int8-{align}.onnx", calibration, leading_convs=0, align_weights=align)
+        quantized = _dequantized_weights(out)
+        common = [name for name in originals if name in quantized]
+        assert len(common) >= len(originals) - 1  # every conv weight quantised (the names survive preprocessing)
+        return max(float(np.abs(quantized[k] - originals[k]).max() / grid_step(originals[k])) for k in common)  # type: ignore[operator]
+
+    assert worst_error(align=True) < 1e-3  # exactly the same weights
+    assert worst_error(align=False) > 0.05  # onnxruntime's max/127 grid moves them by a fraction of a step

@@ -1,0 +1,99 @@
+"""INT8 choices measured: how many leading convolutions stay float, and grid-aligned weight scales or not.
+
+For each variant, quantises the real MobileNetV2 from $EYED_SHARED (calibrated on the first --calibration
+CIFAR-10 train images, as `eyed export --int8` does), then reports on the held-out images from record 45,000
+on: coarse accuracy of FP32 and INT8 on the same frames, top-1 agreement, and bare onnxruntime frames/s of
+INT8 over FP32, measured in alternating rounds in this one process (the same BareLoop `eyed bench` uses).
+
+    .venv/bin/python benchmarks/int8_tradeoff.py [--heldout 2000] [--variants 0a,3a,3d,9d] [--json]
+
+A variant is the number of leading float convolutions, then "a" (grid-aligned weight scales, the default)
+or "d" (onnxruntime's default per-channel scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from startup_rss import cached_model
+
+from eyed.bench import BareLoop, load_frames
+from eyed.config import load_settings
+from eyed.model.onnx_backend import OnnxClassifier
+from eyed.model.quantize import check_accuracy, quantize_int8
+
+ROUNDS = 8
+
+
+def speed_ratio(fp32: BareLoop, int8: BareLoop) -> float:
+    """Median over rounds of INT8 frames/s over FP32 frames/s, the order alternating between rounds."""
+    ratios = []
+    for r in range(ROUNDS):
+        if r % 2:
+            b, a = int8(), fp32()
+        else:
+            a, b = fp32(), int8()
+        ratios.append(b["fps"] / a["fps"])
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heldout", type=int, default=2000, help="evaluated images, from record 45000 on")
+    parser.add_argument("--calibration", type=int, default=300)
+    parser.add_argument("--variants", default="0d,0a,1a,3d,3a,9d,9a")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    shared, env = cached_model()
+    overrides = [
+        f"source.dataset={shared / 'data' / 'cifar10'}",
+        f"model.id={env['EYED_MODEL__ID']}",
+        f"model.cache_dir={env['EYED_MODEL__CACHE_DIR']}",
+    ]
+    settings = load_settings(Path(__file__).resolve().parent.parent / "configs" / "replay.toml", overrides)
+    fp32 = OnnxClassifier(settings.model)
+    calibration = np.stack([fp32.prepare(i) for i in load_frames(settings, args.calibration)[0]])
+    heldout = settings.model_copy(update={"source": settings.source.model_copy(update={"skip": 45000})})
+    images, truths = load_frames(heldout, args.heldout)
+    tensors = np.stack([fp32.prepare(i) for i in images])
+    fp32_loop = BareLoop(fp32.path, settings.model, list(tensors[:200]))
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="eyed-int8-") as tmp:
+        for variant in args.variants.split(","):
+            leading, align = int(variant[:-1]), variant[-1] == "a"
+            path = quantize_int8(fp32.path, Path(tmp) / f"{variant}.onnx", calibration, leading, align)
+            int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
+            check = check_accuracy(fp32, int8, tensors, truths)
+            ratio = speed_ratio(fp32_loop, BareLoop(path, settings.model, list(tensors[:200])))
+            int8.close()
+            row = {
+                "float_leading_convs": leading,
+                "weights": "grid-aligned" if align else "onnxruntime default",
+                "coarse_fp32": check.coarse_accuracy_fp32,
+                "coarse_int8": check.coarse_accuracy_int8,
+                "top1_agreement": check.top1_agreement,
+                "int8_over_fp32": ratio,
+            }
+            rows.append(row)
+            if not args.json:
+                a, b = 100 * (check.coarse_accuracy_fp32 or 0.0), 100 * (check.coarse_accuracy_int8 or 0.0)
+                print(
+                    f"{leading:2d} float convs, {row['weights']:19s}: coarse {b:.2f}% (FP32 {a:.2f}%, {b - a:+.2f}), "
+                    f"top-1 agreement {check.top1_agreement:.3f}, INT8/FP32 {ratio:.2f}x",
+                    flush=True,
+                )
+    fp32.close()
+    if args.json:
+        print(json.dumps({"heldout": len(tensors), "calibration": len(calibration), "variants": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
