@@ -113,11 +113,12 @@ def test_aligned_scales_are_one_step_unless_a_channel_reaches_past_127_steps(tin
     step = 0.01
     q = np.random.default_rng(1).integers(-100, 55, shape)
     q[0].flat[0], q[0].flat[1] = -200, 54  # channel 0 reaches 200 steps; the tensor spans 254
+    q[1].flat[0] = -128  # one step too far for int8's symmetric [-127, 127]
     weights[conv.input[1]].CopyFrom(onnx.numpy_helper.from_array((q * step).astype(np.float32), conv.input[1]))
     channels = aligned_weight_scales(model)[conv.input[1]]
     assert channels[0]["axis"] == 0 and len(channels) == shape[0]
-    assert np.isclose(channels[0]["scale"], 200 * step / 127)
-    assert all(np.isclose(c["scale"], step) and c["zero_point"] == 0 for c in channels[1:])
+    assert np.isclose(channels[0]["scale"], 200 * step / 127) and np.isclose(channels[1]["scale"], 128 * step / 127)
+    assert all(np.isclose(c["scale"], step) and c["zero_point"] == 0 for c in channels[2:])
 
 
 def _dequantized_weights(path: Path) -> dict[str, np.ndarray]:
