@@ -114,10 +114,10 @@ def aligned_weight_scales(model: Any) -> dict[str, list[dict[str, Any]]]:
 
     onnxruntime's default per-channel symmetric scale, max|w|/127, puts a second, finer grid over the first one
     and rounds every weight again: with the reference checkpoint (dequantised uint8 weights) that cost 2.2-2.8
-    points of coarse accuracy. A scale of exactly one step keeps the integers; a channel whose
-    values reach further than 127 steps from zero (a few percent here) keeps the default scale. Zero points stay
-    0, because onnxruntime's fast 8-bit convolution kernels need symmetric weights: the asymmetric per-tensor
-    scheme the weights came from would be exact everywhere but ran slower than FP32.
+    points of coarse accuracy. A scale of exactly one step keeps the integers; a channel whose values reach
+    further than 127 steps from zero (a few percent here; int8's symmetric range ends at 127) keeps the default
+    scale. Zero points stay 0, because onnxruntime's fast 8-bit convolution kernels need symmetric weights: the
+    asymmetric per-tensor scheme the weights came from would be exact everywhere but ran slower than FP32.
     """
     from onnx import numpy_helper
 
