@@ -167,3 +167,17 @@ def base(tiny_dataset: Path, tiny_onnx: Path, endpoint: str) -> dict[str, object
         "publish.wait_timeout_s": 30,
         "publish.heartbeat_s": 0.5,
     }
+
+
+def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
+    """Each int8 weight of a QDQ file, dequantised, by the name of the float weight it replaced."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    out = {}
+    for n in graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8:
+            q, scale = inits[n.input[0]].astype(np.float64), inits[n.input[1]].astype(np.float64)
+            out[n.input[0].removesuffix("_quantized")] = q * scale.reshape((-1,) + (1,) * (q.ndim - 1))
+    return out

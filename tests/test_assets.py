@@ -11,6 +11,7 @@ from eyed.config import ModelConfig, SourceConfig, load_settings
 from eyed.model import load_classifier
 from eyed.model.export import ensure_onnx
 from eyed.sources import open_source
+from tests.conftest import dequantized_weights
 from tests.daemon_helpers import collect, finish, start_daemon
 
 pytestmark = pytest.mark.assets
@@ -58,6 +59,33 @@ def test_coarse_accuracy_on_held_out_images(real_model: Path, real_onnx: Path, r
     assert acc["corrected"] >= 0.68, acc
     # The correction must beat the plain group sum by a wide margin, or it is not doing its job.
     assert acc["corrected"] - acc["group-sum"] >= 0.10, acc
+
+
+def test_int8_export_keeps_the_checkpoints_weights_and_its_accuracy(
+    real_model: Path, real_onnx: Path, real_cifar: Path, tmp_path: Path
+) -> None:
+    """The reference weights lie on 8-bit grids: `eyed export --int8` must keep them as they are (onnxruntime's
+    default scales move nearly all of them and cost 2-3 points), and stay within a point or two of FP32."""
+    import onnx
+
+    from eyed.model.quantize import export_int8, grid_step
+
+    settings = load_settings(
+        None,
+        [f"source.dataset={real_cifar}", "source.split=train", f"model.id={real_model}", f"model.onnx={real_onnx}"],
+    )
+    record = export_int8(settings, tmp_path / "m8.onnx", calibration=64, check=1000)
+    originals = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(real_onnx)).graph.initializer}
+    exact = total = 0
+    for name, w in dequantized_weights(tmp_path / "m8.onnx").items():
+        step = grid_step(originals[name])
+        assert step is not None, name  # every quantised weight of this checkpoint is a grid weight
+        exact += int((np.abs(w - originals[name]) < 1e-3 * step).sum())
+        total += w.size
+    assert total > 3_000_000 and exact / total > 0.9, (exact, total)
+    check = record["check"]
+    assert check["frames"] == 1000 and check["coarse_agreement"] >= 0.9, check
+    assert abs(check["coarse_accuracy_int8"] - check["coarse_accuracy_fp32"]) <= 0.02, check
 
 
 def test_daemon_on_real_assets_delivers_every_event(real_model: Path, real_cifar: Path, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 META_QUANTIZATION = "eyed.quantization"
 # Bumped when the quantisation method changes, so that cached INT8 files (eyed bench) are made again.
-METHOD_VERSION = "3"
+METHOD_VERSION = "4"
 CALIBRATION_BATCH = 8
 # MobileNetV2's stem (the first three convolutions, at 112x112) stays float. It is not for accuracy (with
 # grid-aligned weights everything quantised is within 0.2 points of FP32) but for speed: an 8-bit convolution
@@ -48,9 +48,6 @@ CALIBRATION_BATCH = 8
 FLOAT_LEADING_CONVS = 3
 # A weight is taken to lie on a grid when every value is within this fraction of a step of a grid point.
 GRID_TOLERANCE = 0.01
-# Intermediate outputs kept before ranges are merged: bounds the calibrator's memory (every activation of a
-# 224x224 MobileNetV2 is ~25 MB per frame; keeping all of a few hundred frames runs a 24 GB machine out).
-MAX_INTERMEDIATE_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -193,8 +190,11 @@ def quantize_int8(
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=float_nodes(model, leading_convs),
             extra_options={
+                # Not CalibMaxIntermediateOutputs: onnxruntime (1.32) drops the batches collected so far each
+                # time that count is reached, without computing their ranges (onnxruntime issue 18893), so
+                # only the last few batches would count. The calibrator keeps only each batch's per-tensor
+                # min and max, a few kB, so all of them fit.
                 "CalibMovingAverage": True,
-                "CalibMaxIntermediateOutputs": MAX_INTERMEDIATE_BATCHES,
                 "TensorQuantOverrides": aligned_weight_scales(model) if align_weights else {},
                 "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],  # float logits
             },

@@ -21,7 +21,7 @@ from eyed.model.quantize import (
     grid_step,
     quantize_int8,
 )
-from tests.conftest import synthetic_images
+from tests.conftest import dequantized_weights, synthetic_images
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_grid_step_finds_a_dequantised_tensor_and_rejects_float_weights() -> Non
     assert grid_step(np.zeros((4, 4), np.float32)) is None
     snapped = snap_to_grid(w)
     step = grid_step(snapped)
-    assert step is not None
+    assert step is not None and np.isclose(step, (float(w.max()) - float(w.min())) / 254, rtol=1e-5)
     assert np.allclose(snapped / step, np.round(snapped / step), atol=1e-3)
 
 
@@ -119,18 +119,6 @@ def test_aligned_scales_are_one_step_unless_a_channel_reaches_past_127_steps(tin
     assert channels[0]["axis"] == 0 and len(channels) == shape[0]
     assert np.isclose(channels[0]["scale"], 200 * step / 127) and np.isclose(channels[1]["scale"], 128 * step / 127)
     assert all(np.isclose(c["scale"], step) and c["zero_point"] == 0 for c in channels[2:])
-
-
-def _dequantized_weights(path: Path) -> dict[str, np.ndarray]:
-    """Each int8 weight of a QDQ file, dequantised, by the name of the float weight it replaced."""
-    graph = onnx.load(str(path)).graph
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    out = {}
-    for n in graph.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8:
-            q, scale = inits[n.input[0]].astype(np.float64), inits[n.input[1]].astype(np.float64)
-            out[n.input[0].removesuffix("_quantized")] = q * scale.reshape((-1,) + (1,) * (q.ndim - 1))
-    return out
 
 
 def test_grid_weights_are_quantised_exactly(tiny_onnx: Path, tmp_path: Path) -> None:
@@ -153,10 +141,29 @@ def test_grid_weights_are_quantised_exactly(tiny_onnx: Path, tmp_path: Path) -> 
 
     def worst_error(align: bool) -> float:
         out = quantize_int8(snapped, tmp_path / f"int8-{align}.onnx", calibration, leading_convs=0, align_weights=align)
-        quantized = _dequantized_weights(out)
+        quantized = dequantized_weights(out)
         common = [name for name in originals if name in quantized]
-        assert len(common) >= len(originals) - 1  # every conv weight quantised (the names survive preprocessing)
+        assert set(common) == set(originals), set(originals) - set(common)  # every conv weight quantised
         return max(float(np.abs(quantized[k] - originals[k]).max() / grid_step(originals[k])) for k in common)  # type: ignore[operator]
 
     assert worst_error(align=True) < 1e-3  # exactly the same weights
     assert worst_error(align=False) > 0.05  # onnxruntime's max/127 grid moves them by a fraction of a step
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_every_calibration_batch_counts(tiny_onnx: Path, tmp_path: Path) -> None:
+    """Ranges come from all calibration frames, not only the last batches: onnxruntime's
+    CalibMaxIntermediateOutputs silently dropped the earlier ones, so changing the first batch changed nothing."""
+    fp32 = OnnxClassifier(ModelConfig(onnx=tiny_onnx))
+    frames = np.stack([fp32.prepare(img) for img in synthetic_images(48, seed=5)])
+    bright = frames.copy()
+    bright[:8] = 255 - bright[:8] // 8  # only the first batch differs
+    a = _activation_scales(quantize_int8(tiny_onnx, tmp_path / "a.onnx", frames))
+    b = _activation_scales(quantize_int8(tiny_onnx, tmp_path / "b.onnx", bright))
+    assert a.keys() == b.keys() and len(a) > 5
+    assert sum(not np.isclose(a[k], b[k], rtol=1e-4) for k in a) > len(a) // 2
