@@ -51,6 +51,17 @@ def load_keys(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
+class _AllowList:
+    """The keys the authenticator asks about (pyzmq's ``configure_curve_callback`` protocol). Replacing the set
+    is atomic, so a reload never leaves the authenticator thread with half a list."""
+
+    def __init__(self) -> None:
+        self.keys: frozenset[bytes] = frozenset()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
 class CurveServer:
     """Makes a socket a CURVE server that accepts only the public keys found in ``clients``."""
 
@@ -59,12 +70,14 @@ class CurveServer:
         if not clients.is_dir():
             raise CurveError(f"{clients}: no such folder of client public keys")
         self.clients = clients
+        self._allowed = _AllowList()
         self._auth = ThreadAuthenticator(context)
 
     def start(self) -> CurveServer:
-        """Start the authenticator thread with the allow-list as it is now."""
-        self._auth.start()
+        """Start the authenticator thread with the allow-list as it is now (CurveError when it is unreadable)."""
         self.reload()
+        self._auth.start()
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self._allowed)
         return self
 
     def stop(self) -> None:
@@ -78,14 +91,21 @@ class CurveServer:
 
     def reload(self) -> int:
         """Read the allow-list folder again; returns how many keys it holds. It applies to handshakes from now
-        on: a subscriber whose key was removed stays connected until it reconnects or the daemon restarts."""
-        allowed = len(list(self.clients.glob("*.key")))
-        self._auth.configure_curve(domain="*", location=str(self.clients))
-        if allowed:
-            logger.info("CURVE: %d allowed client key(s) from %s", allowed, self.clients)
+        on: a subscriber whose key was removed stays connected until it reconnects or the daemon restarts.
+
+        Raises CurveError, keeping the previous list, when the folder or any key in it cannot be read: a
+        half-read folder must not silently shut out (or let in) anyone. pyzmq's own ``configure_curve`` only
+        logs such an error and keeps going."""
+        try:
+            keys = frozenset(zmq.auth.load_certificates(self.clients))
+        except (OSError, ValueError) as exc:
+            raise CurveError(f"{self.clients}: cannot read the client keys: {exc}") from exc
+        self._allowed.keys = keys
+        if keys:
+            logger.info("CURVE: %d allowed client key(s) from %s", len(keys), self.clients)
         else:
             logger.warning("CURVE: no client keys (*.key) in %s: no subscriber can connect", self.clients)
-        return allowed
+        return len(keys)
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
         """Before bind: the socket's own keys, and the server role."""

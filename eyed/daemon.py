@@ -16,6 +16,7 @@ from types import FrameType
 import numpy as np
 
 from eyed.config import ConfigError, Settings
+from eyed.curve import CurveError
 from eyed.model import load_classifier
 from eyed.pipeline import DriftWatch, Pipeline
 from eyed.publisher import Publisher
@@ -47,16 +48,12 @@ def signals_set(stop: threading.Event, reload: threading.Event | None = None):
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    def hup(signum: int, frame: FrameType | None) -> None:
-        assert reload is not None
-        reload.set()
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     if reload is not None:
-        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
     try:
         yield
     finally:
@@ -70,12 +67,18 @@ def reload_now(reload: threading.Event, notifier: Notifier, publisher: Publisher
         return
     reload.clear()
     notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-    allowed = publisher.reload_clients()
-    if allowed is None:
-        logger.info("SIGHUP: nothing to reload without CURVE; restart the daemon to apply other settings")
+    try:
+        allowed = publisher.reload_clients()
+    except CurveError as exc:
+        # A reload is not worth the service: keep running with the list read before.
+        logger.error("SIGHUP: %s; the previous allow-list stays in force", exc)
     else:
-        logger.info("SIGHUP: CURVE allow-list read again, %d key(s); other settings need a restart", allowed)
-    notifier.notify("READY=1")
+        if allowed is None:
+            logger.info("SIGHUP: nothing to reload without CURVE; restart the daemon to apply other settings")
+        else:
+            logger.info("SIGHUP: CURVE allow-list read again, %d key(s); other settings need a restart", allowed)
+    finally:
+        notifier.notify("READY=1")
 
 
 class Supervisor:

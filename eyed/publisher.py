@@ -110,10 +110,9 @@ class Publisher:
         if cfg.curve_secret_key is None or cfg.curve_clients is None:
             return None
         try:
-            curve = CurveServer(self.context, cfg.curve_secret_key, cfg.curve_clients)
+            return CurveServer(self.context, cfg.curve_secret_key, cfg.curve_clients).start()
         except CurveError as exc:
             raise ConfigError(f"publish.curve_secret_key / publish.curve_clients: {exc}") from exc
-        return curve.start()
 
     def reload_clients(self) -> int | None:
         """Read the CURVE allow-list again (SIGHUP); the number of allowed keys, or None without CURVE."""
@@ -155,7 +154,7 @@ class Publisher:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.peers += 1
             elif event & HANDSHAKE_FAILED:
-                # A failed handshake (a CURVE client with the wrong key retries again and again) is followed by
+                # A failed handshake (a CURVE client whose key is refused; it does not retry) is followed by
                 # a disconnect that is not a peer leaving; the monitor does not say which connection an event
                 # is about, so the next disconnect is set against it. Only handshakes that succeeded count.
                 self._failed_pending += 1

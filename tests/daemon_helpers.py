@@ -90,11 +90,12 @@ class NotifyListener:
     def fields(self) -> list[str]:
         return [f for _, fs in list(self.messages) for f in fs]
 
-    def wait_for(self, field: str, timeout_s: float) -> float:
+    def wait_for(self, field: str, timeout_s: float, after: float = 0.0) -> float:
+        """The time ``field`` was first received at or after ``after`` (monotonic); waits up to ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for t, fs in list(self.messages):
-                if field in fs:
+                if field in fs and t >= after:
                     return t
             time.sleep(0.02)
         raise AssertionError(f"no {field} within {timeout_s} s; got {self.fields()}")
