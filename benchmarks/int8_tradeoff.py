@@ -71,6 +71,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eyed-int8-") as tmp:
         loops = [BareLoop(fp32.path, settings.model, list(tensors[:200]))]
         for variant in args.variants.split(","):
+            if variant[-1:] not in ("a", "d") or not variant[:-1].isdigit():
+                parser.error(f"--variants: {variant!r} is not a count of float convolutions then 'a' or 'd'")
             leading, align = int(variant[:-1]), variant[-1] == "a"
             path = quantize_int8(fp32.path, Path(tmp) / f"{variant}.onnx", calibration, leading, align)
             int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
