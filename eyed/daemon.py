@@ -70,7 +70,7 @@ def reload_now(reload: threading.Event, notifier: Notifier, publisher: Publisher
     try:
         allowed = publisher.reload_clients()
     except CurveError as exc:
-        # A reload is not worth the service: keep running with the list read before.
+        # A failed reload must not take the service down: keep running with the list read before.
         logger.error("SIGHUP: %s; the previous allow-list stays in force", exc)
     else:
         if allowed is None:
