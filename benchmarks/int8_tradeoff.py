@@ -53,6 +53,10 @@ def main() -> None:
     parser.add_argument("--variants", default="0d,0a,1a,3d,3a,9d,9a")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    for variant in variants:  # before the minutes of loading and quantising
+        if variant[-1:] not in ("a", "d") or not variant[:-1].isdigit():
+            parser.error(f"--variants: {variant!r} is not a count of float convolutions then 'a' or 'd'")
 
     shared, env = cached_model()
     overrides = [
@@ -70,9 +74,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="eyed-int8-") as tmp:
         loops = [BareLoop(fp32.path, settings.model, list(tensors[:200]))]
-        for variant in args.variants.split(","):
-            if variant[-1:] not in ("a", "d") or not variant[:-1].isdigit():
-                parser.error(f"--variants: {variant!r} is not a count of float convolutions then 'a' or 'd'")
+        for variant in variants:
             leading, align = int(variant[:-1]), variant[-1] == "a"
             path = quantize_int8(fp32.path, Path(tmp) / f"{variant}.onnx", calibration, leading, align)
             int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
