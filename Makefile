@@ -27,10 +27,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# mypy checks benchmarks on its own: its scripts import each other as top-level modules, the tests as benchmarks.*.
 lint: $(STAMP)
-	$(BIN)/ruff check eyed tests
-	$(BIN)/ruff format --check eyed tests
-	$(BIN)/mypy eyed
+	$(BIN)/ruff check eyed tests benchmarks
+	$(BIN)/ruff format --check eyed tests benchmarks
+	$(BIN)/mypy eyed tests
+	$(BIN)/mypy benchmarks
 
 bench: $(STAMP)
 	$(BIN)/eyed bench --config $(CONFIG)

@@ -3,9 +3,11 @@
 Runs `eyed run` as a child process with the real MobileNetV2 from $EYED_SHARED (its ONNX export cached
 beforehand, as on a device), once on a video file (what a camera deployment loads) and once on the replay
 source (which adds `datasets` and pyarrow), and reports for each: seconds to the first event at a real SUB
-socket, peak RSS (the child's ru_maxrss) and whether torch/transformers were imported.
+socket, peak RSS (the child's VmHWM) and whether torch/transformers were imported.
 
-    .venv/bin/python benchmarks/startup_rss.py [--runs 3] [--json]
+    .venv/bin/python benchmarks/startup_rss.py [--runs 3] [--onnx m8.onnx] [--json]
+
+``--onnx`` runs that file (an `eyed export --int8` one, say) instead of the cached FP32 export.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def write_video(path: Path, frames: int = 60, size: tuple[int, int] = (320, 240)) -> Path:
     """A small MJPG clip of smooth random pictures, ``size`` = (width, height)."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 15, size)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 15, size)
     rng = np.random.default_rng(0)
     for _ in range(frames):
         writer.write(cv2.resize(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), size))
@@ -55,30 +56,28 @@ def cached_model() -> tuple[Path, dict[str, str]]:
 
 
 def one_run(env: dict[str, str], endpoint: str) -> dict[str, Any]:
-    # The child reports which heavy modules it imported; the daemon itself is unchanged.
+    # The child reports which heavy modules it imported and its peak RSS (VmHWM: ru_maxrss would not do, as
+    # Linux carries this process's peak over into a child's at exec); the daemon itself is unchanged.
     probe = (
-        "import atexit, sys; "
+        "import atexit, re, sys; "
         "atexit.register(lambda: print('MODULES', 'torch' in sys.modules, 'transformers' in sys.modules, "
-        "file=sys.stderr)); "
+        "re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr)); "
         "from eyed.cli import main; sys.exit(main(['run']))"
     )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with Subscriber(endpoint, ("label.",)) as sub:
         t0 = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-c", probe], env=env, stderr=subprocess.PIPE, text=True)
         sub.receive(120)
         first = time.monotonic() - t0
     _, err = proc.communicate(timeout=120)
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if proc.returncode != 0:
         raise RuntimeError(f"eyed run exited {proc.returncode}: {err[-2000:]}")
-    modules = next(line for line in err.splitlines() if line.startswith("MODULES")).split()[1:]
+    torch, transformers, peak_kib = next(line for line in err.splitlines() if line.startswith("MODULES")).split()[1:]
     return {
         "first_event_s": first,
-        # ru_maxrss of children is the largest so far: only meaningful when this run set a new maximum.
-        "peak_rss_mb": peak_kb / 1024 if peak_kb > before else None,
-        "torch_imported": modules[0] == "True",
-        "transformers_imported": modules[1] == "True",
+        "peak_rss_mb": int(peak_kib) / 1024,
+        "torch_imported": torch == "True",
+        "transformers_imported": transformers == "True",
     }
 
 
@@ -91,13 +90,12 @@ def measure(name: str, settings: dict[str, str], runs: int) -> dict[str, Any]:
         env.update({"EYED_PUBLISH__WAIT_SUBSCRIBERS": "1", "EYED_LOG__LEVEL": "WARNING"})
         env.update(settings)
         results.append(one_run(env, endpoint))
-    peaks = [r["peak_rss_mb"] for r in results if r["peak_rss_mb"] is not None]
     return {
         "source": name,
         "runs": runs,
         "first_event_s_median": statistics.median(r["first_event_s"] for r in results),
         "first_event_s": [round(r["first_event_s"], 3) for r in results],
-        "peak_rss_mb": max(peaks) if peaks else None,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
         "torch_imported": any(r["torch_imported"] for r in results),
         "transformers_imported": any(r["transformers_imported"] for r in results),
     }
@@ -106,9 +104,12 @@ def measure(name: str, settings: dict[str, str], runs: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--onnx", type=Path, help="run this ONNX file instead of the cached FP32 export")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     shared, common = cached_model()
+    if args.onnx:
+        common["EYED_MODEL__ONNX"] = str(args.onnx.resolve())
     with tempfile.TemporaryDirectory() as tmp:
         video = write_video(Path(tmp) / "clip.avi")
         rows = [
@@ -131,7 +132,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['source']:<7} first event {r['first_event_s_median']:.2f} s (runs {r['first_event_s']}), "
-            f"peak RSS {r['peak_rss_mb'] or float('nan'):.0f} MB, torch imported: {r['torch_imported']}, "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB, torch imported: {r['torch_imported']}, "
             f"transformers imported: {r['transformers_imported']}"
         )
 

@@ -57,7 +57,6 @@ def make_checkpoint(folder: Path, labels: list[str], seed: int = 0) -> Path:
     config = MobileNetV2Config(
         depth_multiplier=0.35,
         image_size=32,
-        num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )

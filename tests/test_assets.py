@@ -10,7 +10,7 @@ import pytest
 from eyed.config import ModelConfig, SourceConfig, load_settings
 from eyed.model import load_classifier
 from eyed.model.export import ensure_onnx
-from eyed.sources import open_source
+from eyed.sources import open_recorded
 from tests.conftest import dequantized_weights
 from tests.daemon_helpers import collect, finish, start_daemon
 
@@ -23,7 +23,7 @@ def real_onnx(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def real_frames(real_cifar: Path, skip: int, limit: int) -> list[np.ndarray]:
-    with open_source(SourceConfig(dataset=str(real_cifar), split="train", skip=skip, limit=limit)) as src:
+    with open_recorded(SourceConfig(dataset=str(real_cifar), split="train", skip=skip, limit=limit)) as src:
         return [f.image for f in src.frames()]
 
 

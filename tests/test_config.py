@@ -304,7 +304,7 @@ def test_console_script_exit_code() -> None:
 )
 def test_camera_fields_are_checked(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        SourceConfig(**kwargs)  # type: ignore[arg-type]
+        SourceConfig(**kwargs)
 
 
 def test_rtsp_source_id_never_contains_credentials() -> None:

@@ -55,7 +55,7 @@ def test_replay_publishes_one_event_per_frame_and_finishes(base: dict[str, objec
 
 def test_sigterm_stops_a_looping_replay_cleanly(base: dict[str, object], endpoint: str) -> None:
     proc = start_daemon({**base, "source.loop": True, "source.fps": 100})
-    seen = []
+    seen: list[int] = []
     with Subscriber(endpoint, ("label.",)) as sub:
         while len(seen) < 30:
             seen.append(sub.receive(30)[1]["seq"])

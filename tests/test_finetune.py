@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def coloured_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_parquet_dataset(tmp_path_factory.mktemp("coloured"), images, labels)
 
 
-def finetune(dataset: Path, checkpoint: Path, output: Path, cache: Path, *extra: str) -> dict[str, object]:
+def finetune(dataset: Path, checkpoint: Path, output: Path, cache: Path, *extra: str) -> dict[str, Any]:
     code = main(
         [
             "finetune",
@@ -43,7 +44,8 @@ def finetune(dataset: Path, checkpoint: Path, output: Path, cache: Path, *extra:
         ]
     )  # fmt: skip
     assert code == 0
-    return json.loads((output / "finetune.json").read_text())  # type: ignore[no-any-return]
+    report: dict[str, Any] = json.loads((output / "finetune.json").read_text())
+    return report
 
 
 def test_finetune_saves_a_cifar10_checkpoint_and_onnx(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def test_batched_predictions_equal_single_ones(tiny_onnx: Path, tmp_path: Path) 
 
 
 class BrokenSource(MemorySource):
-    def frames(self):  # type: ignore[no-untyped-def]
+    def frames(self) -> Iterator[Frame]:
         yield from list(super().frames())[:3]
         raise OSError("camera unplugged")
 

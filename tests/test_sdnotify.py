@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from tests.daemon_helpers import NotifyListener, daemon_env, finish
 
 
 @pytest.fixture
-def listener(tmp_path: Path):  # type: ignore[no-untyped-def]
+def listener(tmp_path: Path) -> Iterator[NotifyListener]:
     lst = NotifyListener(tmp_path / "notify.sock")
     yield lst
     lst.close()

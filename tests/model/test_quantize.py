@@ -143,7 +143,7 @@ def test_grid_weights_are_quantised_exactly(tiny_onnx: Path, tmp_path: Path) -> 
         out = quantize_int8(snapped, tmp_path / f"int8-{align}.onnx", calibration, leading_convs=0, align_weights=align)
         quantized = dequantized_weights(out)
         assert quantized.keys() >= originals.keys(), originals.keys() - quantized.keys()  # every conv quantised
-        return max(float(np.abs(quantized[k] - originals[k]).max() / grid_step(originals[k])) for k in originals)  # type: ignore[operator]
+        return max(float(np.abs(quantized[k] - originals[k]).max() / grid_step(originals[k])) for k in originals)
 
     assert worst_error(align=True) < 1e-3  # exactly the same weights
     assert worst_error(align=False) > 0.05  # onnxruntime's max/127 grid moves them by a fraction of a step

@@ -14,13 +14,14 @@ import pytest
 from eyed.config import SourceConfig
 from eyed.sources import SourceError
 from eyed.sources.capture import Backoff, CaptureSource, capture_args, webcam_target
+from eyed.types import Frame
 from tests.conftest import synthetic_images
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float = 20.0) -> Path:
     """A real video file (MJPG in AVI) written with OpenCV."""
     h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
     assert writer.isOpened()
     for f in frames:
         writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
@@ -119,7 +120,7 @@ def test_odd_frames_are_converted_or_skipped() -> None:
     cfg = SourceConfig(kind="webcam", device=0, reconnect_initial_s=10, reconnect_max_s=10)
     camera = ScriptedCapture(odd)
     with CaptureSource(cfg, opener=lambda _cfg: camera) as src:
-        got = []
+        got: list[Frame] = []
         deadline = time.monotonic() + 10
         # Until the camera has handed over every frame and the last one has been taken.
         while (camera.frames or src.skipped + len(got) + src.dropped < len(odd)) and time.monotonic() < deadline:
