@@ -115,7 +115,12 @@ class ModelConfig(Section):
         description="onnxruntime execution providers in order of preference (Jetson: CUDAExecutionProvider or "
         "TensorrtExecutionProvider first, CPUExecutionProvider last).",
     )
-    batch: int = Field(1, ge=1, le=256, description="Frames per inference call when frames are waiting.")
+    batch: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Frames per inference call for a replay or file source at fps 0 (others: one at a time).",
+    )
     spinning: Literal["auto", "on", "off"] = Field(
         "auto",
         description=(
@@ -230,11 +235,16 @@ class Settings(BaseSettings):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
     def runtime_model(self) -> ModelConfig:
-        """The model section with ``spinning="auto"`` decided for this source."""
-        if self.model.spinning != "auto":
-            return self.model
+        """The model section as this source runs it: ``spinning="auto"`` decided, and ``batch`` kept only
+        where frames are always waiting (a replay or file at fps 0). A paced or live source goes a frame at
+        a time: filling a batch would hold each frame until the last one of its batch arrived."""
         throughput = self.source.kind in ("replay", "file") and self.source.fps == 0
-        return self.model.model_copy(update={"spinning": "on" if throughput else "off"})
+        update: dict[str, object] = {}
+        if self.model.spinning == "auto":
+            update["spinning"] = "on" if throughput else "off"
+        if not throughput and self.model.batch > 1:
+            update["batch"] = 1
+        return self.model.model_copy(update=update) if update else self.model
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:

@@ -163,7 +163,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         model = settings.runtime_model()
         classifier = load_classifier(model)
         stack.callback(classifier.close)
-        logger.info("warm-up took %.0f ms", warm_up(classifier, settings.model.batch) * 1000)
+        logger.info("warm-up took %.0f ms", warm_up(classifier, model.batch) * 1000)
         source = open_source(settings.source)
         stack.enter_context(source)
         publisher = stack.enter_context(Publisher(settings.publish))
@@ -172,7 +172,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             source,
             classifier,
             publisher,
-            batch=settings.model.batch,
+            batch=model.batch,
             heartbeat_s=settings.publish.heartbeat_s,
             stop=stop,
             drift=drift,

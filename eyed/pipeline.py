@@ -112,7 +112,7 @@ class Pipeline:
             frame = self._live.next_frame(0.1)
             return ([frame] if frame is not None else []), self._live.state == "finished"
         if self._inline is None:
-            self._inline = iter(cast(Source, self.source).frames())
+            self._inline = iter(cast(Source, self.source).frames(self.stop))
         items: list[Frame] = []
         try:
             for frame in self._inline:
@@ -152,7 +152,9 @@ class Pipeline:
                     self._send_health(fps)
                     published_state = state
                     next_beat = now + self.heartbeat_s
-            self.state = "failed" if self.failure is not None else ("finished" if ended else "stopped")
+            # A paced source stopped mid-wait ends too: that is a stop, not the end of the source.
+            finished = ended and not self.stop.is_set()
+            self.state = "failed" if self.failure is not None else ("finished" if finished else "stopped")
             elapsed = time.monotonic() - self.counters.started
             self._send_health(self.counters.frames / max(elapsed, 1e-9))
         except BaseException as exc:

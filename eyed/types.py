@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -65,7 +66,9 @@ class Source(Protocol):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
 
-    def frames(self) -> Iterator[Frame]: ...
+    def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
+        """Every frame in order; a set ``stop`` ends the iteration (it cuts a paced source's wait short)."""
+        ...
 
 
 class LiveSource(Protocol):

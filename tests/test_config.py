@@ -157,6 +157,21 @@ def test_auto_spinning_follows_the_source(overrides: list[str], spinning: str) -
     assert settings.model.spinning == ("auto" if not any("spinning" in o for o in overrides) else spinning)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "batch"),
+    [
+        ([], 8),  # replay at fps 0: frames are always waiting
+        (["source.kind=file", "source.url=/tmp/clip.avi"], 8),
+        (["source.fps=10"], 1),  # paced: a batch of 8 would hold the first frame 0.7 s
+        (["source.kind=file", "source.url=/tmp/clip.avi", "source.fps=30"], 1),
+        (["source.kind=rtsp", "source.url=rtsp://cam/stream"], 1),
+    ],
+)
+def test_batching_only_where_frames_wait(overrides: list[str], batch: int) -> None:
+    settings = load_settings(None, [*overrides, "model.batch=8"])
+    assert settings.runtime_model().batch == batch
+
+
 def test_cross_field_rule() -> None:
     with pytest.raises(ConfigError, match=re.escape("model.onnx")):
         load_settings(None, ["model.onnx=/tmp/m.onnx", "model.backend=torch"])

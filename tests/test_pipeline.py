@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,8 @@ def test_batched_predictions_equal_single_ones(tiny_onnx: Path, tmp_path: Path) 
 
 
 class BrokenSource(MemorySource):
-    def frames(self) -> Iterator[Frame]:
-        yield from list(super().frames())[:3]
+    def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
+        yield from list(super().frames(stop))[:3]
         raise OSError("camera unplugged")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import cv2
@@ -13,22 +14,30 @@ class SourceError(Exception):
 
 
 class Pacer:
-    """Sleeps so that successive ``wait()`` calls return at most ``fps`` times a second (0 = never sleeps)."""
+    """Sleeps so that successive ``wait()`` calls return at most ``fps`` times a second (0 = never sleeps).
 
-    def __init__(self, fps: float) -> None:
+    A set ``stop`` ends the sleep at once, so a slow replay (one frame a minute) still stops within the
+    daemon's shutdown bound.
+    """
+
+    def __init__(self, fps: float, stop: threading.Event | None = None) -> None:
         self.period = 1.0 / fps if fps > 0 else 0.0
+        self.stop = stop or threading.Event()
         self._next = 0.0
 
-    def wait(self) -> None:
+    def wait(self) -> bool:
+        """False if ``stop`` is set: the caller should deliver nothing more."""
         if not self.period:
-            return
+            return not self.stop.is_set()
         now = time.monotonic()
         if self._next > now:
-            time.sleep(self._next - now)
+            if self.stop.wait(self._next - now):
+                return False
             now = self._next
         # Schedule from the ideal time, not from now, so a late frame does not shift every later one;
         # but a frame later than its slot starts a new schedule instead of bursting to catch up.
         self._next = max(self._next, now) + self.period
+        return not self.stop.is_set()
 
 
 def to_rgb(img: np.ndarray) -> np.ndarray:

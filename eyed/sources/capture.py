@@ -277,9 +277,9 @@ class CaptureSource:
             self._start_capture()
 
     # -- file -------------------------------------------------------------------------------------------------
-    def frames(self) -> Iterator[Frame]:
+    def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
         """Every frame of the video file in order, paced to ``source.fps``, looping if ``source.loop``."""
-        pacer = Pacer(self.cfg.fps)
+        pacer = Pacer(self.cfg.fps, stop)
         delivered = 0
         while True:
             cap = self._open(self.cfg)
@@ -296,7 +296,8 @@ class CaptureSource:
                     rgb = self._convert(image)
                     if rgb is None:
                         continue
-                    pacer.wait()
+                    if not pacer.wait():
+                        return
                     now = time.monotonic()
                     self._last_frame_t = now
                     yield Frame(rgb, delivered, time.time(), time.perf_counter())

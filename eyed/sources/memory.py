@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -34,6 +35,8 @@ class MemorySource:
     ) -> None:
         return None
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
         for i, (image, truth) in enumerate(zip(self.images, self.truths, strict=True)):
+            if stop is not None and stop.is_set():
+                return
             yield Frame(image, i, time.time(), time.perf_counter(), truth)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,12 +205,12 @@ class ReplaySource:
                 return
             yield record
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
         """Frames in dataset order, paced to ``source.fps``, until the end (or ``source.limit``)."""
         if self._dataset is None:
             raise RuntimeError("ReplaySource used outside its context manager")
         limit = self.cfg.limit
-        pacer = Pacer(self.cfg.fps)
+        pacer = Pacer(self.cfg.fps, stop)
         while True:
             produced_this_pass = 0
             for record in self._records():
@@ -218,7 +219,8 @@ class ReplaySource:
                     self.skipped += 1
                     logger.warning("skipped corrupt record (%d so far)", self.skipped)
                     continue
-                pacer.wait()
+                if not pacer.wait():
+                    return
                 produced_this_pass += 1
                 yield Frame(image, self.delivered, time.time(), time.perf_counter(), self._truth(record))
                 self.delivered += 1

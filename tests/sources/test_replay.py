@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,27 @@ def test_pacer_spaces_the_first_two_calls() -> None:
     start = time.monotonic()
     pacer.wait()
     assert time.monotonic() - start >= 0.08
+
+
+def test_stop_cuts_a_slow_pace_short() -> None:
+    stop = threading.Event()
+    pacer = Pacer(0.05, stop)  # a frame every 20 s
+    assert pacer.wait()  # the first frame goes at once
+    threading.Timer(0.2, stop.set).start()
+    start = time.monotonic()
+    assert not pacer.wait()
+    assert time.monotonic() - start < 5
+
+
+def test_stop_ends_a_paced_replay(tiny_dataset: Path) -> None:
+    stop = threading.Event()
+    with ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="train", fps=0.1)) as src:
+        frames = src.frames(stop)
+        assert next(frames).index == 0
+        threading.Timer(0.2, stop.set).start()
+        start = time.monotonic()
+        assert list(frames) == []
+        assert time.monotonic() - start < 5
 
 
 def test_pacer_zero_fps_never_sleeps() -> None:
