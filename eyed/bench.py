@@ -62,6 +62,7 @@ def summarise(name: str, latencies_ms: list[float], wall_s: float, n: int) -> di
         "fps": n / wall_s,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
+        "latencies_ms": latencies_ms,  # pooled over rounds by pool_rounds, then dropped
     }
 
 
@@ -281,7 +282,7 @@ def run_bench(
                 row = measure()
                 row["name"] = f"{precision} {row['name']}"
                 runs.setdefault(row["name"], []).append(row)
-    rows = [_pool(name, rs) for name, rs in runs.items()]
+    rows = [pool_rounds(name, rs) for name, rs in runs.items()]
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x["fps"] / y["fps"] for x, y in zip(runs[a], runs[b], strict=True))
@@ -302,7 +303,7 @@ def run_bench(
         except ImportError:
             logger.warning("torch/transformers not installed: transformers loop skipped")
         else:
-            rows.append(seed)
+            rows.append(pool_rounds(seed["name"], [seed]))
             for p in models:
                 ratios[f"{p} daemon/transformers"] = (
                     next(r for r in rows if r["name"] == f"{p} {daemon}")["fps"] / (seed["fps"])
@@ -329,12 +330,14 @@ def run_bench(
     }
 
 
-def _pool(name: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def pool_rounds(name: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a path: fps is the median over rounds, latency percentiles are over every frame."""
+    lat = np.concatenate([np.asarray(r["latencies_ms"]) for r in rounds])
     return {
         "name": name,
         "frames": sum(r["frames"] for r in rounds),
         "fps": statistics.median(r["fps"] for r in rounds),
-        "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
-        "p99_ms": max(r["p99_ms"] for r in rounds),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
         "fps_per_round": [round(r["fps"], 1) for r in rounds],
     }

@@ -7,6 +7,7 @@ Validators only check; they never mutate other fields or touch the disk.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -296,15 +297,34 @@ def load_settings(config: Path | None = None, overrides: list[str] | None = None
 
     if config is not None and not config.is_file():
         raise ConfigError(f"--config {config}: no such file")
+    check_environment()
     try:
         Settings._toml_file = config
         return Settings(**_nest(overrides or []))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    except OSError as exc:  # e.g. a file only root may read, under the unit's DynamicUser
+        raise ConfigError(f"--config {config}: cannot read it: {exc.strerror or exc}") from None
     except ValueError as exc:  # a TOML syntax error surfaces as ValueError (tomllib.TOMLDecodeError)
         raise ConfigError(f"{config}: {exc}") from None
     finally:
         Settings._toml_file = None
+
+
+def check_environment() -> None:
+    """An EYED_<SECTION>__<FIELD> variable whose section does not exist is an error, as it is in TOML.
+
+    pydantic-settings only matches variables to known sections and drops the rest, so a misspelt section
+    would silently leave its setting at the default. Variables without the delimiter (EYED_SHARED, which the
+    tests use) are not settings and are left alone.
+    """
+    for name in os.environ:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        section, sep, _ = name[len(ENV_PREFIX) :].partition("__")
+        if sep and section.lower() not in Settings.model_fields:
+            known = ", ".join(Settings.model_fields)
+            raise ConfigError(f"environment variable {name}: unknown section {section.lower()!r} (known: {known})")
 
 
 def format_validation_error(exc: Any) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from eyed.bench import pool_rounds, summarise
 from eyed.cli import main
 from eyed.model.labels import load_priors
 
@@ -92,3 +94,14 @@ def test_eval_compares_variants_on_the_same_frames(
 def test_eval_rejects_an_unknown_variant_option(overrides: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", *overrides, "--vs", "model.nope=1"]) == 78
     assert "model.nope" in capsys.readouterr().err
+
+
+def test_latency_percentiles_are_over_every_frame_of_every_round() -> None:
+    spiky = summarise("p", [1.0] * 98 + [50.0, 50.0], 1.0, 100)  # its own p99 is a spike
+    calm = summarise("p", [1.0] * 100, 1.0, 100)
+    row = pool_rounds("p", [spiky, calm])
+    assert row["frames"] == 200
+    # Two slow frames in 200 are 1% of them: the pooled p99 sits just above the calm frames, not at the spike.
+    assert row["p99_ms"] == pytest.approx(float(np.percentile([1.0] * 198 + [50.0] * 2, 99)))
+    assert row["p99_ms"] < 2
+    assert "latencies_ms" not in row

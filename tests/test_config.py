@@ -183,6 +183,25 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_settings(missing)
 
 
+def test_unreadable_config_file_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # A file that exists but cannot be read (as eyed.toml mode 0600 is for the unit's DynamicUser): reading
+    # /proc/self/mem fails with EIO, even for root. Exit 78, so systemd does not restart it in a loop.
+    assert main(["check-config", "--config", "/proc/self/mem"]) == EXIT_CONFIG
+    assert "cannot read it" in capsys.readouterr().err
+
+
+def test_misspelt_section_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EYED_SORCE__LIMIT", "5")
+    with pytest.raises(ConfigError, match="EYED_SORCE__LIMIT: unknown section 'sorce'"):
+        load_settings()
+
+
+def test_environment_variables_that_are_not_settings_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EYED_SHARED", "/somewhere")  # the tests' own variable: no section delimiter
+    monkeypatch.setenv("eyed_source__limit", "5")  # matched case-insensitively, as pydantic-settings does
+    assert load_settings().source.limit == 5
+
+
 def test_toml_syntax_error(tmp_path: Path) -> None:
     path = write_toml(tmp_path, "[source\nlimit = \n")
     with pytest.raises(ConfigError) as info:

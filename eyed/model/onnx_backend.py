@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from eyed.config import ModelConfig
+from eyed.config import ConfigError, ModelConfig
 from eyed.model.checkpoint import ModelLoadError
 from eyed.model.export import (
     FORMAT,
@@ -63,7 +63,8 @@ def open_session(path: Path, cfg: ModelConfig) -> Any:
     providers = cfg.providers
     missing = [p for p in providers if p not in ort.get_available_providers()]
     if missing:
-        raise ModelLoadError(
+        # A configuration problem, not a passing one: a restart would not install the provider.
+        raise ConfigError(
             f"model.providers: {', '.join(missing)} not available in this onnxruntime build "
             f"(available: {', '.join(ort.get_available_providers())})"
         )

@@ -285,5 +285,5 @@ def test_topk_is_the_k_best_in_order() -> None:
 
 
 def test_unavailable_provider_is_a_clear_error(tiny_onnx: Path) -> None:
-    with pytest.raises(ModelLoadError, match=r"model\.providers: CUDAExecutionProvider not available"):
+    with pytest.raises(ConfigError, match=r"model\.providers: CUDAExecutionProvider not available"):
         load_classifier(ModelConfig(onnx=tiny_onnx, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
