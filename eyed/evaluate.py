@@ -258,8 +258,9 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
     builder = ProfileBuilder(
         coarse,
         top_classes=settings.drift.top_classes,
-        # An identity mapping (a model trained on the coarse classes) has no priors to estimate.
-        mapper=mapper if mapper is not None and mapper.priors is not None else None,
+        # A native model (trained on the coarse classes) has no priors to estimate; an ImageNet model run with
+        # model.coarse_priors = "none" still gets them, so the profile can serve as its priors file later.
+        mapper=mapper if mapper is not None and not mapper.native else None,
         labels=list(post.labels),
         model=classifier.name,
         source=f"{src.kind}:{src.dataset if src.kind == 'replay' else src.url or src.device}",

@@ -62,6 +62,17 @@ def test_profile_is_a_drift_reference_and_a_priors_file(reference: Path) -> None
     assert len(text) < 200_000  # statistics and counts, not images
 
 
+def test_profile_estimates_priors_with_the_correction_off(
+    clean_and_dark: tuple[Path, Path], tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "reference.json"
+    args = ["--set", f"source.dataset={clean_and_dark[0]}", "--set", "source.split=train"]
+    args += ["--set", f"model.id={tiny_checkpoint}", "--set", f"model.onnx={tiny_onnx}"]
+    assert main(["profile", *args, "--set", "model.coarse_priors=none", "--output", str(out)]) == 0
+    priors = load_priors(str(out), "cifar10", tuple(CIFAR10))
+    assert priors is not None and priors.sum() == pytest.approx(1.0, abs=1e-4)
+
+
 def test_daemon_without_reference_learns_then_monitors(
     clean_and_dark: tuple[Path, Path], tiny_onnx: Path, endpoint: str
 ) -> None:

@@ -73,6 +73,11 @@ class CoarseMapper:
         total = sum(values)
         return Coarse(self.classes[i], values[i] / total if total > 0 else 0.0)
 
+    @property
+    def native(self) -> bool:
+        """A model trained on the coarse classes themselves: one label per class, no priors to apply."""
+        return self.membership.shape[0] == self.membership.shape[1]
+
     def with_priors(self, priors: np.ndarray | None) -> CoarseMapper:
         return CoarseMapper(self.classes, self.membership, priors)
 
