@@ -110,7 +110,8 @@ class Preprocessor:
         """Resize and centre-crop one image; write into ``out`` (shape :attr:`shape`, uint8) when given."""
         h, w = image.shape[:2]
         ch, cw = self.spec.crop
-        if self.fit_small and h <= ch and w <= cw:
+        # "Smaller than the crop": a frame of exactly the crop's size is not, and goes the checkpoint's way.
+        if self.fit_small and h <= ch and w <= cw and (h, w) != (ch, cw):
             scale = max(ch / h, cw / w)
             new_h, new_w = max(ch, round(h * scale)), max(cw, round(w * scale))
             interp = cv2.INTER_CUBIC
