@@ -258,6 +258,8 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
     builder = ProfileBuilder(
         coarse,
         top_classes=settings.drift.top_classes,
+        # Blocks as long as a window, so calibration windows fit inside them (eyed.drift.reference.sample_blocks).
+        block=settings.drift.window,
         # A native model (trained on the coarse classes) has no priors to estimate; an ImageNet model run with
         # model.coarse_priors = "none" still gets them, so the profile can serve as its priors file later.
         mapper=mapper if mapper is not None and not mapper.native else None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -200,11 +200,12 @@ def calibrate(
     windows from the reference's reservoir and compare each with the reference *minus that window* (counts
     subtracted; KS against the other reservoir rows), which is what an in-domain window would see.
 
-    Each window is a run of consecutive reservoir rows (the reservoir keeps stream order), not rows drawn at
-    random: a camera's frames are correlated (a person walking through fills a whole window), so its windows
-    vary far more than random draws suggest, and thresholds from random draws raise false alarms. On a
-    stream of independent frames (a shuffled dataset) both ways give the same thresholds. ``contiguous=False``
-    draws at random (tests compare the two). Then, per metric:
+    Each window is a run of consecutive stream frames, inside one of the reservoir's blocks (never across the
+    gap between two blocks), not rows drawn at random: a camera's frames are correlated (a person walking
+    through fills a whole window), so its windows vary far more than random draws suggest, and thresholds from
+    random draws raise false alarms. Rows on both sides of a gap are as far apart as random draws, which is
+    why a window must not straddle one. On a stream of independent frames (a shuffled dataset) both ways give
+    the same thresholds. ``contiguous=False`` draws at random (tests compare the two). Then, per metric:
 
     - warn = max(configured warn, mean + ``cfg.sigmas`` x std of the metric over those windows);
     - drift = max(configured drift, warn x configured drift / configured warn): the noise raises both levels by
@@ -217,12 +218,13 @@ def calibrate(
     res = reference.reservoir
     n = res.shape[0]
     rng = np.random.default_rng(seed)
+    starts = _window_starts(reference, w) if contiguous and n > w else None
     samples: dict[str, list[float]] = {name: [] for name in base.metric_names()}
     for _ in range(rounds):
         if n > w:
             pick = np.zeros(n, dtype=bool)
-            if contiguous:
-                start = int(rng.integers(0, n - w + 1))
+            if starts is not None:
+                start = starts(rng)
                 pick[start : start + w] = True
             else:
                 pick[rng.choice(n, size=w, replace=False)] = True
@@ -250,6 +252,43 @@ def calibrate(
         means[name] = mean
         stds[name] = std
     return Calibration(thresholds, means, stds, rounds)
+
+
+def _window_starts(reference: Reference, w: int) -> Callable[[np.random.Generator], int]:
+    """A draw of the first reservoir row of a ``w``-row window, uniform over the windows that fit in a block."""
+    n = reference.reservoir.shape[0]
+    if reference.blocks is None:
+        logger.warning(
+            "drift: the reference is an older profile whose %d rows were drawn one by one from %d frames, so "
+            "thresholds calibrated on it are too tight for a camera's correlated frames: run 'eyed profile' again",
+            n,
+            reference.frames,
+        )
+        lengths = np.array([n])
+    else:
+        lengths = np.array([length for _, length in reference.blocks])
+        if lengths.max() < w:
+            logger.warning(
+                "drift: the reference's blocks of consecutive frames (%d at most) are shorter than a window (%d), "
+                "so thresholds are too tight for a camera's correlated frames: profile again with blocks of at "
+                "least drift.window frames",
+                lengths.max(),
+                w,
+            )
+            lengths = np.array([n])
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    fits = lengths >= w
+    # Windows that fit in each block, and where each block's first window is in that count.
+    count = lengths[fits] - w + 1
+    first = np.concatenate([[0], np.cumsum(count)[:-1]])
+    offsets = offsets[fits]
+
+    def draw(rng: np.random.Generator) -> int:
+        i = int(rng.integers(0, int(count.sum())))
+        b = int(np.searchsorted(first, i, side="right")) - 1
+        return int(offsets[b] + i - first[b])
+
+    return draw
 
 
 def _defaults(cfg: DriftConfig, metric: str) -> tuple[float, float]:
@@ -320,6 +359,7 @@ class DriftMonitor:
                 coarse_classes or (),
                 top_classes=cfg.top_classes,
                 reservoir=max(RESERVOIR, cfg.learn_windows * cfg.window),
+                block=cfg.window,
                 labels=labels,
                 source="first windows of this run",
                 seed=seed,

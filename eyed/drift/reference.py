@@ -2,9 +2,9 @@
 
 A profile holds, for one model on one stream: histograms of every per-frame statistic (bin edges from the
 stream's own quantiles), the predicted-class distributions (coarse labels; the most frequent fine classes plus
-"other"), a uniform sample of the per-frame rows (so thresholds can be calibrated later for any window size),
-and re-estimated coarse-label priors. Written as JSON under a top-level ``"priors"`` key too, the profile file
-is also a priors file for ``model.coarse_priors``.
+"other"), a sample of the per-frame rows in blocks of consecutive frames (so thresholds can be calibrated later
+on windows like the live ones, see :func:`sample_blocks`), and re-estimated coarse-label priors. Written as
+JSON under a top-level ``"priors"`` key too, the profile file is also a priors file for ``model.coarse_priors``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,18 @@ from typing import Any
 
 import numpy as np
 
+from eyed.config import DriftConfig
 from eyed.drift.stats import FIELDS, NUMERIC_STATS, FrameStats
 from eyed.model.labels import CoarseMapper, estimate_priors
 
-SCHEMA = 1
+# Schema 2 stores where the sample's blocks lie in the stream; schema 1 files are still read (see
+# reference_from_dict).
+SCHEMA = 2
 KIND = "eyed-drift-reference"
 BINS = 10
 RESERVOIR = 5000
+# Frames per sampled block: the default drift window, so a calibration window fits inside one block.
+BLOCK: int = DriftConfig.model_fields["window"].default
 # Six significant digits keep the reservoir a few hundred kB; the statistics are not that precise anyway.
 DIGITS = 6
 
@@ -90,8 +95,11 @@ class Reference:
     fine_labels: tuple[str, ...]  # their names ("" when unknown), for people reading the file
     fine_counts: np.ndarray  # (len(fine_ids) + 1,): the last bin is every other class
     histograms: Mapping[str, Histogram]  # one per NUMERIC_STATS with at least one finite value
-    reservoir: np.ndarray = field(repr=False)  # (n, len(FIELDS)) rows sampled uniformly from the stream
+    reservoir: np.ndarray = field(repr=False)  # (n, len(FIELDS)) rows of the blocks below, in stream order
     priors: Mapping[str, float] | None = None  # coarse class -> prior, estimated without labels
+    # (first frame, length) of each run of consecutive stream frames in the reservoir, in order; the lengths
+    # add up to its rows. None: a schema 1 profile whose rows were drawn one by one from a longer stream.
+    blocks: tuple[tuple[int, int], ...] | None = None
 
     def fine_index(self, top1: np.ndarray) -> np.ndarray:
         """Index into ``fine_counts`` of each top-1 class id (``len(fine_ids)`` = other)."""
@@ -113,7 +121,8 @@ class Reference:
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "schema": SCHEMA,
+            # A reference read from a schema 1 file without blocks is written back as one.
+            "schema": SCHEMA if self.blocks is not None else 1,
             "kind": KIND,
             "frames": self.frames,
             "model": self.model,
@@ -134,6 +143,8 @@ class Reference:
                 "columns": {name: _column_json(name, self.reservoir[:, i]) for i, name in enumerate(FIELDS)},
             },
         }
+        if self.blocks is not None:
+            data["reservoir"]["blocks"] = [[int(start), int(length)] for start, length in self.blocks]
         if self.priors is not None:
             data["priors_method"] = (
                 "mean coarse group mass over this stream, refined so each class wins the argmax equally often "
@@ -180,8 +191,9 @@ def reference_from_dict(data: Any) -> Reference:
         raise ValueError("not a JSON object")
     if data.get("kind") != KIND:
         raise ValueError(f"not a drift reference (kind {data.get('kind')!r}, expected {KIND!r})")
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"unsupported schema {data.get('schema')!r} (this eyed reads schema {SCHEMA})")
+    schema = data.get("schema")
+    if schema not in (1, SCHEMA):
+        raise ValueError(f"unsupported schema {schema!r} (this eyed reads schemas 1 to {SCHEMA})")
     missing = [key for key in ("frames", "coarse", "fine", "histograms", "reservoir") if key not in data]
     if missing:
         raise ValueError(f"missing key {missing[0]!r}")
@@ -218,6 +230,19 @@ def reference_from_dict(data: Any) -> Reference:
         if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1 or arrays[0].size == 0:
             raise ValueError("empty, or columns of different lengths")
         reservoir = np.column_stack(arrays)
+    with _section("metadata"):
+        frames = int(data["frames"])
+        if frames < reservoir.shape[0]:
+            raise ValueError("frames is smaller than the reservoir")
+    blocks: tuple[tuple[int, int], ...] | None
+    if schema == 1:
+        # Schema 1 kept every frame of a short stream (one block) and a uniform sample of a longer one, whose
+        # rows are far apart: the monitor then warns that its thresholds are too tight.
+        blocks = ((0, reservoir.shape[0]),) if frames == reservoir.shape[0] else None
+    else:
+        with _section("reservoir.blocks"):
+            blocks = tuple((int(s), int(n)) for s, n in data["reservoir"]["blocks"])
+            _check_blocks(blocks, reservoir.shape[0], frames)
     priors = None
     if data.get("priors") is not None:
         with _section("priors"):
@@ -225,9 +250,6 @@ def reference_from_dict(data: Any) -> Reference:
             if not all(v > 0 for v in priors.values()):
                 raise ValueError("priors must be positive")
     with _section("metadata"):
-        frames = int(data["frames"])
-        if frames < reservoir.shape[0]:
-            raise ValueError("frames is smaller than the reservoir")
         return Reference(
             frames=frames,
             model=str(data.get("model", "")),
@@ -241,7 +263,50 @@ def reference_from_dict(data: Any) -> Reference:
             histograms=histograms,
             reservoir=reservoir,
             priors=priors,
+            blocks=blocks,
         )
+
+
+def _check_blocks(blocks: Sequence[tuple[int, int]], rows: int, frames: int) -> None:
+    end = 0
+    for start, length in blocks:
+        if length <= 0 or start < end:
+            raise ValueError("needs non-empty blocks in stream order, not overlapping")
+        end = start + length
+    if end > frames:
+        raise ValueError("a block ends after the last frame")
+    if sum(length for _, length in blocks) != rows:
+        raise ValueError("the block lengths do not add up to the reservoir's rows")
+
+
+def sample_blocks(frames: int, size: int, block: int, rng: np.random.Generator) -> tuple[tuple[int, int], ...]:
+    """(first frame, length) of the runs of consecutive frames a profile of ``frames`` frames keeps, at most
+    ``size`` frames in all, in stream order; adjacent blocks are merged into one run.
+
+    Why blocks: thresholds are calibrated on windows taken from this sample, and they must vary as much as live
+    windows do. A camera's neighbouring frames show the same scene, so a live window of 250 frames holds one or
+    two scenes. A sample of single frames from a long stream puts frames far apart side by side: a window of
+    them mixes many scenes, varies far less than a live window, and the thresholds come out too tight (the
+    longer the reference, the tighter). Blocks at least a window long keep a live window's contiguity, and the
+    total stays ``size`` rows however long the stream.
+
+    Why one block at a random place in each of ``size // block`` equal stretches of the stream, not blocks
+    drawn anywhere: the few blocks that fit then cover the whole reference (morning to evening) instead of
+    possibly bunching in one part of it, while the random offsets keep them unbiased.
+    """
+    if frames <= size:
+        return ((0, frames),) if frames > 0 else ()
+    block = max(1, min(block, size))
+    k = size // block
+    edges = np.arange(k + 1, dtype=np.int64) * frames // k  # each stretch is longer than a block: frames > size
+    runs: list[tuple[int, int]] = []
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        start = int(rng.integers(lo, hi - block + 1))
+        if runs and sum(runs[-1]) == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + block)
+        else:
+            runs.append((start, block))
+    return tuple(runs)
 
 
 @contextmanager
@@ -260,7 +325,9 @@ class ProfileBuilder:
 
     Keeps every row (10 floats) and every frame's group masses (10 floats): 80 bytes a frame, 4 MB for 50,000
     frames. The masses are needed because the balanced prior estimate looks at all frames at once; the rows
-    let the histograms count the whole stream with edges from its own quantiles.
+    let the histograms count the whole stream with edges from its own quantiles. The profile itself keeps
+    ``reservoir`` rows at most, in blocks of ``block`` consecutive frames (:func:`sample_blocks`); ``block``
+    should be at least the ``drift.window`` the profile will be used with.
     """
 
     def __init__(
@@ -270,6 +337,7 @@ class ProfileBuilder:
         top_classes: int = 20,
         bins: int = BINS,
         reservoir: int = RESERVOIR,
+        block: int = BLOCK,
         mapper: CoarseMapper | None = None,
         labels: Sequence[str] | None = None,
         model: str = "",
@@ -282,6 +350,7 @@ class ProfileBuilder:
         self.top_classes = top_classes
         self.bins = bins
         self.reservoir_size = reservoir
+        self.block = block
         self.mapper = mapper
         self.labels = list(labels) if labels is not None else None
         self.model = model
@@ -342,11 +411,8 @@ class ProfileBuilder:
             if np.isfinite(values).any():
                 edges = quantile_edges(values, self.bins)
                 histograms[name] = Histogram(edges, hist_counts(values, edges))
-        rng = np.random.default_rng(self.seed)
-        size = min(self.reservoir_size, self._n)
-        # A uniform sample without replacement, kept in stream order; the builder holds every row already, so
-        # this equals what reservoir sampling would keep, without its per-frame random draws.
-        keep = np.sort(rng.choice(self._n, size=size, replace=False))
+        blocks = sample_blocks(self._n, self.reservoir_size, self.block, np.random.default_rng(self.seed))
+        keep = np.concatenate([np.arange(start, start + length) for start, length in blocks])
         priors = None
         if self.mapper is not None and self._masses:
             # estimate_priors wants probability vectors and maps them with mapper.masses; an identity mapper
@@ -366,6 +432,7 @@ class ProfileBuilder:
             fine_labels=fine_labels,
             fine_counts=np.bincount(fine_index(fine_ids, top1), minlength=len(fine_ids) + 1),
             histograms=histograms,
-            reservoir=rows[keep].copy(),
+            reservoir=rows[keep],
             priors=priors,
+            blocks=blocks,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -13,6 +14,7 @@ from eyed.drift.monitor import (
     Calibration,
     DriftMonitor,
     WindowReport,
+    _window_starts,
     calibrate,
     format_window,
     window_payload,
@@ -155,6 +157,52 @@ def test_correlated_camera_frames_raise_no_false_drift() -> None:
     assert len(contiguous) == 40
     assert contiguous.count("drift") == 0 and contiguous.count("warn") <= 12
     assert shuffled.count("drift") >= 4 and shuffled.count("warn") > contiguous.count("warn")
+
+
+def test_a_long_reference_raises_no_more_false_alarms_than_a_short_one() -> None:
+    """A profile keeps about 5,000 rows however long its stream. Rows drawn one by one from 40,000 or 100,000
+    frames are 8-20 frames apart, so a calibration window of 250 of them spans 8-20 times more scenes than a
+    live window, varies too little, and its thresholds called clean windows drift (1 and 8 of these 40). Rows
+    kept in blocks of consecutive frames calibrate like the short reference, which keeps every frame."""
+    rows = scene_stream(100_000, seed=1)
+    cfg = DriftConfig(window=250)
+    live = scene_stream(10_000, seed=2)
+
+    def statuses(frames: int) -> list[str]:
+        builder = ProfileBuilder(COARSE, top_classes=20)
+        builder.add_many(rows[:frames])
+        ref = builder.build()
+        assert ref.reservoir.shape[0] == min(frames, 5000)
+        return [r.status for r in feed(DriftMonitor(cfg, ref), live)]
+
+    short = statuses(4000)
+    assert short.count("drift") == 0 and short.count("warn") <= 12
+    for frames in (40_000, 100_000):
+        long = statuses(frames)
+        assert long.count("drift") == 0, frames
+        assert long.count("warn") <= max(12, short.count("warn") + 4), (frames, long.count("warn"))
+
+
+def test_calibration_windows_stay_inside_one_block() -> None:
+    """Rows on both sides of a gap between blocks are far apart in the stream: a window across it would mix
+    scenes. Every window that fits in a block is drawn, and none other."""
+    builder = ProfileBuilder(COARSE, top_classes=20)
+    builder.add_many(synthetic_stats(1150))
+    ref = dataclasses.replace(builder.build(), frames=9000, blocks=((0, 300), (1000, 100), (5000, 750)))
+    draw = _window_starts(ref, 250)
+    rng = np.random.default_rng(0)
+    starts = {draw(rng) for _ in range(5000)}
+    assert starts == set(range(0, 51)) | set(range(400, 901))
+
+
+def test_an_old_profile_sampled_frame_by_frame_is_used_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    builder = ProfileBuilder(COARSE, top_classes=20, reservoir=1000)
+    builder.add_many(synthetic_stats(3000))
+    old = dataclasses.replace(builder.build(), blocks=None)  # what a schema 1 file of a long stream loads as
+    with caplog.at_level(logging.WARNING, logger="eyed.drift.monitor"):
+        calibration = calibrate(DriftConfig(window=250), old, rounds=20)
+    assert set(calibration.thresholds) == ALL_METRICS
+    assert any("run 'eyed profile' again" in r.message for r in caplog.records)
 
 
 def test_learning_without_a_reference(caplog: pytest.LogCaptureFixture) -> None:

@@ -38,17 +38,37 @@ def test_profile_holds_histograms_class_distributions_and_a_reservoir() -> None:
     assert ref.fine_counts[-1] == 3000 - counts[list(ref.fine_ids)].sum()
 
 
-def test_reservoir_is_a_seeded_uniform_sample() -> None:
+def test_reservoir_is_a_seeded_sample_of_the_whole_stream() -> None:
     a, b, c = built(2000, reservoir=500), built(2000, reservoir=500), built(2000, reservoir=500, seed=1)
     assert np.array_equal(a.reservoir, b.reservoir, equal_nan=True)
     assert not np.array_equal(a.reservoir, c.reservoir, equal_nan=True)
-    # Uniform over the stream: the sample's mean brightness is the stream's.
+    # Over the whole stream: the sample's mean brightness is the stream's.
     col = FIELDS.index("brightness")
     assert abs(a.reservoir[:, col].mean() - np.mean([s.brightness for s in synthetic_stats(2000)])) < 3
 
 
 def test_fewer_frames_than_the_reservoir_keeps_them_all() -> None:
-    assert built(300, reservoir=5000).reservoir.shape[0] == 300
+    ref = built(300, reservoir=5000)
+    assert ref.reservoir.shape[0] == 300 and ref.blocks == ((0, 300),)
+
+
+def test_a_long_stream_keeps_blocks_of_consecutive_frames_spread_over_it() -> None:
+    """Blocks at least a window long, so calibration windows hold consecutive frames as live ones do; one in
+    each quarter of the stream here, so together they cover all of it."""
+    ref = built(20_000, reservoir=1000, block=250)
+    assert ref.blocks is not None and ref.reservoir.shape[0] == 1000
+    assert sum(length for _, length in ref.blocks) == 1000
+    frames = [f for start, length in ref.blocks for f in range(start, start + length)]
+    assert frames == sorted(frames) and len(set(frames)) == 1000
+    assert sorted({f // 5000 for f in frames}) == [0, 1, 2, 3]
+    assert all(length % 250 == 0 for _, length in ref.blocks)  # adjacent blocks may merge into one run
+    stream = np.asarray(synthetic_stats(20_000), dtype=np.float64)
+    assert np.array_equal(ref.reservoir, stream[frames], equal_nan=True)
+
+
+def test_a_block_longer_than_the_reservoir_is_cut_to_it() -> None:
+    ref = built(3000, reservoir=200, block=250)
+    assert ref.blocks is not None and len(ref.blocks) == 1 and ref.blocks[0][1] == 200
 
 
 def test_json_round_trip(tmp_path: Path) -> None:
@@ -63,6 +83,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
         assert np.allclose(back.histograms[name].edges, h.edges)
         assert np.array_equal(back.histograms[name].counts, h.counts)
     assert np.allclose(back.reservoir, ref.reservoir, rtol=1e-5, equal_nan=True)
+    assert back.blocks == ref.blocks
     assert np.isnan(back.reservoir[:, FIELDS.index("motion")]).sum() <= 1
     assert path.stat().st_size < 400_000
 
@@ -86,6 +107,11 @@ def test_empty_stream_is_an_error() -> None:
         (lambda d: d["reservoir"]["columns"].pop("sharpness"), "missing columns sharpness"),
         (lambda d: d["reservoir"]["columns"].update(top1=[1, 2]), "reservoir: empty, or columns of different"),
         (lambda d: d["fine"].update(ids="abc"), "fine: invalid literal"),
+        (lambda d: d["reservoir"].pop("blocks"), "reservoir.blocks: missing key 'blocks'"),
+        (lambda d: d["reservoir"].update(blocks=[[0, 100], [50, 150]]), "reservoir.blocks: needs non-empty"),
+        (lambda d: d["reservoir"].update(blocks=[[0, 100], [300, 0]]), "reservoir.blocks: needs non-empty"),
+        (lambda d: d["reservoir"].update(blocks=[[0, 100], [200, 100]]), "reservoir.blocks: the block lengths"),
+        (lambda d: d["reservoir"].update(blocks=[[0, 100], [450, 100]]), "reservoir.blocks: a block ends after"),
     ],
 )
 def test_malformed_files_say_what_is_wrong(tmp_path: Path, mutate: object, message: str) -> None:
@@ -96,6 +122,24 @@ def test_malformed_files_say_what_is_wrong(tmp_path: Path, mutate: object, messa
     with pytest.raises(ValueError, match=message) as err:
         load_reference(path)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(("frames", "blocks"), [(200, ((0, 200),)), (3000, None)])
+def test_a_schema_1_profile_still_loads(tmp_path: Path, frames: int, blocks: object) -> None:
+    """Schema 1 stored no blocks: a short stream's rows are all its frames, one block; a long stream's were
+    drawn one by one, so which rows are consecutive frames is unknown (the monitor warns)."""
+    ref = built(frames, reservoir=200)
+    data = ref.to_dict()
+    data["schema"] = 1
+    del data["reservoir"]["blocks"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    back = load_reference(path)
+    assert back.blocks == blocks and back.frames == frames
+    assert np.allclose(back.reservoir, ref.reservoir, rtol=1e-5, equal_nan=True)
+    # Written back as it was read: schema 1, without blocks.
+    again = back.to_dict()
+    assert again["schema"] == (2 if blocks else 1) and ("blocks" in again["reservoir"]) == bool(blocks)
 
 
 def test_not_json_and_missing_file(tmp_path: Path) -> None:
