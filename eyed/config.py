@@ -65,8 +65,9 @@ class SourceConfig(Section):
     freeze_diff: float = Field(
         0.5,
         ge=0,
-        description="Camera: mean absolute difference (0-255, on a small grey copy) under which frames count as "
-        "frozen; 0 turns frozen-frame detection off.",
+        description="Camera: mean absolute difference (0-255) between consecutive frames, over a grid of single "
+        "grey pixels (no averaging, so sensor noise counts), under which they count as frozen; 0 turns "
+        "frozen-frame detection off.",
     )
     reconnect_initial_s: float = Field(0.5, gt=0, description="Camera: first delay before reconnecting.")
     reconnect_max_s: float = Field(30.0, gt=0, description="Camera: cap of the exponential reconnect backoff.")

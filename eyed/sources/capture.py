@@ -1,19 +1,21 @@
 """Cameras and video files through OpenCV (FFmpeg or V4L2): one class for webcam, RTSP and file sources.
 
 A live source (webcam, RTSP) runs a capture thread that keeps only the newest frame and counts the ones it had
-to overwrite. Opening and reading have timeouts; a read that hangs anyway is abandoned by a watchdog that starts
-a fresh capture. A lost camera is retried with exponential backoff and jitter, for ever: the daemon never exits
-because a camera went away. A file source delivers every frame in order, paced to ``source.fps``.
+to overwrite. Opening and reading have timeouts; an open or a read that hangs anyway is abandoned by a watchdog
+that starts a fresh capture. A lost camera is retried with exponential backoff and jitter, for ever: the daemon
+never exits because a camera went away. A file source delivers every frame in order, paced to ``source.fps``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -26,12 +28,61 @@ from eyed.types import Frame
 
 logger = logging.getLogger(__name__)
 
-# OpenCV reads FFmpeg options from this environment variable when a capture opens; the lock keeps two sources
-# from opening with each other's options.
-_FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
-_open_lock = threading.Lock()
-# How much longer than read_timeout_s a read may take before the watchdog gives up on it.
-HUNG_READ_GRACE_S = 2.0
+# How much longer than open_timeout_s / read_timeout_s an open or a read may take before the watchdog gives up on
+# it and starts a fresh capture.
+HUNG_GRACE_S = 2.0
+# How long leaving a source waits for its capture threads. They are daemon threads: one blocked in a driver call
+# is abandoned rather than holding up a shutdown that systemd bounds (TimeoutStopSec).
+EXIT_JOIN_S = 2.0
+# Frozen-frame detection compares single grey pixels on a grid of about this many columns and rows. Not an
+# averaged thumbnail: averaging wipes out the sensor noise that tells a still scene from a repeated picture.
+FREEZE_GRID = (64, 48)
+
+
+class EnvLease:
+    """Holds an environment variable at one value while the calls that need it run.
+
+    OpenCV reads FFmpeg's options from the environment early in an open, and there is no telling when. Holding
+    a lock across the whole open would let one hung open block every other, including the capture that replaces
+    it; instead any number of opens needing the same value share the lease, and only an open needing another
+    value waits for them to finish (one daemon runs one source, so that wait does not arise there). The lock
+    itself is held only while the variable is read or written.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._holders = 0
+        self._value: str | None = None
+        self._previous: str | None = None
+
+    @contextlib.contextmanager
+    def holding(self, value: str) -> Iterator[None]:
+        """The variable is ``value`` inside; the value it had before comes back once the last holder leaves."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._holders == 0 or self._value == value)
+            if self._holders == 0:
+                self._previous, self._value = os.environ.get(self.name), value
+                os.environ[self.name] = value
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._restore()
+                    self._cond.notify_all()
+
+    def _restore(self) -> None:
+        if self._previous is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self._previous
+        self._value = None
+
+
+_ffmpeg_options = EnvLease("OPENCV_FFMPEG_CAPTURE_OPTIONS")
 
 
 class Backoff:
@@ -62,12 +113,6 @@ def webcam_target(device: int | str) -> int | str:
 
 def capture_args(cfg: SourceConfig) -> tuple[int | str, int, list[int], dict[int, float]]:
     """What to hand cv2.VideoCapture: (target, backend API, open parameters, properties to set after opening)."""
-    timeouts = [
-        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
-        int(cfg.open_timeout_s * 1000),
-        cv2.CAP_PROP_READ_TIMEOUT_MSEC,
-        int(cfg.read_timeout_s * 1000),
-    ]
     if cfg.kind == "webcam":
         assert cfg.device is not None
         props: dict[int, float] = {}
@@ -79,34 +124,78 @@ def capture_args(cfg: SourceConfig) -> tuple[int | str, int, list[int], dict[int
             props[cv2.CAP_PROP_FPS] = cfg.fps
         # A small driver queue: with the default of 4 buffers the "newest" frame can be 4 frames old.
         props[cv2.CAP_PROP_BUFFERSIZE] = 1
-        return webcam_target(cfg.device), cv2.CAP_V4L2, timeouts, props
+        # No open parameters: in OpenCV 5, V4L2 is a legacy backend that refuses every one, and the capture comes
+        # back unopened. Its reads give up after OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT (10 s by default); the watchdog
+        # bounds opens and reads at open_timeout_s / read_timeout_s + HUNG_GRACE_S either way.
+        return webcam_target(cfg.device), cv2.CAP_V4L2, [], props
     assert cfg.url is not None
+    timeouts = [
+        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+        int(cfg.open_timeout_s * 1000),
+        cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+        int(cfg.read_timeout_s * 1000),
+    ]
     return cfg.url, cv2.CAP_FFMPEG, timeouts, {}
 
 
 def open_capture(cfg: SourceConfig) -> Any:
     """A cv2.VideoCapture for ``cfg`` (check ``isOpened()``); never blocks past ``open_timeout_s`` for RTSP."""
     target, api, params, props = capture_args(cfg)
-    with _open_lock:
-        previous = os.environ.get(_FFMPEG_OPTIONS)
-        if cfg.kind == "rtsp":
-            os.environ[_FFMPEG_OPTIONS] = f"rtsp_transport;{cfg.transport}"
-        try:
+    # Only RTSP needs the options: FFmpeg's file demuxers ignore an RTSP option, and V4L2 never reads them.
+    if cfg.kind == "rtsp":
+        with _ffmpeg_options.holding(f"rtsp_transport;{cfg.transport}"):
             cap = cv2.VideoCapture(target, api, params)
-        finally:
-            if cfg.kind == "rtsp":
-                if previous is None:
-                    os.environ.pop(_FFMPEG_OPTIONS, None)
-                else:
-                    os.environ[_FFMPEG_OPTIONS] = previous
+    else:
+        cap = cv2.VideoCapture(target, api, params)
     for prop, value in props.items():
         cap.set(prop, value)
     return cap
 
 
-def _thumb(image: np.ndarray) -> np.ndarray:
-    """A tiny grey copy for frozen-frame detection (cheap: 32x24 pixels)."""
-    return cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (32, 24), interpolation=cv2.INTER_AREA)
+def freeze_sample(image: np.ndarray) -> np.ndarray:
+    """Grey values of single pixels on a grid over the full frame (about 64x48 of them; cheap, no averaging)."""
+    height, width = image.shape[:2]
+    step_y, step_x = max(1, height // FREEZE_GRID[1]), max(1, width // FREEZE_GRID[0])
+    grid = np.ascontiguousarray(image[step_y // 2 :: step_y, step_x // 2 :: step_x])
+    return cv2.cvtColor(grid, cv2.COLOR_RGB2GRAY)
+
+
+@dataclass(frozen=True)
+class Busy:
+    """A blocking driver call in progress: what it is and when the watchdog gives up on it."""
+
+    what: str
+    started: float
+    deadline: float
+
+
+class Generation:
+    """One capture thread's identity, and the driver call it is blocked in, for the watchdog.
+
+    Each capture thread has its own, so a thread the watchdog abandoned can only ever clear its own record, never
+    the one of the thread that replaced it.
+    """
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.busy: Busy | None = None
+
+    @contextlib.contextmanager
+    def blocking(self, what: str, timeout_s: float) -> Iterator[None]:
+        """Marks a driver call (``what``: open or read) that should return within ``timeout_s``."""
+        now = time.monotonic()
+        self.busy = Busy(what, now, now + timeout_s + HUNG_GRACE_S)
+        try:
+            yield
+        finally:
+            self.busy = None
+
+
+def frozen_pair(previous: np.ndarray | None, sample: np.ndarray, freeze_diff: float) -> bool:
+    """Whether two consecutive :func:`freeze_sample` results differ by less than ``freeze_diff`` on average."""
+    if previous is None or previous.shape != sample.shape:
+        return False
+    return float(cv2.absdiff(sample, previous).mean()) < freeze_diff
 
 
 class CaptureSource:
@@ -126,8 +215,7 @@ class CaptureSource:
         self._index = 0
         self._last_frame_t: float | None = None
         self._frozen_since: float | None = None
-        self._read_started: float | None = None
-        self._generation = 0
+        self._gen = Generation(0)  # the current capture thread's; number 0 has no thread
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -145,14 +233,17 @@ class CaptureSource:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        deadline = time.monotonic() + self.cfg.read_timeout_s + 1
+        deadline = time.monotonic() + EXIT_JOIN_S
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                logger.warning("source %s: abandoning %s, still blocked in the camera driver", self.id, t.name)
 
     def _start_capture(self) -> None:
-        self._generation += 1
+        gen = Generation(self._gen.number + 1)
+        self._gen = gen
         t = threading.Thread(
-            target=self._capture, args=(self._generation,), name=f"eyed-capture-{self.id}", daemon=True
+            target=self._capture, args=(gen,), name=f"eyed-capture-{self.id}-{gen.number}", daemon=True
         )
         self._threads = [t for t in self._threads if t.is_alive()] + [t]
         t.start()
@@ -179,43 +270,50 @@ class CaptureSource:
         return None if self._last_frame_t is None else time.monotonic() - self._last_frame_t
 
     # -- live: capture thread ---------------------------------------------------------------------------------
-    def _capture(self, generation: int) -> None:
+    def _capture(self, gen: Generation) -> None:
         backoff = Backoff(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
         first = True
-        while self._current(generation):
+        while self._current(gen):
             if not first:
                 self.reconnects += 1
             first = False
             self._set_state("connecting")
-            try:
-                cap = self._open(self.cfg)
-            except Exception as exc:  # an OpenCV build without the backend, a bad device path
-                logger.warning("source %s: cannot open: %s", self.id, exc)
-                cap = None
+            cap = self._open_timed(gen)
             if cap is not None and cap.isOpened():
                 try:
-                    self._read_loop(cap, generation, backoff)
+                    self._read_loop(cap, gen, backoff)
                 finally:
                     cap.release()
             elif cap is not None:
                 cap.release()
-            if not self._current(generation):
+            if not self._current(gen):
                 break
             self._set_state("offline")
             delay = backoff.next()
             logger.warning("source %s: offline; retrying in %.1f s", self.id, delay)
             self._stop.wait(delay)
 
-    def _current(self, generation: int) -> bool:
-        return not self._stop.is_set() and generation == self._generation
+    def _current(self, gen: Generation) -> bool:
+        return not self._stop.is_set() and gen is self._gen
 
-    def _read_loop(self, cap: Any, generation: int, backoff: Backoff) -> None:
+    def _open_timed(self, gen: Generation) -> Any:
+        try:
+            with gen.blocking("open", self.cfg.open_timeout_s):
+                return self._open(self.cfg)
+        except Exception as exc:  # an OpenCV build without the backend, a bad device path
+            logger.warning("source %s: cannot open: %s", self.id, exc)
+            return None
+
+    def _read_loop(self, cap: Any, gen: Generation, backoff: Backoff) -> None:
         previous: np.ndarray | None = None
-        while self._current(generation):
-            self._read_started = time.monotonic()
-            ok, image = cap.read()
-            self._read_started = None
-            if not self._current(generation):
+        while self._current(gen):
+            try:
+                with gen.blocking("read", self.cfg.read_timeout_s):
+                    ok, image = cap.read()
+            except cv2.error as exc:  # a driver assertion (V4L2 has some): as good as a lost stream
+                logger.warning("source %s: read failed: %s", self.id, exc)
+                return
+            if not self._current(gen):
                 return
             if not ok or image is None:
                 logger.warning("source %s: read failed (stream lost or read_timeout_s)", self.id)
@@ -225,12 +323,12 @@ class CaptureSource:
                 continue
             now = time.monotonic()
             if self.cfg.freeze_diff > 0:
-                thumb = _thumb(rgb)
-                if previous is not None and float(cv2.absdiff(thumb, previous).mean()) < self.cfg.freeze_diff:
+                sample = freeze_sample(rgb)
+                if frozen_pair(previous, sample, self.cfg.freeze_diff):
                     self._frozen_since = self._frozen_since or now
                 else:
                     self._frozen_since = None
-                previous = thumb
+                previous = sample
             self._hand_over(rgb, now)
             backoff.reset()
             self._set_state("live")
@@ -258,23 +356,25 @@ class CaptureSource:
     # -- live: the inference thread's side --------------------------------------------------------------------
     def next_frame(self, timeout_s: float) -> Frame | None:
         """The newest frame not yet handed out, waiting up to ``timeout_s``; None if there is none."""
-        self._check_hung_read()
+        self._check_hung()
         with self._cond:
             if self._latest is None:
                 self._cond.wait(timeout_s)
             frame, self._latest = self._latest, None
         return frame
 
-    def _check_hung_read(self) -> None:
-        started = self._read_started
-        if started is not None and time.monotonic() - started > self.cfg.read_timeout_s + HUNG_READ_GRACE_S:
-            # cv2 cannot interrupt a blocked read: abandon that thread (it exits when the read returns) and
-            # start a fresh capture.
-            logger.error("source %s: read hung for %.0f s; recreating the capture", self.id, time.monotonic() - started)
-            self._read_started = None
-            self.reconnects += 1
-            self._set_state("connecting")
-            self._start_capture()
+    def _check_hung(self) -> None:
+        gen = self._gen
+        busy = gen.busy
+        now = time.monotonic()
+        if busy is None or now < busy.deadline or not self._current(gen):
+            return
+        # cv2 cannot interrupt a blocked open or read: abandon that thread (it exits when the call returns) and
+        # start a fresh capture.
+        logger.error("source %s: %s hung for %.0f s; recreating the capture", self.id, busy.what, now - busy.started)
+        self.reconnects += 1
+        self._set_state("connecting")
+        self._start_capture()
 
     # -- file -------------------------------------------------------------------------------------------------
     def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:

@@ -1,9 +1,14 @@
-"""The OpenCV capture source: backoff, device arguments, odd frames, video files, dead webcams."""
+"""The OpenCV capture source: backoff, device arguments, odd frames, video files, dead webcams, hung drivers."""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import threading
 import time
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +18,7 @@ import pytest
 
 from eyed.config import SourceConfig
 from eyed.sources import SourceError
-from eyed.sources.capture import Backoff, CaptureSource, capture_args, webcam_target
+from eyed.sources.capture import Backoff, CaptureSource, EnvLease, capture_args, open_capture, webcam_target
 from eyed.types import Frame
 from tests.conftest import synthetic_images
 
@@ -48,13 +53,25 @@ def test_webcam_capture_arguments() -> None:
     cfg = SourceConfig(kind="webcam", device="/dev/video1", width=640, height=480, fps=15, read_timeout_s=2)
     target, api, params, props = capture_args(cfg)
     assert target == "/dev/video1" and api == cv2.CAP_V4L2
-    assert params == [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 2000]
+    # V4L2 is a legacy backend in OpenCV 5: it refuses open parameters, and the capture comes back unopened.
+    assert cv2.CAP_PROP_OPEN_TIMEOUT_MSEC not in params[::2] and cv2.CAP_PROP_READ_TIMEOUT_MSEC not in params[::2]
     assert props == {
         cv2.CAP_PROP_FRAME_WIDTH: 640,
         cv2.CAP_PROP_FRAME_HEIGHT: 480,
         cv2.CAP_PROP_FPS: 15,
         cv2.CAP_PROP_BUFFERSIZE: 1,
     }
+
+
+def test_webcam_open_parameters_suit_a_legacy_backend(tmp_path: Path) -> None:
+    """There is no /dev/video here: OpenCV's MJPEG reader, a legacy backend like V4L2, stands in for it."""
+    video = write_video(tmp_path / "clip.avi", synthetic_images(3, size=32))
+    _, _, params, _ = capture_args(SourceConfig(kind="webcam", device=0))
+    cap = cv2.VideoCapture(str(video), cv2.CAP_OPENCV_MJPEG, params)
+    try:
+        assert cap.isOpened()
+    finally:
+        cap.release()
 
 
 def test_rtsp_and_file_use_ffmpeg_with_timeouts() -> None:
@@ -155,3 +172,248 @@ def test_latest_frame_only_counts_what_it_drops() -> None:
         assert frame.index == 49  # the newest, never a stale one
         assert src.dropped == 49
         assert src.next_frame(0.1) is None  # nothing new since
+
+
+# -- frozen pictures ---------------------------------------------------------------------------------------------
+class LoopingCapture:
+    """A camera that shows the same few frames round and round, about 100 a second."""
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self.frames, self.reads = frames, 0
+
+    def isOpened(self) -> bool:
+        return True
+
+    def read(self) -> tuple[bool, Any]:
+        time.sleep(0.01)
+        self.reads += 1
+        return True, self.frames[self.reads % len(self.frames)]
+
+    def release(self) -> None:
+        pass
+
+
+def still_scene(rng: np.random.Generator) -> np.ndarray:
+    """A 640x480 shelf that does not move: smooth shapes, no two neighbours far apart."""
+    blobs = rng.uniform(30, 220, (480, 640, 3)).astype(np.float32)
+    return cv2.GaussianBlur(blobs, (0, 0), 5)
+
+
+def sensor_noise(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a working camera returns for a still scene: Gaussian noise, sigma 2, on every pixel and channel."""
+    return np.clip(scene + rng.normal(0, 2, scene.shape), 0, 255).round().astype(np.uint8)
+
+
+def rounding_jitter(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A frozen picture re-encoded: a fifth of the pixels off by one level, the rest identical."""
+    image = scene.round().astype(np.int16)
+    image[rng.random(scene.shape[:2]) < 0.2] += rng.choice(np.array([-1, 1], np.int16), (1, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def states_while_running(src: CaptureSource, seconds: float, until: Callable[[str], bool]) -> tuple[set[str], int]:
+    """The states seen and frames taken over ``seconds`` (or until ``until(state)``)."""
+    seen: set[str] = set()
+    frames = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        frames += src.next_frame(0.1) is not None
+        seen.add(src.state)
+        if until(src.state):
+            break
+    return seen, frames
+
+
+FREEZE_CFG = {"kind": "webcam", "device": 0, "stall_s": 1, "reconnect_initial_s": 10, "reconnect_max_s": 10}
+
+
+def test_a_still_scene_with_sensor_noise_is_not_frozen() -> None:
+    rng = np.random.default_rng(7)
+    scene = still_scene(rng)
+    camera = LoopingCapture([sensor_noise(scene, rng) for _ in range(6)])
+    with CaptureSource(SourceConfig(**FREEZE_CFG), opener=lambda _cfg: camera) as src:
+        seen, frames = states_while_running(src, 3 * src.cfg.stall_s, lambda s: s == "stalled")
+    assert "stalled" not in seen and "live" in seen
+    assert frames > 10
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda scene, rng: scene.round().astype(np.uint8), rounding_jitter],
+    ids=["identical", "rounding-jitter"],
+)
+def test_a_frozen_picture_is_stalled(make: Callable[[np.ndarray, np.random.Generator], np.ndarray]) -> None:
+    rng = np.random.default_rng(8)
+    scene = still_scene(rng)
+    camera = LoopingCapture([make(scene, rng) for _ in range(6)])
+    with CaptureSource(SourceConfig(**FREEZE_CFG), opener=lambda _cfg: camera) as src:
+        seen, frames = states_while_running(src, src.cfg.stall_s + 5, lambda s: s == "stalled")
+    assert "stalled" in seen
+    assert frames > 10  # frames kept coming: frozen, not silent
+
+
+# -- hung drivers ------------------------------------------------------------------------------------------------
+class HangingCapture:
+    """A camera driver that gives ``good`` frames, then blocks in read() for ``hang_s`` (or until released)."""
+
+    def __init__(self, good: int, hang_s: float | None, release: threading.Event) -> None:
+        self.good, self.hang_s, self.released = good, hang_s, release
+        self.reads = 0
+        self.hanging = threading.Event()
+
+    def isOpened(self) -> bool:
+        return True
+
+    def read(self) -> tuple[bool, Any]:
+        self.reads += 1
+        if self.reads > self.good:
+            self.hanging.set()
+            self.released.wait(self.hang_s if self.hang_s is not None else 60)
+            return False, None
+        time.sleep(0.02)
+        return True, np.full((48, 64, 3), self.reads, np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.fixture
+def released() -> Iterator[threading.Event]:
+    """Set at the end of a test: frees whatever driver call a test left blocked."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_a_second_hang_is_caught_after_the_first_hung_read_returns(released: threading.Event) -> None:
+    # The first capture's read returns (late) after the watchdog replaced it, while the replacement is hung: that
+    # late return must not hide the second hang.
+    cameras: list[HangingCapture] = []
+
+    def opener(_cfg: SourceConfig) -> HangingCapture:
+        first = not cameras
+        cameras.append(HangingCapture(5, 3.5 if first else None, threading.Event() if first else released))
+        return cameras[-1]
+
+    cfg = SourceConfig(kind="webcam", device=0, read_timeout_s=0.5, reconnect_initial_s=10, reconnect_max_s=10)
+    with CaptureSource(cfg, opener=opener) as src:
+        deadline = time.monotonic() + 9
+        while src.reconnects < 2 and time.monotonic() < deadline:
+            src.next_frame(0.1)
+        assert src.reconnects >= 2, "the second hung read was never noticed"
+        assert len(cameras) >= 3
+        released.set()  # lets the hung capture thread go, so leaving is quick
+
+
+def test_a_hung_open_is_abandoned_for_a_fresh_one(released: threading.Event) -> None:
+    opens = 0
+
+    def opener(_cfg: SourceConfig) -> LoopingCapture:
+        nonlocal opens
+        opens += 1
+        if opens == 1:
+            released.wait(60)
+        return LoopingCapture([np.zeros((48, 64, 3), np.uint8)])
+
+    cfg = SourceConfig(kind="webcam", device=0, open_timeout_s=0.5, reconnect_initial_s=10, reconnect_max_s=10)
+    with CaptureSource(cfg, opener=opener) as src:
+        deadline = time.monotonic() + 8
+        frame = None
+        while frame is None and time.monotonic() < deadline:
+            frame = src.next_frame(0.1)
+        assert frame is not None, "the capture never got past the hung open"
+        assert src.reconnects == 1 and opens == 2
+        released.set()
+
+
+def test_a_hung_open_does_not_block_the_next(monkeypatch: pytest.MonkeyPatch, released: threading.Event) -> None:
+    options_seen: list[str | None] = []
+
+    def video_capture(target: Any, api: int, params: list[int]) -> Any:
+        """Stands in for cv2.VideoCapture: the first open hangs until released."""
+        options_seen.append(os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS"))
+        if len(options_seen) == 1:
+            released.wait(30)
+        return types.SimpleNamespace(set=lambda prop, value: True)
+
+    monkeypatch.setattr(cv2, "VideoCapture", video_capture)
+    monkeypatch.delenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", raising=False)
+    rtsp = SourceConfig(kind="rtsp", url="rtsp://127.0.0.1:1/s", transport="udp")
+    hung = threading.Thread(target=open_capture, args=(rtsp,), daemon=True)
+    hung.start()
+    while not options_seen and hung.is_alive():
+        time.sleep(0.01)
+    done = threading.Event()
+
+    def open_again() -> None:
+        open_capture(rtsp)
+        done.set()
+
+    threading.Thread(target=open_again, daemon=True).start()
+    assert done.wait(3), "the replacement open waited for the hung one"
+    assert options_seen == ["rtsp_transport;udp", "rtsp_transport;udp"]
+    released.set()
+    hung.join(5)
+    assert "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ
+
+
+def test_env_lease_shares_one_value_and_makes_another_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EYED_TEST_LEASE", "operator's")
+    lease = EnvLease("EYED_TEST_LEASE")
+    entered_b = threading.Event()
+
+    def hold_b() -> None:
+        with lease.holding("b"):
+            assert os.environ["EYED_TEST_LEASE"] == "b"
+            entered_b.set()
+
+    with lease.holding("a"), lease.holding("a"):
+        other = threading.Thread(target=hold_b, daemon=True)
+        other.start()
+        assert not entered_b.wait(0.3)
+        assert os.environ["EYED_TEST_LEASE"] == "a"
+    assert entered_b.wait(5)
+    other.join(5)
+    assert os.environ["EYED_TEST_LEASE"] == "operator's"
+
+
+def test_leaving_a_source_with_a_blocked_read_is_bounded(
+    released: threading.Event, caplog: pytest.LogCaptureFixture
+) -> None:
+    camera = HangingCapture(0, None, released)
+    cfg = SourceConfig(kind="webcam", device=0, read_timeout_s=30)
+    src = CaptureSource(cfg, opener=lambda _cfg: camera).__enter__()
+    assert camera.hanging.wait(5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="eyed.sources.capture"):
+        src.__exit__(None, None, None)
+    assert time.monotonic() - started < 5
+    assert "abandoning" in caplog.text
+
+
+class RaisingCapture(LoopingCapture):
+    """A driver whose read() raises once, as V4L2's CV_Assert does on a bad buffer."""
+
+    def read(self) -> tuple[bool, Any]:
+        if self.reads == 3:
+            self.reads += 1
+            raise cv2.error("read_frame_v4l2: bad buffer")
+        return super().read()
+
+
+def test_a_read_that_raises_reconnects_at_once() -> None:
+    opens = 0
+
+    def opener(_cfg: SourceConfig) -> RaisingCapture:
+        nonlocal opens
+        opens += 1
+        return RaisingCapture([np.zeros((48, 64, 3), np.uint8)])
+
+    # read_timeout_s is long: recovery must not wait for the hung-read watchdog.
+    cfg = SourceConfig(kind="webcam", device=0, read_timeout_s=5, reconnect_initial_s=0.1, reconnect_max_s=0.1)
+    with CaptureSource(cfg, opener=opener) as src:
+        deadline = time.monotonic() + 4
+        while opens < 2 and time.monotonic() < deadline:
+            src.next_frame(0.1)
+        assert opens == 2 and src.reconnects == 1
+        assert src.next_frame(2) is not None
