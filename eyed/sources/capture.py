@@ -221,8 +221,16 @@ class CaptureSource:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def __enter__(self) -> CaptureSource:
-        if self.cfg.kind == "file" and not os.path.isfile(str(self.cfg.url)):
-            raise SourceError(f"source.url {self.cfg.url}: no such file")
+        if self.cfg.kind == "file":
+            if not os.path.isfile(str(self.cfg.url)):
+                raise SourceError(f"source.url {self.cfg.url}: no such file")
+            # Opened once here too, so a file that is not a video fails at start-up (exit 69), not later as a
+            # pipeline failure.
+            cap = self._open(self.cfg)
+            readable = cap.isOpened()
+            cap.release()
+            if not readable:
+                raise SourceError(f"source.url {self.cfg.url}: OpenCV cannot read this file")
         if self.live:
             self._start_capture()
         return self

@@ -100,6 +100,13 @@ def test_file_source_loops_and_limits(tmp_path: Path) -> None:
         assert len(list(src.frames())) == 13
 
 
+def test_a_file_that_is_not_a_video_fails_at_start(tmp_path: Path) -> None:
+    garbage = tmp_path / "clip.mp4"
+    garbage.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(SourceError, match="cannot read this file"):
+        CaptureSource(SourceConfig(kind="file", url=str(garbage))).__enter__()
+
+
 def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no such file"):
         CaptureSource(SourceConfig(kind="file", url=str(tmp_path / "none.mp4"))).__enter__()
