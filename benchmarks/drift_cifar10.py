@@ -167,6 +167,7 @@ def build_reference(
     builder = ProfileBuilder(
         extractor.coarse_classes,
         top_classes=cfg.top_classes,
+        block=cfg.window,
         mapper=mapper,
         labels=post.labels,
         model=classifier.name,

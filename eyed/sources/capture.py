@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import threading
@@ -34,6 +35,9 @@ HUNG_GRACE_S = 2.0
 # How long leaving a source waits for its capture threads. They are daemon threads: one blocked in a driver call
 # is abandoned rather than holding up a shutdown that systemd bounds (TimeoutStopSec).
 EXIT_JOIN_S = 2.0
+# Threads still blocked in a driver call the watchdog gave up on, beyond which it starts no more: a camera whose
+# every open hangs would otherwise cost one stuck thread per open_timeout_s, for ever.
+MAX_ABANDONED = 4
 # Frozen-frame detection compares single grey pixels on a grid of about this many columns and rows. Not an
 # averaged thumbnail: averaging wipes out the sensor noise that tells a still scene from a repeated picture.
 FREEZE_GRID = (64, 48)
@@ -83,6 +87,7 @@ class EnvLease:
 
 
 _ffmpeg_options = EnvLease("OPENCV_FFMPEG_CAPTURE_OPTIONS")
+V4L_SELECT_TIMEOUT = "OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT"
 
 
 class Backoff:
@@ -125,8 +130,7 @@ def capture_args(cfg: SourceConfig) -> tuple[int | str, int, list[int], dict[int
         # A small driver queue: with the default of 4 buffers the "newest" frame can be 4 frames old.
         props[cv2.CAP_PROP_BUFFERSIZE] = 1
         # No open parameters: in OpenCV 5, V4L2 is a legacy backend that refuses every one, and the capture comes
-        # back unopened. Its reads give up after OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT (10 s by default); the watchdog
-        # bounds opens and reads at open_timeout_s / read_timeout_s + HUNG_GRACE_S either way.
+        # back unopened. Its reads give up after OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT instead (see open_capture).
         return webcam_target(cfg.device), cv2.CAP_V4L2, [], props
     assert cfg.url is not None
     timeouts = [
@@ -141,6 +145,11 @@ def capture_args(cfg: SourceConfig) -> tuple[int | str, int, list[int], dict[int
 def open_capture(cfg: SourceConfig) -> Any:
     """A cv2.VideoCapture for ``cfg`` (check ``isOpened()``); never blocks past ``open_timeout_s`` for RTSP."""
     target, api, params, props = capture_args(cfg)
+    if cfg.kind == "webcam":
+        # V4L2's own read timeout (10 s unless set; OpenCV reads it once, at the first open): read_timeout_s, so
+        # a camera that stops sending fails its read before the watchdog (read_timeout_s + HUNG_GRACE_S) has to
+        # abandon it. A value the user exported stands.
+        os.environ.setdefault(V4L_SELECT_TIMEOUT, str(math.ceil(cfg.read_timeout_s)))
     # Only RTSP needs the options: FFmpeg's file demuxers ignore an RTSP option, and V4L2 never reads them.
     if cfg.kind == "rtsp":
         with _ffmpeg_options.holding(f"rtsp_transport;{cfg.transport}"):
@@ -216,6 +225,10 @@ class CaptureSource:
         self._last_frame_t: float | None = None
         self._frozen_since: float | None = None
         self._gen = Generation(0)  # the current capture thread's; number 0 has no thread
+        # One for every capture thread, the watchdog's replacements included: a camera that keeps hanging is
+        # retried ever more slowly, as one that keeps failing is.
+        self._backoff = Backoff(cfg.reconnect_initial_s, cfg.reconnect_max_s)
+        self._at_cap = False  # MAX_ABANDONED reached (logged once)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -247,11 +260,11 @@ class CaptureSource:
             if t.is_alive():
                 logger.warning("source %s: abandoning %s, still blocked in the camera driver", self.id, t.name)
 
-    def _start_capture(self) -> None:
+    def _start_capture(self, delay_s: float = 0.0) -> None:
         gen = Generation(self._gen.number + 1)
         self._gen = gen
         t = threading.Thread(
-            target=self._capture, args=(gen,), name=f"eyed-capture-{self.id}-{gen.number}", daemon=True
+            target=self._capture, args=(gen, delay_s), name=f"eyed-capture-{self.id}-{gen.number}", daemon=True
         )
         self._threads = [t for t in self._threads if t.is_alive()] + [t]
         t.start()
@@ -278,8 +291,10 @@ class CaptureSource:
         return None if self._last_frame_t is None else time.monotonic() - self._last_frame_t
 
     # -- live: capture thread ---------------------------------------------------------------------------------
-    def _capture(self, gen: Generation) -> None:
-        backoff = Backoff(self.cfg.reconnect_initial_s, self.cfg.reconnect_max_s)
+    def _capture(self, gen: Generation, delay_s: float) -> None:
+        backoff = self._backoff
+        if delay_s > 0:
+            self._stop.wait(delay_s)
         first = True
         while self._current(gen):
             if not first:
@@ -378,11 +393,30 @@ class CaptureSource:
         if busy is None or now < busy.deadline or not self._current(gen):
             return
         # cv2 cannot interrupt a blocked open or read: abandon that thread (it exits when the call returns) and
-        # start a fresh capture.
-        logger.error("source %s: %s hung for %.0f s; recreating the capture", self.id, busy.what, now - busy.started)
+        # start a fresh capture, after the same backoff as any other failed attempt.
+        abandoned = sum(t.is_alive() for t in self._threads[:-1])  # the last one is the current thread's
+        if abandoned >= MAX_ABANDONED:
+            if not self._at_cap:
+                logger.error(
+                    "source %s: %d capture threads are still blocked in the camera driver; no new one until one "
+                    "returns",
+                    self.id,
+                    abandoned,
+                )
+                self._at_cap = True
+            return
+        self._at_cap = False
+        delay = self._backoff.next()
+        logger.error(
+            "source %s: %s hung for %.0f s; recreating the capture in %.1f s",
+            self.id,
+            busy.what,
+            now - busy.started,
+            delay,
+        )
         self.reconnects += 1
-        self._set_state("connecting")
-        self._start_capture()
+        self._set_state("offline")
+        self._start_capture(delay)
 
     # -- file -------------------------------------------------------------------------------------------------
     def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -18,7 +19,15 @@ import pytest
 
 from eyed.config import SourceConfig
 from eyed.sources import SourceError
-from eyed.sources.capture import Backoff, CaptureSource, EnvLease, capture_args, open_capture, webcam_target
+from eyed.sources.capture import (
+    MAX_ABANDONED,
+    Backoff,
+    CaptureSource,
+    EnvLease,
+    capture_args,
+    open_capture,
+    webcam_target,
+)
 from eyed.types import Frame
 from tests.conftest import synthetic_images
 
@@ -302,10 +311,10 @@ def test_a_second_hang_is_caught_after_the_first_hung_read_returns(released: thr
         cameras.append(HangingCapture(5, 3.5 if first else None, threading.Event() if first else released))
         return cameras[-1]
 
-    cfg = SourceConfig(kind="webcam", device=0, read_timeout_s=0.5, reconnect_initial_s=10, reconnect_max_s=10)
+    cfg = SourceConfig(kind="webcam", device=0, read_timeout_s=0.5, reconnect_initial_s=0.2, reconnect_max_s=0.2)
     with CaptureSource(cfg, opener=opener) as src:
         deadline = time.monotonic() + 9
-        while src.reconnects < 2 and time.monotonic() < deadline:
+        while (src.reconnects < 2 or len(cameras) < 3) and time.monotonic() < deadline:
             src.next_frame(0.1)
         assert src.reconnects >= 2, "the second hung read was never noticed"
         assert len(cameras) >= 3
@@ -322,7 +331,7 @@ def test_a_hung_open_is_abandoned_for_a_fresh_one(released: threading.Event) -> 
             released.wait(60)
         return LoopingCapture([np.zeros((48, 64, 3), np.uint8)])
 
-    cfg = SourceConfig(kind="webcam", device=0, open_timeout_s=0.5, reconnect_initial_s=10, reconnect_max_s=10)
+    cfg = SourceConfig(kind="webcam", device=0, open_timeout_s=0.5, reconnect_initial_s=0.2, reconnect_max_s=0.2)
     with CaptureSource(cfg, opener=opener) as src:
         deadline = time.monotonic() + 8
         frame = None
@@ -331,6 +340,59 @@ def test_a_hung_open_is_abandoned_for_a_fresh_one(released: threading.Event) -> 
         assert frame is not None, "the capture never got past the hung open"
         assert src.reconnects == 1 and opens == 2
         released.set()
+
+
+def hanging_opens(released: threading.Event) -> tuple[list[float], Callable[[SourceConfig], Any]]:
+    """An opener whose every call blocks until ``released``, and the times it was called."""
+    calls: list[float] = []
+
+    def opener(_cfg: SourceConfig) -> Any:
+        calls.append(time.monotonic())
+        released.wait(30)
+        return LoopingCapture([np.zeros((48, 64, 3), np.uint8)])
+
+    return calls, opener
+
+
+def test_opens_that_keep_hanging_are_retried_with_backoff(
+    monkeypatch: pytest.MonkeyPatch, released: threading.Event
+) -> None:
+    monkeypatch.setattr("eyed.sources.capture.HUNG_GRACE_S", 0.05)
+    calls, opener = hanging_opens(released)
+    cfg = SourceConfig(kind="webcam", device=0, open_timeout_s=0.1, reconnect_initial_s=1.0, reconnect_max_s=1.0)
+    with CaptureSource(cfg, opener=opener) as src:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            src.next_frame(0.05)
+        # Each hang is noticed after 0.15 s; the replacement waits 0.5-1 s first. Without backoff: about 20 opens.
+        assert 2 <= len(calls) <= 6
+        assert all(b - a >= 0.5 for a, b in itertools.pairwise(calls))
+        released.set()
+
+
+def test_threads_blocked_in_the_driver_are_capped(
+    monkeypatch: pytest.MonkeyPatch, released: threading.Event, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("eyed.sources.capture.HUNG_GRACE_S", 0.05)
+    calls, opener = hanging_opens(released)
+    cfg = SourceConfig(kind="webcam", device=0, open_timeout_s=0.05, reconnect_initial_s=0.05, reconnect_max_s=0.05)
+    with caplog.at_level(logging.ERROR), CaptureSource(cfg, opener=opener) as src:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            src.next_frame(0.02)
+        # The current thread plus MAX_ABANDONED abandoned ones, all still blocked: then no more.
+        assert len(calls) == MAX_ABANDONED + 1
+        assert sum(t.is_alive() for t in threading.enumerate() if t.name.startswith("eyed-capture-")) <= len(calls)
+        assert "no new one until one returns" in caplog.text
+        released.set()
+
+
+def test_webcam_read_timeout_reaches_v4l2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT", raising=False)
+    monkeypatch.setattr(cv2, "VideoCapture", lambda *args: types.SimpleNamespace(set=lambda prop, value: True))
+    open_capture(SourceConfig(kind="webcam", device=0, read_timeout_s=2.5))
+    # V4L2 takes no timeout parameter: its select() timeout comes from this variable, in whole seconds.
+    assert os.environ["OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT"] == "3"
 
 
 def test_a_hung_open_does_not_block_the_next(monkeypatch: pytest.MonkeyPatch, released: threading.Event) -> None:
