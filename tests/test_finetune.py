@@ -3,35 +3,70 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from eyed import finetune as ft
 from eyed.cli import main
 from eyed.config import ModelConfig
 from eyed.model import load_classifier
-from tests.conftest import CIFAR10, synthetic_images, write_parquet_dataset
+from tests.conftest import CIFAR10, png, synthetic_images, write_parquet_dataset
 from tests.daemon_helpers import collect, finish, start_daemon
+
+COARSE = ["vehicle", "animal", "other"]
+
+
+def coloured_images(n: int) -> list[np.ndarray]:
+    """Noisy images whose dominant colour cycles red, green, blue."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(n):
+        img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+        img[..., i % 3] += 180
+        images.append(img)
+    return images
+
+
+def cycle(values: Sequence[int], n: int = 60) -> list[int | None]:
+    """``values`` repeated over n records: one label per colour."""
+    return [values[i % len(values)] for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def coloured_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 noisy images in three colour-coded classes (airplane: red, bird: green, ship: blue)."""
-    rng = np.random.default_rng(0)
-    images, labels = [], []
-    for i in range(60):
-        cls = i % 3
-        img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-        img[..., cls] += 180
-        images.append(img)
-        labels.append((0, 2, 8)[cls])
-    return write_parquet_dataset(tmp_path_factory.mktemp("coloured"), images, labels)
+    return write_parquet_dataset(
+        tmp_path_factory.mktemp("coloured"), coloured_images(60), [(0, 2, 8)[i % 3] for i in range(60)]
+    )
 
 
-def finetune(dataset: Path, checkpoint: Path, output: Path, cache: Path, *extra: str) -> dict[str, Any]:
-    code = main(
+def write_shard(folder: Path, images: list[np.ndarray], columns: dict[str, tuple[list[str], list[int | None]]]) -> Path:
+    """One parquet shard: ``img`` plus a ClassLabel column per entry of ``columns`` (names, values; None and -1
+    are the hub's "no label")."""
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    data: dict[str, list[Any]] = {"img": [{"bytes": png(img), "path": None} for img in images]}
+    features: dict[str, Any] = {"img": Image()}
+    for name, (names, values) in columns.items():
+        data[name] = values
+        features[name] = ClassLabel(names=names)
+    folder.mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict(data, features=Features(features)).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    return folder
+
+
+def predicted(output: Path, images: list[np.ndarray]) -> list[str]:
+    """The fine-tuned model's top label for each image."""
+    classifier = load_classifier(ModelConfig(onnx=output / "model.onnx"))
+    return [p.top.label for p in classifier.predict(np.stack([classifier.prepare(img) for img in images]))]
+
+
+def run(dataset: Path, checkpoint: Path, output: Path, cache: Path, *extra: str) -> int:
+    return main(
         [
             "finetune",
             "--set", f"source.dataset={dataset}",
@@ -43,7 +78,10 @@ def finetune(dataset: Path, checkpoint: Path, output: Path, cache: Path, *extra:
             *extra,
         ]
     )  # fmt: skip
-    assert code == 0
+
+
+def finetune(dataset: Path, checkpoint: Path, output: Path, cache: Path, *extra: str) -> dict[str, Any]:
+    assert run(dataset, checkpoint, output, cache, *extra) == 0
     report: dict[str, Any] = json.loads((output / "finetune.json").read_text())
     return report
 
@@ -81,10 +119,30 @@ def test_finetune_is_deterministic_and_reuses_its_feature_cache(
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert np.array_equal(a["classifier.weight"], b["classifier.weight"])
-    # Another seed draws another validation split: a different head.
-    finetune(coloured_dataset, tiny_checkpoint, tmp_path / "c", cache, "--seed", "1", "--no-flip")
+    # Another seed (and nothing else) draws another validation split, so another head.
+    report = finetune(coloured_dataset, tiny_checkpoint, tmp_path / "c", cache, "--seed", "1")
+    assert len(list((cache / "features").glob("*.npz"))) == 1
     c = load_file(str(tmp_path / "c" / "model.safetensors"))
     assert not np.array_equal(a["classifier.weight"], c["classifier.weight"])
+    n = report["train_images"] + report["val_images"]
+    assert not np.array_equal(ft.split(n, 0.1, 0)[1], ft.split(n, 0.1, 1)[1])
+
+
+def test_training_never_sees_a_validation_image(tmp_path: Path) -> None:
+    # Random labels on random features: a head can only memorise them, so it is right on validation
+    # images only by chance (1 in 4), unless it trained on them.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 400), dtype=np.float32)
+    y = rng.integers(0, 4, 200)
+    features = ft.Features(x, x + rng.normal(0, 0.1, x.shape).astype(np.float32), y, list("abcd"))
+    _, _, metrics = ft.train_head(features, ft.FinetuneOptions(tmp_path, epochs=100, val_fraction=0.2))
+    assert metrics["train_images"] == 160 and metrics["val_images"] == 40
+    assert metrics["train_accuracy"] == 1.0
+    assert metrics["val_accuracy"] < 0.5
+    for n, fraction, seed in [(200, 0.2, 0), (60, 0.1, 1), (7, 0.5, 2)]:
+        train, val = ft.split(n, fraction, seed)
+        assert not set(train) & set(val)
+        assert sorted([*train, *val]) == list(range(n))
 
 
 def test_the_daemon_runs_the_finetuned_model_with_native_labels(
@@ -109,3 +167,74 @@ def test_the_daemon_runs_the_finetuned_model_with_native_labels(
     assert len(labels) == 12
     assert all(p["label"] in CIFAR10 and p["coarse"]["label"] == p["label"] for p in labels)
     assert all(p["coarse"]["score"] == pytest.approx(p["score"], abs=1e-5) for p in labels)
+
+
+def test_another_label_column_is_not_served_from_the_cache(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    images = coloured_images(60)
+    dataset = write_shard(
+        tmp_path / "data", images, {"label": (CIFAR10, cycle((0, 2, 8))), "coarse": (COARSE, cycle((0, 1, 2)))}
+    )
+    cache = tmp_path / "cache"
+    fine = finetune(dataset, tiny_checkpoint, tmp_path / "fine", cache, "--set", "source.label_column=label")
+    coarse = finetune(dataset, tiny_checkpoint, tmp_path / "coarse", cache, "--set", "source.label_column=coarse")
+    assert fine["classes"] == CIFAR10 and coarse["classes"] == COARSE
+    assert predicted(tmp_path / "coarse", images) == [COARSE[i % 3] for i in range(60)]
+
+
+def test_a_rewritten_shard_is_not_served_from_the_cache(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    images = coloured_images(60)
+    cache = tmp_path / "cache"
+    dataset = write_shard(tmp_path / "data", images, {"label": (CIFAR10, cycle((0, 2, 8)))})
+    finetune(dataset, tiny_checkpoint, tmp_path / "before", cache)
+    # The same images, the same file name, new labels.
+    write_shard(dataset, images, {"label": (CIFAR10, cycle((1, 3, 9)))})
+    finetune(dataset, tiny_checkpoint, tmp_path / "after", cache)
+    assert predicted(tmp_path / "after", images) == [CIFAR10[(1, 3, 9)[i % 3]] for i in range(60)]
+
+
+def test_frames_without_a_known_label_are_skipped_and_counted(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    labels = cycle((0, 2, 8))
+    labels[7] = -1  # the hub's "no label": the replay source passes it on as "-1"
+    labels[8] = None
+    dataset = write_shard(tmp_path / "data", coloured_images(60), {"label": (CIFAR10, labels)})
+    for output in ("a", "b"):  # extracted, then from the cache
+        report = finetune(dataset, tiny_checkpoint, tmp_path / output, tmp_path / "cache")
+        assert report["train_images"] + report["val_images"] == 58
+        assert report["skipped"] == {"corrupt": 0, "unlabelled": 1, "unknown_label": 1}
+
+
+def test_corrupt_records_are_counted(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    dataset = write_parquet_dataset(tmp_path / "data", coloured_images(12), [i % 10 for i in range(12)], corrupt=(5,))
+    report = finetune(dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache")
+    assert report["train_images"] + report["val_images"] == 11
+    assert report["skipped"] == {"corrupt": 1, "unlabelled": 0, "unknown_label": 0}
+
+
+def test_a_run_of_unlabelled_records_does_not_end_the_extraction(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # More than a batch (64) of unlabelled records before the labelled ones.
+    labels = [None for _ in range(70)] + cycle((0, 2, 8))
+    dataset = write_shard(tmp_path / "data", coloured_images(130), {"label": (CIFAR10, labels)})
+    report = finetune(dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache")
+    assert report["train_images"] + report["val_images"] == 60
+    assert report["skipped"]["unlabelled"] == 70
+
+
+@pytest.mark.timeout(90)
+def test_a_looping_source_is_read_once(coloured_dataset: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # With loop and no limit, extraction would never end; with a limit, copies of validation images would
+    # be trained on.
+    report = finetune(
+        coloured_dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache", "--set", "source.loop=true"
+    )
+    assert report["train_images"] + report["val_images"] == 60
+
+
+def test_val_fraction_must_leave_images_to_train_on(
+    coloured_dataset: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for fraction in ("1.0", "-0.5", "nan", "0.995"):  # 0.995 of 60 images holds out all 60
+        capsys.readouterr()
+        code = run(coloured_dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache", "--val-fraction", fraction)
+        assert code == 78, fraction
+        assert "--val-fraction" in capsys.readouterr().err
+    assert not (tmp_path / "ft" / "finetune.json").exists()
