@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from eyed.config import ConfigError, Settings, SourceConfig
-from eyed.model.checkpoint import ModelLoadError, fingerprint, resolve_checkpoint
+from eyed.model.checkpoint import ModelLoadError, files_fingerprint, fingerprint, resolve_checkpoint
 from eyed.model.export import FEATURES_FORMAT, export_onnx
 from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
@@ -86,18 +86,16 @@ class _Rows:
 
 
 def dataset_fingerprint(path: Path) -> str:
-    """A short hash of a local dataset's files (names, sizes, mtimes): it changes when a shard is rewritten.
+    """A short hash of a local dataset's files: it changes when a shard is rewritten.
 
     Hidden folders (.git, .cache) hold no split data, and git or the hub client may touch them at any time.
     """
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        name = file.relative_to(path).as_posix() if path.is_dir() else file.name
-        if not any(part.startswith(".") for part in name.split("/")):
-            st = file.stat()
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    if path.is_file():
+        return files_fingerprint(path.parent, [path], 16)
+    files = [
+        p for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
+    ]
+    return files_fingerprint(path, files, 16)
 
 
 def _dataset_identity(dataset: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,17 @@ def labels_of(config: dict[str, Any]) -> list[str]:
     return [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(n)]
 
 
+def files_fingerprint(root: Path, files: Iterable[Path], length: int = 12) -> str:
+    """A short hash of the files' names (relative to ``root``), sizes and modification times: it changes when
+    one of them is rewritten, without reading any."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        st = path.stat()
+        h.update(f"{path.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:length]
+
+
 def fingerprint(folder: Path) -> str:
     """A short hash that changes when the checkpoint's config or weights change."""
-    h = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and (path.suffix in {".json", ".safetensors", ".bin"}):
-            st = path.stat()
-            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
+    files = (p for p in folder.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin"})
+    return files_fingerprint(folder, files)
