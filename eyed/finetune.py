@@ -29,8 +29,10 @@ from eyed.sources import open_recorded
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # what a cached .npz holds (2: skip counts); bump when that changes
-SKIP_REASONS = ("corrupt", "unlabelled", "unknown_label")  # the order of the counts in a cached .npz
+CACHE_FORMAT = 3  # what a cached .npz holds (2: skip counts, 3: unreadable); bump when that changes
+# The order of the counts in a cached .npz. "unreadable": reads the dataset reader ended early (a shard it could
+# not read, the network gone); what came before it is kept, but never cached.
+SKIP_REASONS = ("corrupt", "unlabelled", "unknown_label", "unreadable")
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def _dataset_identity(dataset: str) -> list[str]:
 
 def _cache_key(settings: Settings, src: SourceConfig, folder: Path, flip: bool) -> str:
     """Everything that decides which frames are read, their labels and their features."""
-    fields = ("split", "skip", "limit", "loop", "image_column", "label_column")
+    fields = ("split", "skip", "limit", "image_column", "label_column")  # loop and fps are always off
     parts = {
         "backbone": [str(folder), fingerprint(folder), settings.model.small_input, FEATURES_FORMAT],
         "dataset": _dataset_identity(src.dataset),
@@ -137,7 +139,11 @@ def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> 
     session = open_session(backbone, settings.model)
     spec = PreprocessSpec.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
     features = _extract(src, session, Preprocessor(spec, settings.model.small_input), batch, flip)
-    _save(path, features)
+    if features.skipped["unreadable"]:
+        # Cached, a passing failure (a hub dataset over a flaky network) would shrink every later run too.
+        logger.warning("the dataset reader failed part-way: these features are not cached")
+    else:
+        _save(path, features)
     return features
 
 
@@ -164,13 +170,16 @@ def _extract(src: SourceConfig, session: Any, prepare: Preprocessor, batch: int,
                 _embed(session, buffer, xs, flips)
         if len(truths) % batch:
             _embed(session, buffer[: len(truths) % batch], xs, flips)
-        skipped["corrupt"] = source.skipped
+        skipped["unreadable"] = getattr(source, "reader_failures", 0)
+        skipped["corrupt"] = source.skipped - skipped["unreadable"]
     if any(skipped.values()):
         logger.warning(
-            "left out %d corrupt records, %d frames without a label and %d with a label not among the classes",
+            "left out %d corrupt records, %d frames without a label and %d with a label not among the classes; "
+            "the reader stopped early %d time(s)",
             skipped["corrupt"],
             skipped["unlabelled"],
             skipped["unknown_label"],
+            skipped["unreadable"],
         )
     if not truths:
         raise ValueError(f"{src.dataset}: no labelled frames to train on (left out: {skipped})")

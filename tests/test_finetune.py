@@ -200,14 +200,25 @@ def test_frames_without_a_known_label_are_skipped_and_counted(tiny_checkpoint: P
     for output in ("a", "b"):  # extracted, then from the cache
         report = finetune(dataset, tiny_checkpoint, tmp_path / output, tmp_path / "cache")
         assert report["train_images"] + report["val_images"] == 58
-        assert report["skipped"] == {"corrupt": 0, "unlabelled": 1, "unknown_label": 1}
+        assert report["skipped"] == {"corrupt": 0, "unlabelled": 1, "unknown_label": 1, "unreadable": 0}
 
 
 def test_corrupt_records_are_counted(tiny_checkpoint: Path, tmp_path: Path) -> None:
     dataset = write_parquet_dataset(tmp_path / "data", coloured_images(12), [i % 10 for i in range(12)], corrupt=(5,))
     report = finetune(dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache")
     assert report["train_images"] + report["val_images"] == 11
-    assert report["skipped"] == {"corrupt": 1, "unlabelled": 0, "unknown_label": 0}
+    assert report["skipped"] == {"corrupt": 1, "unlabelled": 0, "unknown_label": 0, "unreadable": 0}
+
+
+def test_features_from_a_reader_that_failed_part_way_are_not_cached(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    dataset = write_parquet_dataset(tmp_path / "data", coloured_images(12), [i % 10 for i in range(12)])
+    (dataset / "train-00000-of-00001.parquet").rename(dataset / "train-00000-of-00002.parquet")
+    broken = dataset / "train-00001-of-00002.parquet"
+    broken.write_bytes(b"PAR1 not a parquet file" * 10)  # the reader fails on it, after the first shard
+    report = finetune(dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache")
+    assert report["train_images"] + report["val_images"] == 12
+    assert report["skipped"] == {"corrupt": 0, "unlabelled": 0, "unknown_label": 0, "unreadable": 1}
+    assert not list((tmp_path / "cache" / "features").glob("*.npz"))
 
 
 def test_a_run_of_unlabelled_records_does_not_end_the_extraction(tiny_checkpoint: Path, tmp_path: Path) -> None:

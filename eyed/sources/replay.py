@@ -83,6 +83,7 @@ class ReplaySource:
         self.cfg = cfg
         self.id = cfg.resolved_id()
         self.skipped = 0
+        self.reader_failures = 0  # passes ended early by a shard the reader could not read (also in skipped)
         self.delivered = 0
         self._dataset: Any = None
         self._image_col = ""
@@ -201,6 +202,7 @@ class ReplaySource:
                 return
             except Exception as exc:  # a broken shard: count it and end this pass rather than crash
                 self.skipped += 1
+                self.reader_failures += 1
                 logger.error("dataset reader failed, ending this pass: %s", exc)
                 return
             yield record

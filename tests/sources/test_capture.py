@@ -388,7 +388,9 @@ def test_threads_blocked_in_the_driver_are_capped(
 
 
 def test_webcam_read_timeout_reaches_v4l2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT", raising=False)
+    # Set, then removed: monkeypatch restores only what it changed, and open_capture sets it.
+    monkeypatch.setenv("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT", "unset by the test")
+    monkeypatch.delenv("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT")
     monkeypatch.setattr(cv2, "VideoCapture", lambda *args: types.SimpleNamespace(set=lambda prop, value: True))
     open_capture(SourceConfig(kind="webcam", device=0, read_timeout_s=2.5))
     # V4L2 takes no timeout parameter: its select() timeout comes from this variable, in whole seconds.
