@@ -26,6 +26,7 @@ from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
 from eyed.progress import progress
 from eyed.sources import open_recorded
+from eyed.sources.replay import local_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,8 @@ def dataset_fingerprint(path: Path) -> str:
 def _dataset_identity(dataset: str) -> list[str]:
     """What names the dataset's content: a local path, resolved as the replay source does, with its
     fingerprint; else the hub id."""
-    local = Path(dataset).expanduser()
-    if local.exists():
-        return [str(local.resolve()), dataset_fingerprint(local.resolve())]
-    return [dataset]
+    local = local_dataset(dataset)
+    return [str(local), dataset_fingerprint(local)] if local is not None else [dataset]
 
 
 def _cache_key(settings: Settings, src: SourceConfig, folder: Path, flip: bool) -> str:

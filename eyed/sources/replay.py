@@ -47,6 +47,12 @@ def decode_image(value: Any) -> np.ndarray | None:
     return to_rgb(img)
 
 
+def local_dataset(name: str) -> Path | None:
+    """``source.dataset`` as a local folder (resolved), or None when it names a hub dataset."""
+    local = Path(name).expanduser()
+    return local.resolve() if local.exists() else None
+
+
 def release_arrow_memory() -> None:
     """Arrow allocates through the C library, so memory freed after each row group goes back to it.
 
@@ -112,20 +118,19 @@ class ReplaySource:
             datasets.config.TORCH_AVAILABLE = False
         release_arrow_memory()
         name = self.cfg.dataset
-        local = Path(name).expanduser()
-        if not local.exists() and name.startswith((".", "/", "~")):
+        local = local_dataset(name)
+        if local is None and name.startswith((".", "/", "~")):
             raise SourceError(f"source.dataset {name}: no such folder")
-        target = str(local.resolve()) if local.exists() else name
         try:
             # What load_dataset(streaming=True) does, with a look at the builder in between.
-            builder = load_dataset_builder(target)
-            if local.exists():
+            builder = load_dataset_builder(str(local) if local is not None else name)
+            if local is not None:
                 stream_pages(builder.config)
             ds = builder.as_streaming_dataset(split=self.cfg.split)
         except ValueError as exc:  # unknown split and the like
             raise SourceError(f"source.dataset {name}: {exc}") from exc
         except Exception as exc:  # offline hub, missing repo: the same advice for both
-            if local.exists():
+            if local is not None:
                 raise SourceError(f"source.dataset {name}: cannot read it: {exc}") from exc
             raise SourceError(
                 f"cannot reach the hub for dataset {name} ({type(exc).__name__}): "
