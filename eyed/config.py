@@ -177,6 +177,10 @@ class PublishConfig(Section):
         return self
 
 
+# The fewest frames a drift window holds: fewer say little about a distribution over 20 classes.
+MIN_WINDOW = 20
+
+
 class DriftConfig(Section):
     enabled: bool | None = Field(
         None,
@@ -184,7 +188,14 @@ class DriftConfig(Section):
         "drift.learn_windows windows become the reference.",
     )
     reference: Path | None = Field(None, description="Reference profile written by 'eyed profile --output'.")
-    window: int = Field(250, ge=20, description="Frames per drift window.")
+    window: int = Field(250, ge=MIN_WINDOW, description="Frames per drift window.")
+    window_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="Seconds per drift window, instead of drift.window frames: a window closes with its first frame "
+        f"this long after its start, once it holds at least {MIN_WINDOW} frames.",
+    )
     consecutive: int = Field(2, ge=1, description="Windows over a drift threshold in a row before status 'drift'.")
     learn_windows: int = Field(4, ge=1, description="Without a reference: windows that become the reference.")
     top_classes: int = Field(20, ge=1, le=200, description="Fine classes compared one by one (the rest: 'other').")
@@ -203,7 +214,13 @@ class DriftConfig(Section):
         for name in ("psi", "js", "ks"):
             if getattr(self, f"{name}_warn") > getattr(self, f"{name}_drift"):
                 raise ValueError(f"drift.{name}_warn is larger than drift.{name}_drift")
+        if self.window_s is not None and "window" in self.model_fields_set:
+            raise ValueError("set drift.window (frames) or drift.window_s (seconds), not both")
         return self
+
+    def window_text(self) -> str:
+        """The window size for people: ``250 frames`` or ``10 s``."""
+        return f"{self.window_s:g} s" if self.window_s is not None else f"{self.window} frames"
 
     def active(self) -> bool:
         return self.enabled if self.enabled is not None else self.reference is not None

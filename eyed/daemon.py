@@ -142,14 +142,14 @@ def build_drift(settings: Settings, classifier: Classifier) -> DriftWatch | None
             monitor = DriftMonitor(cfg, reference, coarse_classes=coarse, labels=labels)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"drift.reference {cfg.reference}: {exc}") from exc
-        logger.info("drift: comparing windows of %d frames with %s", cfg.window, cfg.reference)
+        logger.info("drift: comparing windows of %s with %s", cfg.window_text(), cfg.reference)
     else:
         monitor = DriftMonitor(cfg, None, coarse_classes=coarse, labels=labels)
         logger.info(
-            "drift: no drift.reference set; the first %d windows of %d frames become the reference "
+            "drift: no drift.reference set; the first %d windows of %s become the reference "
             "(run `eyed profile` on in-domain data for a better one)",
             cfg.learn_windows,
-            cfg.window,
+            cfg.window_text(),
         )
     return DriftWatch(StatsExtractor(coarse), monitor)
 

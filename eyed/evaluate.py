@@ -248,6 +248,7 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
     ``model.coarse_priors`` can point at it too.
     """
     from eyed.drift import ProfileBuilder, StatsExtractor
+    from eyed.drift.reference import profile_blocks
 
     classifier = load_classifier(settings.model)
     post = classifier.post  # type: ignore[attr-defined]
@@ -258,8 +259,6 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
     builder = ProfileBuilder(
         coarse,
         top_classes=settings.drift.top_classes,
-        # Blocks as long as a window, so calibration windows fit inside them (eyed.drift.reference.sample_blocks).
-        block=settings.drift.window,
         # A native model (trained on the coarse classes) has no priors to estimate; an ImageNet model run with
         # model.coarse_priors = "none" still gets them, so the profile can serve as its priors file later.
         mapper=mapper if mapper is not None and not mapper.native else None,
@@ -267,10 +266,15 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
         model=classifier.name,
         source=f"{src.kind}:{src.dataset if src.kind == 'replay' else src.url or src.device}",
     )
+    first = last = 0.0
     for frames, preds in predictions(settings, classifier):
+        first = frames[0].t_in if builder.frames == 0 else first
+        last = frames[-1].t_in
         stats = [extractor(f.image, p) for f, p in zip(frames, preds, strict=True)]
         builder.add_many(stats, np.stack([p.probs for p in preds]) if builder.mapper is not None else None)
     classifier.close()
+    # Blocks that hold a window, so calibration windows fit inside them (eyed.drift.reference.sample_blocks).
+    builder.block, builder.reservoir_size = profile_blocks(settings.drift, builder.frames, last - first)
     reference = builder.build()
     output.parent.mkdir(parents=True, exist_ok=True)
     reference.write(output)
@@ -293,7 +297,7 @@ def run_drift(settings: Settings) -> list[dict[str, Any]]:
 
     for frames, preds in predictions(settings, classifier):
         for frame, pred in zip(frames, preds, strict=True):
-            report = watch.observe(frame.image, pred)
+            report = watch.observe(frame, pred)
             if report is not None:
                 payloads.append(window_payload(report, source, len(payloads), time.time()))
     classifier.close()

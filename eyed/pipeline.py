@@ -49,13 +49,15 @@ class Counters:
 
 @dataclass
 class DriftWatch:
-    """Per-frame statistics into the drift monitor; a window report every ``drift.window`` frames."""
+    """Per-frame statistics into the drift monitor; a window report every ``drift.window`` frames (or
+    ``drift.window_s`` seconds)."""
 
     extractor: StatsExtractor
     monitor: DriftMonitor
 
-    def observe(self, image: np.ndarray, pred: Prediction) -> WindowReport | None:
-        return self.monitor.update(self.extractor(image, pred))
+    def observe(self, frame: Frame, pred: Prediction) -> WindowReport | None:
+        # t_in: monotonic, so a clock step does not cut a window in seconds short or stretch it.
+        return self.monitor.update(self.extractor(frame.image, pred), frame.t_in)
 
 
 class Pipeline:
@@ -200,7 +202,7 @@ class Pipeline:
     def _watch(self, drift: DriftWatch, frame: Frame, pred: Prediction) -> None:
         """After the label event is out, so drift statistics never add to its latency."""
         try:
-            report = drift.observe(frame.image, pred)
+            report = drift.observe(frame, pred)
         except Exception:  # a statistic that fails on an odd frame must not cost the label stream
             self.counters.errors += 1
             logger.exception("drift statistics failed on frame %d", frame.index)

@@ -125,6 +125,8 @@ def test_unknown_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
         ("source.id=has space", "source.id"),
         ("model.spinning=sometimes", "model.spinning"),
         ("model.graph_optimization=max", "model.graph_optimization"),
+        ("drift.window_s=0", "drift.window_s"),
+        ("drift.window_s=7200", "drift.window_s"),
     ],
 )
 def test_bad_values_name_the_field(override: str, field: str) -> None:
@@ -175,6 +177,13 @@ def test_batching_only_where_frames_wait(overrides: list[str], batch: int) -> No
 def test_cross_field_rule() -> None:
     with pytest.raises(ConfigError, match=re.escape("model.onnx")):
         load_settings(None, ["model.onnx=/tmp/m.onnx", "model.backend=torch"])
+
+
+def test_a_drift_window_in_frames_or_in_seconds_not_both(tmp_path: Path) -> None:
+    assert load_settings(None, ["drift.window_s=10"]).drift.window_text() == "10 s"
+    assert load_settings(None, ["drift.window=500"]).drift.window_text() == "500 frames"
+    with pytest.raises(ConfigError, match=re.escape("drift.window (frames) or drift.window_s (seconds)")):
+        load_settings(write_toml(tmp_path, "[drift]\nwindow = 500\nwindow_s = 10\n"))
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -119,3 +119,46 @@ def test_an_unreadable_reference_is_a_config_error(tiny_dataset: Path, tiny_onnx
     code, err = finish(proc)
     assert code == EXIT_CONFIG
     assert "drift.reference /nonexistent/ref.json" in err
+
+
+def test_daemon_windows_in_seconds(clean_and_dark: tuple[Path, Path], tiny_onnx: Path, endpoint: str) -> None:
+    """drift.window_s on a replay paced at 100 fps: each window closes with its first frame half a second
+    after its start, whatever its frame count, and is judged with thresholds calibrated for its size."""
+    cfg = settings(clean_and_dark[0], tiny_onnx, endpoint, **{"drift.enabled": True, "drift.window_s": 0.5})
+    del cfg["drift.window"]
+    cfg |= {"drift.learn_windows": 2, "source.fps": 100, "source.limit": 300}
+    proc = start_daemon(cfg)
+    events = collect(endpoint)
+    code, err = finish(proc)
+    assert code == 0, err
+    drift = [p for t, p in events if t == "drift.shelf"]
+    assert len(drift) >= 3 and [p["learning"] for p in drift[:3]] == [True, True, False]
+    assert all(p["span_s"] >= 0.5 and p["n"] >= 20 for p in drift)
+    assert sum(p["n"] for p in drift) <= 300
+    judged = drift[2]
+    assert judged["metrics"] and set(judged["thresholds"]) == set(judged["metrics"])
+    assert "windows of 0.5 s" in err and "thresholds calibrated for windows of" in err
+
+
+def test_profile_blocks_hold_a_window_in_seconds(
+    clean_and_dark: tuple[Path, Path],
+    tiny_checkpoint: Path,
+    tiny_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`eyed profile` with drift.window_s keeps blocks as long as such a window at the profiled frame rate:
+    0.1 s at 200 fps is 21 frames. (The reservoir is shrunk so 400 frames are more than it keeps.)"""
+    from eyed.drift import reference as reference_module
+
+    monkeypatch.setattr(reference_module, "RESERVOIR", 60)
+    out = tmp_path / "reference.json"
+    args = ["--set", f"source.dataset={clean_and_dark[0]}", "--set", "source.split=train"]
+    args += ["--set", f"model.id={tiny_checkpoint}", "--set", f"model.onnx={tiny_onnx}"]
+    args += ["--set", "source.loop=true", "--set", "source.limit=400", "--set", "source.fps=200"]
+    assert main(["profile", *args, "--set", "drift.window_s=0.1", "--output", str(out)]) == 0
+    ref = load_reference(out)
+    assert ref.frames == 400 and ref.blocks is not None
+    block = ref.reservoir.shape[0] // 4  # four blocks: 4 x 21 rows are more than the 60 of RESERVOIR
+    assert block in (20, 21) and ref.reservoir.shape[0] == 4 * block
+    assert all(length % block == 0 for _, length in ref.blocks)  # adjacent blocks merge into one run

@@ -11,6 +11,10 @@ Pure: no sockets, no clocks (the caller stamps payloads). Metrics, each comparin
 
 Thresholds are calibrated for the window size in use (see :func:`calibrate`), and ``drift`` needs
 ``cfg.consecutive`` windows in a row over a drift threshold, so one odd window does not flap the status.
+
+A window is ``cfg.window`` frames, or, with ``cfg.window_s``, as many frames as arrive in that many seconds:
+then the frame count varies with the frame rate, and each window is judged with thresholds calibrated for a
+size on a fixed grid just below its own (:func:`size_bucket`), computed the first time that size is met.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from eyed.config import DriftConfig
+from eyed.config import MIN_WINDOW, DriftConfig
 from eyed.drift.reference import (
     RESERVOIR,
     Histogram,
@@ -41,6 +45,13 @@ SCHEMA = 1
 # log(0) in the sum. 0.5 is the Jeffreys prior for counts.
 PSEUDO = 0.5
 BOOTSTRAP = 200
+# A window of drift.window_s seconds closes at this many frames however short its time (a fast replay at
+# fps 0): it bounds the buffer and a calibration's cost.
+MAX_WINDOW = 20_000
+# Calibrated window sizes with drift.window_s: MIN_WINDOW x 2^(k/4). A window is judged as the grid size at or
+# below its frame count; a smaller window is noisier, so its thresholds err on the side of fewer alarms, by at
+# most a 19% smaller size.
+BUCKET_STEPS = 4
 
 Status = Literal["ok", "warn", "drift"]
 COL = {name: i for i, name in enumerate(FIELDS)}
@@ -270,8 +281,8 @@ def _window_starts(reference: Reference, w: int) -> Callable[[np.random.Generato
         if lengths.max() < w:
             logger.warning(
                 "drift: the reference's blocks of consecutive frames (%d at most) are shorter than a window (%d), "
-                "so thresholds are too tight for a camera's correlated frames: profile again with blocks of at "
-                "least drift.window frames",
+                "so thresholds are too tight for a camera's correlated frames: run 'eyed profile' again with the "
+                "drift.window or drift.window_s used here",
                 lengths.max(),
                 w,
             )
@@ -291,6 +302,15 @@ def _window_starts(reference: Reference, w: int) -> Callable[[np.random.Generato
     return draw
 
 
+def size_bucket(n: int) -> int:
+    """The calibrated window size for a window of ``n`` frames: the largest grid size at or below ``n``."""
+    # One step above the exact logarithm, then down: the grid sizes are rounded, so 28 (from 28.28) must serve 28.
+    k = math.floor(BUCKET_STEPS * math.log2(max(n, MIN_WINDOW) / MIN_WINDOW)) + 1
+    while (size := round(MIN_WINDOW * 2 ** (k / BUCKET_STEPS))) > n and k > 0:
+        k -= 1
+    return size
+
+
 def _defaults(cfg: DriftConfig, metric: str) -> tuple[float, float]:
     fam = family(metric)
     return float(getattr(cfg, f"{fam}_warn")), float(getattr(cfg, f"{fam}_drift"))
@@ -307,6 +327,7 @@ class WindowReport:
 
     window: int  # index from 0 over the monitor's life, learning windows included
     n: int  # frames in the window
+    span_s: float | None  # seconds from its first frame to its last; None when the frames came without times
     status: Status
     metrics: Mapping[str, float]
     fired: tuple[str, ...]
@@ -317,7 +338,8 @@ class WindowReport:
 
 
 class DriftMonitor:
-    """Feeds on :class:`FrameStats`; every ``cfg.window`` frames returns a :class:`WindowReport`.
+    """Feeds on :class:`FrameStats`; every ``cfg.window`` frames (or ``cfg.window_s`` seconds of frame times)
+    returns a :class:`WindowReport`.
 
     With ``reference=None`` the first ``cfg.learn_windows`` windows become the reference (status ``ok``,
     ``learning=True``, no metrics) and the monitor then compares with that, reporting ``reference="self"``.
@@ -346,6 +368,9 @@ class DriftMonitor:
             )
         self._buf = np.empty((cfg.window, len(FIELDS)), dtype=np.float64)
         self._fill = 0
+        self._t0: float | None = None  # time of the window's first frame
+        self._t1: float | None = None  # and of its last
+        self._calibrations: dict[int, Calibration] = {}
         self._window = 0
         self._streak = 0
         self._learner: ProfileBuilder | None = None
@@ -358,7 +383,8 @@ class DriftMonitor:
             self._learner = ProfileBuilder(
                 coarse_classes or (),
                 top_classes=cfg.top_classes,
-                reservoir=max(RESERVOIR, cfg.learn_windows * cfg.window),
+                # Set to every learned frame when the reference is built: one block, which any window fits.
+                reservoir=RESERVOIR,
                 block=cfg.window,
                 labels=labels,
                 source="first windows of this run",
@@ -371,42 +397,84 @@ class DriftMonitor:
 
     @property
     def thresholds(self) -> Mapping[str, tuple[float, float]]:
+        """(warn, drift) per metric for windows of ``cfg.window`` frames; empty while learning and with
+        ``cfg.window_s``, where they depend on each window's size (its report carries them)."""
         return self.calibration.thresholds if self.calibration is not None else {}
 
     def _use(self, reference: Reference) -> None:
         self.reference = reference
         self._base = Baseline.of(reference)
-        self.calibration = calibrate(self.cfg, reference, self.cfg.window, self.rounds, self.seed)
+        self._calibrations = {}
+        if self.cfg.window_s is None:
+            self.calibration = calibrate(self.cfg, reference, self.cfg.window, self.rounds, self.seed)
 
-    def update(self, stats: FrameStats) -> WindowReport | None:
-        """Add one frame; the report when this frame completes a window, else None."""
+    def _calibrated(self, size: int) -> Calibration:
+        """With ``cfg.window_s``: the calibration for windows of ``size`` frames, computed on first use (0.2 s
+        for a few hundred frames, on the inference thread: once per grid size, and a steady frame rate meets
+        one or two)."""
+        cal = self._calibrations.get(size)
+        if cal is None:
+            assert self.reference is not None
+            cal = calibrate(self.cfg, self.reference, size, self.rounds, self.seed)
+            self._calibrations[size] = cal
+            logger.info("drift: thresholds calibrated for windows of %d frames", size)
+        return cal
+
+    def update(self, stats: FrameStats, t: float | None = None) -> WindowReport | None:
+        """Add one frame, seen at ``t`` (monotonic seconds; needed with ``cfg.window_s``); the report when this
+        frame completes a window, else None."""
+        if t is None and self.cfg.window_s is not None:
+            raise ValueError("drift.window_s needs the time of every frame")
+        if self._fill == self._buf.shape[0]:
+            # Only a window in seconds outgrows its first size (drift.window rows).
+            grown = np.empty((min(2 * self._fill, MAX_WINDOW), len(FIELDS)), dtype=np.float64)
+            grown[: self._fill] = self._buf
+            self._buf = grown
         self._buf[self._fill] = stats
         self._fill += 1
-        if self._fill < self.cfg.window:
+        if t is not None:
+            self._t0 = t if self._fill == 1 else self._t0
+            self._t1 = t
+        if not self._complete(t):
             return None
-        self._fill = 0
-        report = self._close(self._buf)
+        span = self._t1 - self._t0 if self._t0 is not None and self._t1 is not None else None
+        rows, self._fill, self._t0, self._t1 = self._buf[: self._fill], 0, None, None
+        report = self._close(rows, span)
         self._window += 1
         return report
 
-    def _close(self, rows: np.ndarray) -> WindowReport:
+    def _complete(self, t: float | None) -> bool:
+        seconds = self.cfg.window_s
+        if seconds is None:
+            return self._fill >= self.cfg.window
+        if self._fill >= MAX_WINDOW:
+            return True
+        assert t is not None and self._t0 is not None
+        return self._fill >= MIN_WINDOW and t - self._t0 >= seconds
+
+    def _close(self, rows: np.ndarray, span: float | None) -> WindowReport:
         summary = window_summary(rows)
+        n = rows.shape[0]
         if self._base is None:
-            assert self._learner is not None
-            self._learner.add_rows(rows)
+            learner = self._learner
+            assert learner is not None
+            learner.add_rows(rows)
             learned = self._window + 1 >= self.cfg.learn_windows
             if learned:
-                self._use(self._learner.build())
+                learner.reservoir_size = max(RESERVOIR, learner.frames)
+                self._use(learner.build())
                 self._learner = None
                 logger.info(
                     "drift: no reference profile given; learned one from the first %d frames (%d windows): "
                     "later windows are compared with it",
-                    self.cfg.learn_windows * self.cfg.window,
+                    learner.frames,
                     self.cfg.learn_windows,
                 )
-            return WindowReport(self._window, rows.shape[0], "ok", {}, (), {}, "self", True, summary)
+            return WindowReport(self._window, n, span, "ok", {}, (), {}, "self", True, summary)
         metrics = window_metrics(rows, self._base)
-        thresholds = self.thresholds
+        cal = self.calibration if self.cfg.window_s is None else self._calibrated(size_bucket(n))
+        assert cal is not None
+        thresholds = cal.thresholds
         over_warn = _over(metrics, thresholds, 0)
         over_drift = _over(metrics, thresholds, 1)
         self._streak = self._streak + 1 if over_drift else 0
@@ -419,7 +487,8 @@ class DriftMonitor:
             status, fired = "ok", ()
         return WindowReport(
             self._window,
-            rows.shape[0],
+            n,
+            span,
             status,
             metrics,
             fired,
@@ -461,6 +530,7 @@ def format_window(report: WindowReport) -> str:
     parts = [
         f"drift window={report.window}",
         f"n={report.n}",
+        *([f"span_s={report.span_s:.3g}"] if report.span_s is not None else []),
         f"status={report.status}",
         f"reference={report.reference}",
     ]
@@ -484,6 +554,7 @@ def window_payload(report: WindowReport, source: str, seq: int, ts: float) -> di
         "ts": round(ts, 6),
         "window": report.window,
         "n": report.n,
+        "span_s": None if report.span_s is None else _num(report.span_s),
         "status": report.status,
         "metrics": {name: _num(value) for name, value in report.metrics.items()},
         "fired": list(report.fired),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from eyed.config import DriftConfig
+from eyed.config import MIN_WINDOW, DriftConfig
 from eyed.drift.stats import FIELDS, NUMERIC_STATS, FrameStats
 from eyed.model.labels import CoarseMapper, estimate_priors
 
@@ -307,6 +307,24 @@ def sample_blocks(frames: int, size: int, block: int, rng: np.random.Generator) 
         else:
             runs.append((start, block))
     return tuple(runs)
+
+
+def profile_blocks(cfg: DriftConfig, frames: int, seconds: float) -> tuple[int, int]:
+    """(frames per block, reservoir rows) for a profile of ``frames`` frames over ``seconds`` that windows of
+    ``cfg`` will be calibrated on.
+
+    A block must hold a window: ``cfg.window`` frames, or with ``cfg.window_s`` the frames that many seconds
+    held in the profiled stream (a profile made at fps 0 runs faster than a camera, so its blocks come out
+    longer than needed, which only costs spread). At most RESERVOIR frames; the reservoir keeps four blocks at
+    least, so long windows do not leave one block to stand for the whole stream.
+    """
+    if cfg.window_s is None:
+        block = cfg.window
+    elif seconds > 0:
+        block = min(RESERVOIR, max(MIN_WINDOW, math.ceil((frames - 1) / seconds * cfg.window_s) + 1))
+    else:
+        block = RESERVOIR  # no times (a single frame): blocks as long as they can be
+    return block, min(4 * RESERVOIR, max(RESERVOIR, 4 * block))
 
 
 @contextmanager

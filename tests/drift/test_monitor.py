@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
 
 from eyed.config import DriftConfig
+from eyed.drift import monitor as monitor_module
 from eyed.drift.monitor import (
     Calibration,
     DriftMonitor,
@@ -17,6 +19,7 @@ from eyed.drift.monitor import (
     _window_starts,
     calibrate,
     format_window,
+    size_bucket,
     window_payload,
 )
 from eyed.drift.reference import ProfileBuilder, Reference
@@ -263,6 +266,7 @@ def test_payload_is_json_ready(reference: Reference) -> None:
         "ts",
         "window",
         "n",
+        "span_s",
         "status",
         "metrics",
         "fired",
@@ -272,6 +276,7 @@ def test_payload_is_json_ready(reference: Reference) -> None:
         "summary",
     }
     assert (payload["schema"], payload["type"], payload["source"], payload["seq"]) == (1, "drift", "cam1", 7)
+    assert payload["span_s"] is None  # fed without frame times
     assert payload["thresholds"]["psi_fine"] == [pytest.approx(v, rel=1e-5) for v in report.thresholds["psi_fine"]]
     assert json.loads(json.dumps(payload, allow_nan=False)) == payload
 
@@ -285,20 +290,100 @@ def test_payload_of_a_learning_window_has_no_nan() -> None:
     json.dumps(payload, allow_nan=False)
 
 
-def test_update_is_cheap(reference: Reference) -> None:
-    import time
-
-    monitor = DriftMonitor(DriftConfig(window=250), reference)
-    stats = synthetic_stats(2500, seed=13)
-    t0 = time.perf_counter()
-    feed(monitor, stats)
-    per_frame = (time.perf_counter() - t0) / len(stats)
-    assert per_frame < 200e-6  # window closes included; measured ~10 us
-
-
 def test_window_rows_do_not_leak_between_windows(reference: Reference) -> None:
     monitor = DriftMonitor(DriftConfig(window=50), reference)
     first = feed(monitor, synthetic_stats(50, seed=3, brightness=40))[0]
     second = feed(monitor, synthetic_stats(50, seed=4))[0]
     assert first.summary["brightness"] < 60 and second.summary["brightness"] > 100
     assert np.isfinite(list(second.metrics.values())).all()
+
+
+def feed_timed(monitor: DriftMonitor, stats: list[FrameStats], times: list[float]) -> list[WindowReport]:
+    return [r for r in map(monitor.update, stats, times) if r is not None]
+
+
+def test_windows_in_seconds_close_on_frame_times(reference: Reference) -> None:
+    cfg = DriftConfig(window_s=2.0)
+    monitor = DriftMonitor(cfg, reference)
+    stats = synthetic_stats(1000, seed=21)
+    # 32 fps: frame times exact in binary, so "2 s after" is not at the mercy of rounding.
+    reports = feed_timed(monitor, stats, [1000 + i / 32 for i in range(1000)])
+    # A window closes with its first frame 2 s after its start: 65 frames (0 .. 2 s), and the next window
+    # starts at the frame after.
+    assert [r.n for r in reports] == [65] * 15
+    assert all(r.span_s == 2.0 for r in reports)
+    assert [r.window for r in reports] == list(range(15))
+    # Judged with thresholds calibrated for the grid size just below 65 frames.
+    assert size_bucket(65) == 57
+    assert reports[0].thresholds == calibrate(cfg, reference, 57).thresholds
+    assert all(r.status != "drift" for r in reports)
+    assert monitor.thresholds == {}  # they depend on each window: the reports carry them
+    line = format_window(reports[0])
+    assert line.startswith("drift window=0 n=65 span_s=2 status=")
+    assert window_payload(reports[0], "cam", 0, 0.0)["span_s"] == pytest.approx(2.0)
+
+
+def test_windows_in_seconds_follow_a_changing_frame_rate(reference: Reference) -> None:
+    """The camera slows from 32 to 8 fps: windows shrink from 129 to 33 frames and each is judged with
+    thresholds for its own size. Thresholds for the larger windows would call clean small windows drift."""
+    cfg = DriftConfig(window_s=4.0)
+    monitor = DriftMonitor(cfg, reference)
+    stats = synthetic_stats(3 * 129 + 20 * 33, seed=22)
+    times = [i / 32 for i in range(3 * 129)] + [(3 * 129 - 1) / 32 + i / 8 for i in range(1, 20 * 33 + 1)]
+    reports = feed_timed(monitor, stats, times)
+    fast, slow = reports[:3], reports[3:]
+    assert [r.n for r in fast] == [129] * 3 and [r.n for r in slow] == [33] * 20
+    assert slow[-1].thresholds == calibrate(cfg, reference, size_bucket(33)).thresholds
+    assert slow[-1].thresholds["psi_fine"][0] > fast[0].thresholds["psi_fine"][0]
+    assert all(r.status != "drift" for r in reports)
+    big = fast[0].thresholds
+
+    def over_drift(thresholds: Mapping[str, tuple[float, float]]) -> int:
+        return sum(1 for r in slow if any(r.metrics[m] > thresholds[m][1] for m in r.metrics))
+
+    assert over_drift(slow[-1].thresholds) == 0
+    assert over_drift(big) >= 3  # 4 of these 20 clean windows: why each size gets its own thresholds
+
+
+def test_a_window_in_seconds_holds_at_least_twenty_frames(reference: Reference) -> None:
+    monitor = DriftMonitor(DriftConfig(window_s=1.0), reference)
+    reports = feed_timed(monitor, synthetic_stats(100, seed=23), [i / 2 for i in range(100)])  # 2 fps
+    assert [r.n for r in reports] == [20] * 5
+    assert reports[0].span_s == pytest.approx(9.5)
+
+
+def test_a_window_in_seconds_is_capped_in_frames(reference: Reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay at fps 0 can outrun any window in seconds; the window's buffer stays bounded."""
+    monkeypatch.setattr(monitor_module, "MAX_WINDOW", 120)
+    monitor = DriftMonitor(DriftConfig(window_s=60.0), reference)
+    reports = feed_timed(monitor, synthetic_stats(500, seed=24), [i * 1e-4 for i in range(500)])
+    assert [r.n for r in reports] == [120] * 4
+    assert monitor._buf.shape[0] <= 250  # grown from drift.window rows to at most the cap
+
+
+def test_a_window_in_seconds_needs_frame_times(reference: Reference) -> None:
+    monitor = DriftMonitor(DriftConfig(window_s=1.0), reference)
+    with pytest.raises(ValueError, match=r"drift\.window_s"):
+        monitor.update(synthetic_stats(1)[0])
+
+
+def test_a_shift_is_drift_within_two_windows_in_seconds(reference: Reference) -> None:
+    monitor = DriftMonitor(DriftConfig(window_s=4.0), reference)
+    stats = synthetic_stats(400, seed=25) + synthetic_stats(400, seed=26, brightness=40)
+    reports = feed_timed(monitor, stats, [i / 32 for i in range(800)])  # 32 fps: 129-frame windows
+    before = [r for r in reports if r.window < 3]
+    after = [r for r in reports if r.window >= 4]  # window 3 holds frames from both sides of the shift
+    assert all(r.status != "drift" for r in before)
+    assert after[1].status == "drift" and after[0].fired[0] == "psi_brightness"
+
+
+def test_learning_with_windows_in_seconds() -> None:
+    """Without a reference, the first windows become it, whatever their frame counts."""
+    cfg = DriftConfig(window_s=1.0, learn_windows=3)
+    monitor = DriftMonitor(cfg, None, coarse_classes=COARSE)
+    stats = synthetic_stats(700, seed=27)
+    reports = feed_timed(monitor, stats, [i / 128 for i in range(700)])  # 128 fps: 129-frame windows
+    assert [r.learning for r in reports] == [True] * 3 + [False] * 2
+    assert monitor.reference is not None and monitor.reference.frames == 387
+    assert monitor.reference.reservoir.shape[0] == 387  # every learned frame, in one block
+    assert reports[-1].reference == "self" and reports[-1].metrics and reports[-1].status != "drift"

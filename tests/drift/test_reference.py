@@ -8,7 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eyed.drift.reference import FIELDS, NUMERIC_STATS, ProfileBuilder, Reference, load_reference
+from eyed.config import DriftConfig
+from eyed.drift.reference import (
+    FIELDS,
+    NUMERIC_STATS,
+    RESERVOIR,
+    ProfileBuilder,
+    Reference,
+    load_reference,
+    profile_blocks,
+)
 from eyed.model.labels import build_mapper, load_priors
 from tests.conftest import imagenet_like_labels
 from tests.drift import COARSE, synthetic_stats
@@ -69,6 +78,22 @@ def test_a_long_stream_keeps_blocks_of_consecutive_frames_spread_over_it() -> No
 def test_a_block_longer_than_the_reservoir_is_cut_to_it() -> None:
     ref = built(3000, reservoir=200, block=250)
     assert ref.blocks is not None and len(ref.blocks) == 1 and ref.blocks[0][1] == 200
+
+
+@pytest.mark.parametrize(
+    ("cfg", "frames", "seconds", "expected"),
+    [
+        (DriftConfig(), 100_000, 3600.0, (250, RESERVOIR)),  # windows of 250 frames: blocks of 250
+        (DriftConfig(window=2000), 100_000, 3600.0, (2000, 8000)),  # four blocks at least
+        # 10-s windows on a 15 fps camera hold 151 frames; its profile's blocks must hold as many.
+        (DriftConfig(window_s=10), 54_001, 3600.0, (151, RESERVOIR)),
+        # A profile made at fps 0 runs faster than the camera will: longer blocks, capped.
+        (DriftConfig(window_s=60), 50_000, 150.0, (RESERVOIR, 4 * RESERVOIR)),
+        (DriftConfig(window_s=1), 1, 0.0, (RESERVOIR, 4 * RESERVOIR)),  # no times: as long as they can be
+    ],
+)
+def test_profile_blocks_hold_a_window(cfg: DriftConfig, frames: int, seconds: float, expected: object) -> None:
+    assert profile_blocks(cfg, frames, seconds) == expected
 
 
 def test_json_round_trip(tmp_path: Path) -> None:
