@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import cv2
 import numpy as np
@@ -108,21 +107,6 @@ def test_small_grey_keeps_the_mean_of_a_large_frame() -> None:
     img = cv2.resize(photo(5, 32), (1920, 1080), interpolation=cv2.INTER_CUBIC)
     full = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).mean()
     assert small_grey(img).mean() == pytest.approx(full, abs=1.5)
-
-
-def test_cost_per_frame_is_a_small_fraction_of_an_inference() -> None:
-    """Generous bound for a shared CI core; the benchmark reports the real figure (~15 us on 32x32)."""
-    extractor = StatsExtractor(COARSE)
-    pred = prediction(np.random.default_rng(0).dirichlet(np.ones(1001)), "dog")
-    images = synthetic_images(50, size=32)
-    for img in images:
-        extractor(img, pred)
-    t0 = time.perf_counter()
-    for _ in range(4):
-        for img in images:
-            extractor(img, pred)
-    per_frame = (time.perf_counter() - t0) / 200
-    assert per_frame < 500e-6
 
 
 def test_frame_stats_is_immutable() -> None:
