@@ -8,6 +8,9 @@ statistics against inference.
 
     .venv/bin/python benchmarks/drift_cifar10.py            # assets from $EYED_SHARED or ../shared
     .venv/bin/python benchmarks/drift_cifar10.py --json
+    .venv/bin/python benchmarks/drift_cifar10.py --window-s 4 --fps 25   # windows in seconds
+
+With ``--window-s`` the frames are given times as if a camera delivered them at ``--fps``.
 
 ``run_experiment`` is also what tests/drift/test_real_assets.py runs, at a smaller scale.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -31,6 +35,7 @@ import numpy as np
 
 from eyed.config import DriftConfig, ModelConfig, SourceConfig
 from eyed.drift import DriftMonitor, ProfileBuilder, Reference, StatsExtractor, WindowReport
+from eyed.drift.reference import profile_blocks
 from eyed.model import load_classifier
 from eyed.sources import open_recorded
 from eyed.types import Classifier, Prediction
@@ -109,7 +114,7 @@ class Stream:
 
     name: str
     reports: list[WindowReport] = field(default_factory=list)
-    shift_window: int | None = None  # index of the first window with shifted frames
+    shift_window: int | None = None  # index of the first window mostly of shifted frames
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.reports if r.status == status)
@@ -158,8 +163,13 @@ def infer_ms_batch1(classifier: Classifier, images: list[np.ndarray]) -> float:
     return 1e3 * (time.perf_counter() - t0) / len(tensors)
 
 
+def frames_per_window(cfg: DriftConfig, fps: float) -> int:
+    """Frames in one window: ``cfg.window``, or what ``cfg.window_s`` seconds hold at ``fps``."""
+    return cfg.window if cfg.window_s is None else math.floor(fps * cfg.window_s) + 1
+
+
 def build_reference(
-    classifier: Classifier, images: list[np.ndarray], cfg: DriftConfig, timing: Timing, source: str
+    classifier: Classifier, images: list[np.ndarray], cfg: DriftConfig, timing: Timing, source: str, fps: float
 ) -> Reference:
     post = classifier.post  # type: ignore[attr-defined]
     mapper = post.mapper
@@ -176,6 +186,7 @@ def build_reference(
     preds = classify(classifier, images, timing)
     for img, pred in zip(images, preds, strict=True):
         builder.add(extractor(img, pred), pred.probs)
+    builder.block, builder.reservoir_size = profile_blocks(cfg, len(images), (len(images) - 1) / fps)
     return builder.build()
 
 
@@ -187,19 +198,25 @@ def replay(
     preds: list[Prediction],
     timing: Timing,
     shift_at: int | None = None,
+    fps: float = 25.0,
 ) -> Stream:
-    stream = Stream(name, shift_window=None if shift_at is None else shift_at // monitor.cfg.window)
-    for img, pred in zip(images, preds, strict=True):
+    stream = Stream(name)
+    timed = monitor.cfg.window_s is not None
+    for i, (img, pred) in enumerate(zip(images, preds, strict=True)):
         t0 = time.perf_counter()
         stats = extractor(img, pred)
         t1 = time.perf_counter()
-        report = monitor.update(stats)
+        report = monitor.update(stats, i / fps if timed else None)
         t2 = time.perf_counter()
         timing.stats_s += t1 - t0
         timing.monitor_s += t2 - t1
         timing.frames += 1
         if report is not None:
             stream.reports.append(report)
+            # The shift's first window: the first one that is mostly shifted frames. (Windows in seconds need not
+            # start where the shift does: the window before may hold a few shifted frames.)
+            if shift_at is not None and stream.shift_window is None and i - shift_at + 1 >= report.n / 2:
+                stream.shift_window = report.window
     return stream
 
 
@@ -236,6 +253,7 @@ def run_experiment(
     shifts: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] | None = None,
     cfg: DriftConfig | None = None,
     reference_out: Path | None = None,
+    fps: float = 25.0,
 ) -> dict[str, Any]:
     """The whole experiment; returns the reference, one Stream per replay and the timings."""
     cfg = cfg or DriftConfig()
@@ -253,6 +271,7 @@ def run_experiment(
         cfg,
         build_timing,
         source=f"{cifar.name}:train[0:{ref_frames}]",
+        fps=fps,
     )
     logger.info("reference of %d frames in %.1f s", reference.frames, time.perf_counter() - t0)
     if reference_out is not None:
@@ -263,7 +282,7 @@ def run_experiment(
     clean = load_images(cifar, held_out, clean_frames)
     clean_preds = classify(classifier, clean, timing)
     monitor = DriftMonitor(cfg, reference, coarse_classes=classes)
-    streams = [replay("clean", monitor, StatsExtractor(classes), clean, clean_preds, timing)]
+    streams = [replay("clean", monitor, StatsExtractor(classes), clean, clean_preds, timing, fps=fps)]
     logger.info(
         "clean: %d windows, %d warn, %d drift", len(streams[0].reports), *map(streams[0].count, ("warn", "drift"))
     )
@@ -277,10 +296,11 @@ def run_experiment(
             clean,
             clean_preds,
             self_timing,
+            fps=fps,
         )
     ]
-    lead = lead_windows * cfg.window
-    learn = cfg.learn_windows * cfg.window
+    lead = lead_windows * frames_per_window(cfg, fps)
+    learn = cfg.learn_windows * frames_per_window(cfg, fps)
     rng = np.random.default_rng(0)
     for name, shift in (shifts if shifts is not None else SHIFTS).items():
         shifted = [shift(img, rng) for img in clean[:shift_frames]]
@@ -293,6 +313,7 @@ def run_experiment(
             clean_preds[-lead:] + preds,
             timing,
             shift_at=lead,
+            fps=fps,
         )
         streams.append(stream)
         self_streams.append(
@@ -304,12 +325,14 @@ def run_experiment(
                 clean_preds[-learn:] + preds,
                 self_timing,
                 shift_at=learn,
+                fps=fps,
             )
         )
         logger.info("%s: delay %s windows (self-learned reference: %s)", name, stream.delay(), self_streams[-1].delay())
     return {
         "reference": reference,
-        "thresholds": dict(monitor.thresholds),
+        # With windows in seconds each report carries the thresholds for its size: the last clean window's.
+        "thresholds": dict(monitor.thresholds or streams[0].reports[-1].thresholds),
         "streams": streams,
         "self_streams": self_streams,
         "timing": {**timing.summary(), "infer_batch1_ms": infer_ms_batch1(classifier, clean[:200])},
@@ -322,7 +345,7 @@ def summarise(result: dict[str, Any], cfg: DriftConfig) -> dict[str, Any]:
     warn_metrics = Counter(name for r in clean.reports for name in r.fired)
     return {
         "reference_frames": result["reference"].frames,
-        "window": cfg.window,
+        "window": cfg.window_text(),
         "consecutive": cfg.consecutive,
         "clean": {
             "frames": sum(r.n for r in clean.reports),
@@ -372,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=HELD_OUT, help="first train record of the clean replay")
     p.add_argument("--no-mild", action="store_true", help="skip the milder shifts")
     p.add_argument("--window", type=int, default=DriftConfig().window)
+    p.add_argument("--window-s", type=float, help="windows of so many seconds instead of --window frames")
+    p.add_argument("--fps", type=float, default=25.0, help="with --window-s: the frame rate the frames are timed at")
     p.add_argument("--reference-out", type=Path, help="also write the reference profile here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)
@@ -380,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (model / "config.json").is_file() or not cifar.is_dir():
         print(f"real assets not found in {args.shared}", file=sys.stderr)
         return 2
-    cfg = DriftConfig(window=args.window)
+    cfg = DriftConfig(window=args.window) if args.window_s is None else DriftConfig(window_s=args.window_s)
     result = run_experiment(
         model,
         cifar,
@@ -392,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         shifts=SHIFTS if args.no_mild else {**SHIFTS, **MILD_SHIFTS},
         cfg=cfg,
         reference_out=args.reference_out,
+        fps=args.fps,
     )
     summary = summarise(result, cfg)
     summary["timing"]["camera_stats_us"] = {k: round(v, 1) for k, v in camera_stats_cost().items()}
@@ -399,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     c, t = summary["clean"], summary["timing"]
-    print(f"reference: {summary['reference_frames']} frames; windows of {cfg.window}, drift after {cfg.consecutive}")
+    print(
+        f"reference: {summary['reference_frames']} frames; windows of {cfg.window_text()}, "
+        f"drift after {cfg.consecutive}"
+    )
     print(
         f"clean held-out: {c['frames']} frames, {c['windows']} windows: {c['drift_windows']} drift, "
         f"{c['warn_windows']} warn {c['warn_metrics'] or ''}"
@@ -418,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"per frame: statistics {t['stats_us']:.1f} us + monitor {t['monitor_us']:.1f} us; inference "
         f"{t['infer_batch_ms']:.2f} ms (batch {BATCH}), {t['infer_batch1_ms']:.2f} ms (batch 1)"
+        + ("; the monitor's figure includes each monitor's one calibration (0.1-0.2 s)" if cfg.window_s else "")
     )
     print("statistics on camera frames (us): " + ", ".join(f"{k} {v}" for k, v in t["camera_stats_us"].items()))
     print("thresholds (warn, drift): " + ", ".join(f"{k} {w}/{d}" for k, (w, d) in summary["thresholds"].items()))
