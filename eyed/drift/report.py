@@ -96,16 +96,9 @@ def draw_report(
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("window", fontsize=8)
-    first = events[0]
-    counts = {s: sum(1 for e in events if e.get("status") == s) for s in ("ok", "warn", "drift")}
-    title = (
-        f"drift: source {first.get('source', '?')}, {len(events)} windows of {first.get('n', '?')} frames, "
-        f"reference {first.get('reference', '?')}; ok {counts['ok']}, warn {counts['warn']}, drift {counts['drift']}"
-    )
-    if reference is not None:
-        title += f"\nreference profile: {reference.frames} frames of {reference.source or '?'} ({reference.model})"
     fig.suptitle(
-        title + "\ndashed: warn (ochre) and drift (red) thresholds; background: yellow warn, red drift, grey learning",
+        report_title(events, reference)
+        + "\ndashed: warn (ochre) and drift (red) thresholds; background: yellow warn, red drift, grey learning",
         fontsize=10,
     )
     fig.tight_layout()
@@ -114,6 +107,21 @@ def draw_report(
     plt.close(fig)
     logger.info("drift report of %d windows written to %s", len(events), output_png)
     return output_png
+
+
+def report_title(events: Sequence[dict[str, Any]], reference: Reference | None) -> str:
+    """What the chart shows, for its title: source, windows (a range of sizes for windows in seconds), statuses."""
+    first = events[0]
+    counts = {s: sum(1 for e in events if e.get("status") == s) for s in ("ok", "warn", "drift")}
+    sizes = sorted({int(e["n"]) for e in events if "n" in e})
+    size = "?" if not sizes else str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    title = (
+        f"drift: source {first.get('source', '?')}, {len(events)} windows of {size} frames, "
+        f"reference {first.get('reference', '?')}; ok {counts['ok']}, warn {counts['warn']}, drift {counts['drift']}"
+    )
+    if reference is not None:
+        title += f"\nreference profile: {reference.frames} frames of {reference.source or '?'} ({reference.model})"
+    return title
 
 
 def _one_source(events: Sequence[dict[str, Any]], source: str | None) -> list[dict[str, Any]]:

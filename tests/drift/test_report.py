@@ -11,7 +11,7 @@ import pytest
 from eyed.config import DriftConfig
 from eyed.drift.monitor import DriftMonitor, window_payload
 from eyed.drift.reference import ProfileBuilder, Reference
-from eyed.drift.report import draw_report, read_drift_events
+from eyed.drift.report import draw_report, read_drift_events, report_title
 from tests.drift import COARSE, synthetic_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -75,3 +75,10 @@ def test_several_sources_need_a_choice(tmp_path: Path) -> None:
     assert draw_report(events, tmp_path / "b.png", source="b").is_file()
     with pytest.raises(ValueError, match="no drift events"):
         draw_report(events, tmp_path / "c.png", source="c")
+
+
+def test_title_gives_the_range_of_window_sizes() -> None:
+    events = payloads("cam", learn=False)
+    assert "10 windows of 100 frames, reference file; ok " in report_title(events, None)
+    timed = [{**e, "n": n} for e, n in zip(events, [95, 101, 98] * 4, strict=False)]
+    assert "windows of 95-101 frames" in report_title(timed, None)
