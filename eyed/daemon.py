@@ -7,8 +7,11 @@ Signal handlers only set a flag; the main thread waits on it and shuts the pipel
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from types import FrameType
@@ -26,9 +29,35 @@ from eyed.types import Classifier
 
 logger = logging.getLogger(__name__)
 
+# glibc's mallopt() parameter (malloc.h), and the value glibc starts from before it raises it as it goes.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
 
 class ShutdownTimeout(Exception):
     """The pipeline did not stop within the bound."""
+
+
+def pin_mmap_threshold() -> bool:
+    """Keeps glibc's mmap threshold at 128 KiB, so a large block goes back to the system when it is freed.
+
+    glibc raises the threshold to the size of each mapped block freed (up to 32 MB). Blocks of that size then
+    come from the heap and stay there once freed, as what onnxruntime frees while it builds a session does:
+    8 MB more peak RSS for a replay daemon and 15 MB for a camera's, and a replay's RSS grows with each
+    row group read (209 to 285 MB over 30,000 CIFAR-10 records; pinned, it stays at 204). Setting the threshold
+    turns the adjustment off. A MALLOC_*_ variable the user set wins; other C libraries are left alone.
+    Returns whether it was set.
+    """
+    if not sys.platform.startswith("linux") or any(
+        k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    # glibc returns 1 on success; musl's mallopt is a stub that returns 0.
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def warm_up(classifier: Classifier, batch: int) -> float:
@@ -158,6 +187,9 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     """Run the daemon until the source finishes (exit 0) or a signal arrives (exit 0 after clean shutdown)."""
     stop = stop or threading.Event()
     reload = threading.Event()
+    # Before the model and the dataset make their large allocations.
+    if pin_mmap_threshold():
+        logger.debug("glibc mmap threshold pinned at %d bytes", MMAP_THRESHOLD_BYTES)
     with signals_set(stop, reload), contextlib.ExitStack() as stack:
         notifier = stack.enter_context(Notifier())
         model = settings.runtime_model()

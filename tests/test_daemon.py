@@ -194,3 +194,47 @@ def test_eyed_health_exits_0_on_a_live_heartbeat_and_1_without(base: dict[str, o
         proc.send_signal(signal.SIGTERM)
         code, err = finish(proc)
     assert code == 0, err
+
+
+FREED_BLOCK_PROBE = """
+import ctypes, re, sys
+from eyed.daemon import pin_mmap_threshold
+pinned = pin_mmap_threshold() if sys.argv[1] == "pin" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\\s+(\\d+)", f.read()).group(1))
+before = rss_kib()
+for _ in range(2):  # the first free raises glibc's threshold; the second block then comes from the heap
+    block = libc.malloc(8 << 20)
+    ctypes.memset(block, 1, 8 << 20)
+    libc.free(block)
+print(pinned, rss_kib() - before)
+"""
+
+
+def freed_block_probe(mode: str, **env: str) -> tuple[bool, int]:
+    """(whether the threshold was pinned, KiB of RSS kept after two 8 MB blocks were freed)."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, "-c", FREED_BLOCK_PROBE, mode], env=clean | env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+def test_a_freed_large_block_goes_back_to_the_system() -> None:
+    """What onnxruntime frees while it builds a session, or arrow after a row group, is returned to the
+    system: with glibc's own threshold it stays in the heap (the probe tells the two apart)."""
+    assert freed_block_probe("pin") == (True, pytest.approx(0, abs=1024))
+    assert freed_block_probe("leave")[1] > 6 * 1024
+
+
+def test_a_users_malloc_setting_wins() -> None:
+    assert freed_block_probe("pin", MALLOC_MMAP_THRESHOLD_=str(1 << 20))[0] is False

@@ -54,15 +54,25 @@ def local_dataset(name: str) -> Path | None:
 
 
 def release_arrow_memory() -> None:
-    """Arrow allocates through the C library, so memory freed after each row group goes back to it.
+    """Arrow allocates through jemalloc with no decay, so memory freed after each row group goes back at once.
 
-    pyarrow's default pool (mimalloc) keeps what the previous row groups used: 16 MB more peak RSS for a
-    replay daemon on the CIFAR-10 shards. An ARROW_DEFAULT_MEMORY_POOL the user set is left alone.
+    A row group's image column is built in a buffer that doubles as it grows and is shrunk to size at the end.
+    The C library's allocator copies it at each step (Arrow needs aligned blocks, so no realloc); jemalloc
+    grows and shrinks it in place: 11 MB less peak RSS for a replay daemon on the CIFAR-10 shards. Decay 0
+    hands freed pages back at once: jemalloc's default keeps them for a second, and pyarrow's default pool
+    (mimalloc) keeps what earlier row groups used (16 MB). A pyarrow built without jemalloc uses the C
+    library's allocator. An ARROW_DEFAULT_MEMORY_POOL the user set is left alone.
     """
     import pyarrow
 
-    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
-        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+    if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
+        return
+    try:
+        pool = pyarrow.jemalloc_memory_pool()
+        pyarrow.jemalloc_set_decay_ms(0)
+    except NotImplementedError:
+        pool = pyarrow.system_memory_pool()
+    pyarrow.set_memory_pool(pool)
 
 
 def stream_pages(config: Any) -> None:

@@ -182,8 +182,9 @@ with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
 def test_first_frame_of_a_big_row_group_is_read_lean(tmp_path: Path) -> None:
     """CIFAR-10's shards are one 10,000-row group each: the first frame reads the group's whole image column.
 
-    Here it is held about twice (the pages read, the decoded array): 2.3x measured. Read as a whole column chunk
-    and freed into pyarrow's default pool, 3.7x; with either change alone, 3.1x.
+    Measured: 1.67x (the pages read, the decoded array, grown in place by jemalloc). Through the C library's
+    allocator, which copies the growing array, 2.33x; read as a whole column chunk and freed into pyarrow's
+    default pool, 3.7x.
     """
     from datasets import Dataset, Features, Image, Value
 
@@ -201,7 +202,7 @@ def test_first_frame_of_a_big_row_group_is_read_lean(tmp_path: Path) -> None:
     )
     growth_bytes = int(out.stdout.split()[-1]) * 1024
     column_bytes = sum(len(b) for b in blobs)
-    assert growth_bytes < 2.7 * column_bytes, f"{growth_bytes / column_bytes:.2f}x the image column"
+    assert growth_bytes < 2.0 * column_bytes, f"{growth_bytes / column_bytes:.2f}x the image column"
 
 
 def test_missing_local_folder(tmp_path: Path) -> None:
