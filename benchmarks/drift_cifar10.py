@@ -33,7 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from eyed.config import DriftConfig, ModelConfig, SourceConfig
+from eyed.config import DEFAULT_WINDOW, DriftConfig, ModelConfig, SourceConfig
 from eyed.drift import DriftMonitor, ProfileBuilder, Reference, StatsExtractor, WindowReport
 from eyed.drift.reference import profile_blocks
 from eyed.model import load_classifier
@@ -165,7 +165,7 @@ def infer_ms_batch1(classifier: Classifier, images: list[np.ndarray]) -> float:
 
 def frames_per_window(cfg: DriftConfig, fps: float) -> int:
     """Frames in one window: ``cfg.window``, or what ``cfg.window_s`` seconds hold at ``fps``."""
-    return cfg.window if cfg.window_s is None else math.floor(fps * cfg.window_s) + 1
+    return cfg.window_frames if cfg.window_s is None else math.floor(fps * cfg.window_s) + 1
 
 
 def build_reference(
@@ -177,7 +177,7 @@ def build_reference(
     builder = ProfileBuilder(
         extractor.coarse_classes,
         top_classes=cfg.top_classes,
-        block=cfg.window,
+        block=cfg.window_frames,
         mapper=mapper,
         labels=post.labels,
         model=classifier.name,
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift-frames", type=int, default=1000)
     p.add_argument("--held-out", type=int, default=HELD_OUT, help="first train record of the clean replay")
     p.add_argument("--no-mild", action="store_true", help="skip the milder shifts")
-    p.add_argument("--window", type=int, default=DriftConfig().window)
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     p.add_argument("--window-s", type=float, help="windows of so many seconds instead of --window frames")
     p.add_argument("--fps", type=float, default=25.0, help="with --window-s: the frame rate the frames are timed at")
     p.add_argument("--reference-out", type=Path, help="also write the reference profile here")

@@ -179,6 +179,8 @@ class PublishConfig(Section):
 
 # The fewest frames a drift window holds: fewer say little about a distribution over 20 classes.
 MIN_WINDOW = 20
+# Frames per drift window when neither drift.window nor drift.window_s is set.
+DEFAULT_WINDOW = 250
 
 
 class DriftConfig(Section):
@@ -188,7 +190,12 @@ class DriftConfig(Section):
         "drift.learn_windows windows become the reference.",
     )
     reference: Path | None = Field(None, description="Reference profile written by 'eyed profile --output'.")
-    window: int = Field(250, ge=MIN_WINDOW, description="Frames per drift window.")
+    # Unset rather than 250 by default, so that "both set" is an error a dump of the settings never makes.
+    window: int | None = Field(
+        None,
+        ge=MIN_WINDOW,
+        description=f"Frames per drift window ({DEFAULT_WINDOW} when neither this nor drift.window_s is set).",
+    )
     window_s: float | None = Field(
         None,
         gt=0,
@@ -214,13 +221,18 @@ class DriftConfig(Section):
         for name in ("psi", "js", "ks"):
             if getattr(self, f"{name}_warn") > getattr(self, f"{name}_drift"):
                 raise ValueError(f"drift.{name}_warn is larger than drift.{name}_drift")
-        if self.window_s is not None and "window" in self.model_fields_set:
+        if self.window is not None and self.window_s is not None:
             raise ValueError("set drift.window (frames) or drift.window_s (seconds), not both")
         return self
 
+    @property
+    def window_frames(self) -> int:
+        """Frames per window; with ``window_s``, the size a window's buffer starts at."""
+        return self.window if self.window is not None else DEFAULT_WINDOW
+
     def window_text(self) -> str:
         """The window size for people: ``250 frames`` or ``10 s``."""
-        return f"{self.window_s:g} s" if self.window_s is not None else f"{self.window} frames"
+        return f"{self.window_s:g} s" if self.window_s is not None else f"{self.window_frames} frames"
 
     def active(self) -> bool:
         return self.enabled if self.enabled is not None else self.reference is not None

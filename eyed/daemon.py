@@ -180,6 +180,13 @@ def build_drift(settings: Settings, classifier: Classifier) -> DriftWatch | None
             cfg.learn_windows,
             cfg.window_text(),
         )
+    if cfg.window_s is not None and settings.source.kind in ("replay", "file") and settings.source.fps == 0:
+        logger.warning(
+            "drift: windows of %s on a %s at fps 0 hold as many frames as inference gets through in that time "
+            "(up to 20,000): set source.fps to replay at a camera's rate",
+            cfg.window_text(),
+            settings.source.kind,
+        )
     return DriftWatch(StatsExtractor(coarse), monitor)
 
 

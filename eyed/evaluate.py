@@ -274,7 +274,19 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
         builder.add_many(stats, np.stack([p.probs for p in preds]) if builder.mapper is not None else None)
     classifier.close()
     # Blocks that hold a window, so calibration windows fit inside them (eyed.drift.reference.sample_blocks).
-    builder.block, builder.reservoir_size = profile_blocks(settings.drift, builder.frames, last - first)
+    # A paced replay that lagged behind source.fps still stands for a stream at that rate.
+    seconds = last - first
+    if src.fps > 0 and builder.frames > 1:
+        seconds = min(seconds, (builder.frames - 1) / src.fps)
+    builder.block, builder.reservoir_size = profile_blocks(settings.drift, builder.frames, seconds)
+    if settings.drift.window_s is not None:
+        logger.info(
+            "drift: the profile keeps blocks of %d consecutive frames, what a window of %s held at %.1f frames/s; "
+            "a live stream at a higher rate makes longer windows than that, and its thresholds come out too tight",
+            builder.block,
+            settings.drift.window_text(),
+            (builder.frames - 1) / seconds if seconds > 0 else 0.0,
+        )
     reference = builder.build()
     output.parent.mkdir(parents=True, exist_ok=True)
     reference.write(output)

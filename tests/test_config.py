@@ -182,6 +182,11 @@ def test_cross_field_rule() -> None:
 def test_a_drift_window_in_frames_or_in_seconds_not_both(tmp_path: Path) -> None:
     assert load_settings(None, ["drift.window_s=10"]).drift.window_text() == "10 s"
     assert load_settings(None, ["drift.window=500"]).drift.window_text() == "500 frames"
+    assert load_settings().drift.window_text() == "250 frames"
+    # eyed eval --vs re-validates a dump of the settings: one window set stays one window set.
+    from eyed.evaluate import apply_overrides
+
+    assert apply_overrides(load_settings(None, ["drift.window_s=10"]), ["model.topk=3"]).drift.window_s == 10
     with pytest.raises(ConfigError, match=re.escape("drift.window (frames) or drift.window_s (seconds)")):
         load_settings(write_toml(tmp_path, "[drift]\nwindow = 500\nwindow_s = 10\n"))
 
@@ -279,6 +284,7 @@ def test_dump_round_trips_non_defaults(tmp_path: Path) -> None:
             "model.topk=3",
             "publish.endpoint=ipc:///tmp/eyed.sock",
             "log.level=DEBUG",
+            "drift.window_s=10",
         ],
     )
     back = _round_trip(s, tmp_path)

@@ -160,5 +160,6 @@ def test_profile_blocks_hold_a_window_in_seconds(
     ref = load_reference(out)
     assert ref.frames == 400 and ref.blocks is not None
     block = ref.reservoir.shape[0] // 4  # four blocks: 4 x 21 rows are more than the 60 of RESERVOIR
-    assert block in (20, 21) and ref.reservoir.shape[0] == 4 * block
+    # 21 at 200 fps (22 if the measured rate came out a hair over it); a replay that lagged still counts 200.
+    assert block in (21, 22) and ref.reservoir.shape[0] == 4 * block
     assert all(length % block == 0 for _, length in ref.blocks)  # adjacent blocks merge into one run

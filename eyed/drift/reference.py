@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from eyed.config import MIN_WINDOW, DriftConfig
+from eyed.config import DEFAULT_WINDOW, MIN_WINDOW, DriftConfig
 from eyed.drift.stats import FIELDS, NUMERIC_STATS, FrameStats
 from eyed.model.labels import CoarseMapper, estimate_priors
 
@@ -31,7 +31,7 @@ KIND = "eyed-drift-reference"
 BINS = 10
 RESERVOIR = 5000
 # Frames per sampled block: the default drift window, so a calibration window fits inside one block.
-BLOCK: int = DriftConfig.model_fields["window"].default
+BLOCK = DEFAULT_WINDOW
 # Six significant digits keep the reservoir a few hundred kB; the statistics are not that precise anyway.
 DIGITS = 6
 
@@ -319,7 +319,7 @@ def profile_blocks(cfg: DriftConfig, frames: int, seconds: float) -> tuple[int, 
     least, so long windows do not leave one block to stand for the whole stream.
     """
     if cfg.window_s is None:
-        block = cfg.window
+        block = cfg.window_frames
     elif seconds > 0:
         block = min(RESERVOIR, max(MIN_WINDOW, math.ceil((frames - 1) / seconds * cfg.window_s) + 1))
     else:

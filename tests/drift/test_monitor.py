@@ -353,12 +353,52 @@ def test_a_window_in_seconds_holds_at_least_twenty_frames(reference: Reference) 
 
 
 def test_a_window_in_seconds_is_capped_in_frames(reference: Reference, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A replay at fps 0 can outrun any window in seconds; the window's buffer stays bounded."""
-    monkeypatch.setattr(monitor_module, "MAX_WINDOW", 120)
+    """A replay at fps 0 can outrun any window in seconds; the window's buffer grows from drift.window's 250
+    rows up to the cap, and no further."""
+    monkeypatch.setattr(monitor_module, "MAX_WINDOW", 600)
     monitor = DriftMonitor(DriftConfig(window_s=60.0), reference)
-    reports = feed_timed(monitor, synthetic_stats(500, seed=24), [i * 1e-4 for i in range(500)])
-    assert [r.n for r in reports] == [120] * 4
-    assert monitor._buf.shape[0] <= 250  # grown from drift.window rows to at most the cap
+    stats = synthetic_stats(1500, seed=24)
+    reports = feed_timed(monitor, stats, [i * 1e-4 for i in range(1500)])
+    assert [r.n for r in reports] == [600] * 2
+    assert monitor._buf.shape[0] == 600
+    # Every row survived the growth (250 -> 500 -> 600): the summary is the mean of the frames fed.
+    brightness = np.mean([s.brightness for s in stats[600:1200]])
+    assert reports[1].summary["brightness"] == pytest.approx(brightness)
+
+
+def test_a_window_in_seconds_ends_at_a_gap(reference: Reference) -> None:
+    """The camera goes offline for a minute: the window closes at the last frame before the outage instead of
+    taking in the first frame after it, and that frame starts the next window."""
+    monitor = DriftMonitor(DriftConfig(window_s=10.0), reference)
+    times = [i / 16 for i in range(100)] + [100 + i / 16 for i in range(200)]
+    reports = feed_timed(monitor, synthetic_stats(300, seed=28), times)
+    assert [r.n for r in reports] == [100, 161]
+    assert reports[0].span_s == pytest.approx(99 / 16) and reports[1].span_s == 10.0
+
+
+def test_each_window_size_is_calibrated_once(reference: Reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+
+    def counting(cfg: DriftConfig, ref: Reference, window: int | None = None, *args: object) -> Calibration:
+        sizes.append(window or 0)
+        return calibrate(cfg, ref, window, 20)
+
+    monkeypatch.setattr(monitor_module, "calibrate", counting)
+    monitor = DriftMonitor(DriftConfig(window_s=2.0), reference)
+    times = [i / 32 for i in range(650)] + [650 / 32 + i / 16 for i in range(1, 400)]
+    feed_timed(monitor, synthetic_stats(1049, seed=29), times)
+    assert sizes == [size_bucket(65), size_bucket(33)]
+
+
+def test_a_failed_calibration_leaves_the_monitor_learning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(*args: object, **kwargs: object) -> Calibration:
+        raise MemoryError("no room")
+
+    monitor = DriftMonitor(DriftConfig(window=20, learn_windows=1), None, coarse_classes=COARSE)
+    monkeypatch.setattr(monitor_module, "calibrate", failing)
+    with pytest.raises(MemoryError):
+        feed(monitor, synthetic_stats(20, seed=30))
+    assert monitor.learning and monitor.reference is None and monitor.calibration is None
 
 
 def test_a_window_in_seconds_needs_frame_times(reference: Reference) -> None:
@@ -387,3 +427,12 @@ def test_learning_with_windows_in_seconds() -> None:
     assert monitor.reference is not None and monitor.reference.frames == 387
     assert monitor.reference.reservoir.shape[0] == 387  # every learned frame, in one block
     assert reports[-1].reference == "self" and reports[-1].metrics and reports[-1].status != "drift"
+
+
+def test_learning_keeps_every_frame_of_long_windows_in_one_block() -> None:
+    """More learned frames than a profile's 5,000: cut into 250-frame blocks, they would not hold a window of
+    1,601 frames, and calibration windows would straddle blocks."""
+    monitor = DriftMonitor(DriftConfig(window_s=50.0, learn_windows=4), None, coarse_classes=COARSE)
+    feed_timed(monitor, synthetic_stats(6405, seed=31), [i / 32 for i in range(6405)])
+    assert monitor.reference is not None and monitor.reference.frames == 6404
+    assert monitor.reference.blocks == ((0, 6404),)
