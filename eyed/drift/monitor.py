@@ -437,9 +437,9 @@ class DriftMonitor:
         self.calibration = calibration
 
     def _calibrated(self, size: int) -> Calibration:
-        """With ``cfg.window_s``: the calibration for windows of ``size`` frames, computed on first use (0.2 s
-        for a few hundred frames, on the inference thread: once per grid size, and a steady frame rate meets
-        one or two)."""
+        """With ``cfg.window_s``: the calibration for windows of ``size`` frames, computed on first use (0.05 to
+        0.13 s for a few hundred frames, on the inference thread: once per grid size, and a steady frame rate
+        meets one or two)."""
         cal = self._calibrations.get(size)
         if cal is None:
             assert self.reference is not None
