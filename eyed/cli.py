@@ -27,6 +27,21 @@ EXIT_SOFTWARE = 70  # shutdown did not finish in time, or an internal error
 EXIT_CONFIG = 78  # invalid configuration: a restart cannot help (RestartPreventExitStatus=78)
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum`` (a bad value is a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, args.set)
 
@@ -186,10 +201,23 @@ def cmd_drift_report(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level)
     reference_path = args.reference or settings.drift.reference
+    reference = None
     if reference_path is not None:
         settings.drift.reference = reference_path
+        # Read first: a bad reference fails before a run of the source, as it does for the daemon.
+        try:
+            reference = load_reference(reference_path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if args.events is not None:
-        events = read_drift_events(args.events)
+        try:
+            events = read_drift_events(args.events)
+        except OSError as exc:
+            print(f"eyed drift-report: --events {args.events}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except ValueError as exc:
+            print(f"eyed drift-report: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
     else:
         from eyed.evaluate import run_drift
 
@@ -199,8 +227,11 @@ def cmd_drift_report(args: argparse.Namespace) -> int:
     if not events:
         print(f"eyed drift-report: no drift windows in {args.events or 'the run'}", file=sys.stderr)
         return EXIT_FAILURE
-    reference = load_reference(reference_path) if reference_path is not None else None
-    print(draw_report(events, args.output, reference, source=args.source), file=sys.stderr)
+    try:
+        print(draw_report(events, args.output, reference, source=args.source), file=sys.stderr)
+    except ValueError as exc:  # several sources and no --source, or none with that name
+        print(f"eyed drift-report: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -254,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8", action="store_true", help="static INT8 quantisation, calibrated on frames of the configured source"
     )
-    p.add_argument("--calibration", type=int, default=300, help="--int8: calibration frames (from source.skip)")
-    p.add_argument("--check", type=int, default=500, help="--int8: frames after those for the accuracy check")
+    p.add_argument("--calibration", type=at_least(1), default=300, help="--int8: calibration frames (from source.skip)")
+    p.add_argument(
+        "--check", type=at_least(0), default=500, help="--int8: frames after those for the accuracy check (0 = none)"
+    )
     p = add("subscribe", cmd_subscribe, "print events from a running daemon")
     p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
     p.add_argument("--topic", action="append", default=[], help="topic prefix (repeatable); default all")
@@ -266,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("health", cmd_health, "exit 0 if a live source's heartbeat arrives within --timeout, else 1")
     p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
     p.add_argument("--source", help="only this source.id (default: any)")
-    p.add_argument("--timeout", type=float, default=12.0, help="seconds to wait (heartbeats come every 5 s)")
+    p.add_argument("--timeout", type=float, default=12.0, help="seconds to wait (heartbeats come every publish.heartbeat_s, 5 s by default)")
     curve_arguments(p)
     p = add("keys", cmd_keys, "write a CURVE key pair for the daemon or a subscriber")
     p.add_argument("--output", type=Path, required=True, help="folder for NAME.key and NAME.key_secret")

@@ -7,6 +7,7 @@ Validators only check; they never mutate other fields or touch the disk.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -302,12 +303,19 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names the field."""
 
 
-def parse_override(text: str) -> tuple[list[str], str]:
-    """Split ``section.field=value`` into its key path and raw value."""
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.field=value`` into its key path and value: the raw text, or for a JSON array (a list
+    option such as ``model.providers=["CUDAExecutionProvider"]``) the list, as the environment takes it."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected section.field=value")
-    return [part.strip() for part in key.split(".")], value
+    path = [part.strip() for part in key.split(".")]
+    if value.lstrip().startswith("["):
+        try:
+            return path, json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"override {text!r}: not a JSON list ({exc.msg})") from None
+    return path, value
 
 
 def _nest(overrides: list[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from eyed.publisher import Publisher
 from eyed.sdnotify import Notifier
 from eyed.sources import open_source
 from eyed.types import Classifier
+
+if TYPE_CHECKING:
+    from eyed.drift import Reference
 
 logger = logging.getLogger(__name__)
 
@@ -153,23 +157,39 @@ class Supervisor:
         return f"{h.state}: {h.frames} frames, {h.fps:.1f} fps, {h.dropped} dropped, {h.errors} errors"
 
 
-def build_drift(settings: Settings, classifier: Classifier) -> DriftWatch | None:
-    """The drift monitor the configuration asks for, or None; ConfigError for an unusable reference."""
+def drift_reference(settings: Settings) -> Reference | None:
+    """The drift reference the configuration names (None without one, or with drift off); ConfigError for a
+    file that is missing or not a profile."""
+    cfg = settings.drift
+    if not cfg.active() or cfg.reference is None:
+        return None
+    from eyed.drift import load_reference
+
+    try:
+        return load_reference(cfg.reference)
+    except ValueError as exc:  # its message names drift.reference and the file
+        raise ConfigError(str(exc)) from None
+
+
+def build_drift(settings: Settings, classifier: Classifier, reference: Reference | None = None) -> DriftWatch | None:
+    """The drift monitor the configuration asks for, or None; ConfigError for an unusable reference.
+
+    ``reference``: the configured one, when :func:`drift_reference` has read it already.
+    """
     cfg = settings.drift
     if not cfg.active():
         return None
-    from eyed.drift import DriftMonitor, StatsExtractor, load_reference
+    from eyed.drift import DriftMonitor, StatsExtractor
 
     post = getattr(classifier, "post", None)
     mapper = getattr(post, "mapper", None)
     coarse = tuple(mapper.classes) if mapper is not None else ()
     labels = list(post.labels) if post is not None else None
-    reference = None
     if cfg.reference is not None:
+        reference = reference or drift_reference(settings)
         try:
-            reference = load_reference(cfg.reference)
             monitor = DriftMonitor(cfg, reference, coarse_classes=coarse, labels=labels)
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:  # coarse classes that differ from the model's
             raise ConfigError(f"drift.reference {cfg.reference}: {exc}") from exc
         logger.info("drift: comparing windows of %s with %s", cfg.window_text(), cfg.reference)
     else:
@@ -199,6 +219,8 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         logger.debug("glibc mmap threshold pinned at %d bytes", MMAP_THRESHOLD_BYTES)
     with signals_set(stop, reload), contextlib.ExitStack() as stack:
         notifier = stack.enter_context(Notifier())
+        # Before the model loads: a bad reference file is a config error, found in a moment.
+        reference = drift_reference(settings)
         model = settings.runtime_model()
         classifier = load_classifier(model)
         stack.callback(classifier.close)
@@ -206,7 +228,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         source = open_source(settings.source)
         stack.enter_context(source)
         publisher = stack.enter_context(Publisher(settings.publish))
-        drift = build_drift(settings, classifier)
+        drift = build_drift(settings, classifier, reference)
         pipeline = Pipeline(
             source,
             classifier,
@@ -238,9 +260,10 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             return 0
         pipeline.start()
         logger.info(
-            "running: source=%s model=%s backend=%s spinning=%s",
+            "running: source=%s model=%s%s backend=%s spinning=%s",
             source.id,
             classifier.name,
+            f" onnx={model.onnx}" if model.onnx is not None else "",
             classifier.backend,
             model.spinning if classifier.backend == "onnx" else "n/a",
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -189,6 +190,20 @@ def test_a_drift_window_in_frames_or_in_seconds_not_both(tmp_path: Path) -> None
     assert apply_overrides(load_settings(None, ["drift.window_s=10"]), ["model.topk=3"]).drift.window_s == 10
     with pytest.raises(ConfigError, match=re.escape("drift.window (frames) or drift.window_s (seconds)")):
         load_settings(write_toml(tmp_path, "[drift]\nwindow = 500\nwindow_s = 10\n"))
+
+
+def test_a_list_option_takes_a_json_array_on_the_command_line() -> None:
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert load_settings(None, [f"model.providers={json.dumps(providers)}"]).model.providers == providers
+    with pytest.raises(ConfigError, match="not a JSON list"):
+        load_settings(None, ["model.providers=[CUDA"])
+
+
+@pytest.mark.parametrize("option", [["--calibration", "0"], ["--calibration", "-5"], ["--check", "-1"]])
+def test_export_counts_are_checked(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--int8", "--output", "/tmp/never.onnx", *option])
+    assert info.value.code == 2 and option[0] in capsys.readouterr().err
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -118,7 +118,24 @@ def test_an_unreadable_reference_is_a_config_error(tiny_dataset: Path, tiny_onnx
     proc = start_daemon(settings(tiny_dataset, tiny_onnx, endpoint, **{"drift.reference": "/nonexistent/ref.json"}))
     code, err = finish(proc)
     assert code == EXIT_CONFIG
-    assert "drift.reference /nonexistent/ref.json" in err
+    assert "drift.reference /nonexistent/ref.json: cannot read" in err
+    assert "drift reference" not in err  # said once, not twice
+    assert "warm-up" not in err and "publishing on" not in err  # found before the model loads
+
+
+def test_drift_report_says_what_is_wrong_with_its_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: Path
+) -> None:
+    png = str(tmp_path / "d.png")
+    assert main(["drift-report", "--events", str(tmp_path / "nope.jsonl"), "--output", png]) == 1
+    assert "--events" in capsys.readouterr().err
+    garbage = tmp_path / "g.jsonl"
+    garbage.write_text("{oops\n")
+    assert main(["drift-report", "--events", str(garbage), "--output", png]) == 1
+    assert "g.jsonl:1" in capsys.readouterr().err
+    missing = str(tmp_path / "nope.json")
+    assert main(["drift-report", "--events", str(garbage), "--reference", missing, "--output", png]) == EXIT_CONFIG
+    assert "drift.reference" in capsys.readouterr().err
 
 
 def test_daemon_windows_in_seconds(clean_and_dark: tuple[Path, Path], tiny_onnx: Path, endpoint: str) -> None:

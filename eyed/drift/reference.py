@@ -174,15 +174,15 @@ def load_reference(path: Path) -> Reference:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"drift reference {path}: cannot read: {exc.strerror or exc}") from exc
+        raise ValueError(f"drift.reference {path}: cannot read: {exc.strerror or exc}") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"drift reference {path}: not JSON ({exc})") from exc
+        raise ValueError(f"drift.reference {path}: not JSON ({exc})") from exc
     try:
         return reference_from_dict(data)
     except ValueError as exc:
-        raise ValueError(f"drift reference {path}: {exc}") from exc
+        raise ValueError(f"drift.reference {path}: {exc}") from exc
 
 
 def reference_from_dict(data: Any) -> Reference:
