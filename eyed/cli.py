@@ -299,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("health", cmd_health, "exit 0 if a live source's heartbeat arrives within --timeout, else 1")
     p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
     p.add_argument("--source", help="only this source.id (default: any)")
-    p.add_argument("--timeout", type=float, default=12.0, help="seconds to wait (heartbeats come every publish.heartbeat_s, 5 s by default)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=12.0,
+        help="seconds to wait (heartbeats come every publish.heartbeat_s, 5 s by default)",
+    )
     curve_arguments(p)
     p = add("keys", cmd_keys, "write a CURVE key pair for the daemon or a subscriber")
     p.add_argument("--output", type=Path, required=True, help="folder for NAME.key and NAME.key_secret")
