@@ -200,11 +200,23 @@ def test_a_list_option_takes_a_json_array_on_the_command_line() -> None:
     assert load_settings(None, ["source.dataset=[cam]/data"]).source.dataset == "[cam]/data"
 
 
-@pytest.mark.parametrize("option", [["--calibration", "0"], ["--calibration", "-5"], ["--check", "-1"]])
-def test_export_counts_are_checked(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "--int8", "--output", "/tmp/never.onnx", "--calibration", "0"],
+        ["export", "--int8", "--output", "/tmp/never.onnx", "--calibration", "-5"],
+        ["export", "--int8", "--output", "/tmp/never.onnx", "--check", "-1"],
+        ["bench", "--frames", "0"],
+        ["bench", "--batch", "0"],
+        ["eval", "--skip", "-1"],
+        ["subscribe", "--count", "-1"],
+        ["finetune", "--output", "/tmp/never", "--epochs", "0"],
+    ],
+)
+def test_command_line_counts_are_checked(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["export", "--int8", "--output", "/tmp/never.onnx", *option])
-    assert info.value.code == 2 and option[0] in capsys.readouterr().err
+        main(argv)
+    assert info.value.code == 2 and argv[-2] in capsys.readouterr().err
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
