@@ -200,6 +200,8 @@ def build_drift(settings: Settings, classifier: Classifier, reference: Reference
             cfg.learn_windows,
             cfg.window_text(),
         )
+    if cfg.window_s is not None and settings.source.fps > 0:
+        monitor.expect_rate(settings.source.fps)
     if cfg.window_s is not None and settings.source.kind in ("replay", "file") and settings.source.fps == 0:
         logger.warning(
             "drift: windows of %s on a %s at fps 0 hold as many frames as inference gets through in that time "

@@ -180,3 +180,20 @@ def test_profile_blocks_hold_a_window_in_seconds(
     # 21 at 200 fps (22 if the measured rate came out a hair over it); a replay that lagged still counts 200.
     assert block in (21, 22) and ref.reservoir.shape[0] == 4 * block
     assert all(length % block == 0 for _, length in ref.blocks)  # adjacent blocks merge into one run
+
+
+def test_a_paced_source_has_its_window_size_calibrated_at_start_up(
+    clean_and_dark: tuple[Path, Path], reference: Path, tiny_onnx: Path
+) -> None:
+    """drift.window_s with source.fps: the daemon calibrates for that rate's window size before it starts."""
+    from eyed.config import load_settings
+    from eyed.daemon import build_drift
+    from eyed.drift.monitor import size_bucket
+    from eyed.model.onnx_backend import OnnxClassifier
+
+    overrides = [f"source.dataset={clean_and_dark[0]}", "source.split=train", f"model.onnx={tiny_onnx}"]
+    overrides += ["drift.enabled=true", "drift.window_s=0.5", f"drift.reference={reference}"]
+    for fps, sizes in (("100", {size_bucket(51)}), ("0", set())):
+        cfg = load_settings(None, [*overrides, f"source.fps={fps}"])
+        watch = build_drift(cfg, OnnxClassifier(cfg.model))
+        assert watch is not None and set(watch.monitor._calibrations) == sizes

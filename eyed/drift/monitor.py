@@ -396,6 +396,7 @@ class DriftMonitor:
         self._t0: float | None = None  # time of the window's first frame
         self._t1: float | None = None  # and of its last
         self._calibrations: dict[int, Calibration] = {}
+        self._expected_fps = 0.0
         self._window = 0
         self._streak = 0
         self._learner: ProfileBuilder | None = None
@@ -435,6 +436,23 @@ class DriftMonitor:
         self._base = Baseline.of(reference)
         self._calibrations = {}
         self.calibration = calibration
+        self._precalibrate()
+
+    def expect_rate(self, fps: float) -> None:
+        """With ``cfg.window_s``: calibrate now for the window sizes a source at ``fps`` frames a second gives
+        (a paced replay's or a camera's configured rate), so that the first windows do not wait for it on the
+        inference thread. A rate that turns out different is calibrated when met, as without this."""
+        self._expected_fps = fps
+        self._precalibrate()
+
+    def _precalibrate(self) -> None:
+        seconds = self.cfg.window_s
+        if seconds is None or self.reference is None or self._expected_fps <= 0:
+            return
+        # The first frame at or after window_s closes the window; jitter moves that by a frame either way.
+        n = math.ceil(seconds * self._expected_fps) + 1
+        for size in sorted({size_bucket(min(max(m, MIN_WINDOW), MAX_WINDOW)) for m in (n - 1, n, n + 1)}):
+            self._calibrated(size)
 
     def _calibrated(self, size: int) -> Calibration:
         """With ``cfg.window_s``: the calibration for windows of ``size`` frames, computed on first use (0.05 to

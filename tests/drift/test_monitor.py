@@ -390,6 +390,35 @@ def test_each_window_size_is_calibrated_once(reference: Reference, monkeypatch: 
     assert sizes == [size_bucket(65), size_bucket(33)]
 
 
+def test_an_expected_rate_is_calibrated_before_the_first_window(
+    reference: Reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paced source's rate known in advance: its window size is calibrated at start-up, not on the inference
+    thread when the first window closes; a rate that turns out different is still calibrated when met."""
+    sizes: list[int] = []
+
+    def counting(cfg: DriftConfig, ref: Reference, window: int | None = None, *args: object) -> Calibration:
+        sizes.append(window or 0)
+        return calibrate(cfg, ref, window, 20)
+
+    monkeypatch.setattr(monitor_module, "calibrate", counting)
+    monitor = DriftMonitor(DriftConfig(window_s=2.0), reference)
+    monitor.expect_rate(32.0)
+    assert sizes == [size_bucket(65)]  # 64..66 frames: one grid size
+    feed_timed(monitor, synthetic_stats(650, seed=32), [i / 32 for i in range(650)])
+    assert sizes == [size_bucket(65)]
+    feed_timed(monitor, synthetic_stats(200, seed=33), [650 / 32 + i / 16 for i in range(1, 200)])
+    assert sizes == [size_bucket(65), size_bucket(33)]
+
+    # Learning: the sizes are calibrated as soon as the reference is learned.
+    sizes.clear()
+    learner = DriftMonitor(DriftConfig(window_s=1.0, learn_windows=3), None, coarse_classes=COARSE)
+    learner.expect_rate(128.0)
+    assert sizes == []
+    reports = feed_timed(learner, synthetic_stats(387, seed=34), [i / 128 for i in range(387)])
+    assert len(reports) == 3 and not learner.learning and sizes == [size_bucket(129)]
+
+
 def test_a_failed_calibration_leaves_the_monitor_learning(monkeypatch: pytest.MonkeyPatch) -> None:
     def failing(*args: object, **kwargs: object) -> Calibration:
         raise MemoryError("no room")
