@@ -8,13 +8,16 @@ INT8 over FP32 (the same BareLoop `eyed bench` uses), every variant in the same 
     .venv/bin/python benchmarks/int8_tradeoff.py [--heldout 2000] [--variants 0a,3a,3d,9d] [--json]
 
 A variant is the number of leading float convolutions, then "a" (grid-aligned weight scales, the default)
-or "d" (onnxruntime's default per-channel scales).
+or "d" (onnxruntime's default per-channel scales). With no float convolution the first one reads the uint8
+pixels (the input stage folded into it, the default); a trailing "q" quantises the normalised float input
+instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -29,6 +32,7 @@ from eyed.model.onnx_backend import OnnxClassifier
 from eyed.model.quantize import check_accuracy, quantize_int8
 
 ROUNDS = 10
+VARIANT = re.compile(r"(\d+)([ad])(q?)")
 
 
 def speed_ratios(loops: list[BareLoop]) -> list[float]:
@@ -50,13 +54,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heldout", type=int, default=2000, help="evaluated images, from record 45000 on")
     parser.add_argument("--calibration", type=int, default=300)
-    parser.add_argument("--variants", default="0d,0a,1a,3d,3a,9d,9a")
+    parser.add_argument("--variants", default="0d,0a,0aq,1a,3d,3a,9a")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     variants = args.variants.split(",")
     for variant in variants:  # before the minutes of loading and quantising
-        if variant[-1:] not in ("a", "d") or not variant[:-1].isdigit():
-            parser.error(f"--variants: {variant!r} is not a count of float convolutions then 'a' or 'd'")
+        if not VARIANT.fullmatch(variant):
+            parser.error(f"--variants: {variant!r} is not a count of float convolutions, 'a' or 'd', then 'q' or not")
 
     shared, env = cached_model()
     overrides = [
@@ -75,8 +79,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eyed-int8-") as tmp:
         loops = [BareLoop(fp32.path, settings.model, list(tensors[:200]))]
         for variant in variants:
-            leading, align = int(variant[:-1]), variant[-1] == "a"
-            path = quantize_int8(fp32.path, Path(tmp) / f"{variant}.onnx", calibration, leading, align)
+            match = VARIANT.fullmatch(variant)
+            assert match is not None
+            leading, align, fold = int(match[1]), match[2] == "a", not match[3]
+            path = quantize_int8(fp32.path, Path(tmp) / f"{variant}.onnx", calibration, leading, align, fold)
             int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
             check = check_accuracy(fp32, int8, tensors, truths)
             int8.close()
@@ -85,6 +91,7 @@ def main() -> None:
                 {
                     "float_leading_convs": leading,
                     "weights": "grid-aligned" if align else "onnxruntime default",
+                    "input": "pixels" if leading == 0 and fold else "float",
                     "coarse_fp32": check.coarse_accuracy_fp32,
                     "coarse_int8": check.coarse_accuracy_int8,
                     "top1_agreement": check.top1_agreement,
@@ -98,7 +105,8 @@ def main() -> None:
         for row in rows:
             a, b = 100 * (row["coarse_fp32"] or 0.0), 100 * (row["coarse_int8"] or 0.0)
             print(
-                f"{row['float_leading_convs']:2d} float convs, {row['weights']:19s}: coarse {b:.2f}% "
+                f"{row['float_leading_convs']:2d} float convs, {row['weights']:19s}, {row['input']} input: "
+                f"coarse {b:.2f}% "
                 f"(FP32 {a:.2f}%, {b - a:+.2f}), top-1 agreement {row['top1_agreement']:.3f}, "
                 f"INT8/FP32 {row['int8_over_fp32']:.2f}x"
             )

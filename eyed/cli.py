@@ -73,7 +73,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if settings.model.backend != "onnx":
         settings.model.backend = "onnx"
-    record = export_int8(settings, args.output, calibration=args.calibration, check=args.check)
+    record = export_int8(
+        settings, args.output, calibration=args.calibration, check=args.check, float_stem=args.float_stem
+    )
     print(json.dumps(record, indent=2))
     print(args.output)
     return EXIT_OK
@@ -288,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=at_least(1), default=300, help="--int8: calibration frames (from source.skip)")
     p.add_argument(
         "--check", type=at_least(0), default=500, help="--int8: frames after those for the accuracy check (0 = none)"
+    )
+    p.add_argument(
+        "--float-stem",
+        action="store_true",
+        help="--int8: keep the first three convolutions in float (slower; closer to FP32's fine class)",
     )
     p = add("subscribe", cmd_subscribe, "print events from a running daemon")
     p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")

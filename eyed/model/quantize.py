@@ -9,10 +9,14 @@ Weights that already lie on an 8-bit grid (a checkpoint dequantised from a quant
 the reference MobileNetV2 is) get per-channel scales aligned to that grid, so they are quantised exactly
 instead of being rounded a second time; see ``aligned_weight_scales``.
 
-Some parts stay in float on purpose: the input stage (uint8 pixels -> normalised floats, a handful of cheap
-element-wise ops), the first convolutions (see FLOAT_LEADING_CONVS), and what follows the classifier layer.
-The classifier layer itself runs in 8 bits but writes float logits: the coarse label sums the probability mass
-of up to 120 fine classes, so the long tail of small logits matters, and 8-bit logits would flatten it.
+The first convolution reads the uint8 pixels as they are. The exported graph's input stage (transpose, cast,
+scale, shift) is folded into that convolution's weights and bias, so quantising its output gives back the
+pixels exactly, and the stage is dropped (see ``fold_input_stage``): no rounding of the input, and none of the
+float ops and layout changes that cost a fifth of the model's time when the stem stayed float. What follows
+the classifier layer stays float: the layer itself runs in 8 bits but writes float logits, because the coarse
+label sums the probability mass of up to 120 fine classes, so the long tail of small logits matters, and
+8-bit logits would flatten it. ``--float-stem`` keeps the first three convolutions in float instead (slower,
+closer to FP32's fine class; see FLOAT_STEM_CONVS).
 The calibration set and an accuracy check against the float model on frames not used for calibration are
 recorded in the file's metadata, so ``eyed`` and a person can see how the file was made.
 """
@@ -40,14 +44,16 @@ logger = logging.getLogger(__name__)
 
 META_QUANTIZATION = "eyed.quantization"
 # Bumped when the quantisation method changes, so that cached INT8 files (eyed bench) are made again.
-METHOD_VERSION = "4"
+METHOD_VERSION = "5"
 CALIBRATION_BATCH = 8
-# MobileNetV2's stem (the first three convolutions, at 112x112) stays float. It is not for coarse accuracy
-# (with grid-aligned weights everything quantised is within 0.1 points of FP32) but for speed: an 8-bit
-# convolution over 3 input channels is slower than the float one here. Keeping only the first one float is as
-# fast, but the whole stem keeps FP32's top-1 class on more frames (88% against 80%).
-# benchmarks/int8_tradeoff.py measures the choices.
-FLOAT_LEADING_CONVS = 3
+# ``--float-stem``: MobileNetV2's stem (the first three convolutions, at 112x112) stays float. In 8 bits the
+# stem's depthwise output (32 channels on one per-tensor uint8 range) is the noisiest step of the model, so a
+# float stem keeps FP32's top-1 class on more frames (88% against 82%); coarse accuracy is the same either way,
+# and the float stem with the layout changes around it is slower. benchmarks/int8_tradeoff.py measures both.
+FLOAT_STEM_CONVS = 3
+# How far (in normalised units) a folded input stage may move what convolution padding reads; about a
+# quarter of the step with which the normalised input would be quantised otherwise.
+PAD_TOLERANCE = 0.01
 # A weight is taken to lie on a grid when every value is within this fraction of a step of a grid point.
 GRID_TOLERANCE = 0.01
 
@@ -78,7 +84,7 @@ def _prepared(settings: Settings, prepare: Any, skip: int, limit: int) -> tuple[
     return np.stack(images), truths, records
 
 
-def float_nodes(model: Any, leading_convs: int = FLOAT_LEADING_CONVS) -> list[str]:
+def float_nodes(model: Any, leading_convs: int = 0) -> list[str]:
     """Names of the nodes left in float: the input stage and the first ``leading_convs`` convolutions (every
     node before the first quantised one), and everything after the final Gemm/MatMul (softmax, top-k)."""
     nodes = list(model.graph.node)
@@ -90,6 +96,136 @@ def float_nodes(model: Any, leading_convs: int = FLOAT_LEADING_CONVS) -> list[st
     last = max((i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul")), default=len(nodes))
     keep += [n.name for n in nodes[last + 1 :]]
     return keep
+
+
+@dataclass(frozen=True)
+class InputStage:
+    """The exported graph's input stage after ``fold_input_stage``: quantising ``normalised`` with ``scale``
+    and ``zero_point`` gives back the pixels of ``pixels_nchw`` exactly, so ``drop_input_stage`` can remove
+    the ``removed`` nodes and that quantisation."""
+
+    pixels_nchw: str  # Transpose(pixels): uint8, NCHW
+    removed: tuple[str, ...]  # Cast, Mul, Sub
+    normalised: str  # the Sub's output, which the first convolution reads
+    scale: float
+    zero_point: int
+
+
+def fold_input_stage(model: Any) -> InputStage | None:
+    """Rewrite the input stage ``Sub(Mul(Cast(Transpose(pixels)), a), b)`` of an exported graph in place so
+    that it computes ``s * (pixels - z)`` (one scale ``s``, one integer ``z``), with the difference folded
+    into the first convolution: its weights take ``a / s`` per input channel and its bias the constant part.
+
+    Quantised with scale ``s`` and zero point ``z``, that stage is the identity on uint8 pixels, so the
+    8-bit convolution can read them directly. ``z`` is the pixel value that normalises to about 0; only
+    convolution padding sees a different value, ``a * z - b`` instead of 0: 0.004 for MobileNetV2's mean
+    and std of 0.5, but up to 0.18 for ImageNet's per-channel mean, which is more than PAD_TOLERANCE.
+    Returns None, leaving the model as it was, when the graph does not start that way or the padding would
+    move that far.
+    """
+    from onnx import numpy_helper
+
+    nodes = list(model.graph.node)
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def only_consumer(tensor: str, op: str) -> Any:
+        users = [n for n in nodes if tensor in n.input]
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    def constant(node: Any, data: str) -> np.ndarray | None:
+        other = [i for i in node.input if i != data]
+        return numpy_helper.to_array(inits[other[0]]) if len(other) == 1 and other[0] in inits else None
+
+    chain: list[Any] = [next((n for n in nodes if n.op_type == "Transpose" and list(n.input) == [INPUT_NAME]), None)]
+    for op in ("Cast", "Mul", "Sub", "Conv"):
+        chain.append(chain[-1] and only_consumer(chain[-1].output[0], op))
+    transpose, cast, mul, sub, conv = chain
+    if conv is None or sub.input[0] != mul.output[0] or conv.input[0] != sub.output[0] or conv.input[1] not in inits:
+        return None
+    if any(a.name == "group" and a.i != 1 for a in conv.attribute):
+        return None
+    a, b = constant(mul, cast.output[0]), constant(sub, mul.output[0])
+    weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+    channels = weight.shape[1]
+    if a is None or b is None or a.size not in (1, channels) or b.size not in (1, channels):
+        return None
+    a = np.broadcast_to(a.astype(np.float64).ravel(), channels)
+    b = np.broadcast_to(b.astype(np.float64).ravel(), channels)
+    if not (a > 0).all():
+        return None
+    scale = float(np.float32(a.max()))
+    zero_point = int(np.clip(np.round(np.mean(b / a)), 0, 255))
+    padding = float(np.abs(a * zero_point - b).max())
+    if padding > PAD_TOLERANCE:
+        logger.info("input stage not folded: convolution padding would read %.3f instead of 0", padding)
+        return None
+    if not _stage_is_exact(scale, zero_point):
+        return None
+    bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 else 0.0
+    bias = bias + (weight * (a * zero_point - b)[None, :, None, None]).sum(axis=(1, 2, 3))
+    weight = weight * (a / scale)[None, :, None, None]
+
+    def put(name: str, value: np.ndarray) -> str:
+        # New names: the old constants may be shared (the features graph reuses the same export).
+        unique = f"eyed_folded_{name}"
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), unique))
+        return unique
+
+    mul.input[1 if mul.input[0] == cast.output[0] else 0] = put("scale", np.array(scale))
+    sub.input[1] = put("shift", np.array(scale * zero_point))
+    conv.input[1] = put("weight", weight)
+    if len(conv.input) > 2:
+        conv.input[2] = put("bias", np.asarray(bias))
+    else:
+        conv.input.append(put("bias", np.asarray(bias)))
+    _drop_unused_initializers(model)
+    return InputStage(
+        pixels_nchw=transpose.output[0],
+        removed=(cast.name, mul.name, sub.name),
+        normalised=sub.output[0],
+        scale=scale,
+        zero_point=zero_point,
+    )
+
+
+def _stage_is_exact(scale: float, zero_point: int) -> bool:
+    """Whether float32 ``x * s - s * z``, quantised with ``s`` and ``z`` (rounding half to even), is ``x`` for
+    every uint8 ``x``: it is by a wide margin, as ``x - z`` is an integer, but the graph surgery relies on it."""
+    s = np.float32(scale)
+    x = np.arange(256, dtype=np.float32)
+    v = x * s - np.float32(scale * zero_point)
+    return bool(np.array_equal(np.clip(np.rint(v / s) + zero_point, 0, 255), x))
+
+
+def drop_input_stage(model: Any, stage: InputStage) -> None:
+    """Remove the folded input stage and its QuantizeLinear from a quantised graph in place: what read the
+    quantised pixels reads ``stage.pixels_nchw``. Raises ValueError when the quantiser did not give the stage
+    exactly ``stage``'s scale and zero point."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == stage.normalised]
+    if len(quantize) != 1:
+        raise ValueError(f"expected one QuantizeLinear of {stage.normalised}, found {len(quantize)}")
+    q = quantize[0]
+    scale, zero_point = (numpy_helper.to_array(inits[name]) for name in q.input[1:3])
+    if zero_point.dtype != np.uint8 or float(scale) != np.float32(stage.scale) or int(zero_point) != stage.zero_point:
+        raise ValueError(f"the input stage was quantised with {float(scale)}, {zero_point!r}, not as folded")
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == q.output[0]:
+                node.input[i] = stage.pixels_nchw
+    kept = [n for n in model.graph.node if n.name not in {*stage.removed, q.name}]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _drop_unused_initializers(model)
+
+
+def _drop_unused_initializers(model: Any) -> None:
+    # onnxruntime warns about each unused initializer at every session start.
+    used = {name for n in model.graph.node for name in n.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
 
 
 def grid_step(weight: np.ndarray) -> float | None:
@@ -145,12 +281,15 @@ def quantize_int8(
     fp32: Path,
     output: Path,
     calibration: np.ndarray,
-    leading_convs: int = FLOAT_LEADING_CONVS,
+    leading_convs: int = 0,
     align_weights: bool = True,
+    fold_input: bool = True,
 ) -> Path:
     """Write the static INT8 (QDQ) version of ``fp32`` to ``output``, calibrated on prepared uint8 frames.
 
-    ``leading_convs`` and ``align_weights`` exist for benchmarks/int8_tradeoff.py, which measures the choices.
+    With no ``leading_convs`` left float, the input stage is folded into the first convolution
+    (``fold_input_stage``) unless ``fold_input`` is false. ``leading_convs``, ``align_weights`` and
+    ``fold_input`` exist for benchmarks/int8_tradeoff.py, which measures the choices, and for tests.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -181,6 +320,16 @@ def quantize_int8(
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         staged = Path(tmp) / "int8.onnx"
         model = onnx.load(str(pre))
+        stage = fold_input_stage(model) if fold_input and leading_convs == 0 else None
+        overrides = aligned_weight_scales(model) if align_weights else {}
+        if stage is not None:
+            onnx.save(model, str(pre))
+            # The scale and zero point that make quantising the folded stage the identity on the pixels.
+            overrides[stage.normalised] = [
+                {"scale": np.array(stage.scale, np.float32), "zero_point": np.array(stage.zero_point, np.uint8)}
+            ]
+        elif fold_input and leading_convs == 0:
+            logger.warning("the input stage cannot be folded into the first convolution: its output is quantised")
         quantize_static(
             str(pre),
             str(staged),
@@ -197,10 +346,14 @@ def quantize_int8(
                 # only the last few batches would count. The calibrator keeps only each batch's per-tensor
                 # min and max, a few kB, so all of them fit.
                 "CalibMovingAverage": True,
-                "TensorQuantOverrides": aligned_weight_scales(model) if align_weights else {},
+                "TensorQuantOverrides": overrides,
                 "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],  # float logits
             },
         )
+        if stage is not None:
+            quantised = onnx.load(str(staged))
+            drop_input_stage(quantised, stage)
+            onnx.save(quantised, str(staged))
         shutil.move(staged, output)  # the temporary folder may be on another filesystem
     return output
 
@@ -232,9 +385,18 @@ def check_accuracy(fp32: Any, int8: Any, tensors: np.ndarray, truths: list[str |
     )
 
 
-def export_int8(settings: Settings, output: Path, calibration: int = 300, check: int = 500) -> dict[str, Any]:
+def reads_pixels(model: Any) -> bool:
+    """Whether the quantised graph's first convolution reads the uint8 pixels directly (a folded input stage)."""
+    transposed = {n.output[0] for n in model.graph.node if n.op_type == "Transpose" and list(n.input) == [INPUT_NAME]}
+    return any(n.op_type == "DequantizeLinear" and n.input[0] in transposed for n in model.graph.node)
+
+
+def export_int8(
+    settings: Settings, output: Path, calibration: int = 300, check: int = 500, float_stem: bool = False
+) -> dict[str, Any]:
     """Quantise the configured model, calibrated on ``calibration`` frames of the configured source, checked on
-    the ``check`` frames after them; returns what was recorded in the file's metadata."""
+    the ``check`` frames after them; returns what was recorded in the file's metadata. ``float_stem`` keeps the
+    first FLOAT_STEM_CONVS convolutions in float."""
     import onnx
 
     from eyed.model.onnx_backend import OnnxClassifier
@@ -244,14 +406,21 @@ def export_int8(settings: Settings, output: Path, calibration: int = 300, check:
     logger.info("calibrating on %d frames of %s:%s from record %d", calibration, src.dataset, src.split, src.skip)
     t0 = time.monotonic()
     cal, _, records = _prepared(settings, fp32.prepare, src.skip, calibration)
-    quantize_int8(fp32.path, output, cal)
+    quantize_int8(fp32.path, output, cal, leading_convs=FLOAT_STEM_CONVS if float_stem else 0)
     seconds = time.monotonic() - t0
+    proto = onnx.load(str(output))
+    if reads_pixels(proto):
+        head = "none before the classifier's output (the first convolution reads the uint8 pixels)"
+    elif float_stem:
+        head = f"input normalisation, first {FLOAT_STEM_CONVS} convolutions, the classifier's output"
+    else:
+        head = "input normalisation, the classifier's output"
     record: dict[str, Any] = {
         "method_version": METHOD_VERSION,
         "method": "static QDQ, per-channel int8 weights (grid-aligned where the weights lie on an 8-bit grid), "
         "uint8 activations, min/max with moving average",
-        "float_nodes": f"input normalisation, first {FLOAT_LEADING_CONVS} convolutions, the classifier's output "
-        "and what follows it (softmax, top-k)",
+        "float_stem": float_stem,
+        "float_nodes": f"{head} and what follows it (softmax, top-k)",
         "from": str(fp32.path),
         "calibration": {
             "dataset": src.dataset,
@@ -269,7 +438,6 @@ def export_int8(settings: Settings, output: Path, calibration: int = 300, check:
         int8.close()
         record["check"] = {"skip": src.skip + records, **asdict(result)}
     fp32.close()
-    proto = onnx.load(str(output))
     proto.metadata_props.add(key=META_QUANTIZATION, value=json.dumps(record))
     onnx.save(proto, str(output))
     logger.info("INT8 model written to %s: %s", output, json.dumps(record.get("check", {})))

@@ -14,23 +14,28 @@ from eyed.cli import main
 from eyed.config import ModelConfig
 from eyed.model.onnx_backend import OnnxClassifier
 from eyed.model.quantize import (
-    FLOAT_LEADING_CONVS,
+    FLOAT_STEM_CONVS,
     META_QUANTIZATION,
     aligned_weight_scales,
     float_nodes,
+    fold_input_stage,
     grid_step,
     quantize_int8,
+    reads_pixels,
 )
 from tests.conftest import dequantized_weights, synthetic_images
 
 
+def _export_int8(out: Path, dataset: Path, checkpoint: Path, onnx_file: Path, *extra: str) -> Path:
+    args = ["--set", f"source.dataset={dataset}", "--set", "source.split=train"]
+    args += ["--set", f"model.id={checkpoint}", "--set", f"model.onnx={onnx_file}"]
+    assert main(["export", "--int8", *args, "--output", str(out), "--calibration", "6", "--check", "8", *extra]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def int8_file(tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("int8") / "tiny-int8.onnx"
-    args = ["--set", f"source.dataset={tiny_dataset}", "--set", "source.split=train"]
-    args += ["--set", f"model.id={tiny_checkpoint}", "--set", f"model.onnx={tiny_onnx}"]
-    assert main(["export", "--int8", *args, "--output", str(out), "--calibration", "6", "--check", "8"]) == 0
-    return out
+    return _export_int8(tmp_path_factory.mktemp("int8") / "tiny-int8.onnx", tiny_dataset, tiny_checkpoint, tiny_onnx)
 
 
 def test_int8_export_records_calibration_and_check(int8_file: Path, tiny_dataset: Path) -> None:
@@ -43,23 +48,133 @@ def test_int8_export_records_calibration_and_check(int8_file: Path, tiny_dataset
     assert "eyed.labels" in meta and "eyed.preprocess" in meta  # still runs without torch
 
 
-def test_int8_graph_is_static_qdq_with_float_input_stage_and_logits(int8_file: Path, tiny_onnx: Path) -> None:
-    graph = onnx.load(str(int8_file)).graph
+def _quantized_convs(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The convolutions that take their weight as int8, through a DequantizeLinear."""
+    int8_init = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_init}
+    return [n for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dequantized]
+
+
+def test_int8_graph_is_static_qdq_reading_the_pixels_with_float_logits(int8_file: Path, tiny_onnx: Path) -> None:
+    model = onnx.load(str(int8_file))
+    graph = model.graph
     ops = Counter(n.op_type for n in graph.node)
     convs = Counter(n.op_type for n in onnx.load(str(tiny_onnx)).graph.node)["Conv"]
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     assert ops["DynamicQuantizeLinear"] == 0 and ops["ConvInteger"] == 0  # static, not dynamic
-    # Every convolution after the leading float ones takes its weight as int8, through a DequantizeLinear.
-    int8_init = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
-    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_init}
-    quantized_convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantized]
-    assert len(quantized_convs) == convs - FLOAT_LEADING_CONVS
+    # Every convolution runs in 8 bits, the first one on the uint8 pixels themselves: the float input stage
+    # (cast, scale, shift) and the quantisation of its output are gone.
+    assert len([n for n in _quantized_convs(graph) if n.op_type == "Conv"]) == convs
+    assert reads_pixels(model)
+    assert ops["Cast"] == ops["Mul"] == ops["Sub"] == 0
     # The classifier runs in 8 bits (int8 weights) but its logits stay float: nothing quantises them.
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
-    assert gemm.input[1] in dequantized
+    assert gemm in _quantized_convs(graph)
     assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == gemm.output[0]]
     consumers = [n.op_type for n in graph.node if gemm.output[0] in n.input]
     assert consumers == ["Softmax"]
+    record = json.loads(next(p.value for p in model.metadata_props if p.key == META_QUANTIZATION))
+    assert record["float_stem"] is False and record["float_nodes"].startswith("none before")
+
+
+def test_float_stem_keeps_the_input_stage_and_the_first_convolutions_in_float(
+    tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    out = _export_int8(tmp_path / "stem.onnx", tiny_dataset, tiny_checkpoint, tiny_onnx, "--float-stem")
+    model = onnx.load(str(out))
+    convs = Counter(n.op_type for n in onnx.load(str(tiny_onnx)).graph.node)["Conv"]
+    quantized = [n for n in _quantized_convs(model.graph) if n.op_type == "Conv"]
+    assert len(quantized) == convs - FLOAT_STEM_CONVS
+    assert not reads_pixels(model)
+    assert Counter(n.op_type for n in model.graph.node)["Cast"] == 1  # the float input stage
+    record = json.loads(next(p.value for p in model.metadata_props if p.key == META_QUANTIZATION))
+    assert record["float_stem"] is True and f"first {FLOAT_STEM_CONVS} convolutions" in record["float_nodes"]
+
+
+def _run(model: Path | bytes, pixels: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(outputs, {"pixels": pixels, "k": np.array([1], dtype=np.int64)})
+
+
+def _logits(model: Path | bytes, pixels: np.ndarray) -> np.ndarray:
+    return _run(model, pixels, ["logits"])[0]
+
+
+def _set_normalisation(model: onnx.ModelProto, mean: np.ndarray, std: np.ndarray) -> None:
+    """The exported input stage's constants for this mean and std (pixels / 255, then normalised)."""
+    for init in model.graph.initializer:
+        if init.name in ("scale", "shift"):
+            value = 1 / (255 * std) if init.name == "scale" else mean / std
+            init.CopyFrom(onnx.numpy_helper.from_array(value.reshape(1, 3, 1, 1).astype(np.float32), init.name))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_folding_the_input_stage_keeps_the_float_model(tiny_onnx: Path, tmp_path: Path, per_channel: bool) -> None:
+    """The folded stage computes s * (pixels - z); the first convolution makes up the difference."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(tiny_onnx), str(pre), skip_symbolic_shape=True)  # what quantize_int8 folds
+    model = onnx.load(str(pre))
+    mean, std = np.array([0.5, 0.5, 0.5]), np.array([0.5, 0.5, 0.5])
+    if per_channel:  # one scale per channel (ImageNet's std)
+        std = np.array([0.229, 0.224, 0.225])
+        _set_normalisation(model, mean, std)
+    first_conv = next(n for n in model.graph.node if n.op_type == "Conv").output[0]
+    model.graph.output.append(onnx.ValueInfoProto(name=first_conv))
+    original = model.SerializeToString()
+    stage = fold_input_stage(model)
+    assert stage is not None
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert np.allclose(inits["eyed_folded_scale"], stage.scale)
+    assert np.allclose(inits["eyed_folded_shift"], stage.scale * stage.zero_point)
+    assert stage.zero_point in (127, 128)  # the pixel value that normalises to about 0
+    assert "scale" not in inits and "shift" not in inits  # replaced, not left for onnxruntime to warn about
+    pixels = np.stack(synthetic_images(4, seed=2, size=OnnxClassifier(ModelConfig(onnx=tiny_onnx)).input_shape[0]))
+    (a, conv_a), (b, conv_b) = (_run(m, pixels, ["logits", first_conv]) for m in (original, model.SerializeToString()))
+    # The first convolution's output is the same but where its padding (bottom row, right column) now reads
+    # pixel z instead of normalised 0.
+    assert np.abs(conv_a - conv_b)[:, :, :-1, :-1].max() < 1e-5 * np.abs(conv_a).max()
+    assert 0 < np.abs(conv_a - conv_b).max() < 0.01 * np.abs(conv_a).max()
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert fold_input_stage(onnx.load(str(tiny_onnx))) is None  # unfolded Pad between the stage and the conv
+
+
+def test_an_input_stage_whose_padding_would_move_is_not_folded(tiny_onnx: Path, tmp_path: Path) -> None:
+    """ImageNet's per-channel mean has no pixel value that normalises to 0 on all channels: folding would make
+    the first convolution's padding read up to 0.18 instead of 0, so the stage stays and is quantised."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(tiny_onnx), str(pre), skip_symbolic_shape=True)
+    model = onnx.load(str(pre))
+    _set_normalisation(model, np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))
+    before = model.SerializeToString()
+    assert fold_input_stage(model) is None
+    assert model.SerializeToString() == before
+    imagenet = tmp_path / "imagenet.onnx"
+    onnx.save(model, str(imagenet))
+    fp32 = OnnxClassifier(ModelConfig(onnx=imagenet))
+    calibration = np.stack([fp32.prepare(img) for img in synthetic_images(8, seed=4)])
+    assert not reads_pixels(onnx.load(str(quantize_int8(imagenet, tmp_path / "int8.onnx", calibration))))
+
+
+def test_the_dropped_input_stage_was_the_identity(tiny_onnx: Path, tmp_path: Path, monkeypatch) -> None:
+    """Quantising the folded stage gives back the pixels, so removing it changes no output bit."""
+    import eyed.model.quantize as quantize
+
+    fp32 = OnnxClassifier(ModelConfig(onnx=tiny_onnx))
+    calibration = np.stack([fp32.prepare(img) for img in synthetic_images(16, seed=4)])
+    dropped = quantize_int8(tiny_onnx, tmp_path / "dropped.onnx", calibration)
+    monkeypatch.setattr(quantize, "drop_input_stage", lambda model, stage: None)
+    kept = quantize_int8(tiny_onnx, tmp_path / "kept.onnx", calibration)
+    assert reads_pixels(onnx.load(str(dropped))) and not reads_pixels(onnx.load(str(kept)))
+    pixels = np.random.default_rng(0).integers(0, 256, (8, *fp32.input_shape), dtype=np.uint8)
+    pixels[0], pixels[1] = 0, 255  # the ends of the range
+    assert np.array_equal(_logits(dropped, pixels), _logits(kept, pixels))
 
 
 @pytest.mark.parametrize("leading", [0, 9])
@@ -136,12 +251,15 @@ def test_grid_weights_are_quantised_exactly(tiny_onnx: Path, tmp_path: Path) -> 
             init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
     snapped = tmp_path / "snapped.onnx"
     onnx.save(model, str(snapped))
+    first_weight = next(n for n in model.graph.node if n.op_type == "Conv").input[1]
     fp32 = OnnxClassifier(ModelConfig(onnx=snapped))
     calibration = np.stack([fp32.prepare(img) for img in synthetic_images(8, seed=3)])
 
     def worst_error(align: bool) -> float:
         out = quantize_int8(snapped, tmp_path / f"int8-{align}.onnx", calibration, leading_convs=0, align_weights=align)
         quantized = dequantized_weights(out)
+        # The first convolution's weights were folded with the input stage (times a / s = 1: the same values).
+        quantized[first_weight] = quantized.pop("eyed_folded_weight")
         assert quantized.keys() >= originals.keys(), originals.keys() - quantized.keys()  # every conv quantised
         return max(float(np.abs(quantized[k] - originals[k]).max() / grid_step(originals[k])) for k in originals)
 
