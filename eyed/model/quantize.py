@@ -12,7 +12,7 @@ instead of being rounded a second time; see ``aligned_weight_scales``.
 The first convolution reads the uint8 pixels as they are. The exported graph's input stage (transpose, cast,
 scale, shift) is folded into that convolution's weights and bias, so quantising its output gives back the
 pixels exactly, and the stage is dropped (see ``fold_input_stage``): no rounding of the input, and none of the
-float ops and layout changes that cost a fifth of the model's time when the stem stayed float. What follows
+float ops and layout changes that a float input stage or stem needs around the 8-bit layers. What follows
 the classifier layer stays float: the layer itself runs in 8 bits but writes float logits, because the coarse
 label sums the probability mass of up to 120 fine classes, so the long tail of small logits matters, and
 8-bit logits would flatten it. ``--float-stem`` keeps the first three convolutions in float instead (slower,
@@ -48,11 +48,11 @@ METHOD_VERSION = "5"
 CALIBRATION_BATCH = 8
 # ``--float-stem``: MobileNetV2's stem (the first three convolutions, at 112x112) stays float. In 8 bits the
 # stem's depthwise output (32 channels on one per-tensor uint8 range) is the noisiest step of the model, so a
-# float stem keeps FP32's top-1 class on more frames (88% against 82%); coarse accuracy is the same either way,
+# float stem keeps FP32's top-1 class on more frames (88% against 81%); coarse accuracy is the same either way,
 # and the float stem with the layout changes around it is slower. benchmarks/int8_tradeoff.py measures both.
 FLOAT_STEM_CONVS = 3
-# How far (in normalised units) a folded input stage may move what convolution padding reads; about a
-# quarter of the step with which the normalised input would be quantised otherwise.
+# How far (in normalised units) a folded input stage may move what convolution padding reads: a little more
+# than one 8-bit step of an input normalised to [-1, 1] (2/255). MobileNetV2's padding moves by half a step.
 PAD_TOLERANCE = 0.01
 # A weight is taken to lie on a grid when every value is within this fraction of a step of a grid point.
 GRID_TOLERANCE = 0.01
@@ -166,7 +166,7 @@ def fold_input_stage(model: Any) -> InputStage | None:
     weight = weight * (a / scale)[None, :, None, None]
 
     def put(name: str, value: np.ndarray) -> str:
-        # New names: the old constants may be shared (the features graph reuses the same export).
+        # New names, so that any other node reading the old constants keeps them.
         unique = f"eyed_folded_{name}"
         model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), unique))
         return unique
