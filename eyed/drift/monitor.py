@@ -432,27 +432,29 @@ class DriftMonitor:
         calibration = None
         if self.cfg.window_s is None:
             calibration = calibrate(self.cfg, reference, self.cfg.window_frames, self.rounds, self.seed)
+        expected = {size: calibrate(self.cfg, reference, size, self.rounds, self.seed) for size in self._expected()}
         self.reference = reference
         self._base = Baseline.of(reference)
-        self._calibrations = {}
+        self._calibrations = expected
         self.calibration = calibration
-        self._precalibrate()
 
     def expect_rate(self, fps: float) -> None:
         """With ``cfg.window_s``: calibrate now for the window sizes a source at ``fps`` frames a second gives
         (a paced replay's or a camera's configured rate), so that the first windows do not wait for it on the
         inference thread. A rate that turns out different is calibrated when met, as without this."""
         self._expected_fps = fps
-        self._precalibrate()
+        if self.reference is not None:
+            for size in self._expected():
+                self._calibrated(size)
 
-    def _precalibrate(self) -> None:
+    def _expected(self) -> list[int]:
+        """The grid sizes of windows in seconds at the expected frame rate (none without one)."""
         seconds = self.cfg.window_s
-        if seconds is None or self.reference is None or self._expected_fps <= 0:
-            return
+        if seconds is None or self._expected_fps <= 0:
+            return []
         # The first frame at or after window_s closes the window; jitter moves that by a frame either way.
         n = math.ceil(seconds * self._expected_fps) + 1
-        for size in sorted({size_bucket(min(max(m, MIN_WINDOW), MAX_WINDOW)) for m in (n - 1, n, n + 1)}):
-            self._calibrated(size)
+        return sorted({size_bucket(min(max(m, MIN_WINDOW), MAX_WINDOW)) for m in (n - 1, n, n + 1)})
 
     def _calibrated(self, size: int) -> Calibration:
         """With ``cfg.window_s``: the calibration for windows of ``size`` frames, computed on first use (0.05 to

@@ -428,6 +428,13 @@ def test_a_failed_calibration_leaves_the_monitor_learning(monkeypatch: pytest.Mo
     with pytest.raises(MemoryError):
         feed(monitor, synthetic_stats(20, seed=30))
     assert monitor.learning and monitor.reference is None and monitor.calibration is None
+    # Windows in seconds with a rate known in advance: the sizes for that rate are calibrated with the
+    # learned reference, and their failure leaves the monitor learning too.
+    timed = DriftMonitor(DriftConfig(window_s=1.0, learn_windows=1), None, coarse_classes=COARSE)
+    timed.expect_rate(32.0)
+    with pytest.raises(MemoryError):
+        feed_timed(timed, synthetic_stats(40, seed=30), [i / 32 for i in range(40)])
+    assert timed.learning and timed.reference is None
 
 
 def test_a_window_in_seconds_needs_frame_times(reference: Reference) -> None:
