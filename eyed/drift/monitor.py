@@ -437,6 +437,8 @@ class DriftMonitor:
         self._base = Baseline.of(reference)
         self._calibrations = expected
         self.calibration = calibration
+        if expected:
+            logger.info("drift: thresholds calibrated for windows of %s frames", ", ".join(map(str, expected)))
 
     def expect_rate(self, fps: float) -> None:
         """With ``cfg.window_s``: calibrate now for the window sizes a source at ``fps`` frames a second gives
