@@ -180,6 +180,7 @@ def build_drift(settings: Settings, classifier: Classifier, reference: Reference
     if not cfg.active():
         return None
     from eyed.drift import DriftMonitor, StatsExtractor
+    from eyed.drift.monitor import MAX_WINDOW
 
     post = getattr(classifier, "post", None)
     mapper = getattr(post, "mapper", None)
@@ -205,9 +206,10 @@ def build_drift(settings: Settings, classifier: Classifier, reference: Reference
     if cfg.window_s is not None and settings.source.kind in ("replay", "file") and settings.source.fps == 0:
         logger.warning(
             "drift: windows of %s on a %s at fps 0 hold as many frames as inference gets through in that time "
-            "(up to 20,000): set source.fps to replay at a camera's rate",
+            "(up to %d): set source.fps to replay at a camera's rate",
             cfg.window_text(),
             settings.source.kind,
+            MAX_WINDOW,
         )
     return DriftWatch(StatsExtractor(coarse), monitor)
 

@@ -376,7 +376,9 @@ def test_a_window_in_seconds_ends_at_a_gap(reference: Reference) -> None:
     assert reports[0].span_s == pytest.approx(99 / 16) and reports[1].span_s == 10.0
 
 
-def test_each_window_size_is_calibrated_once(reference: Reference, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def calibrated_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The window sizes the monitor calibrates from now on, in order (with fewer bootstrap rounds)."""
     sizes: list[int] = []
 
     def counting(cfg: DriftConfig, ref: Reference, window: int | None = None, *args: object) -> Calibration:
@@ -384,6 +386,11 @@ def test_each_window_size_is_calibrated_once(reference: Reference, monkeypatch: 
         return calibrate(cfg, ref, window, 20)
 
     monkeypatch.setattr(monitor_module, "calibrate", counting)
+    return sizes
+
+
+def test_each_window_size_is_calibrated_once(reference: Reference, calibrated_sizes: list[int]) -> None:
+    sizes = calibrated_sizes
     monitor = DriftMonitor(DriftConfig(window_s=2.0), reference)
     times = [i / 32 for i in range(650)] + [650 / 32 + i / 16 for i in range(1, 400)]
     feed_timed(monitor, synthetic_stats(1049, seed=29), times)
@@ -391,17 +398,11 @@ def test_each_window_size_is_calibrated_once(reference: Reference, monkeypatch: 
 
 
 def test_an_expected_rate_is_calibrated_before_the_first_window(
-    reference: Reference, monkeypatch: pytest.MonkeyPatch
+    reference: Reference, calibrated_sizes: list[int]
 ) -> None:
     """A paced source's rate known in advance: its window size is calibrated at start-up, not on the inference
     thread when the first window closes; a rate that turns out different is still calibrated when met."""
-    sizes: list[int] = []
-
-    def counting(cfg: DriftConfig, ref: Reference, window: int | None = None, *args: object) -> Calibration:
-        sizes.append(window or 0)
-        return calibrate(cfg, ref, window, 20)
-
-    monkeypatch.setattr(monitor_module, "calibrate", counting)
+    sizes = calibrated_sizes
     monitor = DriftMonitor(DriftConfig(window_s=2.0), reference)
     monitor.expect_rate(32.0)
     assert sizes == [size_bucket(65)]  # 64..66 frames: one grid size
