@@ -9,8 +9,8 @@ INT8 over FP32 (the same BareLoop `eyed bench` uses), every variant in the same 
 
 A variant is the number of leading float convolutions, then "a" (grid-aligned weight scales, the default)
 or "d" (onnxruntime's default per-channel scales). With no float convolution the first one reads the uint8
-pixels (the input stage folded into it, the default); a trailing "q" quantises the normalised float input
-instead.
+pixels (the input stage folded into it) four columns at a time, the default; a trailing "c" has it read one
+column at a time, and a trailing "q" quantises the normalised float input instead.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from eyed.model.onnx_backend import OnnxClassifier
 from eyed.model.quantize import check_accuracy, quantize_int8
 
 ROUNDS = 10
-VARIANT = re.compile(r"(\d+)([ad])(q?)")
+VARIANT = re.compile(r"(\d+)([ad])([cq]?)")
 
 
 def speed_ratios(loops: list[BareLoop]) -> list[float]:
@@ -54,13 +54,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heldout", type=int, default=2000, help="evaluated images, from record 45000 on")
     parser.add_argument("--calibration", type=int, default=300)
-    parser.add_argument("--variants", default="0d,0a,0aq,1a,3d,3a,9a")
+    parser.add_argument("--variants", default="0d,0a,0ac,0aq,1a,3d,3a,9a")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     variants = args.variants.split(",")
     for variant in variants:  # before the minutes of loading and quantising
         if not VARIANT.fullmatch(variant):
-            parser.error(f"--variants: {variant!r} is not a count of float convolutions, 'a' or 'd', then 'q' or not")
+            parser.error(
+                f"--variants: {variant!r} is not a count of float convolutions, 'a' or 'd', then 'c', 'q' or not"
+            )
 
     shared, env = cached_model()
     overrides = [
@@ -81,8 +83,8 @@ def main() -> None:
         for variant in variants:
             match = VARIANT.fullmatch(variant)
             assert match is not None
-            leading, align, fold = int(match[1]), match[2] == "a", not match[3]
-            path = quantize_int8(fp32.path, Path(tmp) / f"{variant}.onnx", calibration, leading, align, fold)
+            leading, align, fold, group = int(match[1]), match[2] == "a", match[3] != "q", match[3] != "c"
+            path = quantize_int8(fp32.path, Path(tmp) / f"{variant}.onnx", calibration, leading, align, fold, group)
             int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
             check = check_accuracy(fp32, int8, tensors, truths)
             int8.close()
@@ -91,7 +93,9 @@ def main() -> None:
                 {
                     "float_leading_convs": leading,
                     "weights": "grid-aligned" if align else "onnxruntime default",
-                    "input": "pixels" if leading == 0 and fold else "float",
+                    "input": ("pixels, 4 columns" if group else "pixels, 1 column")
+                    if leading == 0 and fold
+                    else "float",
                     "coarse_fp32": check.coarse_accuracy_fp32,
                     "coarse_int8": check.coarse_accuracy_int8,
                     "top1_agreement": check.top1_agreement,

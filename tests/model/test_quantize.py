@@ -16,10 +16,13 @@ from eyed.model.onnx_backend import OnnxClassifier
 from eyed.model.quantize import (
     FLOAT_STEM_CONVS,
     META_QUANTIZATION,
+    PIXEL_GROUP,
     aligned_weight_scales,
     float_nodes,
     fold_input_stage,
     grid_step,
+    group_columns_weight,
+    group_pixel_columns,
     quantize_int8,
     reads_pixels,
 )
@@ -177,6 +180,128 @@ def test_the_dropped_input_stage_was_the_identity(tiny_onnx: Path, tmp_path: Pat
     assert np.array_equal(_logits(dropped, pixels), _logits(kept, pixels))
 
 
+def test_grouping_the_pixel_columns_changes_no_output_bit(tiny_onnx: Path, tmp_path: Path) -> None:
+    fp32 = OnnxClassifier(ModelConfig(onnx=tiny_onnx))
+    calibration = np.stack([fp32.prepare(img) for img in synthetic_images(16, seed=4)])
+    grouped = quantize_int8(tiny_onnx, tmp_path / "grouped.onnx", calibration)
+    plain = quantize_int8(tiny_onnx, tmp_path / "plain.onnx", calibration, group_columns=False)
+    assert "eyed_group_columns" in {n.name for n in onnx.load(str(grouped)).graph.node}
+    assert "eyed_group_columns" not in {n.name for n in onnx.load(str(plain)).graph.node}
+    assert reads_pixels(onnx.load(str(grouped))) and reads_pixels(onnx.load(str(plain)))
+    pixels = np.random.default_rng(0).integers(0, 256, (8, *fp32.input_shape), dtype=np.uint8)
+    pixels[0], pixels[1] = 0, 255
+    names = ["logits", "probs", "top_scores", "top_ids"]
+    for a, b in zip(_run(grouped, pixels, names), _run(plain, pixels, names), strict=True):
+        assert np.array_equal(a, b)
+
+
+def _single_conv(
+    width: int, kernel: tuple[int, int], pads: list[int], strides: list[int], seed: int
+) -> onnx.ModelProto:
+    """pixels (NHWC uint8) -> Transpose -> DequantizeLinear -> Conv -> QuantizeLinear: the first convolution of a
+    quantised graph whose input stage was dropped, with random int8 weights and per-channel scales."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    out_ch, (kh, kw) = 5, kernel
+    consts: dict[str, np.ndarray] = {
+        "x_scale": np.array(0.02, np.float32),
+        "x_zero": np.array(127, np.uint8),
+        "w": rng.integers(-127, 128, (out_ch, 3, kh, kw)).astype(np.int8),
+        "w_scale": rng.uniform(0.001, 0.01, out_ch).astype(np.float32),
+        "w_zero": np.zeros(out_ch, np.int8),
+        "b": rng.integers(-5000, 5000, out_ch).astype(np.int32),
+        "y_scale": np.array(0.5, np.float32),
+        "y_zero": np.array(100, np.uint8),
+    }
+    consts["b_scale"] = (consts["x_scale"] * consts["w_scale"]).astype(np.float32)
+    consts["b_zero"] = np.zeros(out_ch, np.int32)
+    nodes = [
+        helper.make_node("Transpose", ["pixels"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("DequantizeLinear", ["nchw", "x_scale", "x_zero"], ["x"]),
+        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wf"], axis=0),
+        helper.make_node("DequantizeLinear", ["b", "b_scale", "b_zero"], ["bf"], axis=0),
+        helper.make_node("Conv", ["x", "wf", "bf"], ["y"], kernel_shape=list(kernel), pads=pads, strides=strides),
+        helper.make_node("QuantizeLinear", ["y", "y_scale", "y_zero"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "first_conv",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 12, width, 3])],
+        [helper.make_tensor_value_info("out", TensorProto.UINT8, ["batch", out_ch, "height", "width"])],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("kernel", "pads", "strides"),
+    [
+        ((3, 3), [0, 0, 1, 1], [2, 2]),  # TensorFlow's SAME for an even size, as MobileNetV2 exports it
+        ((3, 3), [1, 1, 1, 1], [2, 2]),
+        ((5, 5), [2, 2, 2, 2], [1, 2]),
+        ((3, 2), [1, 0, 0, 0], [2, 2]),
+        ((1, 7), [0, 3, 0, 3], [3, 2]),
+    ],
+)
+def test_a_convolution_over_grouped_pixel_columns_is_the_same_convolution(
+    kernel: tuple[int, int], pads: list[int], strides: list[int]
+) -> None:
+    model = _single_conv(16, kernel, pads, strides, seed=sum(kernel) + sum(pads))
+    original = model.SerializeToString()
+    assert group_pixel_columns(model)
+    onnx.checker.check_model(model)
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 12, 16, 3), dtype=np.uint8)
+    pixels[0] = 255  # saturates some outputs
+    (a,), (b,) = (_run_plain(m, pixels) for m in (original, model.SerializeToString()))
+    assert a.shape == b.shape and np.array_equal(a, b)
+    assert len(np.unique(a)) > 10  # not a saturated, constant output
+
+
+def _run_plain(model: bytes, pixels: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels})
+
+
+def test_columns_are_grouped_only_where_the_shape_allows_it() -> None:
+    for width, strides in ((14, [2, 2]), (16, [2, 1])):  # width not a multiple of 4; horizontal stride 1
+        model = _single_conv(width, (3, 3), [1, 1, 1, 1], strides, seed=0)
+        before = model.SerializeToString()
+        assert not group_pixel_columns(model)
+        assert model.SerializeToString() == before
+
+
+def test_grouped_weights_put_each_tap_where_its_pixel_lands() -> None:
+    weight = np.arange(1, 1 + 2 * 3 * 1 * 3).reshape(2, 3, 1, 3)  # (O, C, kh, kw), no zero tap
+    grouped, pad_left = group_columns_weight(weight, left=0)
+    # Output column 2q reads pixels 4q..4q+2 (group q, slots 0-2); 2q+1 reads 4q+2..4q+4 (slots 2-3, group q+1).
+    assert grouped.shape == (2 * 2, PIXEL_GROUP * 3, 1, 2) and pad_left == 0
+    for kx, (phase, slot, group) in enumerate([(0, 0, 0), (0, 1, 0), (0, 2, 0)]):
+        assert np.array_equal(grouped[phase * 2 : phase * 2 + 2, slot * 3 : slot * 3 + 3, :, group], weight[..., kx])
+    for kx, (slot, group) in enumerate([(2, 0), (3, 0), (0, 1)]):
+        assert np.array_equal(grouped[2:, slot * 3 : slot * 3 + 3, :, group], weight[..., kx])
+    assert np.count_nonzero(grouped) == 2 * weight.size  # every tap once per phase, nothing else
+    _, pad_left = group_columns_weight(weight, left=1)  # reads pixel -1: one group of padding on the left
+    assert pad_left == 1
+
+
+def test_onnxruntime_runs_the_grouped_convolution_on_the_pixels_in_place(int8_file: Path, tmp_path: Path) -> None:
+    """What makes grouping pay: after onnxruntime's layout optimisations the grouped convolution reads the
+    reshaped pixels directly, with no transpose of the image before or after it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(int8_file), options, providers=["CPUExecutionProvider"])
+    nodes = list(onnx.load(str(tmp_path / "optimised.onnx")).graph.node)
+    reshape = next(n for n in nodes if n.op_type == "Reshape" and n.input[0] == "pixels")
+    readers = [n for n in nodes if reshape.output[0] in n.input]
+    assert [n.op_type for n in readers] == ["QLinearConv"], readers
+    after = [n for n in nodes if readers[0].output[0] in n.input]
+    assert [n.op_type for n in after] == ["Reshape"], after  # ungrouped without a transpose
+
+
 @pytest.mark.parametrize("leading", [0, 9])
 def test_float_nodes_are_the_input_stage_leading_convs_and_the_postprocessing(tiny_onnx: Path, leading: int) -> None:
     nodes = list(onnx.load(str(tiny_onnx)).graph.node)
@@ -256,7 +381,9 @@ def test_grid_weights_are_quantised_exactly(tiny_onnx: Path, tmp_path: Path) -> 
     calibration = np.stack([fp32.prepare(img) for img in synthetic_images(8, seed=3)])
 
     def worst_error(align: bool) -> float:
-        out = quantize_int8(snapped, tmp_path / f"int8-{align}.onnx", calibration, leading_convs=0, align_weights=align)
+        out = quantize_int8(
+            snapped, tmp_path / f"int8-{align}.onnx", calibration, align_weights=align, group_columns=False
+        )
         quantized = dequantized_weights(out)
         # The first convolution's weights were folded with the input stage (times a / s = 1: the same values).
         quantized[first_weight] = quantized.pop("eyed_folded_weight")
