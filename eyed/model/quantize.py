@@ -226,6 +226,7 @@ def drop_input_stage(model: Any, stage: InputStage) -> None:
 # channels that is 12 (or 4) input channels, a multiple of 4, which onnxruntime's fast symmetric 8-bit
 # convolution kernel needs; with 3 it runs im2col and a general GEMM instead, nearly three times slower.
 PIXEL_GROUP = 4
+GROUP_NODE = "eyed_group_columns"  # the Reshape that groups them
 
 
 def group_columns_weight(weight: np.ndarray, left: int) -> tuple[np.ndarray, int]:
@@ -346,7 +347,7 @@ def group_pixel_columns(model: Any) -> bool:
     restored = quant.output[0]
     quant.output[0] = phased
     transpose.input[0] = grouped_in
-    before = [helper.make_node("Reshape", [INPUT_NAME, "eyed_grouped_shape"], [grouped_in], name="eyed_group_columns")]
+    before = [helper.make_node("Reshape", [INPUT_NAME, "eyed_grouped_shape"], [grouped_in], name=GROUP_NODE)]
     after = [
         helper.make_node("Transpose", [phased], [f"{phased}_nhwc"], name="eyed_phases_nhwc", perm=[0, 2, 3, 1]),
         helper.make_node(
@@ -563,7 +564,11 @@ def export_int8(
     seconds = time.monotonic() - t0
     proto = onnx.load(str(output))
     if reads_pixels(proto):
-        head = "none before the classifier's output (the first convolution reads the uint8 pixels)"
+        columns = "four" if any(n.name == GROUP_NODE for n in proto.graph.node) else "one"
+        head = (
+            "none before the classifier's output "
+            f"(the first convolution reads the uint8 pixels, {columns} columns at a time)"
+        )
     elif float_stem:
         head = f"input normalisation, first {FLOAT_STEM_CONVS} convolutions, the classifier's output"
     else:

@@ -15,6 +15,7 @@ from eyed.config import ModelConfig
 from eyed.model.onnx_backend import OnnxClassifier
 from eyed.model.quantize import (
     FLOAT_STEM_CONVS,
+    GROUP_NODE,
     META_QUANTIZATION,
     PIXEL_GROUP,
     aligned_weight_scales,
@@ -78,6 +79,7 @@ def test_int8_graph_is_static_qdq_reading_the_pixels_with_float_logits(int8_file
     assert consumers == ["Softmax"]
     record = json.loads(next(p.value for p in model.metadata_props if p.key == META_QUANTIZATION))
     assert record["float_stem"] is False and record["float_nodes"].startswith("none before")
+    assert "four columns at a time" in record["float_nodes"]
 
 
 def test_float_stem_keeps_the_input_stage_and_the_first_convolutions_in_float(
@@ -185,8 +187,8 @@ def test_grouping_the_pixel_columns_changes_no_output_bit(tiny_onnx: Path, tmp_p
     calibration = np.stack([fp32.prepare(img) for img in synthetic_images(16, seed=4)])
     grouped = quantize_int8(tiny_onnx, tmp_path / "grouped.onnx", calibration)
     plain = quantize_int8(tiny_onnx, tmp_path / "plain.onnx", calibration, group_columns=False)
-    assert "eyed_group_columns" in {n.name for n in onnx.load(str(grouped)).graph.node}
-    assert "eyed_group_columns" not in {n.name for n in onnx.load(str(plain)).graph.node}
+    assert GROUP_NODE in {n.name for n in onnx.load(str(grouped)).graph.node}
+    assert GROUP_NODE not in {n.name for n in onnx.load(str(plain)).graph.node}
     assert reads_pixels(onnx.load(str(grouped))) and reads_pixels(onnx.load(str(plain)))
     pixels = np.random.default_rng(0).integers(0, 256, (8, *fp32.input_shape), dtype=np.uint8)
     pixels[0], pixels[1] = 0, 255
