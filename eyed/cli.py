@@ -74,7 +74,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if settings.model.backend != "onnx":
         settings.model.backend = "onnx"
     record = export_int8(
-        settings, args.output, calibration=args.calibration, check=args.check, float_stem=args.float_stem
+        settings,
+        args.output,
+        calibration=args.calibration,
+        check=args.check,
+        float_stem=args.float_stem,
+        target_cpu=args.target_cpu,
     )
     print(json.dumps(record, indent=2))
     print(args.output)
@@ -295,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--float-stem",
         action="store_true",
         help="--int8: keep the first three convolutions in float (slower; closer to FP32's fine class)",
+    )
+    p.add_argument(
+        "--target-cpu",
+        choices=["x86_64", "aarch64"],
+        help="--int8: the CPU the file will run on (default: this machine's); tunes the first convolution's layout",
     )
     p = add("subscribe", cmd_subscribe, "print events from a running daemon")
     p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")

@@ -74,7 +74,7 @@ def test_int8_export_keeps_the_checkpoints_weights_and_its_accuracy(
         None,
         [f"source.dataset={real_cifar}", "source.split=train", f"model.id={real_model}", f"model.onnx={real_onnx}"],
     )
-    record = export_int8(settings, tmp_path / "m8.onnx", calibration=64, check=1000)
+    record = export_int8(settings, tmp_path / "m8.onnx", calibration=64, check=1000, target_cpu="x86_64")
     fp32 = onnx.load(str(real_onnx)).graph
     originals = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.initializer}
     # The first convolution's weights were folded with the input stage, times a / s = 1: the same values,

@@ -39,7 +39,8 @@ def _export_int8(out: Path, dataset: Path, checkpoint: Path, onnx_file: Path, *e
 
 @pytest.fixture(scope="module")
 def int8_file(tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory):
-    return _export_int8(tmp_path_factory.mktemp("int8") / "tiny-int8.onnx", tiny_dataset, tiny_checkpoint, tiny_onnx)
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8.onnx"
+    return _export_int8(out, tiny_dataset, tiny_checkpoint, tiny_onnx, "--target-cpu", "x86_64")
 
 
 def test_int8_export_records_calibration_and_check(int8_file: Path, tiny_dataset: Path) -> None:
@@ -79,7 +80,19 @@ def test_int8_graph_is_static_qdq_reading_the_pixels_with_float_logits(int8_file
     assert consumers == ["Softmax"]
     record = json.loads(next(p.value for p in model.metadata_props if p.key == META_QUANTIZATION))
     assert record["float_stem"] is False and record["float_nodes"].startswith("none before")
-    assert "four columns at a time" in record["float_nodes"]
+    assert "four columns at a time" in record["float_nodes"] and record["target_cpu"] == "x86_64"
+
+
+def test_a_file_for_an_arm_board_reads_the_pixels_one_column_at_a_time(
+    tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """onnxruntime's ARM64 kernels gain nothing from grouped columns (they need 64 input channels for their
+    fast path), so a file made for one keeps the plain first convolution, whatever machine exports it."""
+    out = _export_int8(tmp_path / "arm.onnx", tiny_dataset, tiny_checkpoint, tiny_onnx, "--target-cpu", "aarch64")
+    model = onnx.load(str(out))
+    assert reads_pixels(model) and GROUP_NODE not in {n.name for n in model.graph.node}
+    record = json.loads(next(p.value for p in model.metadata_props if p.key == META_QUANTIZATION))
+    assert record["target_cpu"] == "aarch64" and "one column at a time" in record["float_nodes"]
 
 
 def test_float_stem_keeps_the_input_stage_and_the_first_convolutions_in_float(
