@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -105,6 +107,7 @@ class ReplaySource:
         self._image_col = ""
         self._label_col: str | None = None
         self._names: list[str] | None = None
+        self._open_frames: weakref.WeakSet[Generator[Frame, None, None]] = weakref.WeakSet()
 
     def __enter__(self) -> ReplaySource:
         self._dataset = self._open()
@@ -113,7 +116,18 @@ class ReplaySource:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        # datasets' iterables hold the parquet scan in reference cycles, so a pass left unfinished (a
+        # source.limit, a stopped daemon) is otherwise freed by the garbage collector at interpreter exit. An
+        # Arrow I/O thread then drops the last reference to the Python file the scan read from, cannot take
+        # the GIL any more, and the process aborts ("terminate called without an active exception", exit 134):
+        # one run in six on a loaded machine. Freed here, the same happens while the interpreter is alive.
+        for frames in list(self._open_frames):
+            try:
+                frames.close()
+            except ValueError:  # still running in another thread (a pipeline that did not stop): leave it
+                logger.warning("replay source closed while its frames are still being read")
         self._dataset = None
+        gc.collect()
 
     def _open(self) -> Any:
         try:
@@ -226,6 +240,11 @@ class ReplaySource:
         """Frames in dataset order, paced to ``source.fps``, until the end (or ``source.limit``)."""
         if self._dataset is None:
             raise RuntimeError("ReplaySource used outside its context manager")
+        frames = self._frames(stop)
+        self._open_frames.add(frames)
+        return frames
+
+    def _frames(self, stop: threading.Event | None) -> Generator[Frame, None, None]:
         limit = self.cfg.limit
         pacer = Pacer(self.cfg.fps, stop)
         while True:
