@@ -234,6 +234,12 @@ GROUP_NODE = "eyed_group_columns"  # the Reshape that groups them
 GROUPING_CPUS = ("x86_64", "amd64")
 
 
+def groups_pixel_columns(cpu: str) -> bool:
+    """Whether an INT8 file for ``cpu`` (a ``platform.machine()`` name) reads the pixels PIXEL_GROUP columns at a
+    time: only where onnxruntime's kernels gain from it."""
+    return cpu.lower() in GROUPING_CPUS
+
+
 def group_columns_weight(weight: np.ndarray, left: int) -> tuple[np.ndarray, int]:
     """The weight (O, C, kh, kw) of a convolution with horizontal stride 2 and ``left`` columns of padding,
     rearranged for the same convolution over PIXEL_GROUP pixel columns at a time (``group_pixel_columns``):
@@ -262,7 +268,9 @@ def group_pixel_columns(model: Any) -> bool:
     as 2 x O output channels (``group_columns_weight``); its NHWC output (N, H', W'/2, 2O) reshapes, again
     without moving data, to the original (N, H', W', O). Every product is the same integer product as before
     (taps that fall outside the original kernel get weight 0) and padding reads the same zero point, so the
-    outputs are bit-identical; onnxruntime cancels the layout transposes around it. On this project's CPU
+    outputs are bit-identical wherever onnxruntime runs the graph with its 8-bit kernels (graph optimisation
+    ``extended`` or ``all``; at ``basic`` or ``disabled`` it runs the convolutions in float, in another summation
+    order); onnxruntime (at ``all``) cancels the layout transposes around it. On this project's CPU
     (AVX-512 VNNI) MobileNetV2's first convolution went from 160-180 us to 65-70 us. Returns False, leaving
     the model as it was, unless the first convolution reads the pixels directly (a folded input stage) with
     horizontal stride 2 and the pixel width is a multiple of PIXEL_GROUP.
@@ -299,7 +307,10 @@ def group_pixel_columns(model: Any) -> bool:
         return False  # constants shared with another node would change under it
     if quant.input[1] not in inits or numpy_helper.to_array(inits[quant.input[1]]).size != 1:
         return False  # one output scale for all channels, so for every phase
-    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in graph.input[0].type.tensor_type.shape.dim]
+    pixels = next((i for i in graph.input if i.name == INPUT_NAME), None)
+    if pixels is None:
+        return False
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in pixels.type.tensor_type.shape.dim]
     if len(dims) != 4 or not all(dims[1:]) or dims[2] % PIXEL_GROUP:
         return False
     _, height, width, channels = dims
@@ -331,10 +342,14 @@ def group_pixel_columns(model: Any) -> bool:
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
     put(weight_dq.input[0], grouped)
-    for name in [*weight_dq.input[1:], *bias_dq.input]:
-        value = numpy_helper.to_array(inits[name])
-        if value.ndim == 1 and len(value) == out_ch:  # per output channel: the same for every phase
-            put(name, np.tile(value, phases))
+    put(bias_dq.input[0], np.tile(numpy_helper.to_array(inits[bias_dq.input[0]]), phases))  # the same each phase
+    for node in (weight_dq, bias_dq):
+        if attr(node, "axis", 1) != 0:
+            continue  # one scale and zero point for the whole tensor: they serve every phase as they are
+        for name in node.input[1:]:
+            value = numpy_helper.to_array(inits[name])
+            if value.ndim == 1 and len(value) == out_ch:  # one per output channel
+                put(name, np.tile(value, phases))
     shape = {"kernel_shape": [kh, span], "strides": [stride_h, 1], "pads": [top, pad_left, bottom, pad_right]}
     kept_attributes = [a for a in conv.attribute if a.name not in shape]
     del conv.attribute[:]
@@ -434,14 +449,15 @@ def quantize_int8(
     leading_convs: int = 0,
     align_weights: bool = True,
     fold_input: bool = True,
-    group_columns: bool = True,
+    group_columns: bool | None = None,
 ) -> Path:
     """Write the static INT8 (QDQ) version of ``fp32`` to ``output``, calibrated on prepared uint8 frames.
 
     With no ``leading_convs`` left float, the input stage is folded into the first convolution
     (``fold_input_stage``) unless ``fold_input`` is false, and then reads the pixels four columns at a time
-    (``group_pixel_columns``) unless ``group_columns`` is false. The options exist for
-    benchmarks/int8_tradeoff.py, which measures the choices, and for tests.
+    (``group_pixel_columns``) if ``group_columns`` says so; by default, when this machine's CPU gains from it
+    (``groups_pixel_columns``). The options exist for benchmarks/int8_tradeoff.py, which measures the choices,
+    and for tests.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -505,7 +521,8 @@ def quantize_int8(
         if stage is not None:
             quantised = onnx.load(str(staged))
             drop_input_stage(quantised, stage)
-            if group_columns and not group_pixel_columns(quantised):
+            group = groups_pixel_columns(platform.machine()) if group_columns is None else group_columns
+            if group and not group_pixel_columns(quantised):
                 logger.info(
                     "the first convolution reads the pixels one column at a time (its shape does not allow more)"
                 )
@@ -578,7 +595,7 @@ def export_int8(
         output,
         cal,
         leading_convs=FLOAT_STEM_CONVS if float_stem else 0,
-        group_columns=cpu in GROUPING_CPUS,
+        group_columns=groups_pixel_columns(cpu),
     )
     seconds = time.monotonic() - t0
     proto = onnx.load(str(output))

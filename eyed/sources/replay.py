@@ -124,7 +124,7 @@ class ReplaySource:
         for frames in list(self._open_frames):
             try:
                 frames.close()
-            except ValueError:  # still running in another thread (a pipeline that did not stop): leave it
+            except ValueError:  # running in another thread: a pipeline that did not stop in time; leave it
                 logger.warning("replay source closed while its frames are still being read")
         self._dataset = None
         gc.collect()
@@ -238,13 +238,13 @@ class ReplaySource:
 
     def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
         """Frames in dataset order, paced to ``source.fps``, until the end (or ``source.limit``)."""
-        if self._dataset is None:
-            raise RuntimeError("ReplaySource used outside its context manager")
         frames = self._frames(stop)
-        self._open_frames.add(frames)
+        self._open_frames.add(frames)  # for __exit__
         return frames
 
     def _frames(self, stop: threading.Event | None) -> Generator[Frame, None, None]:
+        if self._dataset is None:
+            raise RuntimeError("ReplaySource used outside its context manager")
         limit = self.cfg.limit
         pacer = Pacer(self.cfg.fps, stop)
         while True:

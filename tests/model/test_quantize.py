@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -198,7 +199,7 @@ def test_the_dropped_input_stage_was_the_identity(tiny_onnx: Path, tmp_path: Pat
 def test_grouping_the_pixel_columns_changes_no_output_bit(tiny_onnx: Path, tmp_path: Path) -> None:
     fp32 = OnnxClassifier(ModelConfig(onnx=tiny_onnx))
     calibration = np.stack([fp32.prepare(img) for img in synthetic_images(16, seed=4)])
-    grouped = quantize_int8(tiny_onnx, tmp_path / "grouped.onnx", calibration)
+    grouped = quantize_int8(tiny_onnx, tmp_path / "grouped.onnx", calibration, group_columns=True)
     plain = quantize_int8(tiny_onnx, tmp_path / "plain.onnx", calibration, group_columns=False)
     assert GROUP_NODE in {n.name for n in onnx.load(str(grouped)).graph.node}
     assert GROUP_NODE not in {n.name for n in onnx.load(str(plain)).graph.node}
@@ -211,10 +212,10 @@ def test_grouping_the_pixel_columns_changes_no_output_bit(tiny_onnx: Path, tmp_p
 
 
 def _single_conv(
-    width: int, kernel: tuple[int, int], pads: list[int], strides: list[int], seed: int
+    width: int, kernel: tuple[int, int], pads: list[int], strides: list[int], seed: int, per_channel: bool = True
 ) -> onnx.ModelProto:
     """pixels (NHWC uint8) -> Transpose -> DequantizeLinear -> Conv -> QuantizeLinear: the first convolution of a
-    quantised graph whose input stage was dropped, with random int8 weights and per-channel scales."""
+    quantised graph whose input stage was dropped, with random int8 weights and per-channel (or one) scales."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -231,11 +232,15 @@ def _single_conv(
     }
     consts["b_scale"] = (consts["x_scale"] * consts["w_scale"]).astype(np.float32)
     consts["b_zero"] = np.zeros(out_ch, np.int32)
+    if not per_channel:  # one scale and zero point per tensor, no axis
+        for name in ("w_scale", "w_zero", "b_scale", "b_zero"):
+            consts[name] = consts[name][:1].reshape(())
+    axis: dict[str, Any] = {"axis": 0} if per_channel else {}
     nodes = [
         helper.make_node("Transpose", ["pixels"], ["nchw"], perm=[0, 3, 1, 2]),
         helper.make_node("DequantizeLinear", ["nchw", "x_scale", "x_zero"], ["x"]),
-        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wf"], axis=0),
-        helper.make_node("DequantizeLinear", ["b", "b_scale", "b_zero"], ["bf"], axis=0),
+        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wf"], **axis),
+        helper.make_node("DequantizeLinear", ["b", "b_scale", "b_zero"], ["bf"], **axis),
         helper.make_node("Conv", ["x", "wf", "bf"], ["y"], kernel_shape=list(kernel), pads=pads, strides=strides),
         helper.make_node("QuantizeLinear", ["y", "y_scale", "y_zero"], ["out"]),
     ]
@@ -259,10 +264,12 @@ def _single_conv(
         ((1, 7), [0, 3, 0, 3], [3, 2]),
     ],
 )
+@pytest.mark.parametrize("per_channel", [True, False])
 def test_a_convolution_over_grouped_pixel_columns_is_the_same_convolution(
-    kernel: tuple[int, int], pads: list[int], strides: list[int]
+    kernel: tuple[int, int], pads: list[int], strides: list[int], per_channel: bool
 ) -> None:
-    model = _single_conv(16, kernel, pads, strides, seed=sum(kernel) + sum(pads))
+    """Bit-identical where onnxruntime runs the 8-bit kernels (its default optimisation level, as here)."""
+    model = _single_conv(16, kernel, pads, strides, seed=sum(kernel) + sum(pads), per_channel=per_channel)
     original = model.SerializeToString()
     assert group_pixel_columns(model)
     onnx.checker.check_model(model)
@@ -280,10 +287,26 @@ def _run_plain(model: bytes, pixels: np.ndarray) -> list[np.ndarray]:
 
 
 def test_columns_are_grouped_only_where_the_shape_allows_it() -> None:
-    for width, strides in ((14, [2, 2]), (16, [2, 1])):  # width not a multiple of 4; horizontal stride 1
-        model = _single_conv(width, (3, 3), [1, 1, 1, 1], strides, seed=0)
+    def shared_weight_scale(model: onnx.ModelProto) -> None:  # another node reads the weights' scale
+        model.graph.node.append(onnx.helper.make_node("Identity", ["w_scale"], ["w_scale_copy"]))
+
+    def per_channel_output(model: onnx.ModelProto) -> None:  # one output scale per channel
+        scale = next(i for i in model.graph.initializer if i.name == "y_scale")
+        scale.CopyFrom(onnx.numpy_helper.from_array(np.full(5, 0.5, np.float32), "y_scale"))
+
+    cases = [
+        (14, [2, 2], [1, 1, 1, 1], None),  # width not a multiple of 4
+        (16, [2, 1], [1, 1, 1, 1], None),  # horizontal stride 1
+        (12, [2, 2], [0, 0, 0, 0], None),  # an odd output width (5): no whole pairs of phases
+        (16, [2, 2], [1, 1, 1, 1], shared_weight_scale),
+        (16, [2, 2], [1, 1, 1, 1], per_channel_output),
+    ]
+    for width, strides, pads, change in cases:
+        model = _single_conv(width, (3, 3), pads, strides, seed=0)
+        if change is not None:
+            change(model)
         before = model.SerializeToString()
-        assert not group_pixel_columns(model)
+        assert not group_pixel_columns(model), (width, strides, pads, change)
         assert model.SerializeToString() == before
 
 
