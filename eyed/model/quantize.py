@@ -230,7 +230,7 @@ PIXEL_GROUP = 4
 GROUP_NODE = "eyed_group_columns"  # the Reshape that groups them
 # CPUs (``platform.machine()``) for which ``eyed export --int8`` groups the pixel columns. ARM64's symmetric
 # 8-bit convolution kernels need at least 64 input channels, so there the grouped convolution would fall back to
-# a general GEMM with 2.7 times the multiply-adds of the plain one (64 x 72 against 32 x 27 per output pair).
+# a general GEMM with 2.7 times the multiply-adds of the plain one (64 x 72 against 2 x 32 x 27 per output pair).
 GROUPING_CPUS = ("x86_64", "amd64")
 
 
