@@ -19,13 +19,13 @@ import numpy as np
 
 from eyed.config import SourceConfig
 from eyed.sources.base import Pacer, SourceError, to_rgb
+from eyed.sources.parquet import ParquetRows
 from eyed.types import Frame
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("img", "image", "images", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label")
-PAGE_BUFFER_BYTES = 1 << 20
 
 
 def decode_image(value: Any) -> np.ndarray | None:
@@ -56,19 +56,23 @@ def local_dataset(name: str) -> Path | None:
 
 
 def release_arrow_memory() -> None:
-    """Arrow allocates through jemalloc with no decay, so memory freed after each row group goes back at once.
+    """Arrow allocates through jemalloc with no decay, so memory freed after each batch goes back at once.
 
-    A row group's image column is built in a buffer that doubles as it grows and is shrunk to size at the end.
-    The C library's allocator copies it at each step (Arrow needs aligned blocks, so no realloc); jemalloc
-    grows and shrinks it in place: 11 MB less peak RSS for a replay daemon on the CIFAR-10 shards. Decay 0
-    hands freed pages back at once: jemalloc's default keeps them for a second, and pyarrow's default pool
-    (mimalloc) keeps what earlier row groups used (16 MB). A pyarrow built without jemalloc uses the C
-    library's allocator. An ARROW_DEFAULT_MEMORY_POOL the user set is left alone.
+    Arrow picks its default pool once, from ARROW_DEFAULT_MEMORY_POOL, when it is first used (importing
+    datasets does): the parquet reader takes some buffers from that pool whatever ``pyarrow.set_memory_pool``
+    says. So the variable is set before then, when it still can be. Against pyarrow's default (mimalloc, which
+    keeps what it once held), 7 MB less peak RSS for a replay daemon on the CIFAR-10 shards. Decay 0 hands
+    freed pages back at once (jemalloc's default keeps them for a second). When datasets reads a whole row
+    group (a hub dataset), jemalloc also grows its image column in place where the C library's allocator
+    copies it at each doubling. A pyarrow built without jemalloc uses the C library's allocator; a pool the
+    user chose is left alone.
     """
-    import pyarrow
-
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
         return
+    if "pyarrow" not in sys.modules:
+        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
+    import pyarrow
+
     try:
         pool = pyarrow.jemalloc_memory_pool()
         pyarrow.jemalloc_set_decay_ms(0)
@@ -77,19 +81,23 @@ def release_arrow_memory() -> None:
     pyarrow.set_memory_pool(pool)
 
 
-def stream_pages(config: Any) -> None:
-    """Reads a local parquet file's pages one buffer at a time instead of a row group's column chunk at once.
+def local_parquet_files(builder: Any, split: str) -> list[str] | None:
+    """The files of ``split`` when ``builder`` is datasets' parquet builder on local files; None otherwise.
 
-    The CIFAR-10 shards have one 10,000-row group: read whole, its 22 MB image column is in memory twice
-    (the raw chunk and the decoded array), 20 MB more peak RSS. Other builders (image folders, csv) have no
-    such option; remote files keep datasets' defaults, which coalesce range requests.
+    Those eyed reads itself (``ParquetRows``); image folders, csv and the hub stay with datasets' streaming.
+    ValueError for a split the folder does not have.
     """
-    import pyarrow.dataset as pds
-
-    if hasattr(config, "fragment_scan_options") and config.fragment_scan_options is None:
-        config.fragment_scan_options = pds.ParquetFragmentScanOptions(
-            use_buffered_stream=True, buffer_size=PAGE_BUFFER_BYTES, pre_buffer=False
-        )
+    try:
+        from datasets.packaged_modules.parquet.parquet import ParquetConfig
+    except ImportError:  # a datasets that moved it: its own streaming still works
+        return None
+    if not isinstance(builder.config, ParquetConfig) or not builder.config.data_files:
+        return None
+    splits = {str(name): files for name, files in builder.config.data_files.items()}
+    if split not in splits:
+        raise ValueError(f"Bad split: {split}. Available splits: {list(splits)}")
+    files = [str(f) for f in splits[split]]
+    return files if files and all(Path(f).is_file() for f in files) else None
 
 
 class ReplaySource:
@@ -101,7 +109,8 @@ class ReplaySource:
         self.cfg = cfg
         self.id = cfg.resolved_id()
         self.skipped = 0
-        self.reader_failures = 0  # passes ended early by a shard the reader could not read (also in skipped)
+        # Shards the reader could not read (also in skipped): passed over, or through datasets, ending the pass.
+        self.reader_failures = 0
         self.delivered = 0
         self._dataset: Any = None
         self._image_col = ""
@@ -131,8 +140,10 @@ class ReplaySource:
 
     def _open(self) -> Any:
         try:
+            release_arrow_memory()
             import datasets
-            from datasets import Image, load_dataset_builder
+            import pyarrow.parquet as pq
+            from datasets import Features, Image, load_dataset_builder
         except ImportError as exc:
             raise SourceError("the replay source needs the replay extra (pip install 'eyed[replay]')") from exc
         if "torch" not in sys.modules:
@@ -140,7 +151,6 @@ class ReplaySource:
             # DataLoader integration that eyed never uses: ~300 MB of RSS and seconds of start-up for an
             # onnx-backend daemon. The flag is read at use, so clearing it keeps torch out.
             datasets.config.TORCH_AVAILABLE = False
-        release_arrow_memory()
         name = self.cfg.dataset
         local = local_dataset(name)
         if local is None and name.startswith((".", "/", "~")):
@@ -148,10 +158,13 @@ class ReplaySource:
         try:
             # What load_dataset(streaming=True) does, with a look at the builder in between.
             builder = load_dataset_builder(str(local) if local is not None else name)
-            if local is not None:
-                stream_pages(builder.config)
-            ds = builder.as_streaming_dataset(split=self.cfg.split)
-        except ValueError as exc:  # unknown split and the like
+            files = local_parquet_files(builder, self.cfg.split) if local is not None else None
+            if files is None:
+                ds = builder.as_streaming_dataset(split=self.cfg.split)
+                features = ds.features
+            else:
+                features = builder.info.features or Features.from_arrow_schema(pq.read_schema(files[0]))
+        except ValueError as exc:  # unknown split, a first shard that is not parquet, and the like
             raise SourceError(f"source.dataset {name}: {exc}") from exc
         except Exception as exc:  # offline hub, missing repo: the same advice for both
             if local is not None:
@@ -160,20 +173,14 @@ class ReplaySource:
                 f"cannot reach the hub for dataset {name} ({type(exc).__name__}): "
                 "set source.dataset to a local folder of parquet shards"
             ) from exc
-        features = ds.features or {}
+        features = features or {}
         self._image_col = self.cfg.image_column or self._detect(features, IMAGE_COLUMNS, "image")
         self._label_col = self.cfg.label_column or self._detect_label(features)
+        keep = [c for c in (self._image_col, self._label_col) if c]
+        if features and (missing := [c for c in keep if c not in features]):
+            raise SourceError(f"source.dataset {name}: no column {missing[0]!r} (it has {', '.join(features)})")
         if self._label_col and self._label_col in features and hasattr(features[self._label_col], "names"):
             self._names = list(features[self._label_col].names)
-        # Decode with OpenCV ourselves: faster than PIL, and a corrupt record becomes a counted skip instead of
-        # an exception inside the dataset iterator.
-        if self._image_col in features:
-            ds = ds.cast_column(self._image_col, Image(decode=False))
-        keep = [c for c in (self._image_col, self._label_col) if c]
-        if features:
-            ds = ds.select_columns(keep)
-        if self.cfg.skip:
-            ds = ds.skip(self.cfg.skip)
         logger.info(
             "replaying %s split %s (image column %r, label column %r)",
             name,
@@ -181,7 +188,22 @@ class ReplaySource:
             self._image_col,
             self._label_col,
         )
+        if files is not None:
+            return ParquetRows(files, keep, self.cfg.skip, self._unreadable)
+        # Decode with OpenCV ourselves: faster than PIL, and a corrupt record becomes a counted skip instead of
+        # an exception inside the dataset iterator.
+        if self._image_col in features:
+            ds = ds.cast_column(self._image_col, Image(decode=False))
+        if features:
+            ds = ds.select_columns(keep)
+        if self.cfg.skip:
+            ds = ds.skip(self.cfg.skip)
         return ds
+
+    def _unreadable(self, path: str, exc: Exception) -> None:
+        self.skipped += 1
+        self.reader_failures += 1
+        logger.error("cannot read %s, going on with the next shard: %s", path, exc)
 
     @staticmethod
     def _detect(features: Any, candidates: tuple[str, ...], what: str) -> str:

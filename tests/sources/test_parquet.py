@@ -1,0 +1,78 @@
+"""Local parquet shards read a batch at a time: row order, skipping by row counts, unreadable shards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from eyed.sources import parquet as parquet_module
+from eyed.sources.parquet import MAX_BATCH_ROWS, ParquetRows, batch_rows
+
+
+def write_rows(path: Path, start: int, count: int, group_rows: int) -> str:
+    """``count`` rows numbered from ``start`` in row groups of ``group_rows``; a ``blob`` column beside."""
+    table = pa.table({"n": list(range(start, start + count)), "blob": [b"x" * 50] * count})
+    pq.write_table(table, path, row_group_size=group_rows)
+    return str(path)
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> list[str]:
+    """Rows 0-24 in three files (groups of 4, 5 and 3 rows), row 10 alone in the second file's first group."""
+    return [
+        write_rows(tmp_path / "a.parquet", 0, 10, 4),
+        write_rows(tmp_path / "b.parquet", 10, 9, 5),
+        write_rows(tmp_path / "c.parquet", 19, 6, 3),
+    ]
+
+
+@pytest.mark.parametrize("skip", [0, 1, 3, 4, 9, 10, 11, 15, 19, 24, 25, 40])
+def test_rows_in_order_from_any_skip(shards: list[str], skip: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches of 2 rows: skips land inside batches, on their edges, and on group and file edges.
+    monkeypatch.setattr(parquet_module, "batch_rows", lambda metadata: 2)
+    rows = ParquetRows(shards, ["n"], skip=skip)
+    assert [r["n"] for r in rows] == list(range(skip, 25))
+    assert [r["n"] for r in rows] == list(range(skip, 25))  # again: each pass starts over
+
+
+def test_only_the_columns_asked_for(shards: list[str]) -> None:
+    assert next(iter(ParquetRows(shards, ["blob"]))) == {"blob": b"x" * 50}
+
+
+def test_an_unreadable_shard_is_reported_and_passed_over(shards: list[str], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not a parquet file" * 10)
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"m": [1, 2]}), other)  # no column n
+    failures: list[tuple[str, str]] = []
+    rows = ParquetRows(
+        [shards[0], str(broken), shards[1], str(other), shards[2]],
+        ["n"],
+        skip=2,
+        on_error=lambda path, exc: failures.append((path, type(exc).__name__)),
+    )
+    # The skip is counted in readable files only: what an unreadable one holds is unknown.
+    assert [r["n"] for r in rows] == list(range(2, 25))
+    assert failures == [(str(broken), "ArrowInvalid"), (str(other), "KeyError")]
+
+
+def test_without_a_handler_an_unreadable_shard_raises(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    with pytest.raises(pa.ArrowInvalid):
+        list(ParquetRows([str(broken)], ["n"]))
+
+
+def test_batches_hold_about_a_megabyte(tmp_path: Path) -> None:
+    small = pq.ParquetFile(write_rows(tmp_path / "small.parquet", 0, 3000, 3000)).metadata
+    assert batch_rows(small) == MAX_BATCH_ROWS
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"blob": [os.urandom(300_000) for _ in range(8)]}), big)
+    assert batch_rows(pq.ParquetFile(big).metadata) == 3
+    huge = tmp_path / "huge.parquet"
+    pq.write_table(pa.table({"blob": [os.urandom(1_300_000) for _ in range(2)]}), huge)
+    assert batch_rows(pq.ParquetFile(huge).metadata) == 1
