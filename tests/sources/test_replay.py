@@ -238,6 +238,33 @@ def test_first_frame_of_a_big_row_group_is_read_lean(tmp_path: Path) -> None:
     assert growth_bytes < 0.5 * column_bytes, f"{growth_bytes / column_bytes:.2f}x the image column"
 
 
+ARROW_POOL = """
+import sys
+from eyed.config import SourceConfig
+from eyed.sources.replay import ReplaySource
+with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
+    next(src.frames())
+    import pyarrow
+    print(pyarrow.default_memory_pool().backend_name)
+"""
+
+
+def test_arrow_default_pool_is_jemalloc_from_its_first_use(tiny_dataset: Path) -> None:
+    """Parts of the parquet reader allocate from Arrow's default pool whatever pyarrow.set_memory_pool says;
+    mimalloc, its default, kept 7 MB more resident in a replay daemon."""
+    import pyarrow
+
+    try:
+        pyarrow.jemalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow is built without jemalloc")
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run(
+        [sys.executable, "-c", ARROW_POOL, str(tiny_dataset)], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["jemalloc"]
+
+
 def test_an_unreadable_shard_is_counted_and_the_others_replay(tmp_path: Path) -> None:
     images = synthetic_images(6)
     for i, part in enumerate((slice(0, 3), slice(3, 6))):
