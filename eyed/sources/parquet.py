@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
 PAGE_BUFFER_BYTES = 1 << 20
-# Rows per batch are chosen so a batch holds about this much: CIFAR-10's 2.3 KB records come 455 at a time,
+# Rows per batch are chosen so a batch holds about this much: CIFAR-10's 2.3 KB records come 464 at a time,
 # a shard of 5 MB photos one at a time.
 BATCH_BYTES = 1 << 20
 MAX_BATCH_ROWS = 1024

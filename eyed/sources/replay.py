@@ -1,4 +1,5 @@
-"""Replay a labelled image dataset as a synthetic camera, streamed with ``datasets`` (no full download)."""
+"""Replay a labelled image dataset as a synthetic camera, streamed (no full download): ``datasets`` finds the
+split's files and features; local parquet shards are read by ``eyed.sources.parquet``, others by datasets."""
 
 from __future__ import annotations
 
