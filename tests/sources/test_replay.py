@@ -34,7 +34,8 @@ def replay(dataset: Path, **kwargs: Any) -> tuple[list[Frame], ReplaySource]:
     return frames, src
 
 
-def test_replays_every_good_record(tiny_dataset: Path, reader: str) -> None:
+@pytest.mark.usefixtures("reader")
+def test_replays_every_good_record(tiny_dataset: Path) -> None:
     frames, src = replay(tiny_dataset)
     assert len(frames) == 11
     assert src.skipped == 1
@@ -59,21 +60,24 @@ def test_limit(tiny_dataset: Path) -> None:
     assert [f.truth for f in frames] == CIFAR10[:4]
 
 
-def test_limit_counts_frames_not_records(tiny_dataset: Path, reader: str) -> None:
+@pytest.mark.usefixtures("reader")
+def test_limit_counts_frames_not_records(tiny_dataset: Path) -> None:
     frames, src = replay(tiny_dataset, limit=7)
     assert len(frames) == 7
     assert src.skipped == 1
     assert frames[-1].truth == CIFAR10[7]
 
 
-def test_skip(tiny_dataset: Path, reader: str) -> None:
+@pytest.mark.usefixtures("reader")
+def test_skip(tiny_dataset: Path) -> None:
     frames, src = replay(tiny_dataset, skip=3)
     assert [f.truth for f in frames] == [CIFAR10[i % 10] for i in range(3, 12) if i != 5]
     assert [f.index for f in frames] == list(range(8))
     assert src.skipped == 1
 
 
-def test_loop_wraps_around(tiny_dataset: Path, reader: str) -> None:
+@pytest.mark.usefixtures("reader")
+def test_loop_wraps_around(tiny_dataset: Path) -> None:
     frames, src = replay(tiny_dataset, loop=True, limit=30)
     assert len(frames) == 30
     assert [f.index for f in frames] == list(range(30))
@@ -89,12 +93,11 @@ def test_frames_outside_the_context_manager(tiny_dataset: Path) -> None:
 
 
 @pytest.fixture(params=["eyed", "datasets"])
-def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Local parquet shards are read by eyed (ParquetRows); "datasets" sends them through datasets' streaming
     builder instead, the path hub datasets take."""
     if request.param == "datasets":
         monkeypatch.setattr(replay_module, "local_parquet_files", lambda builder, split: None)
-    return str(request.param)
 
 
 def _open_files(folder: Path) -> list[str]:
@@ -109,7 +112,8 @@ def _open_files(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kept", [True, False])
-def test_a_pass_left_unfinished_is_released_with_the_source(tiny_dataset: Path, kept: bool, reader: str) -> None:
+@pytest.mark.usefixtures("reader")
+def test_a_pass_left_unfinished_is_released_with_the_source(tiny_dataset: Path, kept: bool) -> None:
     """A scan abandoned mid-pass (a limit, a stopped daemon) must be freed when the source closes, not by the
     garbage collector at interpreter exit: there, an Arrow thread that drops the last reference to the shard's
     Python file cannot take the GIL, and the process aborted (exit 134) in about one run in six under load."""
@@ -170,7 +174,8 @@ def test_pacer_zero_fps_never_sleeps() -> None:
         pacer.wait()  # returns at once: a sleep of even 1 ms each would make this test take a second
 
 
-def test_int_label_column_without_class_names(tmp_path: Path, reader: str) -> None:
+@pytest.mark.usefixtures("reader")
+def test_int_label_column_without_class_names(tmp_path: Path) -> None:
     from datasets import Dataset, Features, Image, Value
 
     images = synthetic_images(3, seed=9)
