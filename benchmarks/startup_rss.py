@@ -5,9 +5,11 @@ beforehand, as on a device), once on a video file (what a camera deployment load
 source (which adds `datasets` and pyarrow), and reports for each: seconds to the first event at a real SUB
 socket, peak RSS (the child's VmHWM) and whether torch/transformers were imported.
 
-    .venv/bin/python benchmarks/startup_rss.py [--runs 3] [--onnx m8.onnx] [--json]
+    .venv/bin/python benchmarks/startup_rss.py [--runs 3] [--onnx m8.onnx] [--replay-limit 200] [--json]
 
 ``--onnx`` runs that file (an `eyed export --int8` one, say) instead of the cached FP32 export.
+``--replay-limit`` is how many records the replay daemon runs through: 30000 crosses two shard boundaries
+(about 90 s a run for FP32 here), for the peak of a long replay.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def one_run(env: dict[str, str], endpoint: str) -> dict[str, Any]:
         proc = subprocess.Popen([sys.executable, "-c", probe], env=env, stderr=subprocess.PIPE, text=True)
         sub.receive(120)
         first = time.monotonic() - t0
-    _, err = proc.communicate(timeout=120)
+    # A long replay runs through its records after the first event: allow 20 frames/s at the least.
+    _, err = proc.communicate(timeout=120 + int(env.get("EYED_SOURCE__LIMIT", "0")) / 20)
     if proc.returncode != 0:
         raise RuntimeError(f"eyed run exited {proc.returncode}: {err[-2000:]}")
     torch, transformers, peak_kib = next(line for line in err.splitlines() if line.startswith("MODULES")).split()[1:]
@@ -105,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--onnx", type=Path, help="run this ONNX file instead of the cached FP32 export")
+    parser.add_argument("--replay-limit", type=int, default=200, help="records the replay daemon runs through")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     shared, common = cached_model()
@@ -121,7 +125,7 @@ def main() -> None:
                     **common,
                     "EYED_SOURCE__DATASET": str(shared / "data" / "cifar10"),
                     "EYED_SOURCE__SPLIT": "train",
-                    "EYED_SOURCE__LIMIT": "200",
+                    "EYED_SOURCE__LIMIT": str(args.replay_limit),
                 },
                 args.runs,
             ),
