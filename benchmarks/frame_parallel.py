@@ -1,0 +1,87 @@
+"""Two ways to use this machine's two cores: one frame at a time on two onnxruntime threads (what eyed does),
+or two frames at once, each on one thread (one session, run from two Python threads; onnxruntime releases
+the GIL while it runs). A bare loop on random pixels, FP32 and INT8, in alternating rounds.
+
+    .venv/bin/python benchmarks/frame_parallel.py --int8 m8.onnx [--fp32 FILE] [--frames 1200] [--rounds 4]
+
+The FP32 file defaults to the cached export of the real MobileNetV2 from $EYED_SHARED (made if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eyed.config import ModelConfig
+from eyed.model.export import INPUT_NAME, K_NAME, OUTPUT_NAME, ensure_onnx
+from eyed.model.onnx_backend import open_session
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def session(path: Path, threads: int) -> Any:
+    # The daemon's options at fps 0 (spinning on), with the thread count under test.
+    return open_session(path, ModelConfig(onnx=path, threads=threads, spinning="on"))
+
+
+def fps(sess: Any, feeds: list[dict[str, np.ndarray]], frames: int, workers: int) -> float:
+    def work(count: int) -> None:
+        for i in range(count):
+            sess.run([OUTPUT_NAME], feeds[i % len(feeds)])
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(frames // workers,)) for _ in range(workers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return frames / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--int8", type=Path, required=True, help="an `eyed export --int8` file")
+    parser.add_argument("--fp32", type=Path)
+    parser.add_argument("--frames", type=int, default=1200)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    fp32 = args.fp32
+    if fp32 is None:
+        shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
+        fp32 = ensure_onnx(str(shared / "models" / "mobilenet_v2_1.0_224"), ROOT / ".cache" / "eyed")
+    rng = np.random.default_rng(0)
+    feeds: list[dict[str, np.ndarray]] = [
+        {INPUT_NAME: rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8), K_NAME: np.array([1], dtype=np.int64)}
+        for _ in range(50)
+    ]
+    ways = {"one frame, two threads": (2, 1), "two frames, one thread each": (1, 2)}
+    files = {"fp32": fp32, "int8": args.int8}
+    results: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for model, path in files.items():
+            for way, (threads, workers) in ways.items():
+                # A session per round and only one alive at a time: an idle session's threads would spin
+                # beside the one measured.
+                sess = session(path, threads)
+                fps(sess, feeds, 20, workers)  # warm-up
+                results.setdefault((model, way), []).append(fps(sess, feeds, args.frames, workers))
+                del sess
+    median = {key: statistics.median(values) for key, values in results.items()}
+    for (model, way), value in median.items():
+        print(f"{model} {way:<30} {value:7.1f} frames/s")
+    for way in ways:
+        print(f"int8/fp32, {way}: {median[('int8', way)] / median[('fp32', way)]:.2f}x")
+    for model in ("fp32", "int8"):
+        gain = median[(model, "two frames, one thread each")] / median[(model, "one frame, two threads")]
+        print(f"{model}: two frames at once / one frame on two threads: {gain:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
