@@ -1,6 +1,6 @@
-"""Two ways to use this machine's two cores: one frame at a time on two onnxruntime threads (what eyed does),
-or two frames at once, each on one thread (one session, run from two Python threads; onnxruntime releases
-the GIL while it runs). A bare loop on random pixels, FP32 and INT8, in alternating rounds.
+"""Two ways to use this machine's N cores: one frame at a time on N onnxruntime threads (what eyed does), or
+N frames at once, each on one thread (one session, run from N Python threads; onnxruntime releases the GIL
+while it runs). A bare loop on random pixels, FP32 and INT8, in alternating rounds.
 
     .venv/bin/python benchmarks/frame_parallel.py --int8 m8.onnx [--fp32 FILE] [--frames 1200] [--rounds 4]
 
@@ -61,7 +61,9 @@ def main() -> None:
         {INPUT_NAME: rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8), K_NAME: np.array([1], dtype=np.int64)}
         for _ in range(50)
     ]
-    ways = {"one frame, two threads": (2, 1), "two frames, one thread each": (1, 2)}
+    cores = os.cpu_count() or 2
+    threaded, at_once = f"one frame, {cores} threads", f"{cores} frames at once, one thread each"
+    ways = {threaded: (cores, 1), at_once: (1, cores)}
     files = {"fp32": fp32, "int8": args.int8}
     results: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
@@ -75,12 +77,11 @@ def main() -> None:
                 del sess
     median = {key: statistics.median(values) for key, values in results.items()}
     for (model, way), value in median.items():
-        print(f"{model} {way:<30} {value:7.1f} frames/s")
+        print(f"{model} {way:<36} {value:7.1f} frames/s")
     for way in ways:
         print(f"int8/fp32, {way}: {median[('int8', way)] / median[('fp32', way)]:.2f}x")
     for model in ("fp32", "int8"):
-        gain = median[(model, "two frames, one thread each")] / median[(model, "one frame, two threads")]
-        print(f"{model}: two frames at once / one frame on two threads: {gain:.2f}x")
+        print(f"{model}: {at_once} / {threaded}: {median[(model, at_once)] / median[(model, threaded)]:.2f}x")
 
 
 if __name__ == "__main__":
