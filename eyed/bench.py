@@ -1,11 +1,14 @@
 """``eyed bench``: the daemon's path against a bare onnxruntime loop (and the seed study's transformers loop),
 on the same frames, in one run, so the ratios mean something on a shared, noisy machine.
 
-- bare onnxruntime: ``session.run`` on tensors preprocessed beforehand, one frame per call, fetching the logits
-  only: the runtime's limit.
-- daemon path: the real pipeline (resize, inference, events, XPUB socket) fed from memory, with a SUB client
-  in another process receiving every event (it takes its share of the two cores: a client that drained its
-  queue every 50 ms instead of waking per event measured the same), and with no client at all.
+- bare onnxruntime: ``session.run`` on tensors preprocessed beforehand, one frame per call on all of the
+  runtime's threads, fetching the logits only: the obvious loop.
+- bare onnxruntime, N frames at once: the same calls from one Python thread per core, on a session with one
+  intra-op thread, which is how the daemon runs at fps 0: the runtime's limit on this machine.
+- daemon path: the real pipeline (resize, inference, events, XPUB socket) fed from memory, with the model
+  options the daemon takes for a replay at fps 0 (``Settings.runtime_model``), with a SUB client in another
+  process receiving every event (it takes its share of the cores: a client that drained its queue every 50 ms
+  instead of waking per event measured the same), and with no client at all.
 - transformers loop: ``AutoImageProcessor`` + ``AutoModelForImageClassification`` in eager PyTorch, one PIL
   image at a time, as in the seed study.
 
@@ -22,6 +25,7 @@ import hashlib
 import logging
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,25 +71,39 @@ def summarise(name: str, latencies_ms: list[float], wall_s: float, n: int) -> di
 
 
 class BareLoop:
-    """``session.run`` alone, batch 1, on tensors preprocessed beforehand (same session options as the daemon),
-    fetching only the logits (the daemon also fetches the graph's softmax and top-k). The session is opened and
-    warmed once, so every round measures steady state."""
+    """``session.run`` alone, batch 1, on tensors preprocessed beforehand, fetching only the logits (the daemon
+    also fetches the graph's softmax and top-k). With ``at_once`` > 1, that many Python threads share the frames
+    and call the one session at the same time (onnxruntime releases the GIL while it runs). The session is
+    opened and warmed once, so every round measures steady state."""
 
-    def __init__(self, path: Path, cfg: ModelConfig, tensors: list[np.ndarray]):
+    def __init__(self, path: Path, cfg: ModelConfig, tensors: list[np.ndarray], at_once: int = 1):
         self.session: Any = open_session(path, cfg)
+        self.at_once = at_once
         self.feeds = [{INPUT_NAME: t[None], K_NAME: np.array([1], dtype=np.int64)} for t in tensors]
         for feed in self.feeds[:10]:
             self.session.run([OUTPUT_NAME], feed)
 
-    def __call__(self) -> dict[str, Any]:
+    def _loop(self, feeds: list[dict[str, np.ndarray]], lat: list[float]) -> None:
         run, fetch = self.session.run, [OUTPUT_NAME]
-        lat = []
-        t0 = time.perf_counter()
-        for feed in self.feeds:
+        for feed in feeds:
             s = time.perf_counter()
             run(fetch, feed)
             lat.append((time.perf_counter() - s) * 1000)
-        return summarise("bare onnxruntime", lat, time.perf_counter() - t0, len(self.feeds))
+
+    def __call__(self) -> dict[str, Any]:
+        lat: list[float] = []
+        t0 = time.perf_counter()
+        if self.at_once == 1:
+            self._loop(self.feeds, lat)
+            return summarise("bare onnxruntime", lat, time.perf_counter() - t0, len(self.feeds))
+        shares = [self.feeds[i :: self.at_once] for i in range(self.at_once)]
+        threads = [threading.Thread(target=self._loop, args=(share, lat)) for share in shares]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        name = f"bare onnxruntime, {self.at_once} frames at once"
+        return summarise(name, lat, time.perf_counter() - t0, len(self.feeds))
 
 
 END = "label.bench-end"  # topic of the last message the benchmark publishes: the subscriber then reports back
@@ -139,10 +157,13 @@ class DaemonPath:
     SUB socket in another process, taking its share of this machine's two cores) serves every round; each
     round runs a fresh pipeline over the frames. On exit the subscriber must have received every event."""
 
-    def __init__(self, classifier: OnnxClassifier, images: list[np.ndarray], subscriber: bool) -> None:
+    def __init__(
+        self, classifier: OnnxClassifier, images: list[np.ndarray], subscriber: bool, workers: int = 1
+    ) -> None:
         self.classifier = classifier
         self.images = images
         self.subscriber = subscriber
+        self.workers = workers
         self._stack = contextlib.ExitStack()
         self._labels = 0
 
@@ -171,7 +192,9 @@ class DaemonPath:
             self._receiver.join(5)
 
     def __call__(self, batch: int) -> dict[str, Any]:
-        pipeline = Pipeline(MemorySource(self.images), self.classifier, self.pub, batch=batch, heartbeat_s=3600)
+        pipeline = Pipeline(
+            MemorySource(self.images), self.classifier, self.pub, batch=batch, workers=self.workers, heartbeat_s=3600
+        )
         before = len(self.pub.latencies)
         t0 = time.perf_counter()
         pipeline.start()
@@ -254,26 +277,28 @@ def run_bench(
     if settings.model.backend != "onnx":
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"backend": "onnx"})})
     images, _ = load_frames(settings, frames)
-    fp32 = load_classifier(settings.model)
+    # The daemon's options for this source at fps 0 (workers, threads per call, spinning); the bare loop
+    # keeps the configured ones (by default one call at a time on all cores).
+    daemon_cfg = settings.model_copy(update={"source": settings.source.model_copy(update={"fps": 0.0})}).runtime_model()
+    at_once = daemon_cfg.workers
+    fp32 = load_classifier(daemon_cfg)
     assert isinstance(fp32, OnnxClassifier)
     models = {"fp32": fp32}
     if with_int8:
         path = int8 or int8_model(settings, fp32)
-        models["int8"] = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
+        models["int8"] = OnnxClassifier(daemon_cfg.model_copy(update={"onnx": path}))
     tensors = [fp32.prepare(img) for img in images]
     runs: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:
         paths: list[tuple[str, Callable[[], dict[str, Any]]]] = []
         for precision, classifier in models.items():
-            bare = BareLoop(classifier.path, settings.model, tensors)
-            sub = stack.enter_context(DaemonPath(classifier, images, subscriber=True))
-            alone = stack.enter_context(DaemonPath(classifier, images, subscriber=False))
+            paths.append((precision, BareLoop(classifier.path, settings.model, tensors)))
+            if at_once > 1:
+                paths.append((precision, BareLoop(classifier.path, daemon_cfg, tensors, at_once)))
+            sub = stack.enter_context(DaemonPath(classifier, images, subscriber=True, workers=at_once))
+            alone = stack.enter_context(DaemonPath(classifier, images, subscriber=False, workers=at_once))
             sub(1)  # the pipeline's first frames warm its session up, as BareLoop's do
-            paths += [
-                (precision, bare),
-                (precision, functools.partial(sub, 1)),
-                (precision, functools.partial(alone, 1)),
-            ]
+            paths += [(precision, functools.partial(sub, 1)), (precision, functools.partial(alone, 1))]
             if batch > 1:
                 paths.append((precision, functools.partial(sub, batch)))
         for r in range(rounds):
@@ -288,14 +313,19 @@ def run_bench(
         return statistics.median(x["fps"] / y["fps"] for x, y in zip(runs[a], runs[b], strict=True))
 
     daemon = "daemon path -> SUB process"
+    parallel = f"bare onnxruntime, {at_once} frames at once"
     ratios: dict[str, float] = {}
     for p in models:
         ratios[f"{p} daemon/bare"] = ratio(f"{p} {daemon}", f"{p} bare onnxruntime")
         ratios[f"{p} daemon (no subscriber)/bare"] = ratio(f"{p} daemon path, no subscriber", f"{p} bare onnxruntime")
+        if at_once > 1:
+            ratios[f"{p} daemon/{parallel}"] = ratio(f"{p} {daemon}", f"{p} {parallel}")
         if batch > 1:
             ratios[f"{p} daemon batch {batch}/daemon batch 1"] = ratio(f"{p} {daemon}, batch {batch}", f"{p} {daemon}")
     if "int8" in models:
         ratios["int8/fp32 bare"] = ratio("int8 bare onnxruntime", "fp32 bare onnxruntime")
+        if at_once > 1:
+            ratios[f"int8/fp32 {parallel}"] = ratio(f"int8 {parallel}", f"fp32 {parallel}")
         ratios["int8/fp32 daemon"] = ratio(f"int8 {daemon}", f"fp32 {daemon}")
     if seed_frames > 0:
         try:
@@ -316,6 +346,10 @@ def run_bench(
     ]
     lines += [f"{name}: {value:.2f}x" for name, value in ratios.items()]
     lines.append(
+        f"daemon path: {at_once} worker(s), {daemon_cfg.threads or 'default'} onnxruntime thread(s) each; "
+        f"bare onnxruntime: {settings.model.threads or 'default'} thread(s)"
+    )
+    lines.append(
         f"{rounds} alternating rounds of {len(images)} frames; fps = median over rounds, ratio = median of "
         "per-round ratios; latency of the daemon path = frame in to event published (includes queueing)"
     )
@@ -323,6 +357,7 @@ def run_bench(
         "model": settings.model.id,
         "onnx": {p: str(c.path) for p, c in models.items()},
         "threads": settings.model.threads,
+        "daemon": {"workers": at_once, "threads": daemon_cfg.threads, "spinning": daemon_cfg.spinning},
         "rounds": rounds,
         "rows": rows,
         "ratios": ratios,

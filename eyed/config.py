@@ -112,7 +112,12 @@ class ModelConfig(Section):
     onnx: Path | None = Field(None, description="Exported ONNX file; exported into cache_dir when unset.")
     cache_dir: Path = Field(Path("~/.cache/eyed"), description="Where the daemon keeps ONNX files it exported itself.")
     topk: int = Field(5, ge=1, le=100, description="Classes listed in each label event.")
-    threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 = the runtime's default.")
+    threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Intra-op threads per inference call; 0 = one per core, shared among model.workers.",
+    )
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
         min_length=1,
@@ -124,6 +129,16 @@ class ModelConfig(Section):
         ge=1,
         le=256,
         description="Frames per inference call for a replay or file source at fps 0 (others: one at a time).",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description=(
+            "Inference calls at once for a replay or file source at fps 0, each on model.threads threads, events "
+            "still in frame order (others: one). 0 = auto: one per core with the onnx backend (one thread "
+            "each), one with torch."
+        ),
     )
     spinning: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -268,16 +283,31 @@ class Settings(BaseSettings):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
     def runtime_model(self) -> ModelConfig:
-        """The model section as this source runs it: ``spinning="auto"`` decided, and ``batch`` kept only
-        where frames are always waiting (a replay or file at fps 0). A paced or live source goes a frame at
-        a time: filling a batch would hold each frame until the last one of its batch arrived."""
+        """The model section as this source runs it: ``spinning="auto"`` and ``workers=0`` decided, and
+        ``batch`` and ``workers`` kept only where frames are always waiting (a replay or file at fps 0).
+
+        A paced or live source goes a frame at a time on every core: filling a batch would hold each frame
+        until the last one of its batch arrived, and a second frame in flight would only make the first
+        slower. At fps 0 the onnx backend runs one frame per core, each on one thread, unless
+        ``model.threads`` says otherwise: ``eyed bench`` measured two frames at once, one thread each,
+        faster than one frame on two threads (README, Performance).
+        """
+        m = self.model
         throughput = self.source.kind in ("replay", "file") and self.source.fps == 0
+        cores = available_cores()
         update: dict[str, object] = {}
-        if self.model.spinning == "auto":
+        if m.spinning == "auto":
             update["spinning"] = "on" if throughput else "off"
-        if not throughput and self.model.batch > 1:
-            update["batch"] = 1
-        return self.model.model_copy(update=update) if update else self.model
+        workers = m.workers
+        if not throughput:
+            update["batch"], workers = 1, 1
+        elif workers == 0:
+            workers = max(1, cores // (m.threads or 1)) if m.backend == "onnx" else 1
+        update["workers"] = workers
+        if workers > 1 and m.threads == 0:
+            # Threads for every worker would take turns at the same cores.
+            update["threads"] = max(1, cores // workers)
+        return m.model_copy(update=update)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:
@@ -298,6 +328,14 @@ class Settings(BaseSettings):
         if cls._toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
         return tuple(sources)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a systemd CPUAffinity= or taskset counts, not just the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class ConfigError(Exception):

@@ -238,6 +238,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             classifier,
             publisher,
             batch=model.batch,
+            workers=model.workers,
             heartbeat_s=settings.publish.heartbeat_s,
             stop=stop,
             drift=drift,
@@ -264,12 +265,15 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             return 0
         pipeline.start()
         logger.info(
-            "running: source=%s model=%s%s backend=%s spinning=%s",
+            "running: source=%s model=%s%s backend=%s spinning=%s workers=%d threads=%s batch=%d",
             source.id,
             classifier.name,
             f" onnx={model.onnx}" if model.onnx is not None else "",
             classifier.backend,
             model.spinning if classifier.backend == "onnx" else "n/a",
+            pipeline.workers,
+            model.threads or "default",
+            pipeline.batch,
         )
         # A timed wait keeps the main thread responsive to signals and paces the watchdog.
         while not stop.wait(supervisor.tick_s):

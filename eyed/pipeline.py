@@ -1,11 +1,18 @@
-"""Source -> inference thread -> publisher.
+"""Source -> inference workers -> publisher.
 
-The inference thread resizes frames into a buffer allocated once, classifies, turns predictions into events and
-is the only user of the publisher. A replay or file source is read by the inference thread itself: it is never
-late, it must deliver every frame, and onnxruntime already keeps both cores of a small board busy, so a hand-off
-between threads costs more than it saves (``eyed bench`` measured 0.83-0.89x of a bare onnxruntime loop with a
-hand-off, 0.93x without). A live source (a camera) runs its own capture thread and hands over only its newest
-frame, so the loop never works on a stale one.
+A worker takes the next frames from the source, resizes them into its own buffer (allocated once), classifies
+them, and then, in frame order, turns the predictions into events. Workers take turns at the publisher, so it
+still has one user at a time and events leave in the order the frames came.
+
+A replay or file source is read by the workers themselves: it is never late and must deliver every frame.
+Beside a bare onnxruntime loop, a hand-off to a separate reading thread cost 10-15% here. At fps 0 the daemon
+runs as many workers as the machine has cores, each on one onnxruntime thread (``Settings.runtime_model``):
+while one worker publishes, reads and resizes (Python, holding the GIL), the other's inference keeps its core
+busy, and two frames on one thread each waste less than one frame split over two threads. Everything else runs
+one worker, on all of onnxruntime's threads, which gives a single frame the lowest latency.
+
+A live source (a camera) runs its own capture thread and hands over only its newest frame, so the loop never
+works on a stale one.
 """
 
 from __future__ import annotations
@@ -60,8 +67,21 @@ class DriftWatch:
         return self.monitor.update(self.extractor(frame.image, pred), frame.t_in)
 
 
+@dataclass
+class Classified:
+    """What a worker made of one batch: the frames it classified, their predictions, and how many it could not."""
+
+    frames: list[Frame] = field(default_factory=list)
+    preds: list[Prediction] = field(default_factory=list)
+    errors: int = 0
+
+
 class Pipeline:
-    """Runs until the source ends or ``stop`` is set; ``join`` waits a bounded time."""
+    """Runs until the source ends or ``stop`` is set; ``join`` waits a bounded time.
+
+    ``workers`` (replay and files only; a live source has one) classify batches at the same time; their
+    events still go out in frame order.
+    """
 
     def __init__(
         self,
@@ -70,6 +90,7 @@ class Pipeline:
         publisher: Publisher,
         *,
         batch: int = 1,
+        workers: int = 1,
         heartbeat_s: float = 5.0,
         stop: threading.Event | None = None,
         drift: DriftWatch | None = None,
@@ -77,8 +98,10 @@ class Pipeline:
         self.source = source
         self.classifier = classifier
         self.publisher = publisher
-        # Live frames go one at a time: waiting to fill a batch would make every frame late.
+        # Live frames go one at a time: waiting to fill a batch would make every frame late, and a second
+        # worker would only take its turn at the newest frame.
         self.batch = 1 if source.live else batch
+        self.workers = 1 if source.live else workers
         self.heartbeat_s = heartbeat_s
         self.stop = stop or threading.Event()
         self.done = threading.Event()
@@ -86,7 +109,6 @@ class Pipeline:
         self.state = "starting"
         self.failure: BaseException | None = None
         self.ctx = EventContext(source=source.id, model=classifier.name, backend=classifier.backend)
-        self._buffer = np.empty((self.batch, *classifier.input_shape), dtype=np.uint8)
         self._inline: Iterator[Frame] | None = None
         # The class may serve both kinds (CaptureSource does files too): the flag decides, not the methods.
         self._live: LiveSource | None = cast(LiveSource, source) if source.live else None
@@ -97,6 +119,16 @@ class Pipeline:
         self.drift = drift
         self._drift_topic = drift_topic(source.id)
         self._drift_seq = 0
+        # Taking frames from the source, and a ticket that fixes the batch's place in the event stream.
+        self._source_lock = threading.Lock()
+        self._ended = False
+        self._issued = 0
+        # Whose turn it is at the publisher (and at the counters, the heartbeat and the drift monitor).
+        self._turn = threading.Condition()
+        self._published = 0
+        self._next_beat = 0.0
+        self._beat_frames, self._beat_t = 0, 0.0
+        self._published_state = ""
         self._thread = threading.Thread(target=self._infer, name="eyed-infer", daemon=True)
 
     def start(self) -> None:
@@ -104,12 +136,13 @@ class Pipeline:
         self._thread.start()
 
     def join(self, timeout_s: float) -> bool:
-        """Wait for the inference thread; False if it is still running after ``timeout_s``."""
+        """Wait for the inference thread (which waits for its helpers); False if it is still running after
+        ``timeout_s``."""
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
     def _next_batch(self) -> tuple[list[Frame], bool]:
-        """Up to ``batch`` frames; True once the source has ended."""
+        """Up to ``batch`` frames; True once the source has ended. Called under ``_source_lock``."""
         if self._live is not None:
             frame = self._live.next_frame(0.1)
             return ([frame] if frame is not None else []), self._live.state == "finished"
@@ -133,29 +166,22 @@ class Pipeline:
         return self.state
 
     def _infer(self) -> None:
-        next_beat = time.monotonic()
-        beat_frames, beat_t = 0, time.monotonic()
+        now = time.monotonic()
+        self._next_beat, self._beat_frames, self._beat_t = now, 0, now
         self.state = "live"
-        published_state = ""
+        helpers = [
+            threading.Thread(target=self._work, name=f"eyed-infer-{i + 1}", daemon=True)
+            for i in range(self.workers - 1)
+        ]
         try:
-            ended = False
-            while not ended and not self.stop.is_set():
-                items, ended = self._next_batch()
-                if items:
-                    self._classify(items)
-                now = time.monotonic()
-                # The loop came round: what systemd's watchdog is fed on (a hung inference stops it).
-                self.counters.last_progress = now
-                state = self.current_state()
-                # A state change goes out at once; otherwise one heartbeat every heartbeat_s.
-                if now >= next_beat or state != published_state:
-                    fps = (self.counters.frames - beat_frames) / max(now - beat_t, 1e-9)
-                    beat_frames, beat_t = self.counters.frames, now
-                    self._send_health(fps)
-                    published_state = state
-                    next_beat = now + self.heartbeat_s
+            for helper in helpers:
+                helper.start()
+            self._work()
+            for helper in helpers:
+                # Each ends once the source has, or on stop, after publishing the batch it holds.
+                helper.join()
             # A paced source stopped mid-wait ends too: that is a stop, not the end of the source.
-            finished = ended and not self.stop.is_set()
+            finished = self._ended and not self.stop.is_set()
             self.state = "failed" if self.failure is not None else ("finished" if finished else "stopped")
             elapsed = time.monotonic() - self.counters.started
             self._send_health(self.counters.frames / max(elapsed, 1e-9))
@@ -167,25 +193,66 @@ class Pipeline:
             self.stop.set()
             self.done.set()
 
-    def _classify(self, items: list[Frame]) -> None:
-        frames: list[Frame] = []
+    def _work(self) -> None:
+        """One worker: take a batch, classify it, then wait for its turn and publish it; until the source
+        ends or ``stop`` is set. Every ticket taken is published (perhaps as nothing), so no worker waits for
+        a turn that never comes."""
+        buffer = np.empty((self.batch, *self.classifier.input_shape), dtype=np.uint8)
+        try:
+            while not self.stop.is_set():
+                with self._source_lock:
+                    if self._ended:
+                        return
+                    items, self._ended = self._next_batch()
+                    ticket = self._issued
+                    self._issued += 1
+                done = Classified()
+                try:
+                    done = self._classify(items, buffer)
+                finally:
+                    self._in_turn(ticket, done)
+        except BaseException as exc:
+            self.failure = exc
+            self.state = "failed"
+            logger.exception("inference worker %s failed", threading.current_thread().name)
+            self.stop.set()
+
+    def _in_turn(self, ticket: int, done: Classified) -> None:
+        """Wait until every earlier batch is out, then publish this one and pass the turn on."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._published == ticket)
+            try:
+                self._publish(done)
+                self._beat()
+            finally:
+                self._published += 1
+                self._turn.notify_all()
+
+    def _classify(self, items: list[Frame], buffer: np.ndarray) -> Classified:
+        """Resize and classify one batch (no shared state: workers do this at the same time)."""
+        done = Classified()
         for frame in items:
             try:
-                self.classifier.prepare(frame.image, out=self._buffer[len(frames)])
+                self.classifier.prepare(frame.image, out=buffer[len(done.frames)])
             except Exception:  # a frame OpenCV cannot resize: skip it, keep the camera
-                self.counters.errors += 1
+                done.errors += 1
                 logger.exception("could not preprocess frame %d; skipped", frame.index)
                 continue
-            frames.append(frame)
-        if not frames:
-            return
+            done.frames.append(frame)
+        if not done.frames:
+            return done
         try:
-            preds = self.classifier.predict(self._buffer[: len(frames)])
+            done.preds = self.classifier.predict(buffer[: len(done.frames)])
         except Exception:
-            self.counters.errors += len(frames)
-            logger.exception("inference failed on %d frame(s); skipped", len(frames))
-            return
-        for frame, pred in zip(frames, preds, strict=True):
+            done.errors += len(done.frames)
+            logger.exception("inference failed on %d frame(s); skipped", len(done.frames))
+            done.frames = []
+        return done
+
+    def _publish(self, done: Classified) -> None:
+        """Events for one classified batch, in its turn."""
+        self.counters.errors += done.errors
+        for frame, pred in zip(done.frames, done.preds, strict=True):
             latency_ms = (time.perf_counter() - frame.t_in) * 1000.0
             try:
                 self.publisher.send(self._label_topic, label_event(self.ctx, self._seq, frame, pred, latency_ms))
@@ -198,6 +265,20 @@ class Pipeline:
             self.counters.frames += 1
             if self.drift is not None:
                 self._watch(self.drift, frame, pred)
+
+    def _beat(self) -> None:
+        """After each batch, in its turn: progress for the watchdog, and a health event on a state change or
+        every ``heartbeat_s``."""
+        now = time.monotonic()
+        # The loop came round: what systemd's watchdog is fed on (a hung inference stops it).
+        self.counters.last_progress = now
+        state = self.current_state()
+        if now >= self._next_beat or state != self._published_state:
+            fps = (self.counters.frames - self._beat_frames) / max(now - self._beat_t, 1e-9)
+            self._beat_frames, self._beat_t = self.counters.frames, now
+            self._send_health(fps)
+            self._published_state = state
+            self._next_beat = now + self.heartbeat_s
 
     def _watch(self, drift: DriftWatch, frame: Frame, pred: Prediction) -> None:
         """After the label event is out, so drift statistics never add to its latency."""

@@ -23,25 +23,42 @@ def overrides(tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path) -> lis
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(("cores", "threads", "workers"), [(2, 0, 2), (2, 2, 1)])
 def test_bench_json_compares_every_path_on_the_same_frames(
-    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    overrides: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    threads: int,
+    workers: int,
 ) -> None:
+    monkeypatch.setattr("eyed.config.available_cores", lambda: cores)
     args = ["--frames", "8", "--rounds", "2", "--seed-frames", "4", "--batch", "4", "--json"]
-    code = main(["bench", *overrides, "--set", f"model.cache_dir={tmp_path}", *args])
+    code = main(
+        ["bench", *overrides, "--set", f"model.cache_dir={tmp_path}", "--set", f"model.threads={threads}", *args]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    # The daemon's path runs as the daemon would on this replay at fps 0.
+    assert report["daemon"] == {"workers": workers, "threads": threads or 1, "spinning": "on"}
     names = [r["name"] for r in report["rows"]]
-    paths = ["bare onnxruntime", "daemon path -> SUB process", "daemon path, no subscriber"]
-    paths.append("daemon path -> SUB process, batch 4")
+    at_once = f"bare onnxruntime, {workers} frames at once"
+    paths = ["bare onnxruntime", *([at_once] if workers > 1 else []), "daemon path -> SUB process"]
+    paths += ["daemon path, no subscriber", "daemon path -> SUB process, batch 4"]
     assert names == [f"{p} {name}" for p in ("fp32", "int8") for name in paths] + ["transformers loop (seed)"]
     for row in report["rows"]:
         assert row["fps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
     # 11 frames decode from the 12 records (one is corrupt), 8 are used, twice each for the onnx paths.
-    assert [r["frames"] for r in report["rows"]] == [16] * 8 + [4]
+    assert [r["frames"] for r in report["rows"]] == [16] * (2 * len(paths)) + [4]
     expected = {"int8/fp32 bare", "int8/fp32 daemon"}
     for p in ("fp32", "int8"):
         expected |= {f"{p} daemon/bare", f"{p} daemon (no subscriber)/bare", f"{p} daemon batch 4/daemon batch 1"}
         expected.add(f"{p} daemon/transformers")
+        if workers > 1:
+            expected.add(f"{p} daemon/{at_once}")
+    if workers > 1:
+        expected.add(f"int8/fp32 {at_once}")
     assert set(report["ratios"]) == expected
     assert all(v > 0 for v in report["ratios"].values())
     # The INT8 model was quantised once into the cache, and is a different file from the FP32 one.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from tests.conftest import synthetic_images
 
 
 def run_pipeline(
-    tiny_onnx: Path, tmp_path: Path, source: Any, batch: int = 1, classifier: Any = None
+    tiny_onnx: Path, tmp_path: Path, source: Any, batch: int = 1, classifier: Any = None, workers: int = 1
 ) -> list[dict[str, Any]]:
     import json
 
@@ -35,7 +36,7 @@ def run_pipeline(
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(endpoint)
         pub.wait_for_subscribers(1, 10)
-        pipeline = Pipeline(source, classifier, pub, batch=batch, heartbeat_s=3600)
+        pipeline = Pipeline(source, classifier, pub, batch=batch, workers=workers, heartbeat_s=3600)
         pipeline.start()
         assert pipeline.done.wait(30)
         assert pipeline.join(5)
@@ -48,10 +49,11 @@ def run_pipeline(
     return events
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_every_frame_is_classified_in_order(tiny_onnx: Path, tmp_path: Path, batch: int) -> None:
+@pytest.mark.parametrize(("batch", "workers"), [(1, 1), (4, 1), (1, 2), (3, 3)])
+def test_every_frame_is_classified_in_order(tiny_onnx: Path, tmp_path: Path, batch: int, workers: int) -> None:
     images = synthetic_images(10, seed=1, size=40)
-    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(images, [f"t{i}" for i in range(10)]), batch)
+    source = MemorySource(images, [f"t{i}" for i in range(10)])
+    events = run_pipeline(tiny_onnx, tmp_path, source, batch, workers=workers)
     labels = [e for e in events if e["type"] == "label"]
     assert [e["seq"] for e in labels] == list(range(10))
     assert [e["frame"] for e in labels] == list(range(10))
@@ -67,23 +69,147 @@ def test_batched_predictions_equal_single_ones(tiny_onnx: Path, tmp_path: Path) 
     assert np.allclose([e["score"] for e in one], [e["score"] for e in four], atol=1e-4)
 
 
+class FirstCallOvertaken:
+    """The real classifier, except that its first call returns only after a later one has returned, and it
+    notes how many calls were in flight at once."""
+
+    def __init__(self, classifier: Any) -> None:
+        self.inner = classifier
+        self.name, self.backend, self.input_shape = classifier.name, classifier.backend, classifier.input_shape
+        self.prepare = classifier.prepare
+        self.lock = threading.Lock()
+        self.calls = self.in_flight = self.most_in_flight = 0
+        self.later_returned = threading.Event()
+        self.overtaken = False
+
+    def predict(self, batch: np.ndarray) -> list[Any]:
+        with self.lock:
+            call, self.calls = self.calls, self.calls + 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            preds = self.inner.predict(batch)
+            if call == 0:
+                self.overtaken = self.later_returned.wait(10)
+            return preds
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+            if call > 0:
+                self.later_returned.set()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_workers_classify_at_once_and_publish_in_frame_order(tiny_onnx: Path, tmp_path: Path) -> None:
+    """Two workers: the second batch is done before the first, and its events still wait for the first's."""
+    images = synthetic_images(12, seed=3, size=36)
+    classifier = FirstCallOvertaken(load_classifier(ModelConfig(onnx=tiny_onnx, threads=1)))
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(images), batch=2, classifier=classifier, workers=2)
+    assert classifier.overtaken and classifier.most_in_flight == 2
+    labels = [e for e in events if e["type"] == "label"]
+    assert [e["frame"] for e in labels] == list(range(12))
+    assert [e["seq"] for e in labels] == list(range(12))
+    alone = [e for e in run_pipeline(tiny_onnx, tmp_path, MemorySource(images)) if e["type"] == "label"]
+    assert [e["class_id"] for e in labels] == [e["class_id"] for e in alone]
+    assert np.allclose([e["score"] for e in labels], [e["score"] for e in alone], atol=1e-5)
+    assert events[-1]["state"] == "finished" and events[-1]["frames"] == 12
+
+
+class FailsOnCall:
+    """The real classifier, except that call ``bad`` raises."""
+
+    def __init__(self, classifier: Any, bad: int) -> None:
+        self.inner, self.bad, self.calls = classifier, bad, 0
+        self.name, self.backend, self.input_shape = classifier.name, classifier.backend, classifier.input_shape
+        self.prepare = classifier.prepare
+        self.lock = threading.Lock()
+
+    def predict(self, batch: np.ndarray) -> list[Any]:
+        with self.lock:
+            call, self.calls = self.calls, self.calls + 1
+        if call == self.bad:
+            raise RuntimeError("onnxruntime: bad allocation")
+        return self.inner.predict(batch)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_inference_costs_its_batch_only(tiny_onnx: Path, tmp_path: Path, workers: int) -> None:
+    classifier = FailsOnCall(load_classifier(ModelConfig(onnx=tiny_onnx)), bad=1)
+    source = MemorySource(synthetic_images(8))
+    events = run_pipeline(tiny_onnx, tmp_path, source, batch=2, classifier=classifier, workers=workers)
+    labels = [e for e in events if e["type"] == "label"]
+    assert len(labels) == 6 and [e["seq"] for e in labels] == list(range(6))
+    # Which batch failed depends on which worker called first; the frames around it are all there, in order.
+    frames = [e["frame"] for e in labels]
+    assert frames == sorted(frames) and len(set(range(8)) - set(frames)) == 2
+    assert events[-1]["errors"] == 2 and events[-1]["frames"] == 6 and events[-1]["state"] == "finished"
+
+
+class EndlessSource(MemorySource):
+    def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
+        i = 0
+        while stop is None or not stop.is_set():
+            yield Frame(self.images[i % len(self.images)], i, 0.0, time.perf_counter())
+            i += 1
+
+
+def test_stop_ends_every_worker_and_loses_no_event(tiny_onnx: Path, tmp_path: Path) -> None:
+    import json
+
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx, threads=1))
+    endpoint = f"ipc://{tmp_path}/stop.sock"
+    ctx = zmq.Context()
+    with Publisher(PublishConfig(endpoint=endpoint), ctx) as pub:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.connect(endpoint)
+        pub.wait_for_subscribers(1, 10)
+        pipeline = Pipeline(EndlessSource(synthetic_images(5)), classifier, pub, batch=2, workers=3, heartbeat_s=3600)
+        pipeline.start()
+        labels = []
+        while len(labels) < 30 and sub.poll(10_000):
+            event = json.loads(sub.recv_multipart()[1])
+            labels += [event] if event["type"] == "label" else []
+        pipeline.stop.set()
+        assert pipeline.join(5)
+        last = None
+        while last is None and sub.poll(2000):
+            event = json.loads(sub.recv_multipart()[1])
+            labels += [event] if event["type"] == "label" else []
+            last = event if event.get("state") == "stopped" else None
+        sub.close(linger=0)
+    ctx.term()
+    assert last is not None
+    assert [e["seq"] for e in labels] == list(range(len(labels)))
+    assert [e["frame"] for e in labels] == list(range(len(labels)))
+    assert last["frames"] == len(labels) >= 30
+
+
 class BrokenSource(MemorySource):
     def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
         yield from list(super().frames(stop))[:3]
         raise OSError("camera unplugged")
 
 
-def test_a_failing_source_ends_in_state_failed(tiny_onnx: Path, tmp_path: Path) -> None:
-    events = run_pipeline(tiny_onnx, tmp_path, BrokenSource(synthetic_images(5)))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_source_ends_in_state_failed(tiny_onnx: Path, tmp_path: Path, workers: int) -> None:
+    events = run_pipeline(tiny_onnx, tmp_path, BrokenSource(synthetic_images(5)), workers=workers)
     labels = [e for e in events if e["type"] == "label"]
     assert len(labels) == 3
     assert events[-1]["type"] == "health" and events[-1]["state"] == "failed"
 
 
-def test_a_frame_that_cannot_be_resized_is_skipped_and_counted(tiny_onnx: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_frame_that_cannot_be_resized_is_skipped_and_counted(tiny_onnx: Path, tmp_path: Path, workers: int) -> None:
     images = synthetic_images(4)
     images.insert(2, np.zeros((0, 0, 3), dtype=np.uint8))  # a zero-size read
-    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(images))
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(images), workers=workers)
     labels = [e for e in events if e["type"] == "label"]
     assert [e["frame"] for e in labels] == [0, 1, 3, 4]
     assert [e["seq"] for e in labels] == [0, 1, 2, 3]
