@@ -172,7 +172,7 @@ def test_stop_ends_every_worker_and_loses_no_event(tiny_onnx: Path, tmp_path: Pa
         pub.wait_for_subscribers(1, 10)
         pipeline = Pipeline(EndlessSource(synthetic_images(5)), classifier, pub, batch=2, workers=3, heartbeat_s=3600)
         pipeline.start()
-        labels = []
+        labels: list[dict[str, Any]] = []
         while len(labels) < 30 and sub.poll(10_000):
             event = json.loads(sub.recv_multipart()[1])
             labels += [event] if event["type"] == "label" else []
