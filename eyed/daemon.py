@@ -225,11 +225,13 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         notifier = stack.enter_context(Notifier())
         # Before the model loads: a bad reference file is a config error, found in a moment.
         reference = drift_reference(settings)
+        # Made before the model loads, entered after: a replay source starts asking datasets about a local
+        # folder (in a child process) at once, so that wait overlaps the model's.
+        source = open_source(settings.source)
         model = settings.runtime_model()
         classifier = load_classifier(model)
         stack.callback(classifier.close)
         logger.info("warm-up took %.0f ms", warm_up(classifier, model.batch) * 1000)
-        source = open_source(settings.source)
         stack.enter_context(source)
         publisher = stack.enter_context(Publisher(settings.publish))
         drift = build_drift(settings, classifier, reference)

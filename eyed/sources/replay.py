@@ -1,5 +1,6 @@
-"""Replay a labelled image dataset as a synthetic camera, streamed (no full download): ``datasets`` finds the
-split's files and features; local parquet shards are read by ``eyed.sources.parquet``, others by datasets."""
+"""Replay a labelled image dataset as a synthetic camera, streamed (no full download). Local parquet shards are
+read by ``eyed.sources.parquet`` (datasets, in a child process, finds the split's files and features:
+``eyed.sources.dataset_info``); hub datasets, image folders and csv are streamed by datasets."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from eyed.config import SourceConfig
 from eyed.sources.base import Pacer, SourceError, to_rgb
+from eyed.sources.dataset_info import SplitQuery, keep_torch_out
 from eyed.sources.parquet import ParquetRows
 from eyed.types import Frame
 
@@ -82,23 +84,9 @@ def release_arrow_memory() -> None:
     pyarrow.set_memory_pool(pool)
 
 
-def local_parquet_files(builder: Any, split: str) -> list[str] | None:
-    """The files of ``split`` when ``builder`` is datasets' parquet builder on local files; None otherwise.
-
-    Those eyed reads itself (``ParquetRows``); image folders, csv and the hub stay with datasets' streaming.
-    ValueError for a split the folder does not have.
-    """
-    try:
-        from datasets.packaged_modules.parquet.parquet import ParquetConfig
-    except ImportError:  # a datasets that moved it: its own streaming still works
-        return None
-    if not isinstance(builder.config, ParquetConfig) or not builder.config.data_files:
-        return None
-    splits = {str(name): files for name, files in builder.config.data_files.items()}
-    if split not in splits:
-        raise ValueError(f"Bad split: {split}. Available splits: {list(splits)}")
-    files = [str(f) for f in splits[split]]
-    return files if files and all(Path(f).is_file() for f in files) else None
+def _type(spec: Any) -> str | None:
+    """The feature type in a ``Features.to_dict()`` entry: "Image", "ClassLabel", "Value"..."""
+    return spec.get("_type") if isinstance(spec, dict) else None
 
 
 class ReplaySource:
@@ -118,6 +106,9 @@ class ReplaySource:
         self._label_col: str | None = None
         self._names: list[str] | None = None
         self._open_frames: weakref.WeakSet[Generator[Frame, None, None]] = weakref.WeakSet()
+        # Asked now (of a child process), so datasets' seconds overlap what the daemon loads before the source.
+        local = local_dataset(cfg.dataset)
+        self._query = SplitQuery(str(local), cfg.split) if local is not None else None
 
     def __enter__(self) -> ReplaySource:
         self._dataset = self._open()
@@ -137,34 +128,26 @@ class ReplaySource:
             except ValueError:  # running in another thread: a pipeline that did not stop in time; leave it
                 logger.warning("replay source closed while its frames are still being read")
         self._dataset = None
+        if self._query is not None:
+            self._query.cancel()
         gc.collect()
 
     def _open(self) -> Any:
-        try:
-            release_arrow_memory()
-            import datasets
-            import pyarrow.parquet as pq
-            from datasets import Features, Image, load_dataset_builder
-        except ImportError as exc:
-            raise SourceError("the replay source needs the replay extra (pip install 'eyed[replay]')") from exc
-        if "torch" not in sys.modules:
-            # datasets imports torch for every streaming dataset when it is installed, only to offer torch
-            # DataLoader integration that eyed never uses: ~300 MB of RSS and seconds of start-up for an
-            # onnx-backend daemon. The flag is read at use, so clearing it keeps torch out.
-            datasets.config.TORCH_AVAILABLE = False
         name = self.cfg.dataset
         local = local_dataset(name)
         if local is None and name.startswith((".", "/", "~")):
             raise SourceError(f"source.dataset {name}: no such folder")
         try:
-            # What load_dataset(streaming=True) does, with a look at the builder in between.
-            builder = load_dataset_builder(str(local) if local is not None else name)
-            files = local_parquet_files(builder, self.cfg.split) if local is not None else None
-            if files is None:
-                ds = builder.as_streaming_dataset(split=self.cfg.split)
-                features = ds.features
+            release_arrow_memory()
+            found = self._query.result() if self._query is not None else None
+            ds: Any = None
+            if found is not None:
+                features = found.features
             else:
-                features = builder.info.features or Features.from_arrow_schema(pq.read_schema(files[0]))
+                ds = self._stream(str(local) if local is not None else name)
+                features = ds.features.to_dict() if ds.features else {}
+        except ImportError as exc:
+            raise SourceError("the replay source needs the replay extra (pip install 'eyed[replay]')") from exc
         except ValueError as exc:  # unknown split, a first shard that is not parquet, and the like
             raise SourceError(f"source.dataset {name}: {exc}") from exc
         except Exception as exc:  # offline hub, missing repo: the same advice for both
@@ -174,14 +157,13 @@ class ReplaySource:
                 f"cannot reach the hub for dataset {name} ({type(exc).__name__}): "
                 "set source.dataset to a local folder of parquet shards"
             ) from exc
-        features = features or {}
         self._image_col = self.cfg.image_column or self._detect(features, IMAGE_COLUMNS, "image")
         self._label_col = self.cfg.label_column or self._detect_label(features)
         keep = [c for c in (self._image_col, self._label_col) if c]
         if features and (missing := [c for c in keep if c not in features]):
             raise SourceError(f"source.dataset {name}: no column {missing[0]!r} (it has {', '.join(features)})")
-        if self._label_col and self._label_col in features and hasattr(features[self._label_col], "names"):
-            self._names = list(features[self._label_col].names)
+        if self._label_col and _type(features.get(self._label_col)) == "ClassLabel":
+            self._names = list(features[self._label_col]["names"])
         logger.info(
             "replaying %s split %s (image column %r, label column %r)",
             name,
@@ -189,8 +171,10 @@ class ReplaySource:
             self._image_col,
             self._label_col,
         )
-        if files is not None:
-            return ParquetRows(files, keep, self.cfg.skip, self._unreadable)
+        if found is not None:
+            return ParquetRows(found.files, keep, self.cfg.skip, self._unreadable)
+        from datasets import Image
+
         # Decode with OpenCV ourselves: faster than PIL, and a corrupt record becomes a counted skip instead of
         # an exception inside the dataset iterator.
         if self._image_col in features:
@@ -201,17 +185,23 @@ class ReplaySource:
             ds = ds.skip(self.cfg.skip)
         return ds
 
+    def _stream(self, name: str) -> Any:
+        """datasets' streaming dataset for a hub id or a local folder that is not parquet shards."""
+        from datasets import load_dataset_builder
+
+        keep_torch_out()
+        # What load_dataset(streaming=True) does.
+        return load_dataset_builder(name).as_streaming_dataset(split=self.cfg.split)
+
     def _unreadable(self, path: str, exc: Exception) -> None:
         self.skipped += 1
         self.reader_failures += 1
         logger.error("cannot read %s, going on with the next shard: %s", path, exc)
 
     @staticmethod
-    def _detect(features: Any, candidates: tuple[str, ...], what: str) -> str:
-        from datasets import Image
-
-        for col, feat in features.items():
-            if isinstance(feat, Image):
+    def _detect(features: dict[str, Any], candidates: tuple[str, ...], what: str) -> str:
+        for col, spec in features.items():
+            if _type(spec) == "Image":
                 return str(col)
         for col in candidates:
             if col in features:
@@ -221,11 +211,9 @@ class ReplaySource:
         raise SourceError(f"no {what} column in {list(features)}: set source.image_column")
 
     @staticmethod
-    def _detect_label(features: Any) -> str | None:
-        from datasets import ClassLabel
-
-        for col, feat in features.items():
-            if isinstance(feat, ClassLabel):
+    def _detect_label(features: dict[str, Any]) -> str | None:
+        for col, spec in features.items():
+            if _type(spec) == "ClassLabel":
                 return str(col)
         return next((c for c in LABEL_COLUMNS if c in features), None)
 

@@ -92,12 +92,25 @@ def test_frames_outside_the_context_manager(tiny_dataset: Path) -> None:
         next(src.frames())
 
 
+class NotParquet:
+    """A SplitQuery that finds no parquet shards, as for an image folder or a hub dataset."""
+
+    def __init__(self, folder: str, split: str) -> None:
+        pass
+
+    def result(self) -> None:
+        return None
+
+    def cancel(self) -> None:
+        pass
+
+
 @pytest.fixture(params=["eyed", "datasets"])
 def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Local parquet shards are read by eyed (ParquetRows); "datasets" sends them through datasets' streaming
     builder instead, the path hub datasets take."""
     if request.param == "datasets":
-        monkeypatch.setattr(replay_module, "local_parquet_files", lambda builder, split: None)
+        monkeypatch.setattr(replay_module, "SplitQuery", NotParquet)
 
 
 def _open_files(folder: Path) -> list[str]:
@@ -214,7 +227,7 @@ def peak_kib():
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\\s+(\\d+)", f.read()).group(1))
 if sys.argv[2] == "datasets":
-    replay.local_parquet_files = lambda builder, split: None
+    replay.SplitQuery.result = lambda self: None
 with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
     before = peak_kib()
     next(src.frames())

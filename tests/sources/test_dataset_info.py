@@ -1,0 +1,87 @@
+"""A local dataset's files and features, asked of datasets in a child process so the daemon never imports it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eyed.config import SourceConfig
+from eyed.sources import dataset_info
+from eyed.sources.base import SourceError
+from eyed.sources.replay import ReplaySource
+from tests.conftest import CIFAR10
+
+
+@pytest.fixture
+def in_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a daemon that has not imported datasets: local_split asks a child process."""
+    monkeypatch.setattr(dataset_info, "datasets_imported", lambda: False)
+
+
+@pytest.mark.usefixtures("in_child")
+def test_the_child_answers_as_datasets_does_here(tiny_dataset: Path) -> None:
+    from_child = dataset_info.local_split(str(tiny_dataset), "train")
+    here = dataset_info.scan(str(tiny_dataset), "train")
+    assert from_child == here
+    assert from_child is not None
+    assert from_child.files == [str(tiny_dataset / "train-00000-of-00001.parquet")]
+    assert from_child.features == {"img": {"_type": "Image"}, "label": {"names": CIFAR10, "_type": "ClassLabel"}}
+
+
+@pytest.mark.usefixtures("in_child")
+def test_a_folder_that_is_not_parquet_is_left_to_datasets(tmp_path: Path) -> None:
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.png").write_bytes(b"")
+    assert dataset_info.local_split(str(tmp_path), "train") is None
+
+
+@pytest.mark.usefixtures("in_child")
+def test_errors_come_back_from_the_child(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Bad split: validation"):
+        dataset_info.local_split(str(tiny_dataset), "validation")
+    with pytest.raises(SourceError, match=r"source.dataset .*Bad split: validation"):
+        ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="validation")).__enter__()
+    (tmp_path / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(SourceError, match=r"source.dataset .*"):
+        ReplaySource(SourceConfig(dataset=str(tmp_path), split="train")).__enter__()
+
+
+def test_a_child_that_prints_nothing_is_a_clear_error(tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataset_info, "datasets_imported", lambda: False)
+    monkeypatch.setattr(dataset_info, "__name__", "no.such.module")
+    with pytest.raises(dataset_info.DatasetInfoError, match=r"could not describe .*No module named"):
+        dataset_info.local_split(str(tiny_dataset), "train")
+
+
+REPLAY_WITHOUT_DATASETS = """
+import json, sys
+from eyed.config import SourceConfig
+from eyed.sources.replay import ReplaySource
+with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train", loop=False)) as src:
+    truths = [frame.truth for frame in src.frames()]
+    names = src.class_names
+print(json.dumps({"truths": truths, "names": names, "skipped": src.skipped,
+                  "imported": sorted(m for m in ("datasets", "pandas", "torch") if m in sys.modules)}))
+"""
+
+
+def test_a_replay_of_local_shards_never_imports_datasets_or_pandas(tiny_dataset: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run(
+        [sys.executable, "-c", REPLAY_WITHOUT_DATASETS, str(tiny_dataset)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["imported"] == []
+    # The class names came from the ClassLabel feature the child read: labels 0..9 cycling, record 5 corrupt.
+    assert result["names"] == CIFAR10
+    assert result["truths"] == [CIFAR10[i % 10] for i in range(12) if i != 5]
+    assert result["skipped"] == 1
