@@ -117,6 +117,47 @@ def test_workers_classify_at_once_and_publish_in_frame_order(tiny_onnx: Path, tm
     assert events[-1]["state"] == "finished" and events[-1]["frames"] == 12
 
 
+class FirstCallHeld(FirstCallOvertaken):
+    """The real classifier, except that its first call returns only once ``release`` is set."""
+
+    def __init__(self, classifier: Any) -> None:
+        super().__init__(classifier)
+        self.release = threading.Event()
+
+    def predict(self, batch: np.ndarray) -> list[Any]:
+        with self.lock:
+            call, self.calls = self.calls, self.calls + 1
+        if call == 0:
+            self.release.wait(30)
+        return self.inner.predict(batch)
+
+
+def test_a_stuck_batch_holds_the_other_workers_back_soon(tiny_onnx: Path, tmp_path: Path) -> None:
+    """Batches done after a stuck one wait in memory for it, so the others stop taking frames 2 x workers
+    tickets ahead; once it comes out, everything follows in order."""
+    classifier = FirstCallHeld(load_classifier(ModelConfig(onnx=tiny_onnx, threads=1)))
+    result: list[list[dict[str, Any]]] = []
+    source = MemorySource(synthetic_images(20, seed=4))
+    runner = threading.Thread(
+        target=lambda: result.append(run_pipeline(tiny_onnx, tmp_path, source, classifier=classifier, workers=2))
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while classifier.calls < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # time enough for the other 15 calls, were they allowed
+        # The held call is ticket 0 or, when the second worker called first, ticket 1: then ticket 0 goes out
+        # and one more ticket is allowed. Either way 4 tickets at most after the oldest not yet out.
+        assert classifier.calls in (4, 5)
+    finally:
+        classifier.release.set()
+        runner.join(30)
+    labels = [e for e in result[0] if e["type"] == "label"]
+    assert [e["frame"] for e in labels] == list(range(20))
+    assert [e["seq"] for e in labels] == list(range(20))
+
+
 class FailsOnCall:
     """The real classifier, except that call ``bad`` raises."""
 
