@@ -2,8 +2,9 @@
 
 Runs `eyed run` as a child process with the real MobileNetV2 from $EYED_SHARED (its ONNX export cached
 beforehand, as on a device), once on a video file (what a camera deployment loads) and once on the replay
-source (which adds `datasets` and pyarrow), and reports for each: seconds to the first event at a real SUB
-socket, peak RSS (the child's VmHWM) and whether torch/transformers were imported.
+source (which adds pyarrow, and datasets in a child process of its own), and reports for each: seconds to the
+first event at a real SUB socket, peak RSS (the child's VmHWM) and which of torch, transformers, datasets and
+pandas it imported.
 
     .venv/bin/python benchmarks/startup_rss.py [--runs 3] [--onnx m8.onnx] [--replay-limit 200] [--json]
 
@@ -31,6 +32,10 @@ import numpy as np
 from eyed.subscriber import Subscriber
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Modules an onnx-backend daemon should not need; the report names those it imported.
+HEAVY = ("torch", "transformers", "datasets", "pandas")
 
 
 def write_video(path: Path, frames: int = 60, size: tuple[int, int] = (320, 240)) -> Path:
@@ -62,8 +67,9 @@ def one_run(env: dict[str, str], endpoint: str) -> dict[str, Any]:
     # Linux carries this process's peak over into a child's at exec); the daemon itself is unchanged.
     probe = (
         "import atexit, re, sys; "
-        "atexit.register(lambda: print('MODULES', 'torch' in sys.modules, 'transformers' in sys.modules, "
-        "re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr)); "
+        "atexit.register(lambda: print('MODULES', "
+        "re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), "
+        f"*[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)); "
         "from eyed.cli import main; sys.exit(main(['run']))"
     )
     with Subscriber(endpoint, ("label.",)) as sub:
@@ -75,13 +81,8 @@ def one_run(env: dict[str, str], endpoint: str) -> dict[str, Any]:
     _, err = proc.communicate(timeout=120 + int(env.get("EYED_SOURCE__LIMIT", "0")) / 20)
     if proc.returncode != 0:
         raise RuntimeError(f"eyed run exited {proc.returncode}: {err[-2000:]}")
-    torch, transformers, peak_kib = next(line for line in err.splitlines() if line.startswith("MODULES")).split()[1:]
-    return {
-        "first_event_s": first,
-        "peak_rss_mb": int(peak_kib) / 1024,
-        "torch_imported": torch == "True",
-        "transformers_imported": transformers == "True",
-    }
+    peak_kib, *imported = next(line for line in err.splitlines() if line.startswith("MODULES")).split()[1:]
+    return {"first_event_s": first, "peak_rss_mb": int(peak_kib) / 1024, "imported": imported}
 
 
 def measure(name: str, settings: dict[str, str], runs: int) -> dict[str, Any]:
@@ -99,8 +100,7 @@ def measure(name: str, settings: dict[str, str], runs: int) -> dict[str, Any]:
         "first_event_s_median": statistics.median(r["first_event_s"] for r in results),
         "first_event_s": [round(r["first_event_s"], 3) for r in results],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-        "torch_imported": any(r["torch_imported"] for r in results),
-        "transformers_imported": any(r["transformers_imported"] for r in results),
+        "imported": sorted({m for r in results for m in r["imported"]}),
     }
 
 
@@ -136,8 +136,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['source']:<7} first event {r['first_event_s_median']:.2f} s (runs {r['first_event_s']}), "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB, torch imported: {r['torch_imported']}, "
-            f"transformers imported: {r['transformers_imported']}"
+            f"peak RSS {r['peak_rss_mb']:.0f} MB, imported of {', '.join(HEAVY)}: "
+            f"{', '.join(r['imported']) or 'none'}"
         )
 
 

@@ -1,8 +1,8 @@
 """Source -> inference workers -> publisher.
 
 A worker takes the next frames from the source, resizes them into its own buffer (allocated once), classifies
-them, and then, in frame order, turns the predictions into events. Workers take turns at the publisher, so it
-still has one user at a time and events leave in the order the frames came.
+them and hands the predictions in. Whichever worker then finds the next batch in frame order ready turns it
+into events, so the publisher has one user at a time and events leave in the order the frames came.
 
 A replay or file source is read by the workers themselves: it is never late and must deliver every frame.
 Beside a bare onnxruntime loop, a hand-off to a separate reading thread cost 10-15% here. At fps 0 the daemon
@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Counters:
-    """Written by the inference thread, read by anyone (ints and floats: atomic enough under the GIL)."""
+    """Written by the one worker publishing at a time, read by anyone (ints and floats: atomic enough under the
+    GIL)."""
 
     frames: int = 0
     errors: int = 0
@@ -183,7 +184,7 @@ class Pipeline:
                 helper.start()
             self._work()
             for helper in helpers:
-                # Each ends once the source has, or on stop, after publishing the batch it holds.
+                # Each ends once the source has, or on stop, after handing in the batch it holds.
                 helper.join()
             # A paced source stopped mid-wait ends too: that is a stop, not the end of the source.
             finished = self._ended and not self.stop.is_set()
@@ -270,7 +271,7 @@ class Pipeline:
         return done
 
     def _publish(self, done: Classified) -> None:
-        """Events for one classified batch, in its turn."""
+        """Events for one classified batch (by the one worker publishing)."""
         self.counters.errors += done.errors
         for frame, pred in zip(done.frames, done.preds, strict=True):
             latency_ms = (time.perf_counter() - frame.t_in) * 1000.0
@@ -287,7 +288,7 @@ class Pipeline:
                 self._watch(self.drift, frame, pred)
 
     def _beat(self) -> None:
-        """After each batch, in its turn: progress for the watchdog, and a health event on a state change or
+        """After each batch published: progress for the watchdog, and a health event on a state change or
         every ``heartbeat_s``."""
         now = time.monotonic()
         # The loop came round: what systemd's watchdog is fed on (a hung inference stops it).
