@@ -22,7 +22,10 @@ CHILD_TIMEOUT_S = 120.0
 
 
 class DatasetInfoError(Exception):
-    """datasets could not read the folder (a ValueError from it comes through as ValueError)."""
+    """datasets could not read the folder (a ValueError or ImportError in the child is raised as such)."""
+
+
+RAISED_AS: dict[str, type[Exception]] = {"ValueError": ValueError, "ImportError": ImportError}
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class SplitQuery:
     """:func:`scan`, started now and answered by :meth:`result`: in a child process unless datasets is already
     imported here (then it costs nothing more), so that the child's seconds overlap the caller's own start-up.
 
-    Errors come back as ValueError (an unknown split, a shard that is not parquet) or DatasetInfoError.
+    Errors come back as ValueError (an unknown split, a shard that is not parquet), ImportError (no datasets)
+    or DatasetInfoError.
     """
 
     def __init__(self, folder: str, split: str) -> None:
@@ -99,8 +103,7 @@ class SplitQuery:
             return scan(self.folder, self.split)
         answer = self._answer = self._answer or self._wait()
         if "error" in answer:
-            kind = ValueError if answer["error"] == "ValueError" else DatasetInfoError
-            raise kind(answer["message"])
+            raise RAISED_AS.get(answer["error"], DatasetInfoError)(answer["message"])
         return LocalSplit(answer["files"], answer["features"]) if answer["files"] is not None else None
 
     def _wait(self) -> dict[str, Any]:
@@ -134,8 +137,9 @@ def main(argv: list[str]) -> int:
     folder, split = argv
     try:
         found = scan(folder, split)
-    except ValueError as exc:
-        answer: dict[str, Any] = {"error": "ValueError", "message": str(exc)}
+    except (ValueError, ImportError) as exc:
+        kind = "ValueError" if isinstance(exc, ValueError) else "ImportError"
+        answer: dict[str, Any] = {"error": kind, "message": str(exc)}
     except Exception as exc:
         answer = {"error": type(exc).__name__, "message": f"{type(exc).__name__}: {exc}"}
     else:

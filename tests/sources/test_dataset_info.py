@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,19 @@ def test_errors_come_back_from_the_child(tiny_dataset: Path, tmp_path: Path) -> 
         ReplaySource(SourceConfig(dataset=str(tmp_path), split="train")).__enter__()
 
 
+@pytest.mark.usefixtures("in_child")
+def test_without_datasets_the_replay_extra_is_named(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "__init__.py").write_text("raise ImportError(\"No module named 'datasets'\")\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the child finds this one first
+    with pytest.raises(SourceError, match=re.escape("pip install 'eyed[replay]'")):
+        ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="train")).__enter__()
+
+
+@pytest.mark.usefixtures("in_child")
 def test_a_child_that_prints_nothing_is_a_clear_error(tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dataset_info, "datasets_imported", lambda: False)
     monkeypatch.setattr(dataset_info, "__name__", "no.such.module")
     with pytest.raises(dataset_info.DatasetInfoError, match=r"could not describe .*No module named"):
         dataset_info.local_split(str(tiny_dataset), "train")
