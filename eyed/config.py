@@ -136,8 +136,8 @@ class ModelConfig(Section):
         le=64,
         description=(
             "Inference calls at once for a replay or file source at fps 0, each on model.threads threads, events "
-            "still in frame order (others: one). 0 = auto: one per core with the onnx backend (one thread "
-            "each), one with torch."
+            "still in frame order (others: one). 0 = auto: one per core with the onnx backend on the CPU (one "
+            "thread each), else one."
         ),
     )
     spinning: Literal["auto", "on", "off"] = Field(
@@ -302,7 +302,9 @@ class Settings(BaseSettings):
         if not throughput:
             update["batch"], workers = 1, 1
         elif workers == 0:
-            workers = max(1, cores // (m.threads or 1)) if m.backend == "onnx" else 1
+            # Only measured on CPUs: a GPU provider (a Jetson) keeps one call at a time unless told otherwise.
+            cpu_only = m.backend == "onnx" and m.providers == ["CPUExecutionProvider"]
+            workers = max(1, cores // (m.threads or 1)) if cpu_only else 1
         update["workers"] = workers
         if workers > 1 and m.threads == 0:
             # Threads for every worker would take turns at the same cores.

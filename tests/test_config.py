@@ -186,6 +186,7 @@ def test_batching_only_where_frames_wait(overrides: list[str], batch: int) -> No
         (4, ["model.workers=2"], 2, 2),  # workers set: the cores shared among them
         (2, ["model.workers=1"], 1, 0),
         (2, ["model.backend=torch"], 1, 0),  # torch's threads are process-wide: one call at a time
+        (6, ['model.providers=["CUDAExecutionProvider", "CPUExecutionProvider"]'], 1, 0),  # a Jetson: unmeasured
         (2, ["source.kind=file", "source.url=/tmp/clip.avi"], 2, 1),
         (2, ["source.fps=10"], 1, 0),  # paced: one frame at a time on every core is the lowest latency
         (2, ["source.fps=10", "model.workers=2"], 1, 0),
