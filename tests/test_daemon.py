@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 
 from eyed.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
+from eyed.config import available_cores
 from eyed.subscriber import Subscriber
 from tests.conftest import CIFAR10
 from tests.daemon_helpers import collect, finish, start_daemon
 
 
-def test_replay_publishes_one_event_per_frame_and_finishes(base: dict[str, object], endpoint: str) -> None:
-    proc = start_daemon(base)
+@pytest.mark.parametrize("workers", [0, 3])
+def test_replay_publishes_one_event_per_frame_and_finishes(
+    base: dict[str, object], endpoint: str, workers: int
+) -> None:
+    proc = start_daemon({**base, "model.workers": workers})
     events = collect(endpoint)
     code, err = finish(proc)
     assert code == 0, err
@@ -51,6 +55,9 @@ def test_replay_publishes_one_event_per_frame_and_finishes(base: dict[str, objec
     assert final["type"] == "health" and final["state"] == "finished"
     assert final["frames"] == 11 and final["skipped"] == 1 and final["errors"] == 0
     assert "spinning=on" in err  # replay at fps 0: throughput
+    # By default one worker per core, one onnxruntime thread each; the events above came in order either way.
+    cores = available_cores()
+    assert f"workers={workers or cores} threads={1 if (workers or cores) > 1 else 'default'}" in err
 
 
 def test_sigterm_stops_a_looping_replay_cleanly(base: dict[str, object], endpoint: str) -> None:
