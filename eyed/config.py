@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -333,11 +334,36 @@ class Settings(BaseSettings):
 
 
 def available_cores() -> int:
-    """The cores this process may run on (a systemd CPUAffinity= or taskset counts, not just the machine's)."""
+    """The cores this process may use: those it may run on (a systemd CPUAffinity= or taskset counts), and no
+    more than a cgroup v2 CPU quota allows (systemd's CPUQuota=, docker --cpus), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time this process's cgroup (v2) may use, from its ``cpu.max`` and its parents'; None
+    without a limit or outside cgroup v2."""
+    try:
+        line = next(entry for entry in membership.read_text().splitlines() if entry.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    folder = root / line[3:].strip().lstrip("/")
+    limits = []
+    while True:
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()
+            if quota != "max":
+                limits.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            pass
+        if folder == root or root not in folder.parents:
+            break
+        folder = folder.parent
+    return min(limits) if limits else None
 
 
 class ConfigError(Exception):

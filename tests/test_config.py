@@ -201,8 +201,31 @@ def test_workers_only_where_frames_wait(
     assert (model.workers, model.threads) == (workers, threads)
 
 
-def test_available_cores_follows_the_affinity_mask() -> None:
+def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eyed.config import available_cores, cgroup_cpu_quota
+
+    root = tmp_path / "cgroup"
+    (root / "system.slice" / "eyed.service").mkdir(parents=True)
+    membership = tmp_path / "self-cgroup"
+    membership.write_text("0::/system.slice/eyed.service\n")
+    assert cgroup_cpu_quota(root, membership) is None  # no cpu.max anywhere: no limit
+    (root / "cpu.max").write_text("max 100000\n")
+    (root / "system.slice" / "cpu.max").write_text("250000 100000\n")
+    assert cgroup_cpu_quota(root, membership) == 2.5  # a parent's limit applies to the service
+    (root / "system.slice" / "eyed.service" / "cpu.max").write_text("50000 100000\n")
+    assert cgroup_cpu_quota(root, membership) == 0.5  # the tightest one wins
+    membership.write_text("12:cpu,cpuacct:/\n")  # cgroup v1: not read
+    assert cgroup_cpu_quota(root, membership) is None
+    monkeypatch.setattr("eyed.config.cgroup_cpu_quota", lambda: 0.5)
+    assert available_cores() == 1  # half a CPU still runs one worker
+    monkeypatch.setattr("eyed.config.cgroup_cpu_quota", lambda: 1000.0)
+    assert available_cores() == len(os.sched_getaffinity(0))
+
+
+def test_available_cores_follows_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     from eyed.config import available_cores
+
+    monkeypatch.setattr("eyed.config.cgroup_cpu_quota", lambda: None)  # whatever cgroup the tests run in
 
     assert available_cores() == len(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
