@@ -209,7 +209,9 @@ class Pipeline:
                     if self._ended:
                         return
                     with self._turn:
-                        self._turn.wait_for(lambda: self._issued - self._published < self._ahead)
+                        self._turn.wait_for(lambda: self.stop.is_set() or self._issued - self._published < self._ahead)
+                    if self.stop.is_set():
+                        return
                     items, self._ended = self._next_batch()
                     ticket = self._issued
                     self._issued += 1
@@ -219,10 +221,14 @@ class Pipeline:
                 finally:
                     self._hand_in(ticket, done)
         except BaseException as exc:
-            self.failure = exc
-            self.state = "failed"
+            # The state is _infer's to set, once every worker is done: set here, the others' next batch would
+            # announce it early. The first failure is the one reported.
+            if self.failure is None:
+                self.failure = exc
             logger.exception("inference worker %s failed", threading.current_thread().name)
             self.stop.set()
+            with self._turn:
+                self._turn.notify_all()  # a worker held back waiting for this one's batches: it stops too
 
     def _hand_in(self, ticket: int, done: Classified) -> None:
         """Queue a classified batch. The worker that finds no one publishing publishes every batch that is next
@@ -247,6 +253,7 @@ class Pipeline:
         except BaseException:
             with self._turn:
                 self._publishing = False
+                self._turn.notify_all()
             raise
 
     def _classify(self, items: list[Frame], buffer: np.ndarray) -> Classified:

@@ -191,6 +191,47 @@ def test_a_failed_inference_costs_its_batch_only(tiny_onnx: Path, tmp_path: Path
     assert events[-1]["errors"] == 2 and events[-1]["frames"] == 6 and events[-1]["state"] == "finished"
 
 
+class SlowFailingPublisher(Publisher):
+    """Its first label event takes a while and then fails, as a socket error would: by then the other worker
+    has handed in the batches after it and is held back."""
+
+    def __init__(self, cfg: PublishConfig, context: Any) -> None:
+        super().__init__(cfg, context)
+        self.labels = 0
+
+    def send(self, topic: str, payload: dict[str, Any]) -> None:
+        if payload["type"] == "label":
+            self.labels += 1
+            if self.labels == 1:
+                time.sleep(0.5)
+                raise zmq.ZMQError(zmq.EAGAIN, "send failed")
+        super().send(topic, payload)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failure_while_publishing_ends_every_worker(tiny_onnx: Path, tmp_path: Path, workers: int) -> None:
+    import json
+
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx, threads=1))
+    endpoint = f"ipc://{tmp_path}/fail.sock"
+    ctx = zmq.Context()
+    with SlowFailingPublisher(PublishConfig(endpoint=endpoint), ctx) as pub:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"health.")
+        sub.connect(endpoint)
+        pub.wait_for_subscribers(1, 10)
+        pipeline = Pipeline(MemorySource(synthetic_images(50)), classifier, pub, workers=workers, heartbeat_s=3600)
+        pipeline.start()
+        assert pipeline.done.wait(10) and pipeline.join(5)
+        states = []
+        while sub.poll(1000):
+            states.append(json.loads(sub.recv_multipart()[1])["state"])
+        sub.close(linger=0)
+    ctx.term()
+    assert isinstance(pipeline.failure, zmq.ZMQError)
+    assert states[-1] == "failed" and states.count("failed") == 1
+
+
 class EndlessSource(MemorySource):
     def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
         i = 0
@@ -287,6 +328,14 @@ def test_non_finite_scores_are_skipped_and_counted(tiny_onnx: Path, tmp_path: Pa
     assert [e["frame"] for e in labels] == [0, 2, 3]
     assert [e["seq"] for e in labels] == [0, 1, 2]
     assert events[-1]["errors"] == 1 and events[-1]["frames"] == 3 and events[-1]["state"] == "finished"
+
+
+def test_a_live_source_goes_one_frame_at_a_time(tiny_onnx: Path) -> None:
+    camera = MemorySource(synthetic_images(2))
+    camera.live = True
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
+    pipeline = Pipeline(camera, classifier, Publisher(PublishConfig()), batch=8, workers=3)
+    assert (pipeline.batch, pipeline.workers) == (1, 1)
 
 
 def test_frames_are_frozen() -> None:
