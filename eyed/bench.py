@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +83,27 @@ class BareLoop:
         for feed in self.feeds[:10]:
             self.session.run([OUTPUT_NAME], feed)
 
-    def _loop(self, feeds: list[dict[str, np.ndarray]], lat: list[float]) -> None:
+    def _loop(self, feeds: Iterator[dict[str, np.ndarray]], lock: threading.Lock, lat: list[float]) -> None:
+        """Run the next frame until none is left; with others, each takes the next frame as it comes free, as
+        the daemon's workers do."""
         run, fetch = self.session.run, [OUTPUT_NAME]
-        for feed in feeds:
+        while True:
+            with lock:
+                feed = next(feeds, None)
+            if feed is None:
+                return
             s = time.perf_counter()
             run(fetch, feed)
             lat.append((time.perf_counter() - s) * 1000)
 
     def __call__(self) -> dict[str, Any]:
         lat: list[float] = []
+        feeds, lock = iter(self.feeds), threading.Lock()
         t0 = time.perf_counter()
         if self.at_once == 1:
-            self._loop(self.feeds, lat)
+            self._loop(feeds, lock, lat)
             return summarise("bare onnxruntime", lat, time.perf_counter() - t0, len(self.feeds))
-        shares = [self.feeds[i :: self.at_once] for i in range(self.at_once)]
-        threads = [threading.Thread(target=self._loop, args=(share, lat)) for share in shares]
+        threads = [threading.Thread(target=self._loop, args=(feeds, lock, lat)) for _ in range(self.at_once)]
         for th in threads:
             th.start()
         for th in threads:

@@ -310,6 +310,9 @@ class Settings(BaseSettings):
         if workers > 1 and m.threads == 0:
             # Threads for every worker would take turns at the same cores.
             update["threads"] = max(1, cores // workers)
+        elif m.threads == 0 and cores < (os.cpu_count() or cores):
+            # onnxruntime's default counts the machine's cores, not an affinity mask or a CPU quota.
+            update["threads"] = cores
         return m.model_copy(update=update)
 
     @model_validator(mode="after")

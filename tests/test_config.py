@@ -176,26 +176,29 @@ def test_batching_only_where_frames_wait(overrides: list[str], batch: int) -> No
 
 
 @pytest.mark.parametrize(
-    ("cores", "overrides", "workers", "threads"),
+    ("machine", "cores", "overrides", "workers", "threads"),
     [
-        (2, [], 2, 1),  # replay at fps 0: a frame per core, one onnxruntime thread each
-        (4, [], 4, 1),
-        (1, [], 1, 0),  # one core: one call on the runtime's default
-        (4, ["model.threads=2"], 2, 2),  # threads set: workers fill the remaining cores
-        (2, ["model.threads=2"], 1, 2),  # the old way, one frame on two threads
-        (4, ["model.workers=2"], 2, 2),  # workers set: the cores shared among them
-        (2, ["model.workers=1"], 1, 0),
-        (2, ["model.backend=torch"], 1, 0),  # torch's threads are process-wide: one call at a time
-        (6, ['model.providers=["CUDAExecutionProvider", "CPUExecutionProvider"]'], 1, 0),  # a Jetson: unmeasured
-        (2, ["source.kind=file", "source.url=/tmp/clip.avi"], 2, 1),
-        (2, ["source.fps=10"], 1, 0),  # paced: one frame at a time on every core is the lowest latency
-        (2, ["source.fps=10", "model.workers=2"], 1, 0),
-        (2, ["source.kind=rtsp", "source.url=rtsp://cam/stream", "model.workers=3"], 1, 0),
+        (2, 2, [], 2, 1),  # replay at fps 0: a frame per core, one onnxruntime thread each
+        (4, 4, [], 4, 1),
+        (1, 1, [], 1, 0),  # one core: one call on the runtime's default
+        (4, 1, [], 1, 1),  # a quota of one CPU on four: one call on one thread, not the runtime's four
+        (4, 4, ["model.threads=2"], 2, 2),  # threads set: workers fill the remaining cores
+        (2, 2, ["model.threads=2"], 1, 2),  # the old way, one frame on two threads
+        (4, 4, ["model.workers=2"], 2, 2),  # workers set: the cores shared among them
+        (2, 2, ["model.workers=1"], 1, 0),
+        (2, 2, ["model.backend=torch"], 1, 0),  # torch's threads are process-wide: one call at a time
+        (6, 6, ['model.providers=["CUDAExecutionProvider", "CPUExecutionProvider"]'], 1, 0),  # a Jetson: unmeasured
+        (2, 2, ["source.kind=file", "source.url=/tmp/clip.avi"], 2, 1),
+        (2, 2, ["source.fps=10"], 1, 0),  # paced: one frame at a time on every core is the lowest latency
+        (8, 2, ["source.fps=10"], 1, 2),  # ... on every core it may use
+        (2, 2, ["source.fps=10", "model.workers=2"], 1, 0),
+        (2, 2, ["source.kind=rtsp", "source.url=rtsp://cam/stream", "model.workers=3"], 1, 0),
     ],
 )
 def test_workers_only_where_frames_wait(
-    monkeypatch: pytest.MonkeyPatch, cores: int, overrides: list[str], workers: int, threads: int
+    monkeypatch: pytest.MonkeyPatch, machine: int, cores: int, overrides: list[str], workers: int, threads: int
 ) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: machine)
     monkeypatch.setattr("eyed.config.available_cores", lambda: cores)
     model = load_settings(None, overrides).runtime_model()
     assert (model.workers, model.threads) == (workers, threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from eyed.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
-from eyed.config import available_cores
+from eyed.config import available_cores, load_settings
 from eyed.subscriber import Subscriber
 from tests.conftest import CIFAR10
 from tests.daemon_helpers import collect, finish, start_daemon
@@ -56,8 +56,9 @@ def test_replay_publishes_one_event_per_frame_and_finishes(
     assert final["frames"] == 11 and final["skipped"] == 1 and final["errors"] == 0
     assert "spinning=on" in err  # replay at fps 0: throughput
     # By default one worker per core, one onnxruntime thread each; the events above came in order either way.
-    cores = available_cores()
-    assert f"workers={workers or cores} threads={1 if (workers or cores) > 1 else 'default'}" in err
+    model = load_settings(None, [f"model.workers={workers}"]).runtime_model()
+    assert model.workers == (workers or available_cores())
+    assert f"workers={model.workers} threads={model.threads or 'default'}" in err
 
 
 def test_sigterm_stops_a_looping_replay_cleanly(base: dict[str, object], endpoint: str) -> None:

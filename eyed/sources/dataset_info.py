@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # Importing datasets takes 1-3 s on a small board; a child that has not answered in this long is stuck.
 CHILD_TIMEOUT_S = 120.0
@@ -93,10 +95,16 @@ class SplitQuery:
     def __init__(self, folder: str, split: str) -> None:
         self.folder, self.split = folder, split
         self._answer: dict[str, Any] | None = None
-        self._child: subprocess.Popen[str] | None = None
+        self._child: subprocess.Popen[bytes] | None = None
         if not datasets_imported():
+            # Files, not pipes: a long answer (thousands of shards) or a chatty stderr never blocks the child
+            # while no one reads yet. They live until the answer is read or the query dropped (_stop).
+            self._out = tempfile.TemporaryFile()  # noqa: SIM115
+            self._err = tempfile.TemporaryFile()  # noqa: SIM115
             cmd = [sys.executable, "-m", __name__, folder, split]
-            self._child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self._child = subprocess.Popen(cmd, stdout=self._out, stderr=self._err)
+            # A query dropped unanswered (a source never entered: the model failed to load) stops its child.
+            self._finalizer = weakref.finalize(self, _stop, self._child, self._out, self._err)
 
     def result(self) -> LocalSplit | None:
         if self._child is None:
@@ -109,10 +117,12 @@ class SplitQuery:
     def _wait(self) -> dict[str, Any]:
         assert self._child is not None
         try:
-            out, err = self._child.communicate(timeout=CHILD_TIMEOUT_S)
+            self._child.wait(timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired as exc:
             self.cancel()
             raise DatasetInfoError(f"datasets did not describe {self.folder} within {CHILD_TIMEOUT_S:g} s") from exc
+        out, err = (_read(f) for f in (self._out, self._err))
+        self.cancel()  # closes the files
         try:
             answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         except (IndexError, ValueError):
@@ -122,10 +132,22 @@ class SplitQuery:
         return answer
 
     def cancel(self) -> None:
-        """Stop a child whose answer is no longer wanted."""
-        if self._child is not None and self._child.poll() is None:
-            self._child.kill()
-            self._child.communicate()
+        """Stop a child whose answer is no longer wanted (and close its files)."""
+        if self._child is not None:
+            self._finalizer()
+
+
+def _stop(child: subprocess.Popen[bytes], *files: IO[bytes]) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+    for f in files:
+        f.close()
+
+
+def _read(f: IO[bytes]) -> str:
+    f.seek(0)
+    return f.read().decode("utf-8", errors="replace")
 
 
 def local_split(folder: str, split: str) -> LocalSplit | None:

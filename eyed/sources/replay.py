@@ -147,7 +147,7 @@ class ReplaySource:
                 ds = self._stream(str(local) if local is not None else name)
                 features = ds.features.to_dict() if ds.features else {}
         except ImportError as exc:
-            raise SourceError("the replay source needs the replay extra (pip install 'eyed[replay]')") from exc
+            raise SourceError(f"the replay source needs the replay extra (pip install 'eyed[replay]'): {exc}") from exc
         except ValueError as exc:  # unknown split, a first shard that is not parquet, and the like
             raise SourceError(f"source.dataset {name}: {exc}") from exc
         except Exception as exc:  # offline hub, missing repo: the same advice for both

@@ -56,11 +56,39 @@ def test_errors_come_back_from_the_child(tiny_dataset: Path, tmp_path: Path) -> 
 def test_without_datasets_the_replay_extra_is_named(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "datasets").mkdir()
-    (tmp_path / "datasets" / "__init__.py").write_text("raise ImportError(\"No module named 'datasets'\")\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the child finds this one first
+    fake_datasets(tmp_path, "raise ImportError(\"No module named 'datasets'\")\n", monkeypatch)
     with pytest.raises(SourceError, match=re.escape("pip install 'eyed[replay]'")):
         ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="train")).__enter__()
+
+
+def fake_datasets(folder: Path, body: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``datasets`` package that the child imports first, doing ``body`` instead."""
+    (folder / "datasets").mkdir()
+    (folder / "datasets" / "__init__.py").write_text(body)
+    monkeypatch.setenv("PYTHONPATH", str(folder))
+
+
+@pytest.mark.usefixtures("in_child")
+def test_a_query_dropped_unanswered_stops_its_child(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source made but never entered (the model failed to load) leaves no child behind."""
+    fake_datasets(tmp_path, "import time\ntime.sleep(60)\n", monkeypatch)
+    query = dataset_info.SplitQuery(str(tiny_dataset), "train")
+    child = query._child
+    assert child is not None and child.poll() is None
+    del query
+    assert child.returncode == -9  # killed and reaped at once
+
+
+@pytest.mark.usefixtures("in_child")
+def test_a_child_that_fails_says_what_it_wrote(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = "import os, sys\nsys.stderr.buffer.write(b'\\xff\\xfe broken install\\n')\nsys.stderr.flush()\nos._exit(3)\n"
+    fake_datasets(tmp_path, body, monkeypatch)
+    with pytest.raises(dataset_info.DatasetInfoError, match=r"\(exit 3\): \ufffd\ufffd broken install"):
+        dataset_info.local_split(str(tiny_dataset), "train")
 
 
 @pytest.mark.usefixtures("in_child")
