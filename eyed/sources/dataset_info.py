@@ -115,20 +115,22 @@ class SplitQuery:
         return LocalSplit(answer["files"], answer["features"]) if answer["files"] is not None else None
 
     def _wait(self) -> dict[str, Any]:
+        """The child's answer; a failure of the child itself becomes an answer too, so it is given every time."""
         assert self._child is not None
         try:
             self._child.wait(timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired as exc:
+        except subprocess.TimeoutExpired:
             self.cancel()
-            raise DatasetInfoError(f"datasets did not describe {self.folder} within {CHILD_TIMEOUT_S:g} s") from exc
-        out, err = (_read(f) for f in (self._out, self._err))
+            return {"error": "", "message": f"datasets did not describe {self.folder} within {CHILD_TIMEOUT_S:g} s"}
+        out, err = _read(self._out), _read(self._err)
         self.cancel()  # closes the files
         try:
             answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         except (IndexError, ValueError):
-            raise DatasetInfoError(
+            message = (
                 f"datasets could not describe {self.folder} (exit {self._child.returncode}): {err.strip()[-1000:]}"
-            ) from None
+            )
+            return {"error": "", "message": message}
         return answer
 
     def cancel(self) -> None:
