@@ -1,6 +1,7 @@
-"""Two ways to use this machine's N cores: one frame at a time on N onnxruntime threads (what eyed does), or
-N frames at once, each on one thread (one session, run from N Python threads; onnxruntime releases the GIL
-while it runs). A bare loop on random pixels, FP32 and INT8, in alternating rounds.
+"""Two ways to use this machine's N cores: one frame at a time on N onnxruntime threads (what eyed does for
+cameras and paced sources), or N frames at once, each on one thread (one session, run from N Python threads;
+onnxruntime releases the GIL while it runs: what eyed does at fps 0, ``model.workers``). A bare loop on random
+pixels, FP32 and INT8, in alternating rounds.
 
     .venv/bin/python benchmarks/frame_parallel.py --int8 m8.onnx [--fp32 FILE] [--frames 1200] [--rounds 4]
 
