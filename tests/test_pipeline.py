@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -22,30 +24,45 @@ from eyed.types import Frame
 from tests.conftest import synthetic_images
 
 
+@contextlib.contextmanager
+def subscribed(
+    tmp_path: Path, publisher: type[Publisher] = Publisher, topics: bytes = b""
+) -> Iterator[tuple[Publisher, zmq.Socket[Any]]]:
+    """A real publisher, and a SUB socket on it that keeps every event until read."""
+    endpoint = f"ipc://{tmp_path}/pipe.sock"
+    ctx = zmq.Context()
+    with publisher(PublishConfig(endpoint=endpoint), ctx) as pub:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, topics)
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.connect(endpoint)
+        pub.wait_for_subscribers(1, 10)
+        try:
+            yield pub, sub
+        finally:
+            sub.close(linger=0)
+    ctx.term()
+
+
+def receive(sub: zmq.Socket[Any], timeout_ms: int) -> dict[str, Any] | None:
+    """The next event's payload, or None after ``timeout_ms`` without one."""
+    return json.loads(sub.recv_multipart()[1]) if sub.poll(timeout_ms) else None
+
+
 def run_pipeline(
     tiny_onnx: Path, tmp_path: Path, source: Any, batch: int = 1, classifier: Any = None, workers: int = 1
 ) -> list[dict[str, Any]]:
-    import json
-
     classifier = classifier or load_classifier(ModelConfig(onnx=tiny_onnx, batch=batch))
-    endpoint = f"ipc://{tmp_path}/pipe.sock"
-    ctx = zmq.Context()
     events = []
-    with Publisher(PublishConfig(endpoint=endpoint), ctx) as pub:
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(endpoint)
-        pub.wait_for_subscribers(1, 10)
+    with subscribed(tmp_path) as (pub, sub):
         pipeline = Pipeline(source, classifier, pub, batch=batch, workers=workers, heartbeat_s=3600)
         pipeline.start()
         assert pipeline.done.wait(30)
         assert pipeline.join(5)
-        while sub.poll(2000):
-            events.append(json.loads(sub.recv_multipart()[1]))
-            if events[-1].get("state") in ("finished", "failed"):
+        while (event := receive(sub, 2000)) is not None:
+            events.append(event)
+            if event.get("state") in ("finished", "failed"):
                 break
-        sub.close(linger=0)
-    ctx.term()
     return events
 
 
@@ -210,24 +227,14 @@ class SlowFailingPublisher(Publisher):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_failure_while_publishing_ends_every_worker(tiny_onnx: Path, tmp_path: Path, workers: int) -> None:
-    import json
-
     classifier = load_classifier(ModelConfig(onnx=tiny_onnx, threads=1))
-    endpoint = f"ipc://{tmp_path}/fail.sock"
-    ctx = zmq.Context()
-    with SlowFailingPublisher(PublishConfig(endpoint=endpoint), ctx) as pub:
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"health.")
-        sub.connect(endpoint)
-        pub.wait_for_subscribers(1, 10)
+    with subscribed(tmp_path, SlowFailingPublisher, b"health.") as (pub, sub):
         pipeline = Pipeline(MemorySource(synthetic_images(50)), classifier, pub, workers=workers, heartbeat_s=3600)
         pipeline.start()
         assert pipeline.done.wait(10) and pipeline.join(5)
         states = []
-        while sub.poll(1000):
-            states.append(json.loads(sub.recv_multipart()[1])["state"])
-        sub.close(linger=0)
-    ctx.term()
+        while (event := receive(sub, 1000)) is not None:
+            states.append(event["state"])
     assert isinstance(pipeline.failure, zmq.ZMQError)
     assert states[-1] == "failed" and states.count("failed") == 1
 
@@ -241,32 +248,19 @@ class EndlessSource(MemorySource):
 
 
 def test_stop_ends_every_worker_and_loses_no_event(tiny_onnx: Path, tmp_path: Path) -> None:
-    import json
-
     classifier = load_classifier(ModelConfig(onnx=tiny_onnx, threads=1))
-    endpoint = f"ipc://{tmp_path}/stop.sock"
-    ctx = zmq.Context()
-    with Publisher(PublishConfig(endpoint=endpoint), ctx) as pub:
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.setsockopt(zmq.RCVHWM, 0)
-        sub.connect(endpoint)
-        pub.wait_for_subscribers(1, 10)
+    with subscribed(tmp_path) as (pub, sub):
         pipeline = Pipeline(EndlessSource(synthetic_images(5)), classifier, pub, batch=2, workers=3, heartbeat_s=3600)
         pipeline.start()
         labels: list[dict[str, Any]] = []
-        while len(labels) < 30 and sub.poll(10_000):
-            event = json.loads(sub.recv_multipart()[1])
+        while len(labels) < 30 and (event := receive(sub, 10_000)) is not None:
             labels += [event] if event["type"] == "label" else []
         pipeline.stop.set()
         assert pipeline.join(5)
         last = None
-        while last is None and sub.poll(2000):
-            event = json.loads(sub.recv_multipart()[1])
+        while last is None and (event := receive(sub, 2000)) is not None:
             labels += [event] if event["type"] == "label" else []
             last = event if event.get("state") == "stopped" else None
-        sub.close(linger=0)
-    ctx.term()
     assert last is not None
     assert [e["seq"] for e in labels] == list(range(len(labels)))
     assert [e["frame"] for e in labels] == list(range(len(labels)))

@@ -152,11 +152,6 @@ def _read(f: IO[bytes]) -> str:
     return f.read().decode("utf-8", errors="replace")
 
 
-def local_split(folder: str, split: str) -> LocalSplit | None:
-    """:class:`SplitQuery`'s answer, waited for at once."""
-    return SplitQuery(folder, split).result()
-
-
 def main(argv: list[str]) -> int:
     folder, split = argv
     try:

@@ -20,13 +20,13 @@ from tests.conftest import CIFAR10
 
 @pytest.fixture
 def in_child(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As in a daemon that has not imported datasets: local_split asks a child process."""
+    """As in a daemon that has not imported datasets: SplitQuery asks a child process."""
     monkeypatch.setattr(dataset_info, "datasets_imported", lambda: False)
 
 
 @pytest.mark.usefixtures("in_child")
 def test_the_child_answers_as_datasets_does_here(tiny_dataset: Path) -> None:
-    from_child = dataset_info.local_split(str(tiny_dataset), "train")
+    from_child = dataset_info.SplitQuery(str(tiny_dataset), "train").result()
     here = dataset_info.scan(str(tiny_dataset), "train")
     assert from_child == here
     assert from_child is not None
@@ -38,13 +38,13 @@ def test_the_child_answers_as_datasets_does_here(tiny_dataset: Path) -> None:
 def test_a_folder_that_is_not_parquet_is_left_to_datasets(tmp_path: Path) -> None:
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "a.png").write_bytes(b"")
-    assert dataset_info.local_split(str(tmp_path), "train") is None
+    assert dataset_info.SplitQuery(str(tmp_path), "train").result() is None
 
 
 @pytest.mark.usefixtures("in_child")
 def test_errors_come_back_from_the_child(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Bad split: validation"):
-        dataset_info.local_split(str(tiny_dataset), "validation")
+        dataset_info.SplitQuery(str(tiny_dataset), "validation").result()
     with pytest.raises(SourceError, match=r"source.dataset .*Bad split: validation"):
         ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="validation")).__enter__()
     (tmp_path / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not really")
@@ -97,7 +97,7 @@ def test_a_child_that_fails_says_what_it_wrote(
 def test_a_child_that_prints_nothing_is_a_clear_error(tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dataset_info, "__name__", "no.such.module")
     with pytest.raises(dataset_info.DatasetInfoError, match=r"could not describe .*No module named"):
-        dataset_info.local_split(str(tiny_dataset), "train")
+        dataset_info.SplitQuery(str(tiny_dataset), "train").result()
 
 
 REPLAY_WITHOUT_DATASETS = """
