@@ -163,6 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed_frames=args.seed_frames,
         batch=args.batch,
         rounds=args.rounds,
+        passes=args.passes,
         int8=args.int8,
         with_int8=not args.no_int8,
     )
@@ -327,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="folder for NAME.key and NAME.key_secret")
     p.add_argument("--name", default="eyed", help="file name stem (default: eyed)")
     p = add("bench", cmd_bench, "daemon path vs a bare onnxruntime loop vs the transformers loop, same frames")
-    p.add_argument("--frames", type=at_least(1), default=200, help="frames per round for the onnx measurements")
-    p.add_argument("--rounds", type=at_least(1), default=12, help="rounds in which the paths take turns")
+    p.add_argument("--frames", type=at_least(1), default=200, help="frames decoded for the onnx measurements")
+    p.add_argument("--passes", type=at_least(1), default=3, help="passes over the frames in each round")
+    p.add_argument("--rounds", type=at_least(1), default=8, help="rounds in which the paths take turns")
     p.add_argument("--seed-frames", type=at_least(0), default=100, help="frames for the transformers loop (0 = skip)")
     p.add_argument("--batch", type=at_least(1), default=8, help="batch size for the batched daemon run (1 = skip)")
     p.add_argument("--int8", type=Path, help="INT8 file to compare (default: quantise model.onnx once into the cache)")

@@ -34,7 +34,7 @@ def test_bench_json_compares_every_path_on_the_same_frames(
     workers: int,
 ) -> None:
     monkeypatch.setattr("eyed.config.available_cores", lambda: cores)
-    args = ["--frames", "8", "--rounds", "2", "--seed-frames", "4", "--batch", "4", "--json"]
+    args = ["--frames", "8", "--passes", "2", "--rounds", "2", "--seed-frames", "4", "--batch", "4", "--json"]
     code = main(
         ["bench", *overrides, "--set", f"model.cache_dir={tmp_path}", "--set", f"model.threads={threads}", *args]
     )
@@ -49,8 +49,10 @@ def test_bench_json_compares_every_path_on_the_same_frames(
     assert names == [f"{p} {name}" for p in ("fp32", "int8") for name in paths] + ["transformers loop (seed)"]
     for row in report["rows"]:
         assert row["fps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
-    # 11 frames decode from the 12 records (one is corrupt), 8 are used, twice each for the onnx paths.
-    assert [r["frames"] for r in report["rows"]] == [16] * (2 * len(paths)) + [4]
+    # 11 frames decode from the 12 records (one is corrupt), 8 are used: each onnx path goes over them twice in
+    # each of two rounds.
+    assert report["rounds"] == 2 and report["passes"] == 2
+    assert [r["frames"] for r in report["rows"]] == [32] * (2 * len(paths)) + [4]
     expected = {"int8/fp32 bare", "int8/fp32 daemon"}
     for p in ("fp32", "int8"):
         expected |= {f"{p} daemon/bare", f"{p} daemon (no subscriber)/bare", f"{p} daemon batch 4/daemon batch 1"}
