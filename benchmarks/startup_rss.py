@@ -1,10 +1,11 @@
 """Start-up time (process start -> first label event received) and peak RSS of an onnx-backend daemon.
 
 Runs `eyed run` as a child process with the real MobileNetV2 from $EYED_SHARED (its ONNX export cached
-beforehand, as on a device), once on a video file (what a camera deployment loads) and once on the replay
-source (which adds pyarrow, and datasets in a child process of its own), and reports for each: seconds to the
-first event at a real SUB socket, peak RSS (the child's VmHWM) and which of torch, transformers, datasets and
-pandas it imported.
+beforehand, as on a device), on a video file (what a camera deployment loads), on the replay source over
+local parquet shards (which adds pyarrow, and datasets in a child process of its own) and on the replay source
+over a folder of images (which datasets reads in the daemon itself, as it does a hub dataset or csv), and
+reports for each: seconds to the first event at a real SUB socket, peak RSS (the child's VmHWM) and which of
+torch, transformers, datasets and pandas it imported.
 
     .venv/bin/python benchmarks/startup_rss.py [--runs 3] [--onnx m8.onnx] [--replay-limit 200] [--json]
 
@@ -45,6 +46,18 @@ def write_video(path: Path, frames: int = 60, size: tuple[int, int] = (320, 240)
     for _ in range(frames):
         writer.write(cv2.resize(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), size))
     writer.release()
+    return path
+
+
+def write_image_folder(path: Path, per_class: int = 100) -> Path:
+    """An image folder for datasets' imagefolder builder: two class folders of small smooth PNG pictures."""
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (path / label).mkdir(parents=True)
+        for i in range(per_class):
+            cv2.imwrite(
+                str(path / label / f"{i}.png"), cv2.resize(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8), (64, 64))
+            )
     return path
 
 
@@ -126,6 +139,16 @@ def main() -> None:
                     "EYED_SOURCE__DATASET": str(shared / "data" / "cifar10"),
                     "EYED_SOURCE__SPLIT": "train",
                     "EYED_SOURCE__LIMIT": str(args.replay_limit),
+                },
+                args.runs,
+            ),
+            measure(
+                "images",
+                {
+                    **common,
+                    "EYED_SOURCE__DATASET": str(write_image_folder(Path(tmp) / "images")),
+                    "EYED_SOURCE__SPLIT": "train",
+                    "EYED_SOURCE__LIMIT": str(min(args.replay_limit, 200)),
                 },
                 args.runs,
             ),
