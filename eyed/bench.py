@@ -286,7 +286,7 @@ def run_bench(
     Each round goes ``passes`` times over the ``frames`` decoded frames (as references: no more memory). The
     daemon runs for hours, so the rounds should measure its steady state: a fresh pipeline per round spends
     about one frame's time filling up and one draining, a fixed cost that weighed 1-3% on a 200-frame INT8
-    round, three times what it weighed on FP32's longer one, and so understated INT8/FP32.
+    round, two to three times what it weighed on FP32's longer one, and so understated INT8/FP32.
     """
     if settings.model.backend != "onnx":
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"backend": "onnx"})})
