@@ -293,7 +293,7 @@ def run_bench(
     images, _ = load_frames(settings, frames)
     # The daemon's options for this source at fps 0 (workers, threads per call, spinning); the bare loop
     # keeps the configured ones (by default one call at a time on all cores).
-    daemon_cfg = settings.model_copy(update={"source": settings.source.model_copy(update={"fps": 0.0})}).runtime_model()
+    daemon_cfg = settings.full_speed_model()
     at_once = daemon_cfg.workers
     fp32 = load_classifier(daemon_cfg)
     assert isinstance(fp32, OnnxClassifier)

@@ -204,6 +204,26 @@ def test_workers_only_where_frames_wait(
     assert (model.workers, model.threads) == (workers, threads)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "workers"),
+    [
+        (["source.fps=10"], 2),  # a paced replay is measured (eval, bench) at full speed, as at fps 0
+        (["source.kind=file", "source.url=/tmp/clip.avi", "source.fps=30"], 2),
+        (["source.fps=10", "model.backend=torch"], 1),
+    ],
+)
+def test_full_speed_model_is_the_daemons_at_fps_0(
+    monkeypatch: pytest.MonkeyPatch, overrides: list[str], workers: int
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("eyed.config.available_cores", lambda: 2)
+    settings = load_settings(None, [*overrides, "model.batch=8"])
+    assert settings.runtime_model().workers == 1
+    model = settings.full_speed_model()
+    assert (model.workers, model.batch, model.spinning) == (workers, 8, "on")
+    assert settings.source.fps > 0  # the settings themselves keep their pace
+
+
 def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from eyed.config import available_cores, cgroup_cpu_quota
 
