@@ -208,9 +208,19 @@ def test_encode_takes_numpy_scalars_like_python_numbers() -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), np.float32("nan"), np.float64("inf")])
-def test_encode_refuses_non_finite_numbers(bad: float) -> None:
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda v: {"score": v},
+        lambda v: {"label": "cat", "topk": [{"label": "cat", "score": 0.5}, {"label": "dog", "score": v}]},
+        lambda v: {"coarse": {"label": "cat", "score": v}, "truth": None, "frame": 3},
+        lambda v: {"rows": (1, 2.0, [v])},
+        lambda v: {"rows": np.array([0.5, v]).tolist()},
+    ],
+)
+def test_encode_refuses_non_finite_numbers(bad: float, where: Any) -> None:
     with pytest.raises(ValueError):
-        encode({"score": bad})
+        encode(where(bad))
 
 
 def test_send_refuses_nan_and_counts_nothing(endpoint: str) -> None:
