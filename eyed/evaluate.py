@@ -1,4 +1,5 @@
-"""``eyed eval`` and ``eyed priors``: accuracy on a labelled replay source, and label-free prior estimation."""
+"""``eyed eval``, ``priors``, ``profile`` and ``drift``: accuracy on a labelled replay source, label-free prior
+estimation, the drift reference and offline drift windows, all run through :class:`eyed.offline.OfflineRunner`."""
 
 from __future__ import annotations
 
@@ -6,19 +7,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from eyed.config import Settings
-from eyed.model import load_classifier
 from eyed.model.labels import estimate_priors, save_priors
 from eyed.model.postprocess import softmax
+from eyed.offline import OfflineRunner
 from eyed.progress import progress
 from eyed.sources import open_recorded
-from eyed.types import Classifier, Frame, Prediction
+from eyed.types import Frame, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +36,28 @@ def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
         yield batch
 
 
-def predictions(settings: Settings, classifier: Classifier) -> Iterator[tuple[list[Frame], list[Prediction]]]:
+def predictions(settings: Settings, runner: OfflineRunner) -> Iterator[tuple[list[Frame], list[Prediction]]]:
     """(frames, predictions) batches over the configured source, with a progress bar on a terminal."""
     with open_recorded(settings.source) as src:
         for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
-            yield batch, classifier.predict(np.stack([classifier.prepare(f.image) for f in batch]))
+            yield batch, runner.predict(batch)
 
 
 def run_priors(settings: Settings, output: Path) -> np.ndarray:
     """Mean group mass of the model's outputs over the configured source; written to ``output``."""
-    classifier = load_classifier(settings.model)
-    mapper = classifier.post.mapper  # type: ignore[attr-defined]
-    if mapper is None:
-        raise ValueError(f"{settings.model.id} has no coarse mapping: nothing to estimate")
-    n = 0
+    with OfflineRunner(settings) as runner:
+        mapper = runner.classifier.post.mapper  # type: ignore[attr-defined]
+        if mapper is None:
+            raise ValueError(f"{settings.model.id} has no coarse mapping: nothing to estimate")
+        n = 0
 
-    def probs() -> Iterator[np.ndarray]:
-        nonlocal n
-        for frames, preds in predictions(settings, classifier):
-            n += len(frames)
-            yield np.stack([p.probs for p in preds])
+        def probs() -> Iterator[np.ndarray]:
+            nonlocal n
+            for frames, preds in predictions(settings, runner):
+                n += len(frames)
+                yield np.stack([p.probs for p in preds])
 
-    priors = estimate_priors(mapper, probs())
+        priors = estimate_priors(mapper, probs())
     meta = {
         "space": settings.model.coarse,
         "model": settings.model.id,
@@ -90,13 +90,10 @@ def format_confusion(m: np.ndarray, classes: list[str]) -> str:
 class _Scorer:
     """One model's predictions over an eval stream, in its own label space (coarse for ImageNet models)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, runner: OfflineRunner, settings: Settings) -> None:
         self.settings = settings
-        # The daemon's options at fps 0: with the onnx backend on the CPU, a frame per core at once.
-        model = settings.full_speed_model()
-        self.classifier = load_classifier(model)
-        self.workers = model.workers
-        self._pool = ThreadPoolExecutor(model.workers, "eyed-eval") if model.workers > 1 else None
+        self.runner = runner
+        self.classifier = runner.classifier
         post = self.classifier.post  # type: ignore[attr-defined]
         self.mapper = post.mapper
         self.classes = list(self.mapper.classes) if self.mapper is not None else list(post.labels)
@@ -110,34 +107,9 @@ class _Scorer:
             self._fine_group = self.mapper.membership.argmax(axis=1)
             self._fine_mapped = self.mapper.membership.any(axis=1)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-        self.classifier.close()
-
-    def _logits(self, frames: list[Frame]) -> np.ndarray:
-        """Logits of ``frames`` in order: one call for them all, or with workers, each worker a contiguous share
-        of them a frame at a time, as the daemon runs them at fps 0 (two frames at once on one thread each were
-        faster here than a batch on two threads: README, Performance)."""
-        clf = self.classifier
-        if self._pool is None:
-            return clf.logits(np.stack([clf.prepare(f.image) for f in frames]))  # type: ignore[attr-defined]
-        size = -(-len(frames) // self.workers)
-        shares = [frames[i : i + size] for i in range(0, len(frames), size)]
-        return np.concatenate(list(self._pool.map(self._one_at_a_time, shares)))
-
-    def _one_at_a_time(self, frames: list[Frame]) -> np.ndarray:
-        clf = self.classifier
-        buffer = np.empty((1, *clf.input_shape), dtype=np.uint8)
-        rows = []
-        for frame in frames:
-            clf.prepare(frame.image, out=buffer[0])
-            rows.append(clf.logits(buffer))  # type: ignore[attr-defined]
-        return np.concatenate(rows)
-
     def add(self, frames: list[Frame]) -> None:
         t0 = time.perf_counter()
-        probs = softmax(self._logits(frames))
+        probs = softmax(self.runner.logits(frames))
         self.seconds += time.perf_counter() - t0
         self.frames += len(frames)
         keep = [i for i, f in enumerate(frames) if f.truth in self.index]
@@ -179,7 +151,7 @@ class _Scorer:
         lines.append(format_confusion(cm, self.classes))
         if self.unknown:
             lines.append(f"{self.unknown} frames had a truth outside the label space and were not scored")
-        lines.append(f"{self.workers} frame(s) at once, {fps:.1f} frames/s (resizing and inference)")
+        lines.append(f"{self.runner.workers} frame(s) at once, {fps:.1f} frames/s (resizing and inference)")
         return {
             "model": model.id,
             "onnx": str(model.onnx) if model.onnx else None,
@@ -193,7 +165,7 @@ class _Scorer:
             "classes": self.classes,
             "confusion": cm.tolist(),
             "fps": fps,
-            "workers": self.workers,
+            "workers": self.runner.workers,
             "text": "\n".join(lines),
             "line": f"accuracy={acc['corrected']:.4f} fps={fps:.1f} frames={len(y)} space={space}",
         }
@@ -211,10 +183,7 @@ def run_eval(
         settings = settings.model_copy(update={"source": settings.source.model_copy(update={"skip": skip})})
     variants = [settings] + [apply_overrides(settings, overrides) for overrides in vs or []]
     with contextlib.ExitStack() as stack:
-        scorers = []
-        for variant in variants:
-            scorers.append(_Scorer(variant))
-            stack.callback(scorers[-1].close)
+        scorers = [_Scorer(stack.enter_context(OfflineRunner(v)), v) for v in variants]
         with open_recorded(settings.source) as src:
             for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
                 for scorer in scorers:
@@ -282,11 +251,15 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
     The profile also holds coarse-label priors estimated on the same frames (no labels used), so
     ``model.coarse_priors`` can point at it too.
     """
+    with OfflineRunner(settings) as runner:
+        return _profile(settings, runner, output)
+
+
+def _profile(settings: Settings, runner: OfflineRunner, output: Path) -> dict[str, Any]:
     from eyed.drift import ProfileBuilder, StatsExtractor
     from eyed.drift.reference import profile_blocks
 
-    classifier = load_classifier(settings.model)
-    post = classifier.post  # type: ignore[attr-defined]
+    post = runner.classifier.post  # type: ignore[attr-defined]
     mapper = post.mapper
     coarse = tuple(mapper.classes) if mapper is not None else ()
     extractor = StatsExtractor(coarse)
@@ -298,16 +271,15 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
         # model.coarse_priors = "none" still gets them, so the profile can serve as its priors file later.
         mapper=mapper if mapper is not None and not mapper.native else None,
         labels=list(post.labels),
-        model=classifier.name,
+        model=runner.classifier.name,
         source=f"{src.kind}:{src.dataset if src.kind == 'replay' else src.url or src.device}",
     )
     first = last = 0.0
-    for frames, preds in predictions(settings, classifier):
+    for frames, preds in predictions(settings, runner):
         first = frames[0].t_in if builder.frames == 0 else first
         last = frames[-1].t_in
         stats = [extractor(f.image, p) for f, p in zip(frames, preds, strict=True)]
         builder.add_many(stats, np.stack([p.probs for p in preds]) if builder.mapper is not None else None)
-    classifier.close()
     # Blocks that hold a window, so calibration windows fit inside them (eyed.drift.reference.sample_blocks).
     # A paced replay that lagged behind source.fps still stands for a stream at that rate.
     seconds = last - first
@@ -332,20 +304,18 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
 def run_drift(settings: Settings) -> list[dict[str, Any]]:
     """The drift payloads the daemon would publish for the configured source, computed offline."""
     from eyed.daemon import build_drift
-
-    classifier = load_classifier(settings.model)
-    if not settings.drift.active():
-        settings = settings.model_copy(update={"drift": settings.drift.model_copy(update={"enabled": True})})
-    watch = build_drift(settings, classifier)
-    assert watch is not None
-    source = settings.source.resolved_id()
-    payloads: list[dict[str, Any]] = []
     from eyed.drift import window_payload
 
-    for frames, preds in predictions(settings, classifier):
-        for frame, pred in zip(frames, preds, strict=True):
-            report = watch.observe(frame, pred)
-            if report is not None:
-                payloads.append(window_payload(report, source, len(payloads), time.time()))
-    classifier.close()
+    if not settings.drift.active():
+        settings = settings.model_copy(update={"drift": settings.drift.model_copy(update={"enabled": True})})
+    source = settings.source.resolved_id()
+    payloads: list[dict[str, Any]] = []
+    with OfflineRunner(settings) as runner:
+        watch = build_drift(settings, runner.classifier)
+        assert watch is not None
+        for frames, preds in predictions(settings, runner):
+            for frame, pred in zip(frames, preds, strict=True):
+                report = watch.observe(frame, pred)
+                if report is not None:
+                    payloads.append(window_payload(report, source, len(payloads), time.time()))
     return payloads
