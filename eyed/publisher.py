@@ -75,6 +75,8 @@ def _finite(payload: dict[str, Any]) -> bool:
             stack.extend(value.values())
         elif isinstance(value, list | tuple):
             stack.extend(value)
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fc" and not np.isfinite(value).all():
+            return False
     return True
 
 

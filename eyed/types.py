@@ -103,7 +103,9 @@ class Preparer(Protocol):
 
 
 class Classifier(Protocol):
-    """Turns RGB frames into predictions. ``prepare`` is pure and thread-safe; ``predict`` is not."""
+    """Turns RGB frames into predictions. ``prepare`` is pure and thread-safe. ``logits`` and ``predict`` may be
+    called from several threads at once with different batches (``model.workers``): an onnxruntime session
+    runs concurrent calls, and a torch forward pass under ``inference_mode`` changes no state."""
 
     name: str
     backend: str
@@ -112,6 +114,10 @@ class Classifier(Protocol):
     @property
     def prepare(self) -> Preparer:
         """RGB uint8 (H, W, 3) -> uint8 ``input_shape`` (resize and crop), into ``out`` when given."""
+        ...
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Prepared uint8 (N, H, W, 3) -> (N, classes) float logits."""
         ...
 
     def predict(self, batch: np.ndarray) -> list[Prediction]: ...

@@ -216,6 +216,7 @@ def test_encode_takes_numpy_scalars_like_python_numbers() -> None:
         lambda v: {"coarse": {"label": "cat", "score": v}, "truth": None, "frame": 3},
         lambda v: {"rows": (1, 2.0, [v])},
         lambda v: {"rows": np.array([0.5, v]).tolist()},
+        lambda v: {"rows": np.array([[0.5, v]], dtype=np.float32)},  # orjson writes numpy arrays too
     ],
 )
 def test_encode_refuses_non_finite_numbers(bad: float, where: Any) -> None:

@@ -157,8 +157,8 @@ def test_torch_and_onnx_agree(onnx_classifier: Classifier, torch_classifier: Cla
     images = synthetic_images(5, seed=2, size=40)
     batch = batch_of(onnx_classifier, images)
     assert np.array_equal(batch, batch_of(torch_classifier, images))
-    a = onnx_classifier.logits(batch)  # type: ignore[attr-defined]
-    b = torch_classifier.logits(batch)  # type: ignore[attr-defined]
+    a = onnx_classifier.logits(batch)
+    b = torch_classifier.logits(batch)
     assert a.shape == b.shape == (5, len(imagenet_like_labels()))
     assert np.abs(a - b).max() < 1e-3
     top_a = [p.top.class_id for p in onnx_classifier.predict(batch)]
