@@ -104,13 +104,13 @@ class BareLoop:
         t0 = time.perf_counter()
         if self.at_once == 1:
             self._loop(feeds, lock, lat)
-            return summarise("bare onnxruntime", lat, time.perf_counter() - t0, len(self.feeds))
-        threads = [threading.Thread(target=self._loop, args=(feeds, lock, lat)) for _ in range(self.at_once)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        name = f"bare onnxruntime, {self.at_once} frames at once"
+        else:
+            threads = [threading.Thread(target=self._loop, args=(feeds, lock, lat)) for _ in range(self.at_once)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        name = "bare onnxruntime" + (f", {self.at_once} frames at once" if self.at_once > 1 else "")
         return summarise(name, lat, time.perf_counter() - t0, len(self.feeds))
 
 

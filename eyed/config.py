@@ -316,8 +316,8 @@ class Settings(BaseSettings):
         return m.model_copy(update=update)
 
     def full_speed_model(self) -> ModelConfig:
-        """The model section as the daemon runs it on this source at fps 0, every frame as soon as it can: what
-        ``eyed bench`` and ``eyed eval`` measure, whatever pace the configuration sets."""
+        """The model section as the daemon runs it on this source at fps 0, every frame as soon as it can: how
+        ``eyed bench`` and the offline commands (``eyed.offline``) run it, whatever pace the configuration sets."""
         return self.model_copy(update={"source": self.source.model_copy(update={"fps": 0.0})}).runtime_model()
 
     @model_validator(mode="after")

@@ -93,8 +93,7 @@ class _Scorer:
     def __init__(self, runner: OfflineRunner, settings: Settings) -> None:
         self.settings = settings
         self.runner = runner
-        self.classifier = runner.classifier
-        post = self.classifier.post  # type: ignore[attr-defined]
+        post = runner.classifier.post  # type: ignore[attr-defined]
         self.mapper = post.mapper
         self.classes = list(self.mapper.classes) if self.mapper is not None else list(post.labels)
         self.index = {c: i for i, c in enumerate(self.classes)}
@@ -138,9 +137,9 @@ class _Scorer:
         per_class = {c: float((main[y == i] == i).mean()) if (y == i).any() else None for c, i in self.index.items()}
         cm = confusion(y, np.clip(main, 0, len(self.classes) - 1), len(self.classes))
         # A model trained on the coarse classes (eyed finetune) has an identity mapping: its labels are native.
-        native = self.mapper is None or list(self.mapper.classes) == list(self.classifier.post.labels)  # type: ignore[attr-defined]
+        native = self.mapper is None or list(self.mapper.classes) == list(self.runner.classifier.post.labels)  # type: ignore[attr-defined]
         space = "native" if native else "coarse"
-        name = f"{model.onnx or model.id} ({self.classifier.backend})"
+        name = f"{model.onnx or model.id} ({self.runner.classifier.backend})"
         fps = self.frames / max(self.seconds, 1e-9)
         src = self.settings.source
         lines = [f"model {name}, {space} labels, {len(y)} frames from {src.dataset}:{src.split} (skip {src.skip})"]
@@ -156,7 +155,7 @@ class _Scorer:
             "model": model.id,
             "onnx": str(model.onnx) if model.onnx else None,
             "name": name,
-            "backend": self.classifier.backend,
+            "backend": self.runner.classifier.backend,
             "space": space,
             "frames": len(y),
             "accuracy": acc["corrected"],
