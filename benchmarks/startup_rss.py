@@ -3,7 +3,7 @@
 Runs `eyed run` as a child process with the real MobileNetV2 from $EYED_SHARED (its ONNX export cached
 beforehand, as on a device), on a video file (what a camera deployment loads), on the replay source over
 local parquet shards (which adds pyarrow, and datasets in a child process of its own) and on the replay source
-over a folder of images (which datasets reads in the daemon itself, as it does a hub dataset or csv), and
+over a folder of images (datasets lists it in the same kind of child, and the daemon decodes the files), and
 reports for each: seconds to the first event at a real SUB socket, peak RSS (the child's VmHWM) and which of
 torch, transformers, datasets and pandas it imported.
 

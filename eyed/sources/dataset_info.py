@@ -1,23 +1,34 @@
-"""What a local dataset folder holds for one split: its parquet files and its features, as datasets sees them.
+"""What a local dataset folder holds for one split, as datasets sees it: its parquet files and features, or the
+image files of an image folder with their labels.
 
-eyed reads local parquet shards itself (``eyed.sources.parquet``, with pyarrow); it needs datasets only to find
-a split's files and the features (which column is the image, the class names). Importing datasets also
-imports pandas and much else: about 75 MB of resident memory, a third of a replay daemon's. So unless this
-process has already imported datasets, a child process asks it and exits, and the daemon never holds it.
+eyed reads local parquet shards itself (``eyed.sources.parquet``, with pyarrow) and decodes an image folder's
+files itself (OpenCV); it needs datasets only to find a split's files, their labels and the features (which
+column is the image, the class names). Importing datasets also imports pandas and much else: about 65-75 MB of
+resident memory, a third of a replay daemon's. So unless this process has already imported datasets, a child
+process asks it and exits, and the daemon never holds it. An image folder's listing (one line per image) goes
+into a temporary file, so a large folder costs the daemon no memory either.
 
-    python -m eyed.sources.dataset_info FOLDER SPLIT   # prints the answer as JSON
+    python -m eyed.sources.dataset_info FOLDER SPLIT LISTING_FD   # prints the answer as JSON
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+# datasets' image-folder features that eyed reads itself: images, with labels from their folders or without.
+# Metadata files add other columns (captions, boxes): such a folder stays with datasets' streaming.
+IMAGE_FOLDER_COLUMNS = ("image", "label")
+
+LISTING_CHUNK_BYTES = 1 << 16
 
 # Importing datasets takes 1-3 s on a small board; a child that has not answered in this long is stuck.
 CHILD_TIMEOUT_S = 120.0
@@ -36,6 +47,64 @@ class LocalSplit:
 
     files: list[str]
     features: dict[str, Any]
+
+
+class Listing:
+    """The binary file an image folder's listing is written to and read from; closed when the last of its
+    holders (the query, the replay's rows) lets go of it."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        weakref.finalize(self, file.close)
+
+    @classmethod
+    def temporary(cls) -> Listing:
+        return cls(tempfile.TemporaryFile())
+
+
+@dataclass(frozen=True)
+class LocalImages:
+    """An image folder's split: ``count`` images listed in ``listing``, one JSON ``[path, label]`` line each, in
+    datasets' order, and the features (``image``, and ``label`` when the folders name classes)."""
+
+    listing: Listing
+    count: int
+    features: dict[str, Any]
+
+    def rows(self, image_column: str, label_column: str | None, skip: int = 0) -> ImageRows:
+        return ImageRows(self, image_column, label_column, skip)
+
+
+class ImageRows:
+    """The listed images as records like datasets' with undecoded images (``{"path": ..., "bytes": None}``),
+    from record ``skip`` on; iterable many times, each pass at its own place in the listing."""
+
+    def __init__(self, images: LocalImages, image_column: str, label_column: str | None, skip: int) -> None:
+        self.images = images
+        self.image_column, self.label_column = image_column, label_column
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i, line in enumerate(self._lines()):
+            if i < self.skip:
+                continue
+            path, label = json.loads(line)
+            record: dict[str, Any] = {self.image_column: {"path": path, "bytes": None}}
+            if self.label_column:
+                record[self.label_column] = label
+            yield record
+
+    def _lines(self) -> Iterator[bytes]:
+        # pread, not the file's own position, which every pass (and the child) would share.
+        fd, offset, rest, left = self.images.listing.file.fileno(), 0, b"", self.images.count
+        while left:
+            chunk = os.pread(fd, LISTING_CHUNK_BYTES, offset)
+            if not chunk:
+                raise EOFError(f"the image listing ends {left} images short of {self.images.count}")
+            offset += len(chunk)
+            *lines, rest = (rest + chunk).split(b"\n")
+            yield from lines[:left]
+            left -= min(left, len(lines))
 
 
 def keep_torch_out() -> None:
@@ -65,9 +134,36 @@ def parquet_files(builder: Any, split: str) -> list[str] | None:
     return files if files and all(Path(f).is_file() for f in files) else None
 
 
-def scan(folder: str, split: str) -> LocalSplit | None:
-    """In this process: ``folder``'s parquet files for ``split`` and their features; None if it is not a
-    folder of parquet shards (datasets then streams it)."""
+def list_images(builder: Any, split: str, listing: IO[bytes]) -> tuple[int, dict[str, Any]] | None:
+    """Write ``split``'s images to ``listing`` when ``builder`` is datasets' image-folder builder on local
+    files with no metadata: how many, and the features. None otherwise (metadata, archives, other builders),
+    and datasets then streams the folder. ValueError for a split the folder lacks."""
+    try:
+        from datasets import Image
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+    except ImportError:  # a datasets that moved it: its own streaming still works
+        return None
+    if not isinstance(builder, ImageFolder):
+        return None
+    ds = builder.as_streaming_dataset(split=split)
+    features = ds.features
+    if features is None or set(features) - set(IMAGE_FOLDER_COLUMNS) or not isinstance(features.get("image"), Image):
+        return None
+    count = 0
+    # The walk for labels already ran (as_streaming_dataset): listing the paths adds about 16 us an image.
+    for record in ds.cast_column("image", Image(decode=False)):
+        image = record["image"]
+        if image.get("bytes") is not None or not image.get("path") or not Path(image["path"]).is_file():
+            return None  # an image inside an archive: only datasets can open it
+        listing.write(json.dumps([image["path"], record.get("label")]).encode() + b"\n")
+        count += 1
+    listing.flush()
+    return count, features.to_dict()
+
+
+def scan(folder: str, split: str, listing: Listing) -> LocalSplit | LocalImages | None:
+    """In this process: ``folder``'s parquet files for ``split`` and their features, or its images (listed
+    into ``listing``); None if it is neither (datasets then streams it)."""
     import pyarrow.parquet as pq
     from datasets import Features, load_dataset_builder
 
@@ -75,9 +171,21 @@ def scan(folder: str, split: str) -> LocalSplit | None:
     builder = load_dataset_builder(folder)
     files = parquet_files(builder, split)
     if files is None:
-        return None
+        listing.file.seek(0)
+        listing.file.truncate()
+        listed = list_images(builder, split, listing.file)
+        return LocalImages(listing, *listed) if listed is not None else None
     features = builder.info.features or Features.from_arrow_schema(pq.read_schema(files[0]))
     return LocalSplit(files, features.to_dict())
+
+
+def answer_of(found: LocalSplit | LocalImages | None) -> dict[str, Any]:
+    """What the child prints for ``found`` (``result`` turns it back)."""
+    if isinstance(found, LocalSplit):
+        return {"files": found.files, "features": found.features}
+    if isinstance(found, LocalImages):
+        return {"files": None, "images": found.count, "features": found.features}
+    return {"files": None}
 
 
 def datasets_imported() -> bool:
@@ -96,23 +204,29 @@ class SplitQuery:
         self.folder, self.split = folder, split
         self._answer: dict[str, Any] | None = None
         self._child: subprocess.Popen[bytes] | None = None
+        self._listing = Listing.temporary()
         if not datasets_imported():
             # Files, not pipes: a long answer (thousands of shards) or a chatty stderr never blocks the child
             # while no one reads yet. They live until the answer is read or the query dropped (_stop).
             self._out = tempfile.TemporaryFile()  # noqa: SIM115
             self._err = tempfile.TemporaryFile()  # noqa: SIM115
-            cmd = [sys.executable, "-m", __name__, folder, split]
-            self._child = subprocess.Popen(cmd, stdout=self._out, stderr=self._err)
+            fd = self._listing.file.fileno()
+            cmd = [sys.executable, "-m", __name__, folder, split, str(fd)]
+            self._child = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, pass_fds=(fd,))
             # A query dropped unanswered (a source never entered: the model failed to load) stops its child.
             self._finalizer = weakref.finalize(self, _stop, self._child, self._out, self._err)
 
-    def result(self) -> LocalSplit | None:
+    def result(self) -> LocalSplit | LocalImages | None:
         if self._child is None:
-            return scan(self.folder, self.split)
+            return scan(self.folder, self.split, self._listing)
         answer = self._answer = self._answer or self._wait()
         if "error" in answer:
             raise RAISED_AS.get(answer["error"], DatasetInfoError)(answer["message"])
-        return LocalSplit(answer["files"], answer["features"]) if answer["files"] is not None else None
+        if answer["files"] is not None:
+            return LocalSplit(answer["files"], answer["features"])
+        if "images" in answer:
+            return LocalImages(self._listing, answer["images"], answer["features"])
+        return None
 
     def _wait(self) -> dict[str, Any]:
         """The child's answer; a failure of the child itself becomes an answer too, so it is given every time."""
@@ -134,7 +248,7 @@ class SplitQuery:
         return answer
 
     def cancel(self) -> None:
-        """Stop a child whose answer is no longer wanted (and close its files)."""
+        """Stop a child whose answer is no longer wanted (and close its output; the listing stays open)."""
         if self._child is not None:
             self._finalizer()
 
@@ -153,16 +267,15 @@ def _read(f: IO[bytes]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    folder, split = argv
+    folder, split, fd = argv
+    listing = Listing(os.fdopen(int(fd), "wb"))
     try:
-        found = scan(folder, split)
+        answer = answer_of(scan(folder, split, listing))
     except (ValueError, ImportError) as exc:
         kind = "ValueError" if isinstance(exc, ValueError) else "ImportError"
-        answer: dict[str, Any] = {"error": kind, "message": str(exc)}
+        answer = {"error": kind, "message": str(exc)}
     except Exception as exc:
         answer = {"error": type(exc).__name__, "message": f"{type(exc).__name__}: {exc}"}
-    else:
-        answer = {"files": None} if found is None else {"files": found.files, "features": found.features}
     print(json.dumps(answer))
     return 0
 

@@ -1,6 +1,7 @@
 """Replay a labelled image dataset as a synthetic camera, streamed (no full download). Local parquet shards are
-read by ``eyed.sources.parquet`` (datasets, in a child process, finds the split's files and features:
-``eyed.sources.dataset_info``); hub datasets, image folders and csv are streamed by datasets."""
+read by ``eyed.sources.parquet`` and a local image folder's files are decoded here (datasets, in a child
+process, finds the split's files, labels and features: ``eyed.sources.dataset_info``); hub datasets, csv and
+image folders with metadata files are streamed by datasets."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from eyed.config import SourceConfig
 from eyed.sources.base import Pacer, SourceError, to_rgb
-from eyed.sources.dataset_info import SplitQuery, keep_torch_out
+from eyed.sources.dataset_info import LocalImages, SplitQuery, keep_torch_out
 from eyed.sources.parquet import ParquetRows
 from eyed.types import Frame
 
@@ -171,6 +172,8 @@ class ReplaySource:
             self._image_col,
             self._label_col,
         )
+        if isinstance(found, LocalImages):
+            return found.rows(self._image_col, self._label_col, self.cfg.skip)
         if found is not None:
             return ParquetRows(found.files, keep, self.cfg.skip, self._unreadable)
         from datasets import Image

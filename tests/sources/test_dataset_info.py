@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from eyed.config import SourceConfig
 from eyed.sources import dataset_info
 from eyed.sources.base import SourceError
 from eyed.sources.replay import ReplaySource
-from tests.conftest import CIFAR10
+from tests.conftest import CIFAR10, png, synthetic_images
 
 
 @pytest.fixture
@@ -27,17 +28,40 @@ def in_child(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("in_child")
 def test_the_child_answers_as_datasets_does_here(tiny_dataset: Path) -> None:
     from_child = dataset_info.SplitQuery(str(tiny_dataset), "train").result()
-    here = dataset_info.scan(str(tiny_dataset), "train")
+    here = dataset_info.scan(str(tiny_dataset), "train", dataset_info.Listing.temporary())
     assert from_child == here
-    assert from_child is not None
+    assert isinstance(from_child, dataset_info.LocalSplit)
     assert from_child.files == [str(tiny_dataset / "train-00000-of-00001.parquet")]
     assert from_child.features == {"img": {"_type": "Image"}, "label": {"names": CIFAR10, "_type": "ClassLabel"}}
 
 
+def listed(images: dataset_info.LocalImages) -> list[tuple[str, object]]:
+    return [(r["image"]["path"], r.get("label")) for r in images.rows("image", "label")]
+
+
 @pytest.mark.usefixtures("in_child")
-def test_a_folder_that_is_not_parquet_is_left_to_datasets(tmp_path: Path) -> None:
-    (tmp_path / "cat").mkdir()
-    (tmp_path / "cat" / "a.png").write_bytes(b"")
+def test_the_child_lists_an_image_folder_as_datasets_does_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataset_info, "LISTING_CHUNK_BYTES", 7)  # lines cut across reads
+    for i, label in enumerate(["dog", "cat", "dog"]):
+        (tmp_path / label).mkdir(exist_ok=True)
+        (tmp_path / label / f"{i}.png").write_bytes(png(synthetic_images(1, seed=i)[0]))
+    from_child = dataset_info.SplitQuery(str(tmp_path), "train").result()
+    here = dataset_info.scan(str(tmp_path), "train", dataset_info.Listing.temporary())
+    assert isinstance(here, dataset_info.LocalImages)
+    assert isinstance(from_child, dataset_info.LocalImages)
+    features = {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog"], "_type": "ClassLabel"}}
+    assert (from_child.count, from_child.features) == (here.count, here.features) == (3, features)
+    paths = [str(tmp_path / f) for f in ("cat/1.png", "dog/0.png", "dog/2.png")]
+    assert listed(from_child) == listed(here) == list(zip(paths, [0, 1, 1], strict=True))
+    # Another pass, and one from a record on, read the same listing again.
+    assert [r["image"]["path"] for r in from_child.rows("image", None, skip=2)] == paths[2:]
+    assert "label" not in next(iter(from_child.rows("image", None)))
+    assert listed(from_child) == list(zip(paths, [0, 1, 1], strict=True))
+
+
+@pytest.mark.usefixtures("in_child")
+def test_a_folder_that_is_neither_is_left_to_datasets(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("text,label\na,0\n")
     assert dataset_info.SplitQuery(str(tmp_path), "train").result() is None
 
 
@@ -112,18 +136,35 @@ print(json.dumps({"truths": truths, "names": names, "skipped": src.skipped,
 """
 
 
-def test_a_replay_of_local_shards_never_imports_datasets_or_pandas(tiny_dataset: Path) -> None:
+def replay_in_a_fresh_process(folder: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     out = subprocess.run(
-        [sys.executable, "-c", REPLAY_WITHOUT_DATASETS, str(tiny_dataset)],
+        [sys.executable, "-c", REPLAY_WITHOUT_DATASETS, str(folder)],
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    result = json.loads(out.stdout)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def test_a_replay_of_local_shards_never_imports_datasets_or_pandas(tiny_dataset: Path) -> None:
+    result = replay_in_a_fresh_process(tiny_dataset)
     assert result["imported"] == []
     # The class names came from the ClassLabel feature the child read: labels 0..9 cycling, record 5 corrupt.
     assert result["names"] == CIFAR10
     assert result["truths"] == [CIFAR10[i % 10] for i in range(12) if i != 5]
+    assert result["skipped"] == 1
+
+
+def test_a_replay_of_an_image_folder_never_imports_datasets_or_pandas(tmp_path: Path) -> None:
+    for i, label in enumerate(["ship", "frog", "ship"]):
+        (tmp_path / "train" / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / label / f"{i}.png").write_bytes(png(synthetic_images(1, seed=i)[0]))
+    (tmp_path / "train" / "frog" / "7.jpg").write_bytes(b"broken")
+    result = replay_in_a_fresh_process(tmp_path)
+    assert result["imported"] == []
+    assert result["names"] == ["frog", "ship"]
+    assert result["truths"] == ["frog", "ship", "ship"]
     assert result["skipped"] == 1

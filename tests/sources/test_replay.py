@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from eyed.config import SourceConfig
-from eyed.sources import SourceError, open_source
+from eyed.sources import SourceError, dataset_info, open_source
 from eyed.sources import replay as replay_module
 from eyed.sources.base import Pacer, to_rgb
 from eyed.sources.replay import ReplaySource, decode_image
@@ -203,18 +203,76 @@ def test_int_label_column_without_class_names(tmp_path: Path) -> None:
     assert src.skipped == 0
 
 
-def test_image_folder_replays(tmp_path: Path) -> None:
-    # Not parquet: datasets picks its image-folder builder, which has none of parquet's read options.
-    images = synthetic_images(3, seed=4)
-    for i, (label, img) in enumerate(zip(("cat", "dog", "cat"), images, strict=True)):
-        folder = tmp_path / "train" / label
+def image_folder(root: Path, labels: list[str | None], seed: int = 4) -> list[np.ndarray]:
+    """``root/train/<label>/<i>.png`` (or ``root/train/<i>.png`` for a None label); the images written."""
+    images = synthetic_images(len(labels), seed=seed)
+    for i, (label, img) in enumerate(zip(labels, images, strict=True)):
+        folder = root / "train" / label if label else root / "train"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i}.png").write_bytes(png(img))
+    return images
+
+
+@pytest.mark.usefixtures("reader")
+def test_image_folder_replays(tmp_path: Path) -> None:
+    # eyed decodes the files datasets' image-folder builder lists; "datasets" streams them through datasets.
+    images = image_folder(tmp_path, ["cat", "dog", "cat", "bird"])
+    (tmp_path / "train" / "dog" / "9.png").write_bytes(b"not a png")  # listed by datasets, undecodable
+    frames, src = replay(tmp_path, skip=1)
+    # datasets' order: by path (bird/3, cat/0, cat/2, dog/1, dog/9), from the second on.
+    assert [f.truth for f in frames] == ["cat", "cat", "dog"]
+    for frame, i in zip(frames, [0, 2, 1], strict=True):
+        assert np.array_equal(frame.image, images[i])
+    assert src.class_names == ["bird", "cat", "dog"]
+    assert src.skipped == 1
+
+
+@pytest.mark.usefixtures("reader")
+def test_image_folder_without_classes_has_no_truth_and_loops(tmp_path: Path) -> None:
+    images = image_folder(tmp_path, [None, None])
+    frames, src = replay(tmp_path, loop=True, limit=5)
+    assert [f.truth for f in frames] == [None] * 5
+    for frame, i in zip(frames, [0, 1, 0, 1, 0], strict=True):
+        assert np.array_equal(frame.image, images[i])
+    assert src.class_names is None
+
+
+@pytest.mark.usefixtures("reader")
+def test_image_folder_with_a_label_file_keeps_a_missing_label_missing(tmp_path: Path) -> None:
+    images = image_folder(tmp_path, [None, None, None])
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,label\n0.png,cat\n1.png,\n2.png,dog\n")
     frames, src = replay(tmp_path)
-    assert sorted(str(f.truth) for f in frames) == ["cat", "cat", "dog"]
-    for frame in frames:
-        assert any(np.array_equal(frame.image, img) for img in images)
+    assert [f.truth for f in frames] == ["cat", None, "dog"]
+    for frame, img in zip(frames, images, strict=True):
+        assert np.array_equal(frame.image, img)
+    assert src.class_names is None  # names from a file, not a ClassLabel
+
+
+def test_image_folder_passes_read_the_listing_independently(tmp_path: Path) -> None:
+    image_folder(tmp_path, ["cat", "dog", "cat", "dog"])
+    with ReplaySource(SourceConfig(dataset=str(tmp_path), split="train")) as src:
+        first, second = src.frames(), src.frames()
+        a = [next(first).truth]
+        b = [f.truth for f in second]
+        a += [f.truth for f in first]
+    assert a == b == ["cat", "cat", "dog", "dog"]
     assert src.skipped == 0
+
+
+def test_image_folder_is_decoded_by_eyed(tmp_path: Path) -> None:
+    """Without the "datasets" reader: the images come from datasets' listing, not from its streaming."""
+    image_folder(tmp_path, ["cat", "dog"])
+    with ReplaySource(SourceConfig(dataset=str(tmp_path), split="train")) as src:
+        assert isinstance(src._dataset, dataset_info.ImageRows)
+        assert len(list(src.frames())) == 2
+
+
+def test_image_folder_with_metadata_is_left_to_datasets(tmp_path: Path) -> None:
+    image_folder(tmp_path, [None, None])
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,caption\n0.png,a\n1.png,b\n")
+    with ReplaySource(SourceConfig(dataset=str(tmp_path), split="train", label_column="caption")) as src:
+        assert not isinstance(src._dataset, dataset_info.ImageRows)
+        assert [f.truth for f in src.frames()] == ["a", "b"]
 
 
 # VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) peak over into a child's ru_maxrss at exec.
