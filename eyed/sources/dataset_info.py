@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-# datasets' image-folder features that eyed reads itself: images, with labels from their folders or without.
-# Metadata files add other columns (captions, boxes): such a folder stays with datasets' streaming.
+# datasets' image-folder features that eyed reads itself: images, with a label (from class folders or a metadata
+# file) or without. A metadata file that adds other columns (captions, boxes) leaves the folder to datasets.
 IMAGE_FOLDER_COLUMNS = ("image", "label")
 
 LISTING_CHUNK_BYTES = 1 << 16
@@ -65,7 +65,7 @@ class Listing:
 @dataclass(frozen=True)
 class LocalImages:
     """An image folder's split: ``count`` images listed in ``listing``, one JSON ``[path, label]`` line each, in
-    datasets' order, and the features (``image``, and ``label`` when the folders name classes)."""
+    datasets' order, and the features (``image``, and ``label`` from class folders or a metadata file)."""
 
     listing: Listing
     count: int
@@ -136,8 +136,9 @@ def parquet_files(builder: Any, split: str) -> list[str] | None:
 
 def list_images(builder: Any, split: str, listing: IO[bytes]) -> tuple[int, dict[str, Any]] | None:
     """Write ``split``'s images to ``listing`` when ``builder`` is datasets' image-folder builder on local
-    files with no metadata: how many, and the features. None otherwise (metadata, archives, other builders),
-    and datasets then streams the folder. ValueError for a split the folder lacks."""
+    files with no column but the image and a label: how many, and the features. None otherwise (other
+    metadata, archives, other builders), and datasets then streams the folder. ValueError for a split the
+    folder lacks."""
     try:
         from datasets import Image
         from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder

@@ -1,7 +1,7 @@
 """Replay a labelled image dataset as a synthetic camera, streamed (no full download). Local parquet shards are
 read by ``eyed.sources.parquet`` and a local image folder's files are decoded here (datasets, in a child
 process, finds the split's files, labels and features: ``eyed.sources.dataset_info``); hub datasets, csv and
-image folders with metadata files are streamed by datasets."""
+image folders whose metadata has columns besides a label are streamed by datasets."""
 
 from __future__ import annotations
 
