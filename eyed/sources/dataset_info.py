@@ -14,10 +14,12 @@ into a temporary file, so a large folder costs the daemon no memory either.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +32,16 @@ IMAGE_FOLDER_COLUMNS = ("image", "label")
 
 LISTING_CHUNK_BYTES = 1 << 16
 
-# Importing datasets takes 1-3 s on a small board; a child that has not answered in this long is stuck.
-CHILD_TIMEOUT_S = 120.0
+logger = logging.getLogger(__name__)
+
+# A child that has used no CPU time for this long is stuck (a hung network mount, say). One that keeps working is
+# waited for as long as datasets takes to walk the folder (about 2,000 image files a second here, fewer on a
+# small board), so a large folder makes a slow start rather than a refused one. Where the child's CPU time
+# cannot be read (no /proc), this bounds the whole wait. Importing datasets alone takes 1-3 s on a small board.
+CHILD_STALL_S = 120.0
+CHILD_POLL_S = 1.0
+# How often a long wait says that it is still going.
+CHILD_REPORT_S = 30.0
 
 
 class DatasetInfoError(Exception):
@@ -232,11 +242,10 @@ class SplitQuery:
     def _wait(self) -> dict[str, Any]:
         """The child's answer; a failure of the child itself becomes an answer too, so it is given every time."""
         assert self._child is not None
-        try:
-            self._child.wait(timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        if not wait_while_working(self._child, f"datasets to describe {self.folder}"):
             self.cancel()
-            return {"error": "", "message": f"datasets did not describe {self.folder} within {CHILD_TIMEOUT_S:g} s"}
+            message = f"datasets made no progress describing {self.folder} for {CHILD_STALL_S:g} s"
+            return {"error": "", "message": message}
         out, err = _read(self._out), _read(self._err)
         self.cancel()  # closes the files
         try:
@@ -252,6 +261,42 @@ class SplitQuery:
         """Stop a child whose answer is no longer wanted (and close its output; the listing stays open)."""
         if self._child is not None:
             self._finalizer()
+
+
+def wait_while_working(child: subprocess.Popen[bytes], what: str) -> bool:
+    """Wait for ``child`` to exit while it keeps using CPU time; False once it has used none for CHILD_STALL_S
+    (or, where that cannot be read, once CHILD_STALL_S have passed). ``what`` names the wait in progress logs."""
+    start = progress_at = time.monotonic()
+    used = cpu_seconds(child.pid)
+    reported = 0
+    while True:
+        try:
+            child.wait(timeout=CHILD_POLL_S)
+            return True
+        except subprocess.TimeoutExpired:
+            pass
+        now, now_used = time.monotonic(), cpu_seconds(child.pid)
+        if now_used is not None and (used is None or now_used > used):
+            used, progress_at = now_used, now
+        if now - progress_at >= CHILD_STALL_S:
+            return False
+        if (waited := int((now - start) // CHILD_REPORT_S)) > reported:
+            reported = waited
+            logger.info("still waiting for %s (%.0f s, %.0f s of CPU)", what, now - start, used or 0.0)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The user and system CPU time process ``pid`` has used so far; None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces and parentheses): state is field 3, utime 14, stime 15.
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError, OSError):
+        return None
 
 
 def _stop(child: subprocess.Popen[bytes], *files: IO[bytes]) -> None:

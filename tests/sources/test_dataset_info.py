@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,57 @@ def test_a_query_dropped_unanswered_stops_its_child(
     assert child is not None and child.poll() is None
     del query
     assert child.returncode == -9  # killed and reaped at once
+
+
+@pytest.fixture
+def quick_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child stalls after a second without CPU time; the wait says it is still going every half second."""
+    monkeypatch.setattr(dataset_info, "CHILD_STALL_S", 1.0)
+    monkeypatch.setattr(dataset_info, "CHILD_POLL_S", 0.05)
+    monkeypatch.setattr(dataset_info, "CHILD_REPORT_S", 0.5)
+
+
+@pytest.mark.usefixtures("in_child", "quick_stall")
+def test_a_child_that_stalls_is_given_up_on(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_datasets(tmp_path, "import time\ntime.sleep(60)\n", monkeypatch)
+    query = dataset_info.SplitQuery(str(tiny_dataset), "train")
+    child = query._child
+    with pytest.raises(dataset_info.DatasetInfoError, match=r"made no progress describing .* for 1 s"):
+        query.result()
+    assert child is not None and child.returncode == -9
+
+
+@pytest.mark.usefixtures("in_child", "quick_stall")
+def test_a_child_that_keeps_working_is_waited_for(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """datasets walking a large folder for longer than the stall time, all the while using CPU: its answer counts."""
+    body = (
+        "import time\n"
+        "end = time.process_time() + 2.5\n"
+        "while time.process_time() < end: pass\n"
+        "raise ValueError('walked it')\n"
+    )
+    fake_datasets(tmp_path, body, monkeypatch)
+    caplog.set_level("INFO", logger=dataset_info.__name__)
+    with pytest.raises(ValueError, match="walked it"):
+        dataset_info.SplitQuery(str(tiny_dataset), "train").result()
+    assert "still waiting for datasets to describe" in caplog.text
+
+
+def test_cpu_seconds_counts_a_process_work() -> None:
+    before = dataset_info.cpu_seconds(os.getpid())
+    assert before is not None
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    after = dataset_info.cpu_seconds(os.getpid())
+    assert after is not None and after >= before + 0.15
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert dataset_info.cpu_seconds(child.pid) is None  # reaped: nothing left to read
 
 
 @pytest.mark.usefixtures("in_child")
