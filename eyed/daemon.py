@@ -25,7 +25,7 @@ from eyed.model import load_classifier
 from eyed.pipeline import DriftWatch, Pipeline
 from eyed.publisher import Publisher
 from eyed.sdnotify import Notifier
-from eyed.sources import open_source
+from eyed.sources import SourceError, open_source
 from eyed.types import Classifier
 
 if TYPE_CHECKING:
@@ -214,6 +214,13 @@ def build_drift(settings: Settings, classifier: Classifier, reference: Reference
     return DriftWatch(StatsExtractor(coarse), monitor)
 
 
+def stopped_early(notifier: Notifier) -> int:
+    """A stop before the first frame: a clean exit."""
+    logger.info("stopped before the first frame")
+    notifier.notify("STOPPING=1")
+    return 0
+
+
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
     """Run the daemon until the source finishes (exit 0) or a signal arrives (exit 0 after clean shutdown)."""
     stop = stop or threading.Event()
@@ -227,12 +234,18 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         reference = drift_reference(settings)
         # Made before the model loads, entered after: a replay source starts asking datasets about a local
         # folder (in a child process) at once, so that wait overlaps the model's.
-        source = open_source(settings.source)
+        source = open_source(settings.source, stop)
         model = settings.runtime_model()
         classifier = load_classifier(model)
         stack.callback(classifier.close)
         logger.info("warm-up took %.0f ms", warm_up(classifier, model.batch) * 1000)
-        stack.enter_context(source)
+        try:
+            stack.enter_context(source)
+        except SourceError:
+            if not stop.is_set():
+                raise
+            # A replay gave up waiting for datasets because we are told to stop: not a failure.
+            return stopped_early(notifier)
         publisher = stack.enter_context(Publisher(settings.publish))
         drift = build_drift(settings, classifier, reference)
         pipeline = Pipeline(
@@ -262,9 +275,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             tick=waiting_tick,
         )
         if stop.is_set():
-            logger.info("stopped before the first frame")
-            notifier.notify("STOPPING=1")
-            return 0
+            return stopped_early(notifier)
         pipeline.start()
         logger.info(
             "running: source=%s model=%s%s backend=%s spinning=%s workers=%d threads=%s batch=%d",

@@ -142,6 +142,18 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def fake_datasets_package(folder: Path, body: str) -> str:
+    """A ``datasets`` package in ``folder`` that does ``body`` when imported; put the returned folder first on
+    PYTHONPATH of the process (a dataset_info child) that should import it."""
+    (folder / "datasets").mkdir()
+    (folder / "datasets" / "__init__.py").write_text(body)
+    return str(folder)
+
+
+# A datasets "walking a large folder": busy for up to a minute, so a test that fails leaves no child burning.
+BUSY_DATASETS = "import time\nend = time.process_time() + 60\nwhile time.process_time() < end: pass\n"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import pytest
 from eyed.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
 from eyed.config import available_cores, load_settings
 from eyed.subscriber import Subscriber
-from tests.conftest import CIFAR10
+from tests.conftest import BUSY_DATASETS, CIFAR10, fake_datasets_package
 from tests.daemon_helpers import collect, finish, start_daemon
 
 
@@ -75,6 +75,36 @@ def test_sigterm_stops_a_looping_replay_cleanly(base: dict[str, object], endpoin
     assert seen == list(range(seen[0], seen[0] + 30))
     assert "done:" in err
     assert "spinning=off" in err  # a paced source leaves the cores idle between frames
+
+
+def test_sigterm_while_datasets_walks_a_large_folder_exits_cleanly(
+    base: dict[str, object], tmp_path: Path, tiny_dataset: Path
+) -> None:
+    """The daemon waits for a dataset_info child as long as it works; a stop ends that wait and the child."""
+    proc = start_daemon(base, PYTHONPATH=fake_datasets_package(tmp_path, BUSY_DATASETS))
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not any("warm-up took" in line for line in lines):  # the next step enters the source: the wait
+        line = proc.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, timeout_s=15)
+    assert code == 0, "".join(lines) + err
+    assert "stopped before the first frame" in err
+    children = [cmdline for cmdline in proc_cmdlines() if "eyed.sources.dataset_info" in cmdline]
+    assert not [c for c in children if str(tiny_dataset) in c]
+
+
+def proc_cmdlines() -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # not a process, or gone since
+            continue
+    return found
 
 
 @pytest.mark.parametrize(

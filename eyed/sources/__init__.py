@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import TYPE_CHECKING, cast
 
 from eyed.sources.base import SourceError
@@ -19,11 +20,12 @@ SOURCES = {
 }
 
 
-def open_source(cfg: SourceConfig) -> Source | LiveSource:
-    """The configured source, not yet entered (use it as a context manager)."""
+def open_source(cfg: SourceConfig, stop: threading.Event | None = None) -> Source | LiveSource:
+    """The configured source, not yet entered (use it as a context manager). A set ``stop`` cuts a replay's
+    entering short, which may wait minutes for datasets to walk a large folder; the others enter in moments."""
     module_name, _, cls_name = SOURCES[cfg.kind].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg)
+    return cls(cfg, stop=stop) if cfg.kind == "replay" else cls(cfg)
 
 
 def open_recorded(cfg: SourceConfig) -> Source:

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -227,10 +228,12 @@ class SplitQuery:
             # A query dropped unanswered (a source never entered: the model failed to load) stops its child.
             self._finalizer = weakref.finalize(self, _stop, self._child, self._out, self._err)
 
-    def result(self) -> LocalSplit | LocalImages | None:
+    def result(self, stop: threading.Event | None = None) -> LocalSplit | LocalImages | None:
+        """The answer; a set ``stop`` gives up the wait (a daemon told to stop while datasets walks a large
+        folder), which raises DatasetInfoError."""
         if self._child is None:
             return scan(self.folder, self.split, self._listing)
-        answer = self._answer = self._answer or self._wait()
+        answer = self._answer = self._answer or self._wait(stop)
         if "error" in answer:
             raise RAISED_AS.get(answer["error"], DatasetInfoError)(answer["message"])
         if answer["files"] is not None:
@@ -239,13 +242,13 @@ class SplitQuery:
             return LocalImages(self._listing, answer["images"], answer["features"])
         return None
 
-    def _wait(self) -> dict[str, Any]:
+    def _wait(self, stop: threading.Event | None) -> dict[str, Any]:
         """The child's answer; a failure of the child itself becomes an answer too, so it is given every time."""
         assert self._child is not None
-        if not wait_while_working(self._child, f"datasets to describe {self.folder}"):
+        given_up = wait_while_working(self._child, f"datasets to describe {self.folder}", stop)
+        if given_up is not None:
             self.cancel()
-            message = f"datasets made no progress describing {self.folder} for {CHILD_STALL_S:g} s"
-            return {"error": "", "message": message}
+            return {"error": "", "message": given_up}
         out, err = _read(self._out), _read(self._err)
         self.cancel()  # closes the files
         try:
@@ -263,23 +266,26 @@ class SplitQuery:
             self._finalizer()
 
 
-def wait_while_working(child: subprocess.Popen[bytes], what: str) -> bool:
-    """Wait for ``child`` to exit while it keeps using CPU time; False once it has used none for CHILD_STALL_S
-    (or, where that cannot be read, once CHILD_STALL_S have passed). ``what`` names the wait in progress logs."""
+def wait_while_working(child: subprocess.Popen[bytes], what: str, stop: threading.Event | None = None) -> str | None:
+    """Wait for ``what`` (``child``) while it keeps using CPU time: None once it has exited, else why the wait
+    was given up: ``stop`` was set, or the child used no CPU time for CHILD_STALL_S (where that cannot be read,
+    CHILD_STALL_S passed). A long wait says every CHILD_REPORT_S that it is still going."""
     start = progress_at = time.monotonic()
     used = cpu_seconds(child.pid)
     reported = 0
     while True:
         try:
             child.wait(timeout=CHILD_POLL_S)
-            return True
+            return None
         except subprocess.TimeoutExpired:
             pass
+        if stop is not None and stop.is_set():
+            return f"stopped while waiting for {what}"
         now, now_used = time.monotonic(), cpu_seconds(child.pid)
         if now_used is not None and (used is None or now_used > used):
             used, progress_at = now_used, now
         if now - progress_at >= CHILD_STALL_S:
-            return False
+            return f"no progress in {CHILD_STALL_S:g} s waiting for {what}"
         if (waited := int((now - start) // CHILD_REPORT_S)) > reported:
             reported = waited
             logger.info("still waiting for %s (%.0f s, %.0f s of CPU)", what, now - start, used or 0.0)

@@ -95,8 +95,10 @@ class ReplaySource:
 
     live = False
 
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: SourceConfig, stop: threading.Event | None = None) -> None:
         self.cfg = cfg
+        # Set, it cuts short entering: the wait for datasets to walk a large local folder may take minutes.
+        self._stop = stop
         self.id = cfg.resolved_id()
         self.skipped = 0
         # Shards the reader could not read (also in skipped): passed over, or through datasets, ending the pass.
@@ -140,7 +142,7 @@ class ReplaySource:
             raise SourceError(f"source.dataset {name}: no such folder")
         try:
             release_arrow_memory()
-            found = self._query.result() if self._query is not None else None
+            found = self._query.result(self._stop) if self._query is not None else None
             ds: Any = None
             if found is not None:
                 features = found.features

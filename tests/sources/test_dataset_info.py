@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from eyed.config import SourceConfig
 from eyed.sources import dataset_info
 from eyed.sources.base import SourceError
 from eyed.sources.replay import ReplaySource
-from tests.conftest import CIFAR10, png, synthetic_images
+from tests.conftest import BUSY_DATASETS, CIFAR10, fake_datasets_package, png, synthetic_images
 
 
 @pytest.fixture
@@ -88,9 +89,7 @@ def test_without_datasets_the_replay_extra_is_named(
 
 def fake_datasets(folder: Path, body: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``datasets`` package that the child imports first, doing ``body`` instead."""
-    (folder / "datasets").mkdir()
-    (folder / "datasets" / "__init__.py").write_text(body)
-    monkeypatch.setenv("PYTHONPATH", str(folder))
+    monkeypatch.setenv("PYTHONPATH", fake_datasets_package(folder, body))
 
 
 @pytest.mark.usefixtures("in_child")
@@ -121,7 +120,7 @@ def test_a_child_that_stalls_is_given_up_on(
     fake_datasets(tmp_path, "import time\ntime.sleep(60)\n", monkeypatch)
     query = dataset_info.SplitQuery(str(tiny_dataset), "train")
     child = query._child
-    with pytest.raises(dataset_info.DatasetInfoError, match=r"made no progress describing .* for 1 s"):
+    with pytest.raises(dataset_info.DatasetInfoError, match=r"no progress in 1 s waiting for datasets to describe"):
         query.result()
     assert child is not None and child.returncode == -9
 
@@ -142,6 +141,22 @@ def test_a_child_that_keeps_working_is_waited_for(
     with pytest.raises(ValueError, match="walked it"):
         dataset_info.SplitQuery(str(tiny_dataset), "train").result()
     assert "still waiting for datasets to describe" in caplog.text
+
+
+@pytest.mark.usefixtures("in_child")
+def test_a_stop_gives_up_the_wait_for_a_working_child(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_datasets(tmp_path, BUSY_DATASETS, monkeypatch)
+    query = dataset_info.SplitQuery(str(tiny_dataset), "train")
+    child = query._child
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    t = time.monotonic()
+    with pytest.raises(dataset_info.DatasetInfoError, match=r"stopped while waiting for datasets to describe"):
+        query.result(stop)
+    assert time.monotonic() - t < 10
+    assert child is not None and child.returncode == -9
 
 
 def test_cpu_seconds_counts_a_process_work() -> None:

@@ -98,7 +98,7 @@ class NotParquet:
     def __init__(self, folder: str, split: str) -> None:
         pass
 
-    def result(self) -> None:
+    def result(self, stop: threading.Event | None = None) -> None:
         return None
 
     def cancel(self) -> None:
@@ -285,7 +285,7 @@ def peak_kib():
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\\s+(\\d+)", f.read()).group(1))
 if sys.argv[2] == "datasets":
-    replay.SplitQuery.result = lambda self: None
+    replay.SplitQuery.result = lambda self, stop=None: None
 with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
     before = peak_kib()
     next(src.frames())
