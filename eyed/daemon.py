@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from eyed.pipeline import DriftWatch, Pipeline
 from eyed.publisher import Publisher
 from eyed.sdnotify import Notifier
 from eyed.sources import SourceError, open_source
-from eyed.types import Classifier
+from eyed.types import Classifier, StartUp
 
 if TYPE_CHECKING:
     from eyed.drift import Reference
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 # glibc's mallopt() parameter (malloc.h), and the value glibc starts from before it raises it as it goes.
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 128 * 1024
+# How much longer systemd should wait for READY=1 each time a slow but working start-up reports (a replay
+# waiting for datasets to walk a large folder reports every 30 s, dataset_info.CHILD_REPORT_S).
+START_EXTEND_S = 120.0
 
 
 class ShutdownTimeout(Exception):
@@ -214,6 +218,16 @@ def build_drift(settings: Settings, classifier: Classifier, reference: Reference
     return DriftWatch(StatsExtractor(coarse), monitor)
 
 
+def extend_start(notifier: Notifier) -> Callable[[str], None]:
+    """What a slow but working start-up reports, for systemd: the status, and more time before the unit's start
+    timeout (TimeoutStartSec) would fail it."""
+
+    def waiting(status: str) -> None:
+        notifier.notify(f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_S * 1e6)}", f"STATUS={status}")
+
+    return waiting
+
+
 def stopped_early(notifier: Notifier) -> int:
     """A stop before the first frame: a clean exit."""
     logger.info("stopped before the first frame")
@@ -234,7 +248,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         reference = drift_reference(settings)
         # Made before the model loads, entered after: a replay source starts asking datasets about a local
         # folder (in a child process) at once, so that wait overlaps the model's.
-        source = open_source(settings.source, stop)
+        source = open_source(settings.source, StartUp(stop, extend_start(notifier)))
         model = settings.runtime_model()
         classifier = load_classifier(model)
         stack.callback(classifier.close)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
@@ -20,6 +20,19 @@ class Frame:
     ts: float  # unix seconds when the source produced it
     t_in: float  # time.perf_counter() at the same moment, for latency
     truth: str | None = None
+
+
+def _ignore(status: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class StartUp:
+    """What a source may need while it is entered: a set ``stop`` cuts a long start short, and ``waiting`` is
+    told now and then what a slow but working start waits for (the daemon passes it on to systemd)."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    waiting: Callable[[str], None] = _ignore
 
 
 @dataclass(frozen=True)

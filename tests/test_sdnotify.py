@@ -19,6 +19,7 @@ import pytest
 from eyed.config import load_settings
 from eyed.logs import JournalFormatter
 from eyed.sdnotify import Notifier
+from tests.conftest import BUSY_DATASETS, fake_datasets_package
 from tests.daemon_helpers import NotifyListener, daemon_env, finish
 
 
@@ -154,6 +155,42 @@ def test_watchdog_pings_stop_when_the_inference_loop_is_stuck(
     runner.join(15)
     assert result == [0]
     listener.wait_for("STOPPING=1", 5)
+
+
+def test_a_slow_but_working_start_asks_systemd_for_more_time(
+    listener: NotifyListener,
+    tiny_dataset: Path,
+    tiny_onnx: Path,
+    endpoint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replay waiting for datasets to walk a large folder extends the unit's start timeout as it goes; a stop
+    ends the wait, cleanly, before READY=1."""
+    import eyed.daemon
+    from eyed.sources import dataset_info
+
+    settings = load_settings(
+        None, [f"source.dataset={tiny_dataset}", f"model.onnx={tiny_onnx}", f"publish.endpoint={endpoint}"]
+    )
+    monkeypatch.setattr(dataset_info, "datasets_imported", lambda: False)
+    monkeypatch.setattr(dataset_info, "CHILD_REPORT_S", 0.3)
+    monkeypatch.setenv("PYTHONPATH", fake_datasets_package(tmp_path, BUSY_DATASETS))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+    stop = threading.Event()
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(eyed.daemon.run(settings, stop)), daemon=True)
+    runner.start()
+    extension = f"EXTEND_TIMEOUT_USEC={int(eyed.daemon.START_EXTEND_S * 1e6)}"
+    first = listener.wait_for(extension, 30)
+    listener.wait_for(extension, 5, after=first + 0.1)  # again, while the wait goes on
+    statuses = [f for f in listener.fields() if f.startswith("STATUS=waiting for datasets to describe")]
+    assert statuses and all(str(tiny_dataset) in f for f in statuses)
+    stop.set()
+    runner.join(15)
+    assert result == [0]
+    listener.wait_for("STOPPING=1", 5)
+    assert "READY=1" not in listener.fields()
 
 
 def test_journal_formatter_prefixes_every_line_with_the_priority() -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import threading
 from typing import TYPE_CHECKING, cast
 
 from eyed.sources.base import SourceError
 
 if TYPE_CHECKING:
     from eyed.config import SourceConfig
-    from eyed.types import LiveSource, Source
+    from eyed.types import LiveSource, Source, StartUp
 
 SOURCES = {
     "replay": "eyed.sources.replay:ReplaySource",
@@ -20,12 +19,12 @@ SOURCES = {
 }
 
 
-def open_source(cfg: SourceConfig, stop: threading.Event | None = None) -> Source | LiveSource:
-    """The configured source, not yet entered (use it as a context manager). A set ``stop`` cuts a replay's
-    entering short, which may wait minutes for datasets to walk a large folder; the others enter in moments."""
+def open_source(cfg: SourceConfig, startup: StartUp | None = None) -> Source | LiveSource:
+    """The configured source, not yet entered (use it as a context manager). ``startup`` serves a replay's
+    entering, which may wait minutes for datasets to walk a large folder; the others enter in moments."""
     module_name, _, cls_name = SOURCES[cfg.kind].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg, stop=stop) if cfg.kind == "replay" else cls(cfg)
+    return cls(cfg, startup=startup) if cfg.kind == "replay" else cls(cfg)
 
 
 def open_recorded(cfg: SourceConfig) -> Source:

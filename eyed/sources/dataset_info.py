@@ -19,13 +19,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from eyed.types import StartUp
 
 # datasets' image-folder features that eyed reads itself: images, with a label (from class folders or a metadata
 # file) or without. A metadata file that adds other columns (captions, boxes) leaves the folder to datasets.
@@ -228,12 +229,12 @@ class SplitQuery:
             # A query dropped unanswered (a source never entered: the model failed to load) stops its child.
             self._finalizer = weakref.finalize(self, _stop, self._child, self._out, self._err)
 
-    def result(self, stop: threading.Event | None = None) -> LocalSplit | LocalImages | None:
-        """The answer; a set ``stop`` gives up the wait (a daemon told to stop while datasets walks a large
-        folder), which raises DatasetInfoError."""
+    def result(self, startup: StartUp | None = None) -> LocalSplit | LocalImages | None:
+        """The answer. While the child works, ``startup`` hears how long it has been waiting, and its ``stop``,
+        set, gives up the wait (a daemon told to stop while datasets walks a large folder): DatasetInfoError."""
         if self._child is None:
             return scan(self.folder, self.split, self._listing)
-        answer = self._answer = self._answer or self._wait(stop)
+        answer = self._answer = self._answer or self._wait(startup or StartUp())
         if "error" in answer:
             raise RAISED_AS.get(answer["error"], DatasetInfoError)(answer["message"])
         if answer["files"] is not None:
@@ -242,10 +243,10 @@ class SplitQuery:
             return LocalImages(self._listing, answer["images"], answer["features"])
         return None
 
-    def _wait(self, stop: threading.Event | None) -> dict[str, Any]:
+    def _wait(self, startup: StartUp) -> dict[str, Any]:
         """The child's answer; a failure of the child itself becomes an answer too, so it is given every time."""
         assert self._child is not None
-        given_up = wait_while_working(self._child, f"datasets to describe {self.folder}", stop)
+        given_up = wait_while_working(self._child, f"datasets to describe {self.folder}", startup)
         if given_up is not None:
             self.cancel()
             return {"error": "", "message": given_up}
@@ -266,10 +267,11 @@ class SplitQuery:
             self._finalizer()
 
 
-def wait_while_working(child: subprocess.Popen[bytes], what: str, stop: threading.Event | None = None) -> str | None:
+def wait_while_working(child: subprocess.Popen[bytes], what: str, startup: StartUp) -> str | None:
     """Wait for ``what`` (``child``) while it keeps using CPU time: None once it has exited, else why the wait
-    was given up: ``stop`` was set, or the child used no CPU time for CHILD_STALL_S (where that cannot be read,
-    CHILD_STALL_S passed). A long wait says every CHILD_REPORT_S that it is still going."""
+    was given up: ``startup.stop`` was set, or the child used no CPU time for CHILD_STALL_S (where that cannot
+    be read, CHILD_STALL_S passed). Every CHILD_REPORT_S a long wait logs, and tells ``startup``, that it is
+    still going."""
     start = progress_at = time.monotonic()
     used = cpu_seconds(child.pid)
     reported = 0
@@ -279,7 +281,7 @@ def wait_while_working(child: subprocess.Popen[bytes], what: str, stop: threadin
             return None
         except subprocess.TimeoutExpired:
             pass
-        if stop is not None and stop.is_set():
+        if startup.stop.is_set():
             return f"stopped while waiting for {what}"
         now, now_used = time.monotonic(), cpu_seconds(child.pid)
         if now_used is not None and (used is None or now_used > used):
@@ -289,6 +291,7 @@ def wait_while_working(child: subprocess.Popen[bytes], what: str, stop: threadin
         if (waited := int((now - start) // CHILD_REPORT_S)) > reported:
             reported = waited
             logger.info("still waiting for %s (%.0f s, %.0f s of CPU)", what, now - start, used or 0.0)
+            startup.waiting(f"waiting for {what} ({now - start:.0f} s)")
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -24,7 +24,7 @@ from eyed.config import SourceConfig
 from eyed.sources.base import Pacer, SourceError, to_rgb
 from eyed.sources.dataset_info import LocalImages, SplitQuery, keep_torch_out
 from eyed.sources.parquet import ParquetRows
-from eyed.types import Frame
+from eyed.types import Frame, StartUp
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,10 @@ class ReplaySource:
 
     live = False
 
-    def __init__(self, cfg: SourceConfig, stop: threading.Event | None = None) -> None:
+    def __init__(self, cfg: SourceConfig, startup: StartUp | None = None) -> None:
         self.cfg = cfg
-        # Set, it cuts short entering: the wait for datasets to walk a large local folder may take minutes.
-        self._stop = stop
+        # For entering, which may wait minutes for datasets to walk a large local folder.
+        self._startup = startup
         self.id = cfg.resolved_id()
         self.skipped = 0
         # Shards the reader could not read (also in skipped): passed over, or through datasets, ending the pass.
@@ -142,7 +142,7 @@ class ReplaySource:
             raise SourceError(f"source.dataset {name}: no such folder")
         try:
             release_arrow_memory()
-            found = self._query.result(self._stop) if self._query is not None else None
+            found = self._query.result(self._startup) if self._query is not None else None
             ds: Any = None
             if found is not None:
                 features = found.features

@@ -18,6 +18,7 @@ from eyed.config import SourceConfig
 from eyed.sources import dataset_info
 from eyed.sources.base import SourceError
 from eyed.sources.replay import ReplaySource
+from eyed.types import StartUp
 from tests.conftest import BUSY_DATASETS, CIFAR10, fake_datasets_package, png, synthetic_images
 
 
@@ -138,9 +139,11 @@ def test_a_child_that_keeps_working_is_waited_for(
     )
     fake_datasets(tmp_path, body, monkeypatch)
     caplog.set_level("INFO", logger=dataset_info.__name__)
+    statuses: list[str] = []
     with pytest.raises(ValueError, match="walked it"):
-        dataset_info.SplitQuery(str(tiny_dataset), "train").result()
+        dataset_info.SplitQuery(str(tiny_dataset), "train").result(StartUp(waiting=statuses.append))
     assert "still waiting for datasets to describe" in caplog.text
+    assert statuses and all(s.startswith(f"waiting for datasets to describe {tiny_dataset} (") for s in statuses)
 
 
 @pytest.mark.usefixtures("in_child")
@@ -154,7 +157,7 @@ def test_a_stop_gives_up_the_wait_for_a_working_child(
     threading.Timer(1.0, stop.set).start()
     t = time.monotonic()
     with pytest.raises(dataset_info.DatasetInfoError, match=r"stopped while waiting for datasets to describe"):
-        query.result(stop)
+        query.result(StartUp(stop))
     assert time.monotonic() - t < 10
     assert child is not None and child.returncode == -9
 
@@ -195,6 +198,7 @@ REPLAY_WITHOUT_DATASETS = """
 import json, sys
 from eyed.config import SourceConfig
 from eyed.sources.replay import ReplaySource
+from eyed.types import StartUp
 with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train", loop=False)) as src:
     truths = [frame.truth for frame in src.frames()]
     names = src.class_names

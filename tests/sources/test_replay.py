@@ -20,7 +20,7 @@ from eyed.sources import SourceError, dataset_info, open_source
 from eyed.sources import replay as replay_module
 from eyed.sources.base import Pacer, to_rgb
 from eyed.sources.replay import ReplaySource, decode_image
-from eyed.types import Frame
+from eyed.types import Frame, StartUp
 from tests.conftest import CIFAR10, png, synthetic_images, write_parquet_dataset
 
 # tiny_dataset: 12 images, record i has label i % 10, record 5 is corrupt.
@@ -98,7 +98,7 @@ class NotParquet:
     def __init__(self, folder: str, split: str) -> None:
         pass
 
-    def result(self, stop: threading.Event | None = None) -> None:
+    def result(self, startup: StartUp | None = None) -> None:
         return None
 
     def cancel(self) -> None:
@@ -285,7 +285,7 @@ def peak_kib():
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\\s+(\\d+)", f.read()).group(1))
 if sys.argv[2] == "datasets":
-    replay.SplitQuery.result = lambda self, stop=None: None
+    replay.SplitQuery.result = lambda self, startup=None: None
 with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
     before = peak_kib()
     next(src.frames())
