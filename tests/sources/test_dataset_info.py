@@ -93,15 +93,26 @@ def fake_datasets(folder: Path, body: str, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("PYTHONPATH", fake_datasets_package(folder, body))
 
 
+SLEEPING_DATASETS = "import time\ntime.sleep(60)\n"
+
+
+def query_with_child(
+    body: str, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dataset_info.SplitQuery, subprocess.Popen[bytes]]:
+    """A query on ``dataset`` whose child imports a ``datasets`` that does ``body``, and that child."""
+    fake_datasets(tmp_path, body, monkeypatch)
+    query = dataset_info.SplitQuery(str(dataset), "train")
+    assert query._child is not None
+    return query, query._child
+
+
 @pytest.mark.usefixtures("in_child")
 def test_a_query_dropped_unanswered_stops_its_child(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A source made but never entered (the model failed to load) leaves no child behind."""
-    fake_datasets(tmp_path, "import time\ntime.sleep(60)\n", monkeypatch)
-    query = dataset_info.SplitQuery(str(tiny_dataset), "train")
-    child = query._child
-    assert child is not None and child.poll() is None
+    query, child = query_with_child(SLEEPING_DATASETS, tiny_dataset, tmp_path, monkeypatch)
+    assert child.poll() is None
     del query
     assert child.returncode == -9  # killed and reaped at once
 
@@ -118,12 +129,10 @@ def quick_stall(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_child_that_stalls_is_given_up_on(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_datasets(tmp_path, "import time\ntime.sleep(60)\n", monkeypatch)
-    query = dataset_info.SplitQuery(str(tiny_dataset), "train")
-    child = query._child
+    query, child = query_with_child(SLEEPING_DATASETS, tiny_dataset, tmp_path, monkeypatch)
     with pytest.raises(dataset_info.DatasetInfoError, match=r"no progress in 1 s waiting for datasets to describe"):
         query.result()
-    assert child is not None and child.returncode == -9
+    assert child.returncode == -9
 
 
 @pytest.mark.usefixtures("in_child", "quick_stall")
@@ -150,16 +159,14 @@ def test_a_child_that_keeps_working_is_waited_for(
 def test_a_stop_gives_up_the_wait_for_a_working_child(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_datasets(tmp_path, BUSY_DATASETS, monkeypatch)
-    query = dataset_info.SplitQuery(str(tiny_dataset), "train")
-    child = query._child
+    query, child = query_with_child(BUSY_DATASETS, tiny_dataset, tmp_path, monkeypatch)
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()
     t = time.monotonic()
     with pytest.raises(dataset_info.DatasetInfoError, match=r"stopped while waiting for datasets to describe"):
         query.result(StartUp(stop))
     assert time.monotonic() - t < 10
-    assert child is not None and child.returncode == -9
+    assert child.returncode == -9
 
 
 def test_cpu_seconds_counts_a_process_work() -> None:
