@@ -2,10 +2,12 @@
 
 Runs `eyed run` as a child process with the real MobileNetV2 from $EYED_SHARED (its ONNX export cached
 beforehand, as on a device), on a video file (what a camera deployment loads), on the replay source over
-local parquet shards (which adds pyarrow, and datasets in a child process of its own) and on the replay source
-over a folder of images (datasets lists it in the same kind of child, and the daemon decodes the files), and
-reports for each: seconds to the first event at a real SUB socket, peak RSS (the child's VmHWM) and which of
-torch, transformers, datasets and pandas it imported.
+local parquet shards (which adds pyarrow, and datasets in a child process of its own), on the replay source
+over a folder of images (datasets lists it in the same kind of child, and the daemon decodes the files) and on
+the replay source over the default hub dataset, uoft-cs/cifar10 (test split: one of the shared shards), served
+by a local stand-in for the hub (tests/fake_hub.py: loopback, so no network latency), and reports for each:
+seconds to the first event at a real SUB socket, peak RSS (the child's VmHWM) and which of torch,
+transformers, datasets and pandas it imported.
 
     .venv/bin/python benchmarks/startup_rss.py [--runs 3] [--onnx m8.onnx] [--replay-limit 200] [--json]
 
@@ -17,6 +19,7 @@ torch, transformers, datasets and pandas it imported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,7 +36,8 @@ import numpy as np
 from eyed.subscriber import Subscriber
 
 ROOT = Path(__file__).resolve().parent.parent
-
+sys.path.insert(0, str(ROOT))
+from tests.fake_hub import FakeHub, cifar10_repo  # noqa: E402 (the checkout's tests, beside this script)
 
 # Modules an onnx-backend daemon should not need; the report names those it imported.
 HEAVY = ("torch", "transformers", "datasets", "pandas")
@@ -127,8 +131,11 @@ def main() -> None:
     shared, common = cached_model()
     if args.onnx:
         common["EYED_MODEL__ONNX"] = str(args.onnx.resolve())
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         video = write_video(Path(tmp) / "clip.avi")
+        repo = cifar10_repo(Path(tmp) / "hub", {"test": [shared / "data" / "cifar10" / "train-00000-of-00005.parquet"]})
+        hub = stack.enter_context(FakeHub({("dataset", "uoft-cs/cifar10"): repo}))
         rows = [
             # The file source starts in the same order the RTSP/webcam ones do: model, publisher, then capture.
             measure("file", {**common, "EYED_SOURCE__KIND": "file", "EYED_SOURCE__URL": str(video)}, args.runs),
@@ -149,6 +156,20 @@ def main() -> None:
                     "EYED_SOURCE__DATASET": str(write_image_folder(Path(tmp) / "images")),
                     "EYED_SOURCE__SPLIT": "train",
                     "EYED_SOURCE__LIMIT": str(min(args.replay_limit, 200)),
+                },
+                args.runs,
+            ),
+            measure(
+                "hub",
+                {
+                    **common,
+                    "HF_HUB_OFFLINE": "0",
+                    "HF_DATASETS_OFFLINE": "0",
+                    "HF_ENDPOINT": hub.endpoint,
+                    "HF_HOME": str(Path(tmp) / "hf"),
+                    "EYED_SOURCE__DATASET": "uoft-cs/cifar10",
+                    "EYED_SOURCE__SPLIT": "test",
+                    "EYED_SOURCE__LIMIT": str(args.replay_limit),
                 },
                 args.runs,
             ),

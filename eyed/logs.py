@@ -30,6 +30,8 @@ def setup_logging(level: str = "INFO") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
-    # Third-party chatter that is not about eyed's work.
-    for name in ("httpx", "httpcore", "urllib3", "filelock", "fsspec", "datasets", "huggingface_hub"):
+    # Third-party chatter that is not about eyed's work: the hub client logs every HTTP request at INFO, and a
+    # replay streamed from the hub makes one every few megabytes. (huggingface_hub 2 uses httpx2.)
+    names = ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "filelock", "fsspec", "datasets", "huggingface_hub")
+    for name in names:
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))

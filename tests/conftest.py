@@ -114,11 +114,16 @@ def synthetic_images(n: int, seed: int = 0, size: int = 32) -> list[np.ndarray]:
 
 
 def write_parquet_dataset(
-    folder: Path, images: list[np.ndarray], labels: list[int], corrupt: tuple[int, ...] = ()
+    folder: Path,
+    images: list[np.ndarray],
+    labels: list[int],
+    corrupt: tuple[int, ...] = (),
+    rows_per_group: int | None = None,
 ) -> Path:
     """A folder with one parquet shard in the layout of uoft-cs/cifar10 (``img`` Image, ``label`` ClassLabel).
 
-    Records whose index is in ``corrupt`` get bytes that are not an image.
+    Records whose index is in ``corrupt`` get bytes that are not an image. ``rows_per_group`` makes row groups
+    of that many rows (datasets' default: one group of up to 100 images).
     """
     from datasets import ClassLabel, Dataset, Features, Image
 
@@ -129,7 +134,7 @@ def write_parquet_dataset(
     features = Features({"img": Image(), "label": ClassLabel(names=CIFAR10)})
     ds = Dataset.from_dict({"img": records, "label": labels}, features=features)
     folder.mkdir(parents=True, exist_ok=True)
-    ds.to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    ds.to_parquet(str(folder / "train-00000-of-00001.parquet"), batch_size=rows_per_group)
     return folder
 
 

@@ -13,6 +13,7 @@ from eyed.config import available_cores, load_settings
 from eyed.subscriber import Subscriber
 from tests.conftest import BUSY_DATASETS, CIFAR10, fake_datasets_package
 from tests.daemon_helpers import collect, finish, start_daemon
+from tests.fake_hub import FakeHub, cifar10_repo
 
 
 @pytest.mark.parametrize("workers", [0, 3])
@@ -141,6 +142,40 @@ def test_offline_hub_id_gives_a_clear_message(base: dict[str, object], tmp_path:
     assert code == EXIT_UNAVAILABLE
     assert "cannot reach the hub for google/mobilenet_v2_1.0_224" in err
     assert "set model.id to a local checkpoint" in err
+
+
+def test_the_defaults_load_the_model_and_stream_the_dataset_from_the_hub(
+    tiny_checkpoint: Path, tiny_dataset: Path, endpoint: str, tmp_path: Path
+) -> None:
+    """What a user with a network runs: no model or dataset named, so google/mobilenet_v2_1.0_224 and
+    uoft-cs/cifar10 (test split) come from the hub, here a local stand-in (HF_ENDPOINT), without a line per HTTP
+    request in the log."""
+    repo = cifar10_repo(tmp_path / "cifar10", {"test": [tiny_dataset / "train-00000-of-00001.parquet"]})
+    repos = {("model", "google/mobilenet_v2_1.0_224"): tiny_checkpoint, ("dataset", "uoft-cs/cifar10"): repo}
+    settings = {
+        "model.cache_dir": tmp_path / "cache",
+        "publish.endpoint": endpoint,
+        "publish.wait_subscribers": 1,
+        "publish.wait_timeout_s": 120,
+    }
+    with FakeHub(repos) as hub:
+        proc = start_daemon(
+            settings,
+            HF_ENDPOINT=hub.endpoint,
+            HF_HOME=str(tmp_path / "hf"),
+            HF_HUB_OFFLINE="0",
+            HF_DATASETS_OFFLINE="0",
+        )
+        events = collect(endpoint, timeout_s=120)
+        code, err = finish(proc)
+    assert code == 0, err
+    labels = [p for _, p in events if p["type"] == "label"]
+    assert [p["truth"] for p in labels] == [CIFAR10[i % 10] for i in range(12) if i != 5]
+    assert {p["source"] for p in labels} == {"cifar10-test"}
+    assert labels[0]["model"] == "google/mobilenet_v2_1.0_224"
+    assert any("/google/mobilenet_v2_1.0_224/resolve/" in r for r in hub.requests)
+    assert any("/datasets/uoft-cs/cifar10/resolve/" in r for r in hub.requests)
+    assert "HTTP Request" not in err
 
 
 def test_waiting_for_subscribers_times_out_clearly(base: dict[str, object]) -> None:

@@ -1,14 +1,15 @@
-"""What a local dataset folder holds for one split, as datasets sees it: its parquet files and features, or the
-image files of an image folder with their labels.
+"""What a dataset (a local folder or a hub id) holds for one split, as datasets sees it: its parquet files and
+features, or the image files of a local image folder with their labels.
 
-eyed reads local parquet shards itself (``eyed.sources.parquet``, with pyarrow) and decodes an image folder's
-files itself (OpenCV); it needs datasets only to find a split's files, their labels and the features (which
-column is the image, the class names). Importing datasets also imports pandas and much else: about 65-75 MB of
-resident memory, a third of a replay daemon's. So unless this process has already imported datasets, a child
-process asks it and exits, and the daemon never holds it. An image folder's listing (one line per image) goes
-into a temporary file, so a large folder costs the daemon no memory either.
+eyed reads parquet shards itself (``eyed.sources.parquet``, with pyarrow; a hub dataset's by range requests)
+and decodes an image folder's files itself (OpenCV); it needs datasets only to find a split's files, their
+labels and the features (which column is the image, the class names). Importing datasets also imports pandas
+and much else: about 65-75 MB of resident memory, a third of a replay daemon's. So unless this process has
+already imported datasets, a child process asks it and exits, and the daemon never holds it. An image
+folder's listing (one line per image) goes into a temporary file, so a large folder costs the daemon no
+memory either.
 
-    python -m eyed.sources.dataset_info FOLDER SPLIT LISTING_FD   # prints the answer as JSON
+    python -m eyed.sources.dataset_info DATASET SPLIT LISTING_FD   # prints the answer as JSON
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from eyed.sources.parquet import is_hub_file, opened_shard
 from eyed.types import StartUp
 
 # datasets' image-folder features that eyed reads itself: images, with a label (from class folders or a metadata
@@ -129,9 +131,11 @@ def keep_torch_out() -> None:
 
 
 def parquet_files(builder: Any, split: str) -> list[str] | None:
-    """The files of ``split`` when ``builder`` is datasets' parquet builder on local files; None otherwise.
+    """The files of ``split`` when ``builder`` is datasets' parquet builder on local files or on a hub
+    repository's (``hf://`` URLs pinned to a commit); None otherwise.
 
-    Image folders, csv and the hub stay with datasets' streaming. ValueError for a split the folder lacks.
+    Image folders, csv and other remote storage stay with datasets' streaming. ValueError for a split the
+    dataset lacks.
     """
     try:
         from datasets.packaged_modules.parquet.parquet import ParquetConfig
@@ -143,7 +147,9 @@ def parquet_files(builder: Any, split: str) -> list[str] | None:
     if split not in splits:
         raise ValueError(f"Bad split: {split}. Available splits: {list(splits)}")
     files = [str(f) for f in splits[split]]
-    return files if files and all(Path(f).is_file() for f in files) else None
+    if files and (all(is_hub_file(f) for f in files) or all(Path(f).is_file() for f in files)):
+        return files
+    return None
 
 
 def list_images(builder: Any, split: str, listing: IO[bytes]) -> tuple[int, dict[str, Any]] | None:
@@ -174,21 +180,24 @@ def list_images(builder: Any, split: str, listing: IO[bytes]) -> tuple[int, dict
     return count, features.to_dict()
 
 
-def scan(folder: str, split: str, listing: Listing) -> LocalSplit | LocalImages | None:
-    """In this process: ``folder``'s parquet files for ``split`` and their features, or its images (listed
-    into ``listing``); None if it is neither (datasets then streams it)."""
+def scan(dataset: str, split: str, listing: Listing) -> LocalSplit | LocalImages | None:
+    """In this process: ``dataset``'s parquet files for ``split`` and their features, or the images of a
+    local folder (listed into ``listing``); None if it is neither (datasets then streams it)."""
     import pyarrow.parquet as pq
     from datasets import Features, load_dataset_builder
 
     keep_torch_out()
-    builder = load_dataset_builder(folder)
+    builder = load_dataset_builder(dataset)
     files = parquet_files(builder, split)
     if files is None:
         listing.file.seek(0)
         listing.file.truncate()
         listed = list_images(builder, split, listing.file)
         return LocalImages(listing, *listed) if listed is not None else None
-    features = builder.info.features or Features.from_arrow_schema(pq.read_schema(files[0]))
+    features = builder.info.features
+    if not features:
+        with opened_shard(files[0]) as source:
+            features = Features.from_arrow_schema(pq.read_schema(source))
     return LocalSplit(files, features.to_dict())
 
 
@@ -213,8 +222,8 @@ class SplitQuery:
     or DatasetInfoError.
     """
 
-    def __init__(self, folder: str, split: str) -> None:
-        self.folder, self.split = folder, split
+    def __init__(self, dataset: str, split: str) -> None:
+        self.dataset, self.split = dataset, split
         self._answer: dict[str, Any] | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self._listing = Listing.temporary()
@@ -224,7 +233,7 @@ class SplitQuery:
             self._out = tempfile.TemporaryFile()  # noqa: SIM115
             self._err = tempfile.TemporaryFile()  # noqa: SIM115
             fd = self._listing.file.fileno()
-            cmd = [sys.executable, "-m", __name__, folder, split, str(fd)]
+            cmd = [sys.executable, "-m", __name__, dataset, split, str(fd)]
             self._child = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, pass_fds=(fd,))
             # A query dropped unanswered (a source never entered: the model failed to load) stops its child.
             self._finalizer = weakref.finalize(self, _stop, self._child, self._out, self._err)
@@ -233,7 +242,7 @@ class SplitQuery:
         """The answer. While the child works, ``startup`` hears how long it has been waiting, and its ``stop``,
         set, gives up the wait (a daemon told to stop while datasets walks a large folder): DatasetInfoError."""
         if self._child is None:
-            return scan(self.folder, self.split, self._listing)
+            return scan(self.dataset, self.split, self._listing)
         answer = self._answer = self._answer or self._wait(startup or StartUp())
         if "error" in answer:
             raise RAISED_AS.get(answer["error"], DatasetInfoError)(answer["message"])
@@ -246,7 +255,7 @@ class SplitQuery:
     def _wait(self, startup: StartUp) -> dict[str, Any]:
         """The child's answer; a failure of the child itself becomes an answer too, so it is given every time."""
         assert self._child is not None
-        given_up = wait_while_working(self._child, f"datasets to describe {self.folder}", startup)
+        given_up = wait_while_working(self._child, f"datasets to describe {self.dataset}", startup)
         if given_up is not None:
             self.cancel()
             return {"error": "", "message": given_up}
@@ -256,7 +265,7 @@ class SplitQuery:
             answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         except (IndexError, ValueError):
             message = (
-                f"datasets could not describe {self.folder} (exit {self._child.returncode}): {err.strip()[-1000:]}"
+                f"datasets could not describe {self.dataset} (exit {self._child.returncode}): {err.strip()[-1000:]}"
             )
             return {"error": "", "message": message}
         return answer
@@ -322,10 +331,10 @@ def _read(f: IO[bytes]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    folder, split, fd = argv
+    dataset, split, fd = argv
     listing = Listing(os.fdopen(int(fd), "wb"))
     try:
-        answer = answer_of(scan(folder, split, listing))
+        answer = answer_of(scan(dataset, split, listing))
     except (ValueError, ImportError) as exc:
         kind = "ValueError" if isinstance(exc, ValueError) else "ImportError"
         answer = {"error": kind, "message": str(exc)}

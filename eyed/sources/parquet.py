@@ -1,15 +1,47 @@
-"""Rows of local parquet shards, read a few pages at a time with pyarrow (for the replay source)."""
+"""Rows of parquet shards, local or a hub dataset's, read a few pages at a time with pyarrow (for the replay
+source)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 PAGE_BUFFER_BYTES = 1 << 20
 # Rows per batch are chosen so a batch holds about this much: CIFAR-10's 2.3 KB records come 464 at a time,
 # a shard of 5 MB photos one at a time.
 BATCH_BYTES = 1 << 20
 MAX_BATCH_ROWS = 1024
+HUB_PREFIX = "hf://"
+# What huggingface_hub reads ahead of pyarrow in a hub shard (its own default): one request per 5 MB.
+HUB_BLOCK_BYTES = 5 << 20
+# huggingface_hub retries each request for about 25 s (a timeout, a server error) before it fails. A hub shard
+# whose reading still fails is opened again after each of these waits, and read on from the row it reached:
+# a network that comes back within minutes costs a pause, not the rest of the shard (datasets' own streaming,
+# which eyed's reader replaces for parquet, retries its reads for about 100 s).
+HUB_RESUME_WAITS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
+
+
+def is_hub_file(path: str) -> bool:
+    """``path`` names a file of a hub repository, as datasets resolves a hub dataset's data files."""
+    return path.startswith(HUB_PREFIX)
+
+
+@contextlib.contextmanager
+def opened_shard(path: str) -> Iterator[Any]:
+    """``path`` for pyarrow: a local path as it is; a hub file as huggingface_hub's file object, which reads
+    what pyarrow asks for by HTTP range requests (a few MB ahead), each retried on a timeout or a server error."""
+    if not is_hub_file(path):
+        yield path
+        return
+    from huggingface_hub import HfFileSystem
+
+    with HfFileSystem().open(path, "rb", block_size=HUB_BLOCK_BYTES) as file:
+        yield file
 
 
 def batch_rows(metadata: Any) -> int:
@@ -26,7 +58,9 @@ class ParquetRows:
     one 10,000-row group each: their 22 MB image column stays in memory while the group is replayed, and twice
     over while one shard follows another. ``pyarrow.parquet`` reads the pages a batch needs. Skipped rows are
     passed over by the files' row counts, unread. A file that cannot be read (or lacks a column) goes to
-    ``on_error`` and the rows go on with the next file.
+    ``on_error`` and the rows go on with the next file. Files may be local paths or a hub dataset's ``hf://``
+    files, which are streamed (no shard is downloaded whole or written to disk) and read on from the row reached
+    when the network fails for a while (HUB_RESUME_WAITS_S).
     """
 
     def __init__(
@@ -45,17 +79,42 @@ class ParquetRows:
         to_skip = self.skip
         for path in self.files:
             try:
-                to_skip = yield from self._file_rows(path, to_skip)
+                to_skip = yield from self._resumed_rows(path, to_skip)
             except Exception as exc:  # a broken or foreign shard: reported, and the others still replay
                 if self.on_error is None:
                     raise
                 self.on_error(path, exc)
 
+    def _resumed_rows(self, path: str, to_skip: int) -> Generator[dict[str, Any], None, int]:
+        """:meth:`_file_rows`, opened again where it failed if ``path`` is a hub file, up to len(waits) times."""
+        waits = iter(HUB_RESUME_WAITS_S if is_hub_file(path) else ())
+        read = 0
+        while True:
+            rows = self._file_rows(path, to_skip + read)
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration as end:
+                    left: int = end.value
+                    return left
+                except Exception as exc:
+                    if (wait := next(waits, None)) is None:
+                        raise
+                    at = to_skip + read
+                    logger.warning("reading %s failed at row %d (%s); reading on in %g s", path, at, exc, wait)
+                    time.sleep(wait)
+                    break
+                read += 1
+                yield row
+
     def _file_rows(self, path: str, to_skip: int) -> Generator[dict[str, Any], None, int]:
         """Rows of one file after ``to_skip`` rows; returns how many rows are still to skip after it."""
         import pyarrow.parquet as pq
 
-        with pq.ParquetFile(path, buffer_size=PAGE_BUFFER_BYTES, pre_buffer=False) as reader:
+        with (
+            opened_shard(path) as source,
+            pq.ParquetFile(source, buffer_size=PAGE_BUFFER_BYTES, pre_buffer=False) as reader,
+        ):
             meta = reader.metadata
             # pyarrow would leave a column it does not find out of the rows without a word.
             if missing := [c for c in self.columns if c not in reader.schema_arrow.names]:

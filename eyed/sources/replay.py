@@ -1,7 +1,8 @@
-"""Replay a labelled image dataset as a synthetic camera, streamed (no full download). Local parquet shards are
-read by ``eyed.sources.parquet`` and a local image folder's files are decoded here (datasets, in a child
-process, finds the split's files, labels and features: ``eyed.sources.dataset_info``); hub datasets, csv and
-image folders whose metadata has columns besides a label are streamed by datasets."""
+"""Replay a labelled image dataset as a synthetic camera, streamed (no full download). Parquet shards, local or
+a hub dataset's, are read by ``eyed.sources.parquet`` and a local image folder's files are decoded here
+(datasets, in a child process, finds the split's files, labels and features: ``eyed.sources.dataset_info``);
+other hub datasets, csv and image folders whose metadata has columns besides a label are streamed by
+datasets."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from eyed.config import SourceConfig
 from eyed.sources.base import Pacer, SourceError, to_rgb
-from eyed.sources.dataset_info import LocalImages, SplitQuery, keep_torch_out
+from eyed.sources.dataset_info import DatasetInfoError, LocalImages, SplitQuery, keep_torch_out
 from eyed.sources.parquet import ParquetRows
 from eyed.types import Frame, StartUp
 
@@ -57,6 +58,11 @@ def local_dataset(name: str) -> Path | None:
     """``source.dataset`` as a local folder (resolved), or None when it names a hub dataset."""
     local = Path(name).expanduser()
     return local.resolve() if local.exists() else None
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A ``source.dataset`` that can only be meant as a local folder (a hub id never starts so)."""
+    return name.startswith((".", "/", "~"))
 
 
 def release_arrow_memory() -> None:
@@ -111,7 +117,9 @@ class ReplaySource:
         self._open_frames: weakref.WeakSet[Generator[Frame, None, None]] = weakref.WeakSet()
         # Asked now (of a child process), so datasets' seconds overlap what the daemon loads before the source.
         local = local_dataset(cfg.dataset)
-        self._query = SplitQuery(str(local), cfg.split) if local is not None else None
+        self._query: SplitQuery | None = None
+        if local is not None or not looks_like_a_path(cfg.dataset):
+            self._query = SplitQuery(str(local) if local is not None else cfg.dataset, cfg.split)
 
     def __enter__(self) -> ReplaySource:
         self._dataset = self._open()
@@ -138,7 +146,7 @@ class ReplaySource:
     def _open(self) -> Any:
         name = self.cfg.dataset
         local = local_dataset(name)
-        if local is None and name.startswith((".", "/", "~")):
+        if local is None and looks_like_a_path(name):
             raise SourceError(f"source.dataset {name}: no such folder")
         try:
             release_arrow_memory()
@@ -156,9 +164,11 @@ class ReplaySource:
         except Exception as exc:  # offline hub, missing repo: the same advice for both
             if local is not None:
                 raise SourceError(f"source.dataset {name}: cannot read it: {exc}") from exc
+            # The child's error arrives as "Kind: message"; an error raised here has only its kind said.
+            detail = str(exc).splitlines()[0][:300] if isinstance(exc, DatasetInfoError) else type(exc).__name__
             raise SourceError(
-                f"cannot reach the hub for dataset {name} ({type(exc).__name__}): "
-                "set source.dataset to a local folder of parquet shards"
+                f"cannot reach the hub for dataset {name} ({detail}): set source.dataset to a local folder of parquet "
+                "shards"
             ) from exc
         self._image_col = self.cfg.image_column or self._detect(features, IMAGE_COLUMNS, "image")
         self._label_col = self.cfg.label_column or self._detect_label(features)
@@ -191,7 +201,7 @@ class ReplaySource:
         return ds
 
     def _stream(self, name: str) -> Any:
-        """datasets' streaming dataset for a hub id or a local folder that is not parquet shards."""
+        """datasets' streaming dataset for what eyed does not read itself (csv, a hub dataset of images...)."""
         from datasets import load_dataset_builder
 
         keep_torch_out()

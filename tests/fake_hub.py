@@ -1,0 +1,295 @@
+"""A local stand-in for the Hugging Face Hub: the HTTP endpoints huggingface_hub, transformers and datasets call
+to load a model or stream a dataset by hub id, served from folders on disk.
+
+The real hub is out of reach here, but loading by hub id is what users do, so the tests run that code path
+against this server (``HF_ENDPOINT``). It serves files whole or by byte range, as the hub's ``resolve`` URLs do
+(without redirects to a CDN or Xet storage: huggingface_hub then downloads over plain HTTP), and answers the
+repository, tree and paths-info API calls. ``stop_serving`` makes every later request fail, like a network that
+went away; ``fail_next`` fails a few downloads, like a network that comes back. A process under test can ask
+for either itself, at the moment it chooses: ``POST /_fake/down``, ``POST /_fake/fail?downloads=N``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+
+
+class FakeHub:
+    """Serves ``repos``: {("model" | "dataset", "org/name"): folder}. Every repository has one commit, whose sha
+    any revision ("main" or the sha itself) resolves to."""
+
+    def __init__(self, repos: dict[tuple[str, str], Path]) -> None:
+        self.repos = {key: Path(folder) for key, folder in repos.items()}
+        self.requests: list[str] = []
+        self.serving = True
+        self._failing = 0
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def __enter__(self) -> FakeHub:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def stop_serving(self) -> None:
+        """From now on every request gets a 503, as from a hub that is down."""
+        self.serving = False
+
+    def fail_next(self, downloads: int) -> None:
+        """The next ``downloads`` requests for a file's content get a 503."""
+        with self._lock:
+            self._failing = downloads
+
+    def failing(self) -> bool:
+        """Whether this download is one of those ``fail_next`` asked to fail (and counts it)."""
+        with self._lock:
+            if self._failing <= 0:
+                return False
+            self._failing -= 1
+            return True
+
+    @staticmethod
+    def sha(kind: str, repo: str) -> str:
+        return hashlib.sha1(f"{kind}/{repo}".encode()).hexdigest()
+
+    def files(self, kind: str, repo: str) -> dict[str, Path]:
+        root = self.repos[(kind, repo)]
+        return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def entry(self, kind: str, repo: str, path: str) -> dict[str, Any] | None:
+        """A tree entry (file or directory) as the hub's API gives it, or None."""
+        root = self.repos[(kind, repo)]
+        target = root / path if path else root
+        if target.is_file():
+            data = target.read_bytes()
+            oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            return {"type": "file", "path": path, "size": len(data), "oid": oid}
+        if target.is_dir():
+            return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
+        return None
+
+    def tree(self, kind: str, repo: str, path: str, recursive: bool) -> list[dict[str, Any]] | None:
+        root = self.repos[(kind, repo)]
+        folder = root / path if path else root
+        if not folder.is_dir():
+            return None
+        children = sorted(folder.rglob("*") if recursive else folder.iterdir())
+        return [e for c in children if (e := self.entry(kind, repo, c.relative_to(root).as_posix()))]
+
+    def info(self, kind: str, repo: str) -> dict[str, Any]:
+        sha = self.sha(kind, repo)
+        siblings = [{"rfilename": name} for name in self.files(kind, repo)]
+        return {
+            "_id": sha[:24],
+            "id": repo,
+            "sha": sha,
+            "private": False,
+            "disabled": False,
+            "gated": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+            "lastModified": "2026-01-01T00:00:00.000Z",
+            "createdAt": "2026-01-01T00:00:00.000Z",
+            "cardData": {},
+        }
+
+
+def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("fake hub: " + format, *args)
+
+        def do_HEAD(self) -> None:
+            self._serve(body=False)
+
+        def do_GET(self) -> None:
+            self._serve(body=True)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+            self._serve(body=True, form=form)
+
+        def _serve(self, body: bool, form: dict[str, list[str]] | None = None) -> None:
+            hub.requests.append(f"{self.command} {self.path}")
+            if self.path.startswith("/_fake/"):
+                return self._control()
+            if not hub.serving:
+                return self._error(503, "ServiceUnavailable", "the hub is down")
+            url = urllib.parse.urlsplit(self.path)
+            query = urllib.parse.parse_qs(url.query)
+            path = urllib.parse.unquote(url.path)
+            for pattern, method in ROUTES:
+                if m := re.fullmatch(pattern, path):
+                    kind = "dataset" if m["prefix"] in ("datasets/", "datasets") else "model"
+                    repo = m["repo"]
+                    if (kind, repo) not in hub.repos:
+                        return self._error(404, "RepoNotFound", f"Repository Not Found for url: {self.path}")
+                    return method(self, kind, repo, m, query, form or {}, body)
+            return self._error(404, "", f"no route for {self.path}")
+
+        def _control(self) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            if url.path == "/_fake/down":
+                hub.stop_serving()
+            elif url.path == "/_fake/fail":
+                hub.fail_next(int(urllib.parse.parse_qs(url.query)["downloads"][0]))
+            else:
+                return self._error(404, "", f"no control {url.path}")
+            self._json({}, body=True)
+
+        def _json(self, value: Any, body: bool, status: int = 200, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(value).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, val in (headers or {}).items():
+                self.send_header(key, val)
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def _error(self, status: int, code: str, message: str) -> None:
+            data = json.dumps({"error": message}).encode()
+            self.send_response(status)
+            if code:
+                self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def info(self, kind: str, repo: str, _m: re.Match[str], _query: Any, _form: Any, body: bool) -> None:
+            self._json(hub.info(kind, repo), body)
+
+        def tree(
+            self, kind: str, repo: str, m: re.Match[str], query: dict[str, list[str]], _form: Any, body: bool
+        ) -> None:
+            recursive = query.get("recursive", ["false"])[0].lower() == "true"
+            entries = hub.tree(kind, repo, (m["path"] or "").strip("/"), recursive)
+            if entries is None:
+                return self._error(404, "EntryNotFound", f"{m['path']} does not exist")
+            self._json(entries, body)
+
+        def paths_info(
+            self, kind: str, repo: str, m: re.Match[str], _query: Any, form: dict[str, list[str]], body: bool
+        ) -> None:
+            entries = [e for p in form.get("paths", []) if (e := hub.entry(kind, repo, p.strip("/")))]
+            self._json(entries, body)
+
+        def resolve(self, kind: str, repo: str, m: re.Match[str], _query: Any, _form: Any, body: bool) -> None:
+            name = m["path"]
+            if body and hub.failing():
+                return self._error(503, "", "the hub is having a moment")
+            file = hub.files(kind, repo).get(name)
+            if file is None:
+                return self._error(404, "EntryNotFound", f"{name} does not exist in {repo}")
+            data = file.read_bytes()
+            status, start, end = 200, 0, len(data)
+            if (spec := self.headers.get("Range")) and (r := RANGE.match(spec.strip())):
+                first, last = r.groups()
+                if first:
+                    start, end = int(first), min(len(data), int(last) + 1 if last else len(data))
+                else:
+                    start, end = max(0, len(data) - int(last)), len(data)
+                status = 206
+            self.send_response(status)
+            self.send_header("X-Repo-Commit", hub.sha(kind, repo))
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(end - start))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            if body:
+                self.wfile.write(data[start:end])
+
+    return Handler
+
+
+REPO = r"(?P<repo>[^/]+/[^/]+)"
+REV = r"(?P<rev>[^/]+)"
+ROUTES: list[tuple[str, Any]] = [
+    (rf"/api/(?P<prefix>models|datasets)/{REPO}(?:/revision/{REV})?", lambda h, *a: h.info(*a)),
+    (rf"/api/(?P<prefix>models|datasets)/{REPO}/tree/{REV}(?P<path>/.*)?", lambda h, *a: h.tree(*a)),
+    (rf"/api/(?P<prefix>models|datasets)/{REPO}/paths-info/{REV}", lambda h, *a: h.paths_info(*a)),
+    (rf"/(?P<prefix>datasets/)?{REPO}/resolve/{REV}/(?P<path>.+)", lambda h, *a: h.resolve(*a)),
+]
+
+
+def fake_hub_control(endpoint: str, what: str) -> None:
+    """From the process under test: ``what`` is "down" or "fail?downloads=N" (see the module's docstring)."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/_fake/{what}", method="POST"), timeout=10).close()
+
+
+# The dataset card of uoft-cs/cifar10 as far as datasets reads it: features, and which files make which split.
+CIFAR10_CARD = """---
+dataset_info:
+  config_name: plain_text
+  features:
+  - name: img
+    dtype: image
+  - name: label
+    dtype:
+      class_label:
+        names:
+{names}
+configs:
+- config_name: plain_text
+  data_files:
+{data_files}
+  default: true
+---
+# CIFAR-10 (a local stand-in)
+"""
+
+
+def cifar10_repo(folder: Path, splits: dict[str, list[Path]]) -> Path:
+    """A dataset repository laid out as uoft-cs/cifar10 is (card, ``plain_text/{split}-0000i-of-0000n.parquet``),
+    whose shards are links to ``splits``' parquet files (``img`` Image, ``label`` ClassLabel of CIFAR-10)."""
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "plain_text").mkdir(parents=True)
+    (folder / "README.md").write_text(
+        CIFAR10_CARD.format(
+            names="\n".join(f"          '{i}': {name}" for i, name in enumerate(names)),
+            data_files="\n".join(f"  - split: {split}\n    path: plain_text/{split}-*" for split in splits),
+        )
+    )
+    for split, shards in splits.items():
+        for i, shard in enumerate(shards):
+            (folder / "plain_text" / f"{split}-{i:05d}-of-{len(shards):05d}.parquet").symlink_to(shard.resolve())
+    return folder

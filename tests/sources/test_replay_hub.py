@@ -1,0 +1,195 @@
+"""The replay source on a hub dataset id (the default, uoft-cs/cifar10), served by a local stand-in for the hub:
+the split's parquet files are found by datasets in a child process and streamed by eyed's own reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import CIFAR10, ROOT, write_parquet_dataset
+from tests.fake_hub import FakeHub, cifar10_repo
+
+REPO = "uoft-cs/cifar10"
+
+
+@pytest.fixture(scope="module")
+def hub_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """uoft-cs/cifar10's layout: a train split of two shards (7 and 5 images) and a test split of one (4), in
+    row groups of 2 images of noise (27 KB each: a shard is larger than what pyarrow reads with the footer)."""
+    tmp = tmp_path_factory.mktemp("hub")
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(16)]
+    labels = [(3 * i) % 10 for i in range(16)]
+    shards = [
+        write_parquet_dataset(tmp / name, images[part], labels[part], rows_per_group=2) / "train-00000-of-00001.parquet"
+        for name, part in (("a", slice(0, 7)), ("b", slice(7, 12)), ("c", slice(12, 16)))
+    ]
+    return cifar10_repo(tmp / "repo", {"train": shards[:2], "test": shards[2:]})
+
+
+@pytest.fixture
+def hub(hub_repo: Path) -> Iterator[FakeHub]:
+    with FakeHub({("dataset", REPO): hub_repo}) as served:
+        yield served
+
+
+def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EYED_", "HF_"))}
+    return {**env, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home)}
+
+
+# Each line: truth, a digest of the decoded RGB pixels, and which heavy modules the process ended up with.
+EYED_READS = """
+import hashlib, json, sys
+from eyed.config import SourceConfig
+from eyed.sources.replay import ReplaySource
+cfg = SourceConfig(dataset=sys.argv[1], split=sys.argv[2], skip=int(sys.argv[3]))
+with ReplaySource(cfg) as src:
+    for f in src.frames():
+        print(json.dumps([f.truth, hashlib.sha1(f.image.tobytes()).hexdigest()]))
+print(json.dumps(sorted(m for m in ("datasets", "pandas") if m in sys.modules)))
+"""
+
+DATASETS_READS = """
+import hashlib, json, sys
+import numpy as np
+from datasets import load_dataset
+ds = load_dataset(sys.argv[1], split=sys.argv[2], streaming=True).skip(int(sys.argv[3]))
+names = ds.features["label"].names
+for r in ds:
+    pixels = np.asarray(r["img"].convert("RGB"))
+    print(json.dumps([names[r["label"]], hashlib.sha1(pixels.tobytes()).hexdigest()]))
+"""
+
+
+def run_lines(script: str, env: dict[str, str], *args: str) -> list[list[str]]:
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@pytest.mark.parametrize(("split", "skip"), [("train", 0), ("train", 9), ("test", 1)])
+def test_a_hub_dataset_replays_as_datasets_streams_it(hub: FakeHub, tmp_path: Path, split: str, skip: int) -> None:
+    """Same records, order, labels and pixels as datasets' own streaming, without datasets in the process."""
+    env = hub_env(hub, tmp_path / "hf")
+    *ours, imported = run_lines(EYED_READS, env, REPO, split, str(skip))
+    theirs = run_lines(DATASETS_READS, env, REPO, split, str(skip))
+    assert ours == theirs
+    assert len(ours) == {"train": 12, "test": 4}[split] - skip
+    assert imported == []
+    # The shards were streamed by range requests, not fetched whole (nothing of the pixels stays on disk).
+    assert any(r.startswith("GET /datasets/uoft-cs/cifar10/resolve/") for r in hub.requests)
+    assert not list((tmp_path / "hf").rglob("*.parquet"))
+
+
+def test_a_missing_hub_dataset_says_so(hub: FakeHub, tmp_path: Path) -> None:
+    env = hub_env(hub, tmp_path / "hf")
+    script = (
+        "import sys\nfrom eyed.config import SourceConfig\nfrom eyed.sources.replay import ReplaySource\n"
+        "ReplaySource(SourceConfig(dataset='nobody/nothing')).__enter__()"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "SourceError: cannot reach the hub for dataset nobody/nothing (DatasetNotFoundError" in out.stderr
+
+
+# Reading on after the network fails. The process under test tells the hub when to fail, and makes huggingface_hub
+# read 4 KB ahead and eyed one row a batch (so a shard takes several requests, between rows), without
+# huggingface_hub's own retries (23 s of waiting in all), so that every failed request reaches eyed's reader.
+QUICK_FAILURES = """
+import functools, hashlib, json, logging, os, sys
+from huggingface_hub import hf_file_system
+from eyed.sources import parquet
+from tests.fake_hub import fake_hub_control
+logging.basicConfig(level=logging.WARNING)
+hf_file_system.http_backoff = functools.partial(hf_file_system.http_backoff, max_retries=0)
+parquet.HUB_BLOCK_BYTES, parquet.BATCH_BYTES, parquet.HUB_RESUME_WAITS_S = 4096, 1, (0.0, 0.0)
+"""
+
+READ_ON = (
+    QUICK_FAILURES
+    + """
+files, failing = json.loads(sys.argv[1]), sys.argv[2]
+failures = []
+rows = iter(parquet.ParquetRows(files, ["img", "label"], on_error=lambda path, exc: failures.append(path)))
+got = [next(rows) for _ in range(3)]
+if failing != "0":
+    fake_hub_control(os.environ["HF_ENDPOINT"], f"fail?downloads={failing}")
+got += list(rows)
+digests = [hashlib.sha1(r["img"]["bytes"]).hexdigest() for r in got]
+print(json.dumps({"digests": digests, "labels": [r["label"] for r in got], "failures": failures}))
+"""
+)
+
+
+def read_hub_files(hub: FakeHub, tmp_path: Path, failing: int) -> tuple[dict[str, list[object]], list[int]]:
+    """The train split read by eyed's reader, with ``failing`` downloads failed after 3 rows; the result, and
+    the rows at which reading was taken up again (logged)."""
+    sha = FakeHub.sha("dataset", REPO)
+    files = [f"hf://datasets/{REPO}@{sha}/plain_text/train-0000{i}-of-00002.parquet" for i in range(2)]
+    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", READ_ON, json.dumps(files), str(failing)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = [int(m) for m in re.findall(r"train-00000-of-00002.parquet failed at row (\d+)", out.stderr)]
+    return json.loads(out.stdout), resumed
+
+
+def test_reading_goes_on_from_the_row_reached_when_the_hub_fails_for_a_while(hub: FakeHub, tmp_path: Path) -> None:
+    clean, none = read_hub_files(hub, tmp_path, failing=0)
+    assert clean["labels"] == [(3 * i) % 10 for i in range(12)] and none == []
+    assert sum(r.startswith("GET /datasets/uoft-cs/cifar10/resolve/") for r in hub.requests) > 4  # range reads
+    got, resumed = read_hub_files(hub, tmp_path, failing=2)  # within the two waits allowed
+    assert got == clean  # nothing lost, nothing twice
+    assert len(resumed) == 2 and 3 <= resumed[0] < 7  # mid-shard, after the rows already read
+
+
+def test_a_hub_shard_that_stays_unreadable_is_reported_and_the_next_one_read(hub: FakeHub, tmp_path: Path) -> None:
+    got, resumed = read_hub_files(hub, tmp_path, failing=3)  # one more than the waits allow
+    sha = FakeHub.sha("dataset", REPO)
+    assert got["failures"] == [f"hf://datasets/{REPO}@{sha}/plain_text/train-00000-of-00002.parquet"]
+    assert len(resumed) == 2
+    # The rows before the failure, then the second shard: the rest of the first is given up.
+    assert got["labels"] == [(3 * i) % 10 for i in [*range(resumed[0]), *range(7, 12)]]
+
+
+REPLAY_UNTIL_DOWN = (
+    QUICK_FAILURES
+    + """
+from eyed.config import SourceConfig
+from eyed.sources.replay import ReplaySource
+with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
+    frames = src.frames()
+    first = [next(frames).truth for _ in range(2)]
+    fake_hub_control(os.environ["HF_ENDPOINT"], "down")
+    rest = [f.truth for f in frames]
+print(json.dumps({"first": first, "rest": rest, "failures": src.reader_failures, "skipped": src.skipped}))
+"""
+)
+
+
+def test_a_hub_that_goes_away_ends_the_pass_counted(hub: FakeHub, tmp_path: Path) -> None:
+    """Through the replay source: class names from the hub's dataset card; a hub that goes away costs the rest
+    of the pass, each shard counted, not the daemon."""
+    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", REPLAY_UNTIL_DOWN, REPO], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got["first"] == [CIFAR10[0], CIFAR10[3]]
+    assert len(got["rest"]) < 5  # a row or two may have been read ahead
+    assert (got["failures"], got["skipped"]) == (2, 2)
