@@ -11,6 +11,7 @@ for either itself, at the moment it chooses: ``POST /_fake/down``, ``POST /_fake
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -86,9 +87,9 @@ class FakeHub:
         root = self.repos[(kind, repo)]
         target = root / path if path else root
         if target.is_file():
-            data = target.read_bytes()
-            oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-            return {"type": "file", "path": path, "size": len(data), "oid": oid}
+            stat = target.stat()
+            oid, _ = digests(target, stat.st_size, stat.st_mtime_ns)
+            return {"type": "file", "path": path, "size": stat.st_size, "oid": oid}
         if target.is_dir():
             return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
         return None
@@ -119,6 +120,13 @@ class FakeHub:
             "createdAt": "2026-01-01T00:00:00.000Z",
             "cardData": {},
         }
+
+
+@functools.lru_cache(maxsize=256)
+def digests(file: Path, size: int, mtime_ns: int) -> tuple[str, str]:
+    """A file's git blob id and sha256 (the hub's oid and, for large files, ETag), once per version of it."""
+    data = file.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % size + data).hexdigest(), hashlib.sha256(data).hexdigest()
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -215,26 +223,29 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             file = hub.files(kind, repo).get(name)
             if file is None:
                 return self._error(404, "EntryNotFound", f"{name} does not exist in {repo}")
-            data = file.read_bytes()
-            status, start, end = 200, 0, len(data)
+            stat = file.stat()
+            size = stat.st_size
+            status, start, end = 200, 0, size
             if (spec := self.headers.get("Range")) and (r := RANGE.match(spec.strip())):
                 first, last = r.groups()
                 if first:
-                    start, end = int(first), min(len(data), int(last) + 1 if last else len(data))
+                    start, end = int(first), min(size, int(last) + 1 if last else size)
                 else:
-                    start, end = max(0, len(data) - int(last)), len(data)
+                    start, end = max(0, size - int(last)), size
                 status = 206
             self.send_response(status)
             self.send_header("X-Repo-Commit", hub.sha(kind, repo))
-            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("ETag", f'"{digests(file, size, stat.st_mtime_ns)[1]}"')
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(end - start))
             if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.send_header("Content-Type", "application/octet-stream")
             self.end_headers()
             if body:
-                self.wfile.write(data[start:end])
+                with file.open("rb") as f:
+                    f.seek(start)
+                    self.wfile.write(f.read(end - start))
 
     return Handler
 

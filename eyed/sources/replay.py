@@ -24,7 +24,7 @@ import numpy as np
 from eyed.config import SourceConfig
 from eyed.sources.base import Pacer, SourceError, to_rgb
 from eyed.sources.dataset_info import DatasetInfoError, LocalImages, SplitQuery, keep_torch_out
-from eyed.sources.parquet import ParquetRows
+from eyed.sources.parquet import ParquetRows, prepare_hub_reading
 from eyed.types import Frame, StartUp
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,9 @@ class ReplaySource:
             raise SourceError(f"source.dataset {name}: no such folder")
         try:
             release_arrow_memory()
+            if local is None:
+                # A third of a second (pyarrow's too), spent while the child asks the hub, not after.
+                prepare_hub_reading()
             found = self._query.result(self._startup) if self._query is not None else None
             ds: Any = None
             if found is not None:
