@@ -20,10 +20,12 @@ HUB_PREFIX = "hf://"
 # What huggingface_hub reads ahead of pyarrow in a hub shard (its own default): one request per 5 MB.
 HUB_BLOCK_BYTES = 5 << 20
 # huggingface_hub retries each request for about 25 s (a timeout, a server error) before it fails. A hub shard
-# whose reading still fails is opened again after each of these waits, and read on from the row it reached:
-# a network that comes back within minutes costs a pause, not the rest of the shard (datasets' own streaming,
-# which eyed's reader replaces for parquet, retries its reads for about 100 s).
+# whose reading still fails on the way (not on what it read) is opened again after each of these waits, and
+# read on from the row it reached: a network that comes back within minutes costs a pause, not the rest of the
+# shard (datasets' own streaming, which eyed's reader replaces for parquet, retries its reads for about 100 s).
 HUB_RESUME_WAITS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
+# Where the exceptions of a failed request come from (huggingface_hub 1 used httpx, 2 uses httpx2).
+TRANSPORT_MODULES = {"httpx", "httpcore", "httpx2", "httpcore2", "huggingface_hub"}
 
 
 def is_hub_file(path: str) -> bool:
@@ -36,6 +38,16 @@ def prepare_hub_reading() -> None:
     0.3 s here) ahead of the first read; ImportError without huggingface_hub."""
     import huggingface_hub.hf_file_system  # noqa: F401
     import pyarrow.parquet  # noqa: F401
+
+
+def interrupted(exc: Exception) -> bool:
+    """Whether reading failed on the way, in the network or at the hub (a timeout, a lost connection, a
+    server error), rather than on the file itself (not parquet, a missing column, a file that is gone)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    transport = {cls.__module__.partition(".")[0] for cls in type(exc).__mro__} & TRANSPORT_MODULES
+    return bool(transport) or isinstance(exc, (ConnectionError, TimeoutError))
 
 
 @contextlib.contextmanager
@@ -105,7 +117,7 @@ class ParquetRows:
                     left: int = end.value
                     return left
                 except Exception as exc:
-                    if (wait := next(waits, None)) is None:
+                    if not interrupted(exc) or (wait := next(waits, None)) is None:
                         raise
                     at = to_skip + read
                     logger.warning("reading %s failed at row %d (%s); reading on in %g s", path, at, exc, wait)

@@ -18,6 +18,7 @@ from tests.conftest import CIFAR10, ROOT, write_parquet_dataset
 from tests.fake_hub import FakeHub, cifar10_repo
 
 REPO = "uoft-cs/cifar10"
+BROKEN = "eyed/broken"
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,12 @@ def hub_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def hub(hub_repo: Path) -> Iterator[FakeHub]:
-    with FakeHub({("dataset", REPO): hub_repo}) as served:
+def hub(hub_repo: Path, tmp_path: Path) -> Iterator[FakeHub]:
+    """``hub_repo`` as uoft-cs/cifar10, and BROKEN: one shard that is not parquet."""
+    broken = tmp_path / "broken"
+    (broken / "data").mkdir(parents=True)
+    (broken / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not a parquet file" * 1000)
+    with FakeHub({("dataset", REPO): hub_repo, ("dataset", BROKEN): broken}) as served:
         yield served
 
 
@@ -130,11 +135,17 @@ print(json.dumps({"digests": digests, "labels": [r["label"] for r in got], "fail
 )
 
 
-def read_hub_files(hub: FakeHub, tmp_path: Path, failing: int) -> tuple[dict[str, list[object]], list[int]]:
-    """The train split read by eyed's reader, with ``failing`` downloads failed after 3 rows; the result, and
-    the rows at which reading was taken up again (logged)."""
+def train_files() -> list[str]:
     sha = FakeHub.sha("dataset", REPO)
-    files = [f"hf://datasets/{REPO}@{sha}/plain_text/train-0000{i}-of-00002.parquet" for i in range(2)]
+    return [f"hf://datasets/{REPO}@{sha}/plain_text/train-0000{i}-of-00002.parquet" for i in range(2)]
+
+
+def read_hub_files(
+    hub: FakeHub, tmp_path: Path, failing: int, files: list[str] | None = None
+) -> tuple[dict[str, list[object]], list[int]]:
+    """``files`` (the train split) read by eyed's reader, with ``failing`` downloads failed after 3 rows; the
+    result, and the rows at which reading was taken up again (logged)."""
+    files = files or train_files()
     env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", READ_ON, json.dumps(files), str(failing)],
@@ -144,7 +155,7 @@ def read_hub_files(hub: FakeHub, tmp_path: Path, failing: int) -> tuple[dict[str
         timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    resumed = [int(m) for m in re.findall(r"train-00000-of-00002.parquet failed at row (\d+)", out.stderr)]
+    resumed = [int(m) for m in re.findall(r"failed at row (\d+)", out.stderr)]
     return json.loads(out.stdout), resumed
 
 
@@ -159,8 +170,7 @@ def test_reading_goes_on_from_the_row_reached_when_the_hub_fails_for_a_while(hub
 
 def test_a_hub_shard_that_stays_unreadable_is_reported_and_the_next_one_read(hub: FakeHub, tmp_path: Path) -> None:
     got, resumed = read_hub_files(hub, tmp_path, failing=3)  # one more than the waits allow
-    sha = FakeHub.sha("dataset", REPO)
-    assert got["failures"] == [f"hf://datasets/{REPO}@{sha}/plain_text/train-00000-of-00002.parquet"]
+    assert got["failures"] == train_files()[:1]
     assert len(resumed) == 2
     # The rows before the failure, then the second shard: the rest of the first is given up.
     assert got["labels"] == [(3 * i) % 10 for i in [*range(resumed[0]), *range(7, 12)]]
@@ -193,3 +203,11 @@ def test_a_hub_that_goes_away_ends_the_pass_counted(hub: FakeHub, tmp_path: Path
     assert got["first"] == [CIFAR10[0], CIFAR10[3]]
     assert len(got["rest"]) < 5  # a row or two may have been read ahead
     assert (got["failures"], got["skipped"]) == (2, 2)
+
+
+def test_a_broken_hub_shard_is_passed_over_at_once(hub: FakeHub, tmp_path: Path) -> None:
+    """Not parquet is not a network failure: no waiting to read it again."""
+    broken = f"hf://datasets/{BROKEN}@{FakeHub.sha('dataset', BROKEN)}/data/train-00000-of-00001.parquet"
+    got, resumed = read_hub_files(hub, tmp_path, failing=0, files=[broken, *train_files()])
+    assert got["failures"] == [broken] and resumed == []
+    assert got["labels"] == [(3 * i) % 10 for i in range(12)]
