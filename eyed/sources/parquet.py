@@ -63,6 +63,11 @@ def opened_shard(path: str) -> Iterator[Any]:
         yield file
 
 
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True
+
+
 def batch_rows(metadata: Any) -> int:
     """Rows per batch for a file with this ``pyarrow.parquet.FileMetaData`` (about BATCH_BYTES uncompressed)."""
     groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
@@ -79,7 +84,8 @@ class ParquetRows:
     passed over by the files' row counts, unread. A file that cannot be read (or lacks a column) goes to
     ``on_error`` and the rows go on with the next file. Files may be local paths or a hub dataset's ``hf://``
     files, which are streamed (no shard is downloaded whole or written to disk) and read on from the row reached
-    when the network fails for a while (HUB_RESUME_WAITS_S).
+    when the network fails for a while (HUB_RESUME_WAITS_S). ``pause(seconds)`` waits before that; False from
+    it (the replay is being stopped) ends the rows there.
     """
 
     def __init__(
@@ -88,24 +94,30 @@ class ParquetRows:
         columns: Sequence[str],
         skip: int = 0,
         on_error: Callable[[str, Exception], None] | None = None,
+        pause: Callable[[float], bool] | None = None,
     ) -> None:
         self.files = list(files)
         self.columns = list(columns)
         self.skip = skip
         self.on_error = on_error
+        self.pause = pause or _sleep
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         to_skip = self.skip
         for path in self.files:
             try:
-                to_skip = yield from self._resumed_rows(path, to_skip)
+                left = yield from self._resumed_rows(path, to_skip)
+                if left is None:
+                    return
+                to_skip = left
             except Exception as exc:  # a broken or foreign shard: reported, and the others still replay
                 if self.on_error is None:
                     raise
                 self.on_error(path, exc)
 
-    def _resumed_rows(self, path: str, to_skip: int) -> Generator[dict[str, Any], None, int]:
-        """:meth:`_file_rows`, opened again where it failed if ``path`` is a hub file, up to len(waits) times."""
+    def _resumed_rows(self, path: str, to_skip: int) -> Generator[dict[str, Any], None, int | None]:
+        """:meth:`_file_rows`, opened again where it failed if ``path`` is a hub file, up to len(waits) times;
+        returns None if a pause was cut short."""
         waits = iter(HUB_RESUME_WAITS_S if is_hub_file(path) else ())
         read = 0
         while True:
@@ -121,7 +133,8 @@ class ParquetRows:
                         raise
                     at = to_skip + read
                     logger.warning("reading %s failed at row %d (%s); reading on in %g s", path, at, exc, wait)
-                    time.sleep(wait)
+                    if not self.pause(wait):
+                        return None
                     break
                 read += 1
                 yield row

@@ -115,6 +115,8 @@ class ReplaySource:
         self._label_col: str | None = None
         self._names: list[str] | None = None
         self._open_frames: weakref.WeakSet[Generator[Frame, None, None]] = weakref.WeakSet()
+        # The stop of the pass being read, which also cuts short a wait to read a hub shard again.
+        self._reading_stop: threading.Event | None = None
         # Asked now (of a child process), so datasets' seconds overlap what the daemon loads before the source.
         local = local_dataset(cfg.dataset)
         self._query: SplitQuery | None = None
@@ -190,7 +192,7 @@ class ReplaySource:
         if isinstance(found, LocalImages):
             return found.rows(self._image_col, self._label_col, self.cfg.skip)
         if found is not None:
-            return ParquetRows(found.files, keep, self.cfg.skip, self._unreadable)
+            return ParquetRows(found.files, keep, self.cfg.skip, self._unreadable, self._pause)
         from datasets import Image
 
         # Decode with OpenCV ourselves: faster than PIL, and a corrupt record becomes a counted skip instead of
@@ -210,6 +212,14 @@ class ReplaySource:
         keep_torch_out()
         # What load_dataset(streaming=True) does.
         return load_dataset_builder(name).as_streaming_dataset(split=self.cfg.split)
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` before reading a hub shard again; False if the replay was stopped meanwhile."""
+        stop = self._reading_stop
+        if stop is None:
+            time.sleep(seconds)
+            return True
+        return not stop.wait(seconds)
 
     def _unreadable(self, path: str, exc: Exception) -> None:
         self.skipped += 1
@@ -276,6 +286,7 @@ class ReplaySource:
             raise RuntimeError("ReplaySource used outside its context manager")
         limit = self.cfg.limit
         pacer = Pacer(self.cfg.fps, stop)
+        self._reading_stop = stop
         while True:
             produced_this_pass = 0
             for record in self._records():

@@ -211,3 +211,37 @@ def test_a_broken_hub_shard_is_passed_over_at_once(hub: FakeHub, tmp_path: Path)
     got, resumed = read_hub_files(hub, tmp_path, failing=0, files=[broken, *train_files()])
     assert got["failures"] == [broken] and resumed == []
     assert got["labels"] == [(3 * i) % 10 for i in range(12)]
+
+
+STOP_DURING_OUTAGE = (
+    QUICK_FAILURES
+    + """
+import threading, time
+from eyed.config import SourceConfig
+from eyed.sources.replay import ReplaySource
+parquet.HUB_RESUME_WAITS_S = (60.0,)
+stop = threading.Event()
+with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
+    frames = src.frames(stop)
+    first = [next(frames).truth for _ in range(2)]
+    fake_hub_control(os.environ["HF_ENDPOINT"], "down")
+    threading.Timer(1.0, stop.set).start()
+    start = time.monotonic()
+    rest = [f.truth for f in frames]
+    waited = time.monotonic() - start
+print(json.dumps({"rest": rest, "waited": waited, "failures": src.reader_failures}))
+"""
+)
+
+
+def test_a_stop_cuts_short_the_wait_to_read_a_hub_shard_again(hub: FakeHub, tmp_path: Path) -> None:
+    """A daemon stopped during a hub outage stops within its shutdown bound, not after eyed's waits."""
+    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", STOP_DURING_OUTAGE, REPO], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert "reading on in 60 s" in out.stderr
+    assert got["waited"] < 10  # the stop came after 1 s
+    assert got["failures"] == 0  # stopped, not failed
