@@ -172,6 +172,8 @@ def list_images(builder: Any, split: str, listing: IO[bytes]) -> tuple[int, dict
     # The walk for labels already ran (as_streaming_dataset): listing the paths adds about 16 us an image.
     for record in ds.cast_column("image", Image(decode=False)):
         image = record["image"]
+        if not isinstance(image, dict):
+            return None  # decoded by datasets whatever the cast says (a hub image folder): datasets streams it
         if image.get("bytes") is not None or not image.get("path") or not Path(image["path"]).is_file():
             return None  # an image inside an archive: only datasets can open it
         listing.write(json.dumps([image["path"], record.get("label")]).encode() + b"\n")

@@ -19,10 +19,11 @@ MAX_BATCH_ROWS = 1024
 HUB_PREFIX = "hf://"
 # What huggingface_hub reads ahead of pyarrow in a hub shard (its own default): one request per 5 MB.
 HUB_BLOCK_BYTES = 5 << 20
-# huggingface_hub retries each request for about 25 s (a timeout, a server error) before it fails. A hub shard
-# whose reading still fails on the way (not on what it read) is opened again after each of these waits, and
-# read on from the row it reached: a network that comes back within minutes costs a pause, not the rest of the
-# shard (datasets' own streaming, which eyed's reader replaces for parquet, retries its reads for about 100 s).
+# huggingface_hub retries each request 5 times (a timeout, a server error) before it fails: 23 s of waits, up to
+# 83 s with its 10 s timeout on each attempt when the network has stalled. A hub shard whose reading still
+# fails on the way (not on what it read) is opened again after each of these waits, and read on from the row
+# it reached: a network that comes back within minutes costs a pause, not the rest of the shard (datasets' own
+# streaming, which eyed's reader replaces for parquet, retries its reads for about 100 s).
 HUB_RESUME_WAITS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
 # Where the exceptions of a failed request come from (huggingface_hub 1 used httpx, 2 uses httpx2).
 TRANSPORT_MODULES = {"httpx", "httpcore", "httpx2", "httpcore2", "huggingface_hub"}
@@ -45,7 +46,7 @@ def interrupted(exc: Exception) -> bool:
     server error), rather than on the file itself (not parquet, a missing column, a file that is gone)."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(status, int):
-        return status >= 500 or status == 429
+        return status >= 500 or status in (408, 429)  # what huggingface_hub itself retries
     transport = {cls.__module__.partition(".")[0] for cls in type(exc).__mro__} & TRANSPORT_MODULES
     return bool(transport) or isinstance(exc, (ConnectionError, TimeoutError))
 
@@ -85,7 +86,8 @@ class ParquetRows:
     ``on_error`` and the rows go on with the next file. Files may be local paths or a hub dataset's ``hf://``
     files, which are streamed (no shard is downloaded whole or written to disk) and read on from the row reached
     when the network fails for a while (HUB_RESUME_WAITS_S). ``pause(seconds)`` waits before that; False from
-    it (the replay is being stopped) ends the rows there.
+    it (the replay is being stopped) ends the rows there, and so does False from ``pause(0)``, asked before
+    each file.
     """
 
     def __init__(
@@ -105,6 +107,8 @@ class ParquetRows:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         to_skip = self.skip
         for path in self.files:
+            if not self.pause(0):  # stopped: a shard given up on while stopping is not followed by the next
+                return
             try:
                 left = yield from self._resumed_rows(path, to_skip)
                 if left is None:
@@ -116,10 +120,11 @@ class ParquetRows:
                 self.on_error(path, exc)
 
     def _resumed_rows(self, path: str, to_skip: int) -> Generator[dict[str, Any], None, int | None]:
-        """:meth:`_file_rows`, opened again where it failed if ``path`` is a hub file, up to len(waits) times;
-        returns None if a pause was cut short."""
-        waits = iter(HUB_RESUME_WAITS_S if is_hub_file(path) else ())
-        read = 0
+        """:meth:`_file_rows`, opened again where it failed if ``path`` is a hub file: after each of
+        HUB_RESUME_WAITS_S in turn, counted again from the first once a row has been read. Returns None if a
+        pause was cut short."""
+        waits = HUB_RESUME_WAITS_S if is_hub_file(path) else ()
+        read = failures = 0
         while True:
             rows = self._file_rows(path, to_skip + read)
             while True:
@@ -129,14 +134,15 @@ class ParquetRows:
                     left: int = end.value
                     return left
                 except Exception as exc:
-                    if not interrupted(exc) or (wait := next(waits, None)) is None:
+                    if not interrupted(exc) or failures >= len(waits):
                         raise
+                    wait, failures = waits[failures], failures + 1
                     at = to_skip + read
                     logger.warning("reading %s failed at row %d (%s); reading on in %g s", path, at, exc, wait)
                     if not self.pause(wait):
                         return None
                     break
-                read += 1
+                read, failures = read + 1, 0
                 yield row
 
     def _file_rows(self, path: str, to_skip: int) -> Generator[dict[str, Any], None, int]:

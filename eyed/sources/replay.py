@@ -34,8 +34,17 @@ LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label")
 
 
 def decode_image(value: Any) -> np.ndarray | None:
-    """An RGB uint8 (H, W, 3) array from an undecoded ``datasets.Image`` value; None if it is not an image."""
+    """An RGB uint8 (H, W, 3) array from an undecoded ``datasets.Image`` value; None if it is not an image.
+
+    datasets decodes the files of a hub image folder itself, whatever the cast to ``Image(decode=False)`` says:
+    a PIL image is converted as it is.
+    """
     data: bytes | None = None
+    if type(value).__module__.startswith("PIL."):
+        try:
+            return np.asarray(value.convert("RGB"))
+        except (OSError, ValueError):  # PIL decodes lazily: a broken file fails here
+            return None
     if isinstance(value, dict):
         data = value.get("bytes")
         if data is None and value.get("path"):
@@ -302,6 +311,6 @@ class ReplaySource:
                 self.delivered += 1
                 if limit and self.delivered >= limit:
                     return
-            if not self.cfg.loop or produced_this_pass == 0:
+            if not self.cfg.loop or produced_this_pass == 0 or (stop is not None and stop.is_set()):
                 return
             logger.info("replay reached the end after %d frames; looping", self.delivered)

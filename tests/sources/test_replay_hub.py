@@ -3,6 +3,7 @@ the split's parquet files are found by datasets in a child process and streamed 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CIFAR10, ROOT, write_parquet_dataset
+from tests.conftest import CIFAR10, ROOT, png, synthetic_images, write_parquet_dataset
 from tests.fake_hub import FakeHub, cifar10_repo
 
 REPO = "uoft-cs/cifar10"
@@ -38,12 +39,28 @@ def hub_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hub(hub_repo: Path, tmp_path: Path) -> Iterator[FakeHub]:
-    """``hub_repo`` as uoft-cs/cifar10, and BROKEN: one shard that is not parquet."""
+    """``hub_repo`` as uoft-cs/cifar10, BROKEN: one shard that is not parquet, and PICTURES: an image folder."""
     broken = tmp_path / "broken"
     (broken / "data").mkdir(parents=True)
     (broken / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not a parquet file" * 1000)
-    with FakeHub({("dataset", REPO): hub_repo, ("dataset", BROKEN): broken}) as served:
+    write_pictures(tmp_path / "pictures")
+    repos = {("dataset", REPO): hub_repo, ("dataset", BROKEN): broken, ("dataset", PICTURES): tmp_path / "pictures"}
+    with FakeHub(repos) as served:
         yield served
+
+
+PICTURES = "eyed/pictures"
+
+
+def write_pictures(folder: Path) -> list[tuple[str, np.ndarray]]:
+    """A hub repository that is an image folder (not parquet): train/{cat,dog}/N.png; its (class, RGB image)."""
+    written = []
+    for label, images in (("cat", synthetic_images(2, seed=5)), ("dog", synthetic_images(2, seed=6))):
+        (folder / "train" / label).mkdir(parents=True)
+        for i, image in enumerate(images):
+            (folder / "train" / label / f"{i}.png").write_bytes(png(image))
+            written.append((label, image))
+    return written
 
 
 def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
@@ -95,6 +112,14 @@ def test_a_hub_dataset_replays_as_datasets_streams_it(hub: FakeHub, tmp_path: Pa
     assert not list((tmp_path / "hf").rglob("*.parquet"))
 
 
+def test_a_hub_dataset_of_image_files_is_streamed_by_datasets(hub: FakeHub, tmp_path: Path) -> None:
+    """Not parquet: datasets streams it in the daemon, and decodes the files itself whatever eyed asks."""
+    expected = write_pictures(tmp_path / "expected")
+    *got, imported = run_lines(EYED_READS, hub_env(hub, tmp_path / "hf"), PICTURES, "train", "0")
+    assert got == [[label, hashlib.sha1(image.tobytes()).hexdigest()] for label, image in expected]
+    assert imported == ["datasets", "pandas"]
+
+
 def test_a_missing_hub_dataset_says_so(hub: FakeHub, tmp_path: Path) -> None:
     env = hub_env(hub, tmp_path / "hf")
     script = (
@@ -122,13 +147,13 @@ parquet.HUB_BLOCK_BYTES, parquet.BATCH_BYTES, parquet.HUB_RESUME_WAITS_S = 4096,
 READ_ON = (
     QUICK_FAILURES
     + """
-files, failing = json.loads(sys.argv[1]), sys.argv[2]
+files, failing = json.loads(sys.argv[1]), dict(json.loads(sys.argv[2]))
 failures = []
-rows = iter(parquet.ParquetRows(files, ["img", "label"], on_error=lambda path, exc: failures.append(path)))
-got = [next(rows) for _ in range(3)]
-if failing != "0":
-    fake_hub_control(os.environ["HF_ENDPOINT"], f"fail?downloads={failing}")
-got += list(rows)
+got = []
+for row in parquet.ParquetRows(files, ["img", "label"], on_error=lambda path, exc: failures.append(path)):
+    got.append(row)
+    if len(got) in failing:
+        fake_hub_control(os.environ["HF_ENDPOINT"], f"fail?downloads={failing[len(got)]}")
 digests = [hashlib.sha1(r["img"]["bytes"]).hexdigest() for r in got]
 print(json.dumps({"digests": digests, "labels": [r["label"] for r in got], "failures": failures}))
 """
@@ -141,14 +166,16 @@ def train_files() -> list[str]:
 
 
 def read_hub_files(
-    hub: FakeHub, tmp_path: Path, failing: int, files: list[str] | None = None
+    hub: FakeHub, tmp_path: Path, failing: int | dict[int, int], files: list[str] | None = None
 ) -> tuple[dict[str, list[object]], list[int]]:
-    """``files`` (the train split) read by eyed's reader, with ``failing`` downloads failed after 3 rows; the
-    result, and the rows at which reading was taken up again (logged)."""
+    """``files`` (the train split) read by eyed's reader, with ``failing`` downloads failed after 3 rows (or
+    {after so many rows: downloads failed}); the result, and the rows at which reading was taken up again
+    (logged)."""
     files = files or train_files()
+    failing = {3: failing} if isinstance(failing, int) else failing
     env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", READ_ON, json.dumps(files), str(failing)],
+        [sys.executable, "-c", READ_ON, json.dumps(files), json.dumps(list(failing.items()))],
         env=env,
         capture_output=True,
         text=True,
@@ -166,6 +193,14 @@ def test_reading_goes_on_from_the_row_reached_when_the_hub_fails_for_a_while(hub
     got, resumed = read_hub_files(hub, tmp_path, failing=2)  # within the two waits allowed
     assert got == clean  # nothing lost, nothing twice
     assert len(resumed) == 2 and 3 <= resumed[0] < 7  # mid-shard, after the rows already read
+
+
+def test_the_waits_are_allowed_again_once_reading_has_gone_on(hub: FakeHub, tmp_path: Path) -> None:
+    """Two outages in one shard, each using both waits allowed, with rows read between them."""
+    clean, _ = read_hub_files(hub, tmp_path, failing=0)
+    got, resumed = read_hub_files(hub, tmp_path, failing={3: 2, 5: 2})
+    assert got == clean
+    assert len(resumed) == 4 and resumed[0] < resumed[2]
 
 
 def test_a_hub_shard_that_stays_unreadable_is_reported_and_the_next_one_read(hub: FakeHub, tmp_path: Path) -> None:
@@ -221,7 +256,7 @@ from eyed.config import SourceConfig
 from eyed.sources.replay import ReplaySource
 parquet.HUB_RESUME_WAITS_S = (60.0,)
 stop = threading.Event()
-with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
+with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train", loop=sys.argv[2] == "loop")) as src:
     frames = src.frames(stop)
     first = [next(frames).truth for _ in range(2)]
     fake_hub_control(os.environ["HF_ENDPOINT"], "down")
@@ -234,14 +269,16 @@ print(json.dumps({"rest": rest, "waited": waited, "failures": src.reader_failure
 )
 
 
-def test_a_stop_cuts_short_the_wait_to_read_a_hub_shard_again(hub: FakeHub, tmp_path: Path) -> None:
-    """A daemon stopped during a hub outage stops within its shutdown bound, not after eyed's waits."""
+@pytest.mark.parametrize("loop", ["once", "loop"])
+def test_a_stop_cuts_short_the_wait_to_read_a_hub_shard_again(hub: FakeHub, tmp_path: Path, loop: str) -> None:
+    """A daemon stopped during a hub outage stops within its shutdown bound, not after eyed's waits, and a
+    looping replay does not start another pass (nor the next shard) to fail on."""
     env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", STOP_DURING_OUTAGE, REPO], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", STOP_DURING_OUTAGE, REPO, loop], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
-    assert "reading on in 60 s" in out.stderr
+    assert out.stderr.count("reading on in 60 s") == 1
     assert got["waited"] < 10  # the stop came after 1 s
     assert got["failures"] == 0  # stopped, not failed
