@@ -2,9 +2,12 @@
 to load a model or stream a dataset by hub id, served from folders on disk.
 
 The real hub is out of reach here, but loading by hub id is what users do, so the tests run that code path
-against this server (``HF_ENDPOINT``). It serves files whole or by byte range, as the hub's ``resolve`` URLs do
-(without redirects to a CDN or Xet storage: huggingface_hub then downloads over plain HTTP), and answers the
-repository, tree and paths-info API calls. ``stop_serving`` makes every later request fail, like a network that
+against this server (``HF_ENDPOINT``). It serves files whole or by byte range, as the hub's ``resolve`` URLs do:
+a small file at once, a large one (as the hub's LFS files) by a redirect to ``/_storage/<sha256>`` on a second
+port, as the hub redirects to its storage host, with the headers huggingface_hub reads there (X-Linked-Etag,
+X-Linked-Size).
+Without Xet headers, huggingface_hub downloads over plain HTTP. It also answers the repository, tree and
+paths-info API calls. ``stop_serving`` makes every later request fail, like a network that
 went away; ``fail_next`` fails a few downloads, like a network that comes back. A process under test can ask
 for either itself, at the moment it chooses: ``POST /_fake/down``, ``POST /_fake/fail?downloads=N``.
 """
@@ -26,6 +29,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+# Files from this size on are "LFS" files, served by a redirect to storage.
+LFS_BYTES = 10_000
 
 
 class FakeHub:
@@ -38,24 +43,34 @@ class FakeHub:
         self.serving = True
         self._failing = 0
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # Where a redirect to storage points: sha256 -> file.
+        self.stored: dict[str, Path] = {}
+        # The hub, and its storage on another origin: huggingface_hub follows a redirect on the same origin
+        # itself, but reads the file's metadata from a redirect elsewhere, as on the real hub.
+        self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), _handler(self)) for _ in ("hub", "storage")]
+        for server in self._servers:
+            server.daemon_threads = True
+        self._threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in self._servers]
 
     @property
     def endpoint(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return _origin(self._servers[0])
+
+    @property
+    def storage(self) -> str:
+        return _origin(self._servers[1])
 
     def __enter__(self) -> FakeHub:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
 
     def stop_serving(self) -> None:
         """From now on every request gets a 503, as from a hub that is down."""
@@ -122,6 +137,11 @@ class FakeHub:
         }
 
 
+def _origin(server: ThreadingHTTPServer) -> str:
+    host, port = server.server_address[:2]
+    return f"http://{host!s}:{port}"
+
+
 @functools.lru_cache(maxsize=256)
 def digests(file: Path, size: int, mtime_ns: int) -> tuple[str, str]:
     """A file's git blob id and sha256 (the hub's oid and, for large files, ETag), once per version of it."""
@@ -151,6 +171,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             hub.requests.append(f"{self.command} {self.path}")
             if self.path.startswith("/_fake/"):
                 return self._control()
+            if self.path.startswith("/_storage/") and hub.serving:
+                stored = hub.stored.get(self.path.removeprefix("/_storage/"))
+                if stored is None:
+                    return self._error(404, "", "no such object")
+                return self._send_file(stored, {}, body)
             if not hub.serving:
                 return self._error(503, "ServiceUnavailable", "the hub is down")
             url = urllib.parse.urlsplit(self.path)
@@ -218,13 +243,28 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def resolve(self, kind: str, repo: str, m: re.Match[str], _query: Any, _form: Any, body: bool) -> None:
             name = m["path"]
-            if body and hub.failing():
-                return self._error(503, "", "the hub is having a moment")
             file = hub.files(kind, repo).get(name)
             if file is None:
                 return self._error(404, "EntryNotFound", f"{name} does not exist in {repo}")
             stat = file.stat()
-            size = stat.st_size
+            oid, sha256 = digests(file, stat.st_size, stat.st_mtime_ns)
+            if stat.st_size < LFS_BYTES:
+                return self._send_file(file, {"X-Repo-Commit": hub.sha(kind, repo), "ETag": f'"{oid}"'}, body)
+            hub.stored[sha256] = file
+            self.send_response(302)
+            self.send_header("Location", f"{hub.storage}/_storage/{sha256}")
+            self.send_header("X-Repo-Commit", hub.sha(kind, repo))
+            self.send_header("X-Linked-Etag", f'"{sha256}"')
+            self.send_header("X-Linked-Size", str(stat.st_size))
+            self.send_header("ETag", f'"{oid}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _send_file(self, file: Path, headers: dict[str, str], body: bool) -> None:
+            """``file``, or the byte range asked for; the next downloads ``fail_next`` asked for fail instead."""
+            if body and hub.failing():
+                return self._error(503, "", "the hub is having a moment")
+            size = file.stat().st_size
             status, start, end = 200, 0, size
             if (spec := self.headers.get("Range")) and (r := RANGE.match(spec.strip())):
                 first, last = r.groups()
@@ -234,8 +274,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     start, end = max(0, size - int(last)), size
                 status = 206
             self.send_response(status)
-            self.send_header("X-Repo-Commit", hub.sha(kind, repo))
-            self.send_header("ETag", f'"{digests(file, size, stat.st_mtime_ns)[1]}"')
+            for key, value in headers.items():
+                self.send_header(key, value)
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(end - start))
             if status == 206:

@@ -175,6 +175,7 @@ def test_the_defaults_load_the_model_and_stream_the_dataset_from_the_hub(
     assert labels[0]["model"] == "google/mobilenet_v2_1.0_224"
     assert any("/google/mobilenet_v2_1.0_224/resolve/" in r for r in hub.requests)
     assert any("/datasets/uoft-cs/cifar10/resolve/" in r for r in hub.requests)
+    assert any(r.startswith("GET /_storage/") for r in hub.requests)  # the weights, from "storage"
     assert "HTTP Request" not in err
 
 

@@ -107,8 +107,10 @@ def test_a_hub_dataset_replays_as_datasets_streams_it(hub: FakeHub, tmp_path: Pa
     assert ours == theirs
     assert len(ours) == {"train": 12, "test": 4}[split] - skip
     assert imported == []
-    # The shards were streamed by range requests, not fetched whole (nothing of the pixels stays on disk).
+    # The shards were streamed by range requests, not fetched whole (nothing of the pixels stays on disk), and
+    # followed to storage as on the real hub.
     assert any(r.startswith("GET /datasets/uoft-cs/cifar10/resolve/") for r in hub.requests)
+    assert any(r.startswith("GET /_storage/") for r in hub.requests)
     assert not list((tmp_path / "hf").rglob("*.parquet"))
 
 
