@@ -144,6 +144,15 @@ def test_offline_hub_id_gives_a_clear_message(base: dict[str, object], tmp_path:
     assert "set model.id to a local checkpoint" in err
 
 
+def test_offline_hub_dataset_gives_a_clear_message(base: dict[str, object]) -> None:
+    """The dataset is asked of the hub in datasets' child process; its error reaches the user as it was."""
+    settings = {k: v for k, v in base.items() if k not in ("source.dataset", "source.split")}
+    code, err = finish(start_daemon(settings))
+    assert code == EXIT_UNAVAILABLE
+    assert "cannot reach the hub for dataset uoft-cs/cifar10 (ConnectionError: " in err
+    assert "OfflineModeIsEnabled" in err and "Traceback" not in err
+
+
 def test_the_defaults_load_the_model_and_stream_the_dataset_from_the_hub(
     tiny_checkpoint: Path, tiny_dataset: Path, endpoint: str, tmp_path: Path
 ) -> None:
