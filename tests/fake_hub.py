@@ -5,11 +5,12 @@ The real hub is out of reach here, but loading by hub id is what users do, so th
 against this server (``HF_ENDPOINT``). It serves files whole or by byte range, as the hub's ``resolve`` URLs do:
 a small file at once, a large one (as the hub's LFS files) by a redirect to ``/_storage/<sha256>`` on a second
 port, as the hub redirects to its storage host, with the headers huggingface_hub reads there (X-Linked-Etag,
-X-Linked-Size).
-Without Xet headers, huggingface_hub downloads over plain HTTP. It also answers the repository, tree and
-paths-info API calls. ``stop_serving`` makes every later request fail, like a network that
-went away; ``fail_next`` fails a few downloads, like a network that comes back. A process under test can ask
-for either itself, at the moment it chooses: ``POST /_fake/down``, ``POST /_fake/fail?downloads=N``.
+X-Linked-Size). Without Xet headers, huggingface_hub downloads over plain HTTP. It also answers the
+repository, tree and paths-info API calls.
+
+``stop_serving`` makes every later request fail, like a network that went away; ``fail_next`` fails a few
+downloads, like a network that comes back. A process under test can ask for either itself, at the moment it
+chooses: ``POST /_fake/down``, ``POST /_fake/fail?downloads=N``.
 """
 
 from __future__ import annotations
@@ -181,13 +182,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             url = urllib.parse.urlsplit(self.path)
             query = urllib.parse.parse_qs(url.query)
             path = urllib.parse.unquote(url.path)
-            for pattern, method in ROUTES:
+            for pattern, name in ROUTES:
                 if m := re.fullmatch(pattern, path):
                     kind = "dataset" if m["prefix"] in ("datasets/", "datasets") else "model"
                     repo = m["repo"]
                     if (kind, repo) not in hub.repos:
                         return self._error(404, "RepoNotFound", f"Repository Not Found for url: {self.path}")
-                    return method(self, kind, repo, m, query, form or {}, body)
+                    return getattr(self, name)(kind, repo, m, query, form or {}, body)
             return self._error(404, "", f"no route for {self.path}")
 
         def _control(self) -> None:
@@ -200,13 +201,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, "", f"no control {url.path}")
             self._json({}, body=True)
 
-        def _json(self, value: Any, body: bool, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        def _json(self, value: Any, body: bool) -> None:
             data = json.dumps(value).encode()
-            self.send_response(status)
+            self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            for key, val in (headers or {}).items():
-                self.send_header(key, val)
             self.end_headers()
             if body:
                 self.wfile.write(data)
@@ -292,11 +291,12 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 REV = r"(?P<rev>[^/]+)"
-ROUTES: list[tuple[str, Any]] = [
-    (rf"/api/(?P<prefix>models|datasets)/{REPO}(?:/revision/{REV})?", lambda h, *a: h.info(*a)),
-    (rf"/api/(?P<prefix>models|datasets)/{REPO}/tree/{REV}(?P<path>/.*)?", lambda h, *a: h.tree(*a)),
-    (rf"/api/(?P<prefix>models|datasets)/{REPO}/paths-info/{REV}", lambda h, *a: h.paths_info(*a)),
-    (rf"/(?P<prefix>datasets/)?{REPO}/resolve/{REV}/(?P<path>.+)", lambda h, *a: h.resolve(*a)),
+# (path pattern, the handler's method for it)
+ROUTES = [
+    (rf"/api/(?P<prefix>models|datasets)/{REPO}(?:/revision/{REV})?", "info"),
+    (rf"/api/(?P<prefix>models|datasets)/{REPO}/tree/{REV}(?P<path>/.*)?", "tree"),
+    (rf"/api/(?P<prefix>models|datasets)/{REPO}/paths-info/{REV}", "paths_info"),
+    (rf"/(?P<prefix>datasets/)?{REPO}/resolve/{REV}/(?P<path>.+)", "resolve"),
 ]
 
 

@@ -20,6 +20,18 @@ from tests.fake_hub import FakeHub, cifar10_repo
 
 REPO = "uoft-cs/cifar10"
 BROKEN = "eyed/broken"
+PICTURES = "eyed/pictures"
+
+
+def write_pictures(folder: Path) -> list[tuple[str, np.ndarray]]:
+    """A hub repository that is an image folder (not parquet): train/{cat,dog}/N.png; its (class, RGB image)."""
+    written = []
+    for label, images in (("cat", synthetic_images(2, seed=5)), ("dog", synthetic_images(2, seed=6))):
+        (folder / "train" / label).mkdir(parents=True)
+        for i, image in enumerate(images):
+            (folder / "train" / label / f"{i}.png").write_bytes(png(image))
+            written.append((label, image))
+    return written
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +59,6 @@ def hub(hub_repo: Path, tmp_path: Path) -> Iterator[FakeHub]:
     repos = {("dataset", REPO): hub_repo, ("dataset", BROKEN): broken, ("dataset", PICTURES): tmp_path / "pictures"}
     with FakeHub(repos) as served:
         yield served
-
-
-PICTURES = "eyed/pictures"
-
-
-def write_pictures(folder: Path) -> list[tuple[str, np.ndarray]]:
-    """A hub repository that is an image folder (not parquet): train/{cat,dog}/N.png; its (class, RGB image)."""
-    written = []
-    for label, images in (("cat", synthetic_images(2, seed=5)), ("dog", synthetic_images(2, seed=6))):
-        (folder / "train" / label).mkdir(parents=True)
-        for i, image in enumerate(images):
-            (folder / "train" / label / f"{i}.png").write_bytes(png(image))
-            written.append((label, image))
-    return written
 
 
 def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
