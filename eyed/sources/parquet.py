@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,21 @@ def batch_rows(metadata: Any) -> int:
     return int(max(1, min(MAX_BATCH_ROWS, BATCH_BYTES // max(1.0, per_row))))
 
 
+@dataclass
+class FileProgress:
+    """How far the reading of one file got: the rows it gave, and its row count once its footer was read."""
+
+    read: int = 0
+    rows: int | None = None
+
+    def skip_after(self, to_skip: int) -> int:
+        """What is left of ``to_skip`` (rows still to pass over when this file began) for the next file, when
+        this one failed: nothing once it gave a row; else less its row count, where that is known."""
+        if self.read:
+            return 0
+        return max(0, to_skip - self.rows) if self.rows is not None else to_skip
+
+
 class ParquetRows:
     """The rows of ``files`` as dicts of ``columns``, in file order, from row ``skip`` on; iterable many times.
 
@@ -109,8 +125,9 @@ class ParquetRows:
         for path in self.files:
             if not self.pause(0):  # stopped: a shard given up on while stopping is not followed by the next
                 return
+            progress = FileProgress()
             try:
-                left = yield from self._resumed_rows(path, to_skip)
+                left = yield from self._resumed_rows(path, to_skip, progress)
                 if left is None:
                     return
                 to_skip = left
@@ -118,15 +135,18 @@ class ParquetRows:
                 if self.on_error is None:
                     raise
                 self.on_error(path, exc)
+                to_skip = progress.skip_after(to_skip)
 
-    def _resumed_rows(self, path: str, to_skip: int) -> Generator[dict[str, Any], None, int | None]:
+    def _resumed_rows(
+        self, path: str, to_skip: int, progress: FileProgress
+    ) -> Generator[dict[str, Any], None, int | None]:
         """:meth:`_file_rows`, opened again where it failed if ``path`` is a hub file: after each of
         HUB_RESUME_WAITS_S in turn, counted again from the first once a row has been read. Returns None if a
         pause was cut short."""
         waits = HUB_RESUME_WAITS_S if is_hub_file(path) else ()
-        read = failures = 0
+        failures = 0
         while True:
-            rows = self._file_rows(path, to_skip + read)
+            rows = self._file_rows(path, to_skip + progress.read, progress)
             while True:
                 try:
                     row = next(rows)
@@ -137,15 +157,15 @@ class ParquetRows:
                     if not interrupted(exc) or failures >= len(waits):
                         raise
                     wait, failures = waits[failures], failures + 1
-                    at = to_skip + read
+                    at = to_skip + progress.read
                     logger.warning("reading %s failed at row %d (%s); reading on in %g s", path, at, exc, wait)
                     if not self.pause(wait):
                         return None
                     break
-                read, failures = read + 1, 0
+                progress.read, failures = progress.read + 1, 0
                 yield row
 
-    def _file_rows(self, path: str, to_skip: int) -> Generator[dict[str, Any], None, int]:
+    def _file_rows(self, path: str, to_skip: int, progress: FileProgress) -> Generator[dict[str, Any], None, int]:
         """Rows of one file after ``to_skip`` rows; returns how many rows are still to skip after it."""
         import pyarrow.parquet as pq
 
@@ -154,6 +174,7 @@ class ParquetRows:
             pq.ParquetFile(source, buffer_size=PAGE_BUFFER_BYTES, pre_buffer=False) as reader,
         ):
             meta = reader.metadata
+            progress.rows = meta.num_rows
             # pyarrow would leave a column it does not find out of the rows without a word.
             if missing := [c for c in self.columns if c not in reader.schema_arrow.names]:
                 raise KeyError(f"no column {missing[0]!r}")

@@ -76,3 +76,27 @@ def test_batches_hold_about_a_megabyte(tmp_path: Path) -> None:
     huge = tmp_path / "huge.parquet"
     pq.write_table(pa.table({"blob": [os.urandom(1_300_000) for _ in range(2)]}), huge)
     assert batch_rows(pq.ParquetFile(huge).metadata) == 1
+
+
+def corrupt_group(path: str, group: int) -> None:
+    """Overwrite column ``n``'s data in row group ``group`` with bytes that are no parquet page."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(b"\xff" * chunk.total_compressed_size)
+
+
+@pytest.mark.parametrize("skip", [2, 5, 12])
+def test_a_shard_failing_midway_leaves_the_next_one_its_own_skip(
+    shards: list[str], skip: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard that fails once rows were given, or while rows were still being passed over, has used up what
+    it could of ``skip``: the next shard is not cut by the same rows again."""
+    monkeypatch.setattr(parquet_module, "batch_rows", lambda metadata: 2)
+    corrupt_group(shards[0], 1)  # rows 4-7
+    failures: list[str] = []
+    got = [r["n"] for r in ParquetRows(shards, ["n"], skip=skip, on_error=lambda p, e: failures.append(p))]
+    assert failures == ([shards[0]] if skip < 10 else [])
+    assert [n for n in got if n >= 10] == list(range(max(skip, 10), 25))
+    assert all(skip <= n < 4 for n in got if n < 10)  # what the first shard gave before its broken group
