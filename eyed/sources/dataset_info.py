@@ -56,8 +56,9 @@ RAISED_AS: dict[str, type[Exception]] = {"ValueError": ValueError, "ImportError"
 
 
 @dataclass(frozen=True)
-class LocalSplit:
-    """A split's parquet files, and its features in ``datasets.Features.to_dict()`` form."""
+class ParquetSplit:
+    """A split's parquet files (local paths, or a hub dataset's ``hf://`` URLs), and its features in
+    ``datasets.Features.to_dict()`` form."""
 
     files: list[str]
     features: dict[str, Any]
@@ -172,8 +173,6 @@ def list_images(builder: Any, split: str, listing: IO[bytes]) -> tuple[int, dict
     # The walk for labels already ran (as_streaming_dataset): listing the paths adds about 16 us an image.
     for record in ds.cast_column("image", Image(decode=False)):
         image = record["image"]
-        if not isinstance(image, dict):
-            return None  # decoded by datasets whatever the cast says (a hub image folder): datasets streams it
         if image.get("bytes") is not None or not image.get("path") or not Path(image["path"]).is_file():
             return None  # an image inside an archive: only datasets can open it
         listing.write(json.dumps([image["path"], record.get("label")]).encode() + b"\n")
@@ -182,7 +181,7 @@ def list_images(builder: Any, split: str, listing: IO[bytes]) -> tuple[int, dict
     return count, features.to_dict()
 
 
-def scan(dataset: str, split: str, listing: Listing) -> LocalSplit | LocalImages | None:
+def scan(dataset: str, split: str, listing: Listing) -> ParquetSplit | LocalImages | None:
     """In this process: ``dataset``'s parquet files for ``split`` and their features, or the images of a
     local folder (listed into ``listing``); None if it is neither (datasets then streams it)."""
     import pyarrow.parquet as pq
@@ -192,6 +191,8 @@ def scan(dataset: str, split: str, listing: Listing) -> LocalSplit | LocalImages
     builder = load_dataset_builder(dataset)
     files = parquet_files(builder, split)
     if files is None:
+        if not Path(dataset).is_dir():  # a hub dataset of images: datasets decodes those itself, so it streams them
+            return None
         listing.file.seek(0)
         listing.file.truncate()
         listed = list_images(builder, split, listing.file)
@@ -200,12 +201,12 @@ def scan(dataset: str, split: str, listing: Listing) -> LocalSplit | LocalImages
     if not features:
         with opened_shard(files[0]) as source:
             features = Features.from_arrow_schema(pq.read_schema(source))
-    return LocalSplit(files, features.to_dict())
+    return ParquetSplit(files, features.to_dict())
 
 
-def answer_of(found: LocalSplit | LocalImages | None) -> dict[str, Any]:
+def answer_of(found: ParquetSplit | LocalImages | None) -> dict[str, Any]:
     """What the child prints for ``found`` (``result`` turns it back)."""
-    if isinstance(found, LocalSplit):
+    if isinstance(found, ParquetSplit):
         return {"files": found.files, "features": found.features}
     if isinstance(found, LocalImages):
         return {"files": None, "images": found.count, "features": found.features}
@@ -240,7 +241,7 @@ class SplitQuery:
             # A query dropped unanswered (a source never entered: the model failed to load) stops its child.
             self._finalizer = weakref.finalize(self, _stop, self._child, self._out, self._err)
 
-    def result(self, startup: StartUp | None = None) -> LocalSplit | LocalImages | None:
+    def result(self, startup: StartUp | None = None) -> ParquetSplit | LocalImages | None:
         """The answer. While the child works, ``startup`` hears how long it has been waiting, and its ``stop``,
         set, gives up the wait (a daemon told to stop while datasets walks a large folder): DatasetInfoError."""
         if self._child is None:
@@ -249,7 +250,7 @@ class SplitQuery:
         if "error" in answer:
             raise RAISED_AS.get(answer["error"], DatasetInfoError)(answer["message"])
         if answer["files"] is not None:
-            return LocalSplit(answer["files"], answer["features"])
+            return ParquetSplit(answer["files"], answer["features"])
         if "images" in answer:
             return LocalImages(self._listing, answer["images"], answer["features"])
         return None

@@ -40,11 +40,6 @@ def decode_image(value: Any) -> np.ndarray | None:
     a PIL image is converted as it is.
     """
     data: bytes | None = None
-    if type(value).__module__.startswith("PIL."):
-        try:
-            return np.asarray(value.convert("RGB"))
-        except (OSError, ValueError):  # PIL decodes lazily: a broken file fails here
-            return None
     if isinstance(value, dict):
         data = value.get("bytes")
         if data is None and value.get("path"):
@@ -54,6 +49,11 @@ def decode_image(value: Any) -> np.ndarray | None:
                 return None
     elif isinstance(value, (bytes, bytearray)):
         data = bytes(value)
+    elif type(value).__module__.startswith("PIL."):
+        try:
+            return np.asarray(value.convert("RGB"))
+        except (OSError, ValueError):  # PIL decodes lazily: a broken file fails here
+            return None
     if not data:
         return None
     # imdecode returns None (it does not raise) on bytes that are not a supported image.
@@ -125,12 +125,12 @@ class ReplaySource:
         self._names: list[str] | None = None
         self._open_frames: weakref.WeakSet[Generator[Frame, None, None]] = weakref.WeakSet()
         # The stop of the pass being read, which also cuts short a wait to read a hub shard again.
-        self._reading_stop: threading.Event | None = None
+        self._reading_stop = threading.Event()
         # Asked now (of a child process), so datasets' seconds overlap what the daemon loads before the source.
-        local = local_dataset(cfg.dataset)
+        self._local = local_dataset(cfg.dataset)
         self._query: SplitQuery | None = None
-        if local is not None or not looks_like_a_path(cfg.dataset):
-            self._query = SplitQuery(str(local) if local is not None else cfg.dataset, cfg.split)
+        if self._local is not None or not looks_like_a_path(cfg.dataset):
+            self._query = SplitQuery(str(self._local or cfg.dataset), cfg.split)
 
     def __enter__(self) -> ReplaySource:
         self._dataset = self._open()
@@ -155,8 +155,7 @@ class ReplaySource:
         gc.collect()
 
     def _open(self) -> Any:
-        name = self.cfg.dataset
-        local = local_dataset(name)
+        name, local = self.cfg.dataset, self._local
         if local is None and looks_like_a_path(name):
             raise SourceError(f"source.dataset {name}: no such folder")
         try:
@@ -224,11 +223,7 @@ class ReplaySource:
 
     def _pause(self, seconds: float) -> bool:
         """Wait ``seconds`` before reading a hub shard again; False if the replay was stopped meanwhile."""
-        stop = self._reading_stop
-        if stop is None:
-            time.sleep(seconds)
-            return True
-        return not stop.wait(seconds)
+        return not self._reading_stop.wait(seconds)
 
     def _unreadable(self, path: str, exc: Exception) -> None:
         self.skipped += 1
@@ -295,7 +290,7 @@ class ReplaySource:
             raise RuntimeError("ReplaySource used outside its context manager")
         limit = self.cfg.limit
         pacer = Pacer(self.cfg.fps, stop)
-        self._reading_stop = stop
+        self._reading_stop = pacer.stop
         while True:
             produced_this_pass = 0
             for record in self._records():
@@ -311,6 +306,6 @@ class ReplaySource:
                 self.delivered += 1
                 if limit and self.delivered >= limit:
                     return
-            if not self.cfg.loop or produced_this_pass == 0 or (stop is not None and stop.is_set()):
+            if not self.cfg.loop or produced_this_pass == 0 or pacer.stop.is_set():
                 return
             logger.info("replay reached the end after %d frames; looping", self.delivered)

@@ -33,7 +33,7 @@ def test_the_child_answers_as_datasets_does_here(tiny_dataset: Path) -> None:
     from_child = dataset_info.SplitQuery(str(tiny_dataset), "train").result()
     here = dataset_info.scan(str(tiny_dataset), "train", dataset_info.Listing.temporary())
     assert from_child == here
-    assert isinstance(from_child, dataset_info.LocalSplit)
+    assert isinstance(from_child, dataset_info.ParquetSplit)
     assert from_child.files == [str(tiny_dataset / "train-00000-of-00001.parquet")]
     assert from_child.features == {"img": {"_type": "Image"}, "label": {"names": CIFAR10, "_type": "ClassLabel"}}
 
