@@ -9,8 +9,9 @@ X-Linked-Size). Without Xet headers, huggingface_hub downloads over plain HTTP. 
 repository, tree and paths-info API calls.
 
 ``stop_serving`` makes every later request fail, like a network that went away; ``fail_next`` fails a few
-downloads, like a network that comes back. A process under test can ask for either itself, at the moment it
-chooses: ``POST /_fake/down``, ``POST /_fake/fail?downloads=N``.
+downloads, like a network that comes back; ``stall`` leaves every later request unanswered, like a network
+that has stalled. A process under test can ask for any of them itself, at the moment it chooses:
+``POST /_fake/down``, ``POST /_fake/fail?downloads=N``, ``POST /_fake/stall``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FakeHub:
         self.repos = {key: Path(folder) for key, folder in repos.items()}
         self.requests: list[str] = []
         self.serving = True
+        self.stalled = threading.Event()
+        self._closing = threading.Event()  # releases the stalled requests
         self._failing = 0
         self._lock = threading.Lock()
         # Where a redirect to storage points: sha256 -> file.
@@ -69,6 +72,7 @@ class FakeHub:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._closing.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -76,6 +80,17 @@ class FakeHub:
     def stop_serving(self) -> None:
         """From now on every request gets a 503, as from a hub that is down."""
         self.serving = False
+
+    def stall(self) -> None:
+        """From now on every request waits, unanswered, until this hub is closed."""
+        self.stalled.set()
+
+    def wait_if_stalled(self) -> bool:
+        """Hold a request while ``stall`` says so; True if it was held (it then gets no answer)."""
+        if not self.stalled.is_set():
+            return False
+        self._closing.wait()
+        return True
 
     def fail_next(self, downloads: int) -> None:
         """The next ``downloads`` requests for a file's content get a 503."""
@@ -172,6 +187,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             hub.requests.append(f"{self.command} {self.path}")
             if self.path.startswith("/_fake/"):
                 return self._control()
+            if hub.wait_if_stalled():
+                self.close_connection = True
+                return None
             if self.path.startswith("/_storage/") and hub.serving:
                 stored = hub.stored.get(self.path.removeprefix("/_storage/"))
                 if stored is None:
@@ -195,6 +213,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             url = urllib.parse.urlsplit(self.path)
             if url.path == "/_fake/down":
                 hub.stop_serving()
+            elif url.path == "/_fake/stall":
+                hub.stall()
             elif url.path == "/_fake/fail":
                 hub.fail_next(int(urllib.parse.parse_qs(url.query)["downloads"][0]))
             else:

@@ -188,6 +188,34 @@ def test_the_defaults_load_the_model_and_stream_the_dataset_from_the_hub(
     assert "HTTP Request" not in err
 
 
+def test_sigterm_while_the_hub_has_stalled_exits_cleanly(
+    base: dict[str, object], tiny_dataset: Path, endpoint: str, tmp_path: Path
+) -> None:
+    """A replay from the hub whose network stalls waits on a request that huggingface_hub would retry for up to
+    83 s; a stop meanwhile exits 0 within daemon.shutdown_timeout_s (not 70 after it)."""
+    repo = cifar10_repo(tmp_path / "cifar10", {"train": [tiny_dataset / "train-00000-of-00001.parquet"]})
+    settings = {**base, "source.dataset": "uoft-cs/cifar10", "source.loop": True, "source.fps": 50}
+    with FakeHub({("dataset", "uoft-cs/cifar10"): repo}) as hub:
+        proc = start_daemon(
+            settings,
+            HF_ENDPOINT=hub.endpoint,
+            HF_HOME=str(tmp_path / "hf"),
+            HF_HUB_OFFLINE="0",
+            HF_DATASETS_OFFLINE="0",
+        )
+        with Subscriber(endpoint, ("label.",)) as sub:
+            for _ in range(3):
+                sub.receive(60)
+            hub.stall()
+            with pytest.raises(TimeoutError):  # the pass buffered in memory ends; the next one waits on the hub
+                while True:
+                    sub.receive(3)
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc, timeout_s=60)
+    assert code == 0, err
+    assert "done:" in err and "Traceback" not in err
+
+
 def test_waiting_for_subscribers_times_out_clearly(base: dict[str, object]) -> None:
     code, err = finish(start_daemon({**base, "publish.wait_timeout_s": 0.5}))
     assert code == EXIT_UNAVAILABLE

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ HUB_BLOCK_BYTES = 5 << 20
 HUB_RESUME_WAITS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
 # Where the exceptions of a failed request come from (huggingface_hub 1 used httpx, 2 uses httpx2).
 TRANSPORT_MODULES = {"httpx", "httpcore", "httpx2", "httpcore2", "huggingface_hub"}
+# How often a reader waiting for the network looks whether the replay is being stopped.
+STOP_POLL_S = 0.05
+
+
+class ReadingStopped(Exception):
+    """A hub request given up on because the replay is being stopped (the request goes on in its own thread)."""
 
 
 def is_hub_file(path: str) -> bool:
@@ -52,22 +59,99 @@ def interrupted(exc: Exception) -> bool:
     return bool(transport) or isinstance(exc, (ConnectionError, TimeoutError))
 
 
-@contextlib.contextmanager
-def opened_shard(path: str) -> Iterator[Any]:
-    """``path`` for pyarrow: a local path as it is; a hub file as huggingface_hub's file object, which reads
-    what pyarrow asks for by HTTP range requests (a few MB ahead), each retried on a timeout or a server error."""
-    if not is_hub_file(path):
-        yield path
-        return
-    from huggingface_hub import HfFileSystem
-
-    with HfFileSystem().open(path, "rb", block_size=HUB_BLOCK_BYTES) as file:
-        yield file
-
-
 def _sleep(seconds: float) -> bool:
     time.sleep(seconds)
     return True
+
+
+class HubFile:
+    """A hub file for pyarrow, whose requests (opening the file, each read past what is buffered) run in a
+    daemon thread while the caller waits for it or for a stop (``pause(0)`` False, when ReadingStopped is raised).
+
+    huggingface_hub retries a request for up to 83 s on a stalled network, and a 5 MB block takes seconds on a
+    slow link, so a daemon told to stop would otherwise wait for them past its shutdown bound. A request given
+    up on is left to end in its thread, which does not hold up the process's exit; it runs in Python, not under
+    pyarrow, so an interpreter that exits meanwhile stops it cleanly. pyarrow calls a file from one thread at a
+    time; after a stop the file serves nothing more.
+    """
+
+    def __init__(self, path: str, pause: Callable[[float], bool] = _sleep) -> None:
+        from huggingface_hub import HfFileSystem
+
+        self._pause = pause
+        self._busy = False
+        # fsspec keeps one instance per thread that asks for one: made here, not once per request thread.
+        fs = HfFileSystem()
+        self._file = self._wait_for(lambda: fs.open(path, "rb", block_size=HUB_BLOCK_BYTES))
+
+    def _wait_for(self, request: Callable[[], Any]) -> Any:
+        if self._busy:
+            raise ReadingStopped("an earlier request of this file was given up on")
+        done = threading.Event()
+        outcome: list[tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, request()))
+            except BaseException as exc:  # handed to the caller, or dropped with the request
+                outcome.append((False, exc))
+            finally:
+                done.set()
+
+        self._busy = True
+        threading.Thread(target=run, name="eyed-hub-request", daemon=True).start()
+        while not done.wait(STOP_POLL_S):
+            if not self._pause(0):
+                raise ReadingStopped("the replay is being stopped")
+        self._busy = False
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._wait_for(lambda: self._file.read(size))
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        position: int = self._file.seek(offset, whence)  # no request: the size came with the opening
+        return position
+
+    def tell(self) -> int:
+        position: int = self._file.tell()
+        return position
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._file.closed)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self._busy:  # else the request given up on still reads it: left to the garbage collector
+            self._file.close()
+
+    def __enter__(self) -> HubFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def opened_shard(path: str, pause: Callable[[float], bool] = _sleep) -> Iterator[Any]:
+    """``path`` for pyarrow: a local path as it is; a hub file as a :class:`HubFile`, which reads what pyarrow
+    asks for by HTTP range requests (a few MB ahead), each retried by huggingface_hub on a timeout or a server
+    error, and each given up on when ``pause(0)`` says the replay is being stopped."""
+    if not is_hub_file(path):
+        yield path
+        return
+    with HubFile(path, pause) as file:
+        yield file
 
 
 def batch_rows(metadata: Any) -> int:
@@ -154,6 +238,8 @@ class ParquetRows:
                     left: int = end.value
                     return left
                 except Exception as exc:
+                    if not self.pause(0):  # being stopped, perhaps what ended the request: not the shard's fault
+                        return None
                     if not interrupted(exc) or failures >= len(waits):
                         raise
                     wait, failures = waits[failures], failures + 1
@@ -170,7 +256,7 @@ class ParquetRows:
         import pyarrow.parquet as pq
 
         with (
-            opened_shard(path) as source,
+            opened_shard(path, self.pause) as source,
             pq.ParquetFile(source, buffer_size=PAGE_BUFFER_BYTES, pre_buffer=False) as reader,
         ):
             meta = reader.metadata

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -282,3 +283,47 @@ def test_a_stop_cuts_short_the_wait_to_read_a_hub_shard_again(hub: FakeHub, tmp_
     assert out.stderr.count("reading on in 60 s") == 1
     assert got["waited"] < 10  # the stop came after 1 s
     assert got["failures"] == 0  # stopped, not failed
+
+
+STOP_WHILE_STALLED = """
+import json, logging, os, sys, threading, time
+from eyed.config import SourceConfig
+from eyed.sources import parquet
+from eyed.sources.replay import ReplaySource
+from tests.fake_hub import fake_hub_control
+logging.basicConfig(level=logging.WARNING)
+if sys.argv[2] == "read":  # a request per row: the stall holds a read mid-shard, not the next shard's opening
+    parquet.HUB_BLOCK_BYTES, parquet.BATCH_BYTES = 4096, 1
+stop = threading.Event()
+with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
+    frames = src.frames(stop)
+    first = [next(frames).truth for _ in range(2)]
+    fake_hub_control(os.environ["HF_ENDPOINT"], "stall")
+    threading.Timer(1.0, stop.set).start()
+    start = time.monotonic()
+    rest = [f.truth for f in frames]
+    waited = time.monotonic() - start
+print(json.dumps({"rest": rest, "waited": waited, "failures": src.reader_failures, "skipped": src.skipped}))
+"""
+
+
+@pytest.mark.parametrize("held", ["open", "read"])
+def test_a_stop_does_not_wait_for_a_stalled_hub(hub: FakeHub, tmp_path: Path, held: str) -> None:
+    """A network that stalls holds a request for huggingface_hub's 10 s timeout, five times over; a replay told to
+    stop meanwhile ends at once, uncounted, and its process exits although the request is still held."""
+    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", STOP_WHILE_STALLED, REPO, held], env=env, capture_output=True, text=True, timeout=120
+    )
+    took = time.monotonic() - start
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got["waited"] < 5  # the stop came after 1 s; the request would have been held 10 s
+    assert (got["failures"], got["skipped"]) == (0, 0)  # stopped, not failed
+    if held == "open":  # the first shard came in one block: what it had left, then the second shard's opening
+        assert got["rest"] == [CIFAR10[(3 * i) % 10] for i in range(2, 7)]
+    else:
+        assert len(got["rest"]) <= 1
+    assert took < 30  # not held up at exit by the request still waiting
+    assert "Traceback" not in out.stderr
