@@ -21,7 +21,9 @@ import hashlib
 import json
 import logging
 import re
+import sys
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,15 +35,23 @@ logger = logging.getLogger(__name__)
 RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 # Files from this size on are "LFS" files, served by a redirect to storage.
 LFS_BYTES = 10_000
+# A slowed link sends files this much at a time.
+LINK_CHUNK_BYTES = 64 << 10
 
 
 class FakeHub:
     """Serves ``repos``: {("model" | "dataset", "org/name"): folder}. Every repository has one commit, whose sha
     any revision ("main" or the sha itself) resolves to."""
 
-    def __init__(self, repos: dict[tuple[str, str], Path]) -> None:
+    def __init__(
+        self, repos: dict[tuple[str, str], Path], latency_s: float = 0.0, bytes_per_s: float | None = None
+    ) -> None:
         self.repos = {key: Path(folder) for key, folder in repos.items()}
+        # A link to a far hub, for benchmarks: each answer waits ``latency_s``, and files go at ``bytes_per_s``.
+        self.latency_s = latency_s
+        self.bytes_per_s = bytes_per_s
         self.requests: list[str] = []
+        self.ranges: list[str | None] = []  # the Range header of each file sent (None: all of it)
         self.serving = True
         self.stalled = threading.Event()
         self._closing = threading.Event()  # releases the stalled requests
@@ -51,9 +61,7 @@ class FakeHub:
         self.stored: dict[str, Path] = {}
         # The hub, and its storage on another origin: huggingface_hub follows a redirect on the same origin
         # itself, but reads the file's metadata from a redirect elsewhere, as on the real hub.
-        self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), _handler(self)) for _ in ("hub", "storage")]
-        for server in self._servers:
-            server.daemon_threads = True
+        self._servers = [_Server(("127.0.0.1", 0), _handler(self)) for _ in ("hub", "storage")]
         self._threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in self._servers]
 
     @property
@@ -153,6 +161,15 @@ class FakeHub:
         }
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client gone, with a block read ahead still coming
+            return
+        super().handle_error(request, client_address)
+
+
 def _origin(server: ThreadingHTTPServer) -> str:
     host, port = server.server_address[:2]
     return f"http://{host!s}:{port}"
@@ -190,6 +207,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if hub.wait_if_stalled():
                 self.close_connection = True
                 return None
+            time.sleep(hub.latency_s)
             if self.path.startswith("/_storage/") and hub.serving:
                 stored = hub.stored.get(self.path.removeprefix("/_storage/"))
                 if stored is None:
@@ -285,6 +303,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._error(503, "", "the hub is having a moment")
             size = file.stat().st_size
             status, start, end = 200, 0, size
+            hub.ranges.append(self.headers.get("Range"))
             if (spec := self.headers.get("Range")) and (r := RANGE.match(spec.strip())):
                 first, last = r.groups()
                 if first:
@@ -304,7 +323,12 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if body:
                 with file.open("rb") as f:
                     f.seek(start)
-                    self.wfile.write(f.read(end - start))
+                    data = f.read(end - start)
+                step = max(1, len(data)) if hub.bytes_per_s is None else LINK_CHUNK_BYTES
+                for at in range(0, len(data), step):
+                    self.wfile.write(data[at : at + step])
+                    if hub.bytes_per_s is not None:
+                        time.sleep(step / hub.bytes_per_s)
 
     return Handler
 

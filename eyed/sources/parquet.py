@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -19,8 +19,13 @@ PAGE_BUFFER_BYTES = 1 << 20
 BATCH_BYTES = 1 << 20
 MAX_BATCH_ROWS = 1024
 HUB_PREFIX = "hf://"
-# What huggingface_hub reads ahead of pyarrow in a hub shard (its own default): one request per 5 MB.
-HUB_BLOCK_BYTES = 5 << 20
+# A hub shard is read by requests of this many bytes, one block ahead of pyarrow (HubFile): 4 MB held, where
+# huggingface_hub's own cache held up to 6 (1 MB asked for by pyarrow, and 5 more ahead of it). Against 4 MB
+# blocks, the first rows come sooner and a slow link keeps up better (benchmarks/hub_link.py).
+HUB_BLOCK_BYTES = 2 << 20
+# A read of fewer bytes than this away from the blocks being read (a small column, a footer) is asked for as it
+# is, and the blocks of the large column are kept.
+HUB_SIDE_READ_BYTES = 256 << 10
 # huggingface_hub retries each request 5 times (a timeout, a server error) before it fails: 23 s of waits, up to
 # 83 s with its 10 s timeout on each attempt when the network has stalled. A hub shard whose reading still
 # fails on the way (not on what it read) is opened again after each of these waits, and read on from the row
@@ -64,62 +69,108 @@ def _sleep(seconds: float) -> bool:
     return True
 
 
-class HubFile:
-    """A hub file for pyarrow, whose requests (opening the file, each read past what is buffered) run in a
-    daemon thread while the caller waits for it or for a stop (``pause(0)`` False, when ReadingStopped is raised).
+@dataclass
+class _Request:
+    """A request of a hub file, running in a daemon thread of its own: for bytes ``start`` on, or None."""
 
-    huggingface_hub retries a request for up to 83 s on a stalled network, and a 5 MB block takes seconds on a
-    slow link, so a daemon told to stop would otherwise wait for them past its shutdown bound. A request given
-    up on is left to end in its thread, which does not hold up the process's exit; it runs in Python, not under
-    pyarrow, so an interpreter that exits meanwhile stops it cleanly. pyarrow calls a file from one thread at a
-    time; after a stop the file serves nothing more.
+    start: int | None
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: tuple[bool, Any] = (False, None)  # (succeeded, what it returned or raised)
+
+
+class HubFile:
+    """A hub file for pyarrow, read by range requests of HUB_BLOCK_BYTES, the next block asked for while pyarrow
+    works through the one before. Each request runs in a daemon thread while the caller waits for it or for a
+    stop (``pause(0)`` False, when ReadingStopped is raised).
+
+    The block read ahead hides the network's round trips and transfer behind the inference on the rows already
+    read, as far as the link keeps up. And huggingface_hub retries a request for up to 83 s on a stalled network:
+    a daemon told to stop would otherwise wait for that past its shutdown bound. A request given up on is left
+    to end in its thread, which does not hold up the process's exit; it runs in Python, not under pyarrow, so an
+    interpreter that exits meanwhile stops it cleanly. pyarrow calls a file from one thread at a time; after a
+    stop the file serves nothing more.
     """
 
     def __init__(self, path: str, pause: Callable[[float], bool] = _sleep) -> None:
         from huggingface_hub import HfFileSystem
 
         self._pause = pause
-        self._busy = False
         # fsspec keeps one instance per thread that asks for one: made here, not once per request thread.
         fs = HfFileSystem()
-        self._file = self._wait_for(lambda: fs.open(path, "rb", block_size=HUB_BLOCK_BYTES))
+        self._file = self._wait(self._start(None, lambda: fs.open(path, "rb", cache_type="none")))
+        self.size = int(self._file.size)
+        self._pos = 0
+        self._block_start, self._block = 0, b""
+        self._ahead: _Request | None = None  # the block after ``_block``
 
-    def _wait_for(self, request: Callable[[], Any]) -> Any:
-        if self._busy:
-            raise ReadingStopped("an earlier request of this file was given up on")
-        done = threading.Event()
-        outcome: list[tuple[bool, Any]] = []
+    def _start(self, start: int | None, request: Callable[[], Any]) -> _Request:
+        if not self._pause(0):
+            raise ReadingStopped("the replay is being stopped")
+        job = _Request(start)
 
         def run() -> None:
             try:
-                outcome.append((True, request()))
+                job.outcome = (True, request())
             except BaseException as exc:  # handed to the caller, or dropped with the request
-                outcome.append((False, exc))
+                job.outcome = (False, exc)
             finally:
-                done.set()
+                job.done.set()
 
-        self._busy = True
         threading.Thread(target=run, name="eyed-hub-request", daemon=True).start()
-        while not done.wait(STOP_POLL_S):
+        return job
+
+    def _wait(self, job: _Request) -> Any:
+        """What ``job`` returned; what it raised is raised here."""
+        while not job.done.wait(STOP_POLL_S):
             if not self._pause(0):
                 raise ReadingStopped("the replay is being stopped")
-        self._busy = False
-        ok, value = outcome[0]
+        ok, value = job.outcome
         if not ok:
             raise value
         return value
 
+    def _fetch(self, start: int, end: int) -> _Request:
+        def request() -> bytes:
+            # fsspec's hook for a file's bytes (AbstractBufferedFile._fetch_range): one range request, with no
+            # position of the file's own, so a small read can go while the block ahead is on its way.
+            data: bytes = self._file._fetch_range(start, end)
+            if len(data) != end - start:  # a server or proxy that ignored the range: not these bytes
+                raise OSError(f"the hub sent {len(data)} bytes for bytes {start}-{end - 1}")
+            return data
+
+        return self._start(start, request)
+
     def read(self, size: int = -1) -> bytes:
-        data: bytes = self._wait_for(lambda: self._file.read(size))
-        return data
+        end = self.size if size < 0 else min(self.size, self._pos + size)
+        parts: list[bytes | memoryview] = []
+        while self._pos < end:
+            if not self._block_start <= self._pos < self._block_start + len(self._block):
+                if self._ahead is not None and self._ahead.start == self._pos:
+                    job = self._ahead
+                elif self._ahead is not None and end - self._pos < HUB_SIDE_READ_BYTES:
+                    # A small read away from a stream of blocks (a small column's pages, a footer): read as it is,
+                    # and the block read ahead is kept for when pyarrow comes back to it.
+                    parts.append(self._wait(self._fetch(self._pos, end)))
+                    self._pos = end
+                    break
+                else:
+                    job = self._fetch(self._pos, min(self.size, max(end, self._pos + HUB_BLOCK_BYTES)))
+                self._block_start, self._block, self._ahead = self._pos, self._wait(job), None
+            offset = self._pos - self._block_start
+            piece = memoryview(self._block)[offset : offset + end - self._pos]  # one copy, by the join
+            parts.append(piece)
+            self._pos += len(piece)
+        following = self._block_start + len(self._block)
+        if self._block and self._ahead is None and following < self.size and self._pause(0):
+            self._ahead = self._fetch(following, min(self.size, following + HUB_BLOCK_BYTES))
+        return b"".join(parts)
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        position: int = self._file.seek(offset, whence)  # no request: the size came with the opening
-        return position
+        self._pos = {0: 0, 1: self._pos, 2: self.size}[whence] + offset
+        return self._pos
 
     def tell(self) -> int:
-        position: int = self._file.tell()
-        return position
+        return self._pos
 
     @property
     def closed(self) -> bool:
@@ -132,8 +183,8 @@ class HubFile:
         return True
 
     def close(self) -> None:
-        if not self._busy:  # else the request given up on still reads it: left to the garbage collector
-            self._file.close()
+        self._block, self._ahead = b"", None
+        self._file.close()  # a request still on its way (read ahead, or given up on) ends on its own
 
     def __enter__(self) -> HubFile:
         return self

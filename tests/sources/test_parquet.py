@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -100,3 +101,80 @@ def test_a_shard_failing_midway_leaves_the_next_one_its_own_skip(
     assert failures == ([shards[0]] if skip < 10 else [])
     assert [n for n in got if n >= 10] == list(range(max(skip, 10), 25))
     assert all(skip <= n < 4 for n in got if n < 10)  # what the first shard gave before its broken group
+
+
+class HubBytes:
+    """What huggingface_hub's file system gives HubFile (by monkeypatch): one file's bytes, by range request.
+    A request from an offset in ``lost_at`` fails as a lost connection; ``ignore_range`` sends the whole file."""
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+        self.lost_at: set[int] = set()
+        self.ignore_range = False
+        self.asked: list[tuple[int, int]] = []
+
+    def open(self, path: str, mode: str, cache_type: str) -> HubBytes.File:
+        return HubBytes.File(self)
+
+    def __call__(self) -> HubBytes:  # HfFileSystem()
+        return self
+
+    class File:
+        def __init__(self, hub: HubBytes) -> None:
+            self.hub, self.size, self.closed = hub, len(hub.content), False
+
+        def _fetch_range(self, start: int, end: int) -> bytes:
+            self.hub.asked.append((start, end))
+            if start in self.hub.lost_at:
+                raise ConnectionError(f"lost at {start}")
+            return self.hub.content if self.hub.ignore_range else self.hub.content[start:end]
+
+        def close(self) -> None:
+            self.closed = True
+
+
+@pytest.fixture
+def hub_bytes(monkeypatch: pytest.MonkeyPatch) -> HubBytes:
+    import huggingface_hub
+
+    served = HubBytes(bytes(range(256)) * 100)  # 25,600 bytes: six blocks and a bit
+    monkeypatch.setattr(huggingface_hub, "HfFileSystem", served)
+    monkeypatch.setattr(parquet_module, "HUB_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(parquet_module, "HUB_SIDE_READ_BYTES", 1024)
+    return served
+
+
+def test_a_hub_file_reads_exactly_what_is_asked_for(hub_bytes: HubBytes) -> None:
+    """Seeks anywhere (from the start, here, the end), reads across blocks and past the end, all and none."""
+    rng = np.random.default_rng(0)
+    content = hub_bytes.content
+    with parquet_module.HubFile("hf://datasets/x/y/f.parquet") as f:
+        for _ in range(500):
+            whence = int(rng.integers(0, 3))
+            offset = int(rng.integers(-len(content), 0)) if whence == 2 else int(rng.integers(0, len(content) + 10))
+            if whence == 1:
+                offset = int(rng.integers(-f.tell(), len(content) - f.tell() + 10))
+            at = f.seek(offset, whence)
+            size = int(rng.choice([-1, 0, 1, 100, 1023, 1024, 4095, 4096, 4097, 9000]))
+            data = f.read(size)
+            assert data == content[at : None if size < 0 else at + size]
+            assert f.tell() == at + len(data)
+
+
+def test_a_failed_read_ahead_is_dropped_unless_its_bytes_are_wanted(hub_bytes: HubBytes) -> None:
+    hub_bytes.lost_at = {4096}  # the block read ahead of the first one
+    with parquet_module.HubFile("hf://datasets/x/y/f.parquet") as f:
+        assert f.read(100) == hub_bytes.content[:100]
+        f.seek(20000)
+        assert f.read(100) == hub_bytes.content[20000:20100]  # elsewhere: the failure is not this read's
+        f.seek(200)
+        with pytest.raises(ConnectionError, match="lost at 4096") as failed:
+            f.read(4000)  # into the block that failed
+    assert parquet_module.interrupted(failed.value)  # so the shard is opened again and read on from the row
+    assert (4096, 8192) in hub_bytes.asked
+
+
+def test_a_hub_answer_that_ignored_the_range_is_an_error(hub_bytes: HubBytes) -> None:
+    hub_bytes.ignore_range = True
+    with parquet_module.HubFile("hf://datasets/x/y/f.parquet") as f, pytest.raises(OSError, match="sent 25600"):
+        f.read(100)

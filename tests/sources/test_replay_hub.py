@@ -327,3 +327,45 @@ def test_a_stop_does_not_wait_for_a_stalled_hub(hub: FakeHub, tmp_path: Path, he
         assert len(got["rest"]) <= 1
     assert took < 30  # not held up at exit by the request still waiting
     assert "Traceback" not in out.stderr
+
+
+READ_AHEAD = """
+import json, sys
+from eyed.sources import parquet
+parquet.HUB_BLOCK_BYTES = 8192
+with parquet.HubFile(sys.argv[1]) as f:
+    got = [(0, f.read(100))]
+    print(f.size, flush=True)
+    sys.stdin.readline()  # the test saw the next block asked for
+    f.seek(-100, 2)
+    got.append((f.tell(), f.read(100)))  # a footer: read as it is
+    f.seek(100)
+    got.append((100, f.read(8192 + 50)))  # the first block's rest, and the block read ahead
+    got.append((f.tell(), f.read()))  # to the end
+print(json.dumps([(at, data.hex()) for at, data in got]))
+"""
+
+
+def test_a_hub_shard_is_read_a_block_ahead(hub: FakeHub, tmp_path: Path) -> None:
+    """The next block is asked for while pyarrow reads the one before, and kept through a small read elsewhere."""
+    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    file = train_files()[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", READ_AHEAD, file], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    size = int(proc.stdout.readline())
+    deadline = time.monotonic() + 30
+    while "bytes=8192-16383" not in hub.ranges and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hub.ranges == ["bytes=0-8191", "bytes=8192-16383"]  # asked for before it was wanted
+    proc.stdin.write("\n")
+    proc.stdin.close()
+    got = json.loads(proc.stdout.read())
+    assert proc.wait(30) == 0
+    content = (hub.repos[("dataset", REPO)] / file.split("/", 4)[-1].split("/", 1)[-1]).read_bytes()
+    assert len(content) == size
+    assert [bytes.fromhex(data) for _, data in got] == [content[at : at + len(bytes.fromhex(data))] for at, data in got]
+    assert sum(len(bytes.fromhex(data)) for _, data in got) == 100 + 100 + 8242 + size - 8342
+    assert hub.ranges[2] == f"bytes={size - 100}-{size - 1}"  # the footer alone
+    assert hub.ranges.count("bytes=8192-16383") == 1  # the block read ahead was kept through it
