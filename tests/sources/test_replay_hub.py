@@ -363,7 +363,8 @@ def test_a_hub_shard_is_read_a_block_ahead(hub: FakeHub, tmp_path: Path) -> None
     proc.stdin.close()
     got = json.loads(proc.stdout.read())
     assert proc.wait(30) == 0
-    content = (hub.repos[("dataset", REPO)] / file.split("/", 4)[-1].split("/", 1)[-1]).read_bytes()
+    in_repo = file.split("@", 1)[1].split("/", 1)[1]  # hf://datasets/org/name@sha/<path in the repository>
+    content = (hub.repos[("dataset", REPO)] / in_repo).read_bytes()
     assert len(content) == size
     assert [bytes.fromhex(data) for _, data in got] == [content[at : at + len(bytes.fromhex(data))] for at, data in got]
     assert sum(len(bytes.fromhex(data)) for _, data in got) == 100 + 100 + 8242 + size - 8342
