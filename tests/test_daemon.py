@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -153,6 +154,13 @@ def test_offline_hub_dataset_gives_a_clear_message(base: dict[str, object]) -> N
     assert "OfflineModeIsEnabled" in err and "Traceback" not in err
 
 
+def start_online(settings: dict[str, object], hub: FakeHub, home: Path) -> subprocess.Popen[str]:
+    """The daemon, loading from ``hub`` (the tests' environment is otherwise offline), its cache in ``home``."""
+    return start_daemon(
+        settings, HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0"
+    )
+
+
 def test_the_defaults_load_the_model_and_stream_the_dataset_from_the_hub(
     tiny_checkpoint: Path, tiny_dataset: Path, endpoint: str, tmp_path: Path
 ) -> None:
@@ -168,13 +176,7 @@ def test_the_defaults_load_the_model_and_stream_the_dataset_from_the_hub(
         "publish.wait_timeout_s": 120,
     }
     with FakeHub(repos) as hub:
-        proc = start_daemon(
-            settings,
-            HF_ENDPOINT=hub.endpoint,
-            HF_HOME=str(tmp_path / "hf"),
-            HF_HUB_OFFLINE="0",
-            HF_DATASETS_OFFLINE="0",
-        )
+        proc = start_online(settings, hub, tmp_path / "hf")
         events = collect(endpoint, timeout_s=120)
         code, err = finish(proc)
     assert code == 0, err
@@ -196,13 +198,7 @@ def test_sigterm_while_the_hub_has_stalled_exits_cleanly(
     repo = cifar10_repo(tmp_path / "cifar10", {"train": [tiny_dataset / "train-00000-of-00001.parquet"]})
     settings = {**base, "source.dataset": "uoft-cs/cifar10", "source.loop": True, "source.fps": 50}
     with FakeHub({("dataset", "uoft-cs/cifar10"): repo}) as hub:
-        proc = start_daemon(
-            settings,
-            HF_ENDPOINT=hub.endpoint,
-            HF_HOME=str(tmp_path / "hf"),
-            HF_HUB_OFFLINE="0",
-            HF_DATASETS_OFFLINE="0",
-        )
+        proc = start_online(settings, hub, tmp_path / "hf")
         with Subscriber(endpoint, ("label.",)) as sub:
             for _ in range(3):
                 sub.receive(60)

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -249,76 +250,66 @@ def test_a_broken_hub_shard_is_passed_over_at_once(hub: FakeHub, tmp_path: Path)
     assert got["labels"] == [(3 * i) % 10 for i in range(12)]
 
 
-STOP_DURING_OUTAGE = (
+STOP_WHILE_HUB_FAILS = (
     QUICK_FAILURES
     + """
 import threading, time
 from eyed.config import SourceConfig
 from eyed.sources.replay import ReplaySource
+control, loop, blocks = sys.argv[2:5]
 parquet.HUB_RESUME_WAITS_S = (60.0,)
+if blocks == "whole":  # the first shard comes in one block: a stall holds the second shard's opening
+    parquet.HUB_BLOCK_BYTES = 2 << 20
 stop = threading.Event()
-with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train", loop=sys.argv[2] == "loop")) as src:
+with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train", loop=loop == "loop")) as src:
     frames = src.frames(stop)
     first = [next(frames).truth for _ in range(2)]
-    fake_hub_control(os.environ["HF_ENDPOINT"], "down")
-    threading.Timer(1.0, stop.set).start()
-    start = time.monotonic()
-    rest = [f.truth for f in frames]
-    waited = time.monotonic() - start
-print(json.dumps({"rest": rest, "waited": waited, "failures": src.reader_failures}))
-"""
-)
-
-
-@pytest.mark.parametrize("loop", ["once", "loop"])
-def test_a_stop_cuts_short_the_wait_to_read_a_hub_shard_again(hub: FakeHub, tmp_path: Path, loop: str) -> None:
-    """A daemon stopped during a hub outage stops within its shutdown bound, not after eyed's waits, and a
-    looping replay does not start another pass (nor the next shard) to fail on."""
-    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", STOP_DURING_OUTAGE, REPO, loop], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout)
-    assert out.stderr.count("reading on in 60 s") == 1
-    assert got["waited"] < 10  # the stop came after 1 s
-    assert got["failures"] == 0  # stopped, not failed
-
-
-STOP_WHILE_STALLED = """
-import json, logging, os, sys, threading, time
-from eyed.config import SourceConfig
-from eyed.sources import parquet
-from eyed.sources.replay import ReplaySource
-from tests.fake_hub import fake_hub_control
-logging.basicConfig(level=logging.WARNING)
-if sys.argv[2] == "read":  # a request per row: the stall holds a read mid-shard, not the next shard's opening
-    parquet.HUB_BLOCK_BYTES, parquet.BATCH_BYTES = 4096, 1
-stop = threading.Event()
-with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train")) as src:
-    frames = src.frames(stop)
-    first = [next(frames).truth for _ in range(2)]
-    fake_hub_control(os.environ["HF_ENDPOINT"], "stall")
+    fake_hub_control(os.environ["HF_ENDPOINT"], control)
     threading.Timer(1.0, stop.set).start()
     start = time.monotonic()
     rest = [f.truth for f in frames]
     waited = time.monotonic() - start
 print(json.dumps({"rest": rest, "waited": waited, "failures": src.reader_failures, "skipped": src.skipped}))
 """
+)
+
+
+def stopped_while_the_hub_fails(
+    hub: FakeHub, tmp_path: Path, control: str, loop: str = "once", blocks: str = "small"
+) -> tuple[dict[str, Any], str, float]:
+    """A replay of the train split stopped 1 s after the hub was told ``control`` ("down", "stall"), two records
+    in; what it read and how long the stop took, its stderr, and how long the whole process took."""
+    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", STOP_WHILE_HUB_FAILS, REPO, control, loop, blocks],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout), out.stderr, time.monotonic() - start
+
+
+@pytest.mark.parametrize("loop", ["once", "loop"])
+def test_a_stop_cuts_short_the_wait_to_read_a_hub_shard_again(hub: FakeHub, tmp_path: Path, loop: str) -> None:
+    """A daemon stopped during a hub outage stops within its shutdown bound, not after eyed's waits, and a
+    looping replay does not start another pass (nor the next shard) to fail on."""
+    got, stderr, _ = stopped_while_the_hub_fails(hub, tmp_path, "down", loop)
+    assert stderr.count("reading on in 60 s") == 1
+    assert got["waited"] < 10  # the stop came after 1 s
+    assert got["failures"] == 0  # stopped, not failed
 
 
 @pytest.mark.parametrize("held", ["open", "read"])
 def test_a_stop_does_not_wait_for_a_stalled_hub(hub: FakeHub, tmp_path: Path, held: str) -> None:
-    """A network that stalls holds a request for huggingface_hub's 10 s timeout, five times over; a replay told to
-    stop meanwhile ends at once, uncounted, and its process exits although the request is still held."""
-    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
-    start = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-c", STOP_WHILE_STALLED, REPO, held], env=env, capture_output=True, text=True, timeout=120
+    """A network that stalls holds a request for huggingface_hub's 10 s timeout (five times over, with the
+    retries turned off here); a replay told to stop meanwhile ends at once, uncounted, and its process exits
+    although the request is still held."""
+    got, stderr, took = stopped_while_the_hub_fails(
+        hub, tmp_path, "stall", blocks="whole" if held == "open" else "small"
     )
-    took = time.monotonic() - start
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout)
     assert got["waited"] < 5  # the stop came after 1 s; the request would have been held 10 s
     assert (got["failures"], got["skipped"]) == (0, 0)  # stopped, not failed
     if held == "open":  # the first shard came in one block: what it had left, then the second shard's opening
@@ -326,7 +317,7 @@ def test_a_stop_does_not_wait_for_a_stalled_hub(hub: FakeHub, tmp_path: Path, he
     else:
         assert len(got["rest"]) <= 1
     assert took < 30  # not held up at exit by the request still waiting
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in stderr
 
 
 READ_AHEAD = """
