@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import platform
 import sys
 import threading
 import time
@@ -89,7 +90,7 @@ def release_arrow_memory() -> None:
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
         return
     if "pyarrow" not in sys.modules:
-        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
+        os.environ["ARROW_DEFAULT_MEMORY_POOL"] = arrow_pool_backend()
     import pyarrow
 
     try:
@@ -98,6 +99,15 @@ def release_arrow_memory() -> None:
     except NotImplementedError:
         pool = pyarrow.system_memory_pool()
     pyarrow.set_memory_pool(pool)
+
+
+def arrow_pool_backend(machine: str | None = None) -> str:
+    """The pool to ask Arrow for before it can be asked what it has. pyarrow's wheels build jemalloc in on
+    x86-64 Linux only (not on ARM64, a Raspberry Pi's, nor on macOS or Windows). Asked for it there, Arrow
+    prints "Unsupported backend 'jemalloc'" to stderr and falls back on mimalloc, which keeps what it once
+    held; the C library's allocator returns it."""
+    machine = machine or platform.machine()
+    return "jemalloc" if sys.platform.startswith("linux") and machine.lower() in ("x86_64", "amd64") else "system"
 
 
 def _type(spec: Any) -> str | None:

@@ -354,6 +354,18 @@ def test_arrow_default_pool_is_jemalloc_from_its_first_use(tiny_dataset: Path) -
     assert (mimalloc_peak, jemalloc_peak > 0) == (0, True)
 
 
+@pytest.mark.parametrize(
+    ("machine", "backend"), [("x86_64", "jemalloc"), ("AMD64", "jemalloc"), ("aarch64", "system"), ("armv7l", "system")]
+)
+def test_arrow_is_asked_for_jemalloc_only_where_its_wheels_have_it(machine: str, backend: str) -> None:
+    """On a Raspberry Pi (aarch64) pyarrow has no jemalloc: asked for it, Arrow wrote "Unsupported backend" to the
+    daemon's stderr at every start and kept mimalloc (seen under QEMU, benchmarks/arm64_qemu.py)."""
+    from eyed.sources.replay import arrow_pool_backend
+
+    expected = backend if sys.platform.startswith("linux") else "system"
+    assert arrow_pool_backend(machine) == expected
+
+
 def test_an_unreadable_shard_is_counted_and_the_others_replay(tmp_path: Path) -> None:
     images = synthetic_images(6)
     for i, part in enumerate((slice(0, 3), slice(3, 6))):
