@@ -84,8 +84,8 @@ def release_arrow_memory() -> None:
     keeps what it once held), 7 MB less peak RSS for a replay daemon on the CIFAR-10 shards. Decay 0 hands
     freed pages back at once (jemalloc's default keeps them for a second). When datasets reads a whole row
     group (a hub dataset), jemalloc also grows its image column in place where the C library's allocator
-    copies it at each doubling. A pyarrow built without jemalloc uses the C library's allocator; a pool the
-    user chose is left alone.
+    copies it at each doubling. Where pyarrow has no jemalloc (``arrow_pool_backend``: ARM64, a Raspberry Pi)
+    Arrow uses the C library's allocator; a pool the user chose is left alone.
     """
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ:
         return
