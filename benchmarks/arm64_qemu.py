@@ -31,11 +31,13 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ VENV = "/opt/eyed"
 WHEELS, SHARED, MODELS = "/mnt/wheels", "/mnt/shared", "/mnt/models"
 PORTS = {"arm64": 5591, "x86_64": 5592}
 SYNTHETIC_FRAMES = 50
+EVENT_TIMEOUT_S = 600.0
 # Looked up here: the environment given to commands in the root has its own PATH.
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
@@ -88,6 +91,9 @@ def mounted(root: Path, shared: Path, wheels: Path, models: Path) -> Iterator[No
             target.mkdir(parents=True, exist_ok=True)
             sh(["mount", "--rbind" if str(src) == "/dev" else "--bind", str(src), str(target)])
             done.append(target)
+            # Where mounts are shared (systemd's default), unmounting the copy of /dev's submounts would
+            # otherwise unmount the host's own /dev/pts and /dev/shm.
+            sh(["mount", "--make-rslave", str(target)])
             if src == shared:
                 sh(["mount", "-o", "remount,bind,ro", str(target)])
         # Name resolution and the host's certificate bundle (which may hold a proxy's CA) for pip.
@@ -96,7 +102,7 @@ def mounted(root: Path, shared: Path, wheels: Path, models: Path) -> Iterator[No
         yield
     finally:
         for target in reversed(done):
-            subprocess.run(["umount", "--recursive", "--lazy", str(target)], check=False)
+            subprocess.run(["umount", "--recursive", str(target)], check=False)
 
 
 def in_root(root: Path, cmd: list[str], cpu: str = "max", **kw: Any) -> subprocess.Popen[str]:
@@ -133,27 +139,37 @@ def install(root: Path, wheel: Path) -> dict[str, Any]:
 
 
 def labels_of(daemon: subprocess.Popen[str], endpoint: str, frames: int) -> dict[int, dict[str, Any]]:
-    """Every label event of one daemon run, by frame index."""
+    """Every label event of one daemon run, by frame index; an error if the daemon ends without sending them
+    all, or sends none for EVENT_TIMEOUT_S (emulated, the first comes after tens of seconds)."""
     got: dict[int, dict[str, Any]] = {}
+    last = time.monotonic()
     with Subscriber(endpoint, ("label.",)) as sub:
         while len(got) < frames:
-            if daemon.poll() is not None and daemon.returncode != 0:
-                raise RuntimeError(f"the daemon exited {daemon.returncode}")
-            _, event = sub.receive(600)
+            try:
+                _, event = sub.receive(1.0)
+            except TimeoutError:
+                if daemon.poll() is not None:
+                    raise RuntimeError(f"the daemon exited {daemon.returncode} after {len(got)} events") from None
+                if time.monotonic() - last > EVENT_TIMEOUT_S:
+                    raise
+                continue
             got[event["frame"]] = event
+            last = time.monotonic()
     return got
 
 
 # What QEMU's emulation makes onnxruntime print (no /sys to read the CPU from): not eyed's, nor a Pi's.
 EMULATION_NOISE = ("cpuinfo",)
+# eyed's log lines at INFO ("2026-11-24 13:05:29,123 INFO eyed.pipeline: ...").
+INFO = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO ")
 
 
 def run_daemon(
     where: str, root: Path, model: str, data: str, skip: int, frames: int, cpu: str = ""
 ) -> tuple[dict[int, dict[str, Any]], list[str]]:
     """Replay ``frames`` records from ``skip`` on through the daemon with ``model``, in the arm64 root (QEMU
-    emulating ``cpu``) or here: its label events by frame, and the warnings and errors it logged (any line
-    but eyed's INFO ones)."""
+    emulating ``cpu``) or here: its label events by frame, and what else it wrote to stderr (every line but
+    eyed's INFO ones), emulation noise apart."""
     endpoint = f"tcp://127.0.0.1:{PORTS[where]}"
     config = "configs/replay.toml" if where == "x86_64" else f"{WHEELS}/replay.toml"
     settings = {
@@ -183,8 +199,8 @@ def run_daemon(
         print("".join(log[-30:]), file=sys.stderr)
         raise
     reader.join(5)
-    noise = [line for line in log if " INFO " not in line and not any(n in line for n in EMULATION_NOISE)]
-    return events, [line.rstrip() for line in noise if line.strip()]
+    other = [line.rstrip() for line in log if line.strip() and not INFO.match(line)]
+    return events, [line for line in other if not any(n in line for n in EMULATION_NOISE)]
 
 
 # Run in both places by the same Python: where do the two differ, in resizing or in the model's kernels? It sees
@@ -233,11 +249,16 @@ def compare_probes(arm: dict[str, Any], x86: dict[str, Any], names: list[str]) -
     return {"resized_frames_identical": same / len(x86["digests"]), "same_input": kernels}
 
 
+def outputs(event: dict[str, Any]) -> tuple[Any, ...]:
+    """What a label event says of its frame (not when, nor how fast)."""
+    return event["class_id"], event["score"], event["topk"], event["coarse"]
+
+
 def compare(arm: dict[int, dict[str, Any]], x86: dict[int, dict[str, Any]]) -> dict[str, Any]:
     frames = sorted(set(arm) & set(x86))
     top1 = sum(arm[i]["class_id"] == x86[i]["class_id"] for i in frames)
     coarse = sum((arm[i]["coarse"] or {}).get("label") == (x86[i]["coarse"] or {}).get("label") for i in frames)
-    labelled = [i for i in frames if x86[i]["truth"] is not None and x86[i]["coarse"] is not None]
+    labelled = [i for i in frames if x86[i]["truth"] is not None and x86[i]["coarse"] and arm[i]["coarse"]]
     right = {
         name: sum(run[i]["coarse"]["label"] == run[i]["truth"] for i in labelled) / max(len(labelled), 1)
         for name, run in (("arm64", arm), ("x86_64", x86))
@@ -246,7 +267,11 @@ def compare(arm: dict[int, dict[str, Any]], x86: dict[int, dict[str, Any]]) -> d
         "frames": len(frames),
         "top1_agreement": top1 / len(frames),
         "coarse_agreement": coarse / len(frames),
-        "max_top1_score_diff": max(abs(arm[i]["score"] - x86[i]["score"]) for i in frames),
+        # Of the same class: where the classes differ, so do the scores' meanings.
+        "max_top1_score_diff": max(
+            (abs(arm[i]["score"] - x86[i]["score"]) for i in frames if arm[i]["class_id"] == x86[i]["class_id"]),
+            default=0.0,
+        ),
         "coarse_accuracy": right,
     }
 
@@ -270,7 +295,11 @@ def main() -> None:
     ensure_root(args.root)
     with tempfile.TemporaryDirectory(prefix="eyed-arm64-") as tmp:
         wheels, models = Path(tmp, "wheels"), Path(tmp, "models")
-        sh([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(ROOT)])
+        # From a copy: setuptools would reuse the checkout's build/ folder, stale modules and all.
+        source = Path(tmp, "source")
+        skip = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "*.onnx")
+        shutil.copytree(ROOT, source, ignore=skip)
+        sh([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(source)])
         shutil.copy(ROOT / "configs/replay.toml", wheels / "replay.toml")
         wheel = next(wheels.glob("eyed-*.whl"))
         models.mkdir()
@@ -282,6 +311,9 @@ def main() -> None:
         int8_cmd = [*eyed, "export", *config, "--int8", "--target-cpu", "aarch64", "--output", str(int8)]
         sh(int8_cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
         report: dict[str, Any] = {"runs": {}, "logged": [], "probes": {}}
+        # Everything each emulated CPU computed (logits on the synthetic frames, labels and scores of every
+        # frame), to tell whether the CPU models differ at all.
+        computed: dict[str, list[Any]] = {cpu: [] for cpu in args.cpus.split(",")}
         with mounted(args.root, shared, wheels, models):
             report["installed"] = install(args.root, wheel)
             names, files = ["fp32", "int8"], [fp32, int8]
@@ -290,6 +322,7 @@ def main() -> None:
                 in_arm = [f"{MODELS}/{f.name}" for f in files]
                 arm = probe("arm64", args.root, f"{SHARED}/data/cifar10", args.skip, args.frames, in_arm, cpu)
                 report["probes"][cpu] = compare_probes(arm, x86, names)
+                computed[cpu].append(list(arm["logits"].values()))
             for name, path in (("fp32", fp32), ("int8", int8)):
                 x86, logged = run_daemon("x86_64", args.root, str(path), str(data), args.skip, args.frames)
                 report["logged"] += [f"x86_64 {name}: {line}" for line in logged]
@@ -298,6 +331,9 @@ def main() -> None:
                     arm, logged = run_daemon("arm64", args.root, model, replay, args.skip, args.frames, cpu)
                     report["logged"] += [f"arm64 {cpu} {name}: {line}" for line in logged]
                     report["runs"][f"{name} {cpu}"] = compare(arm, x86)
+                    computed[cpu].append({i: outputs(e) for i, e in arm.items()})
+        first, *others = computed.values()
+        report["cpus_identical"] = all(other == first for other in others)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -321,7 +357,9 @@ def main() -> None:
             f"{cpu}: resized frames identical to x86_64's: {p['resized_frames_identical']:.1%}; on the same "
             f"{SYNTHETIC_FRAMES} synthetic frames (no resizing), {kernels}"
         )
-    print(f"warnings and errors logged: {len(report['logged'])}")
+    if len(computed) > 1:
+        print(f"the emulated CPUs ({args.cpus}) computed the same to the bit: {report['cpus_identical']}")
+    print(f"lines on the daemons' stderr besides eyed's INFO and the emulation's cpuinfo: {len(report['logged'])}")
     for line in report["logged"]:
         print(f"  {line}")
 
