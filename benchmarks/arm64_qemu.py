@@ -213,7 +213,6 @@ from eyed.model.onnx_backend import OnnxClassifier
 from eyed.sources import open_recorded
 data, skip, frames, synthetic, *models = sys.argv[1:]
 prepare = OnnxClassifier(ModelConfig(onnx=models[0], threads=1)).prepare
-digests = []
 with open_recorded(SourceConfig(dataset=data, split="train", skip=int(skip), limit=int(frames))) as src:
     digests = [hashlib.sha256(prepare(f.image).tobytes()).hexdigest() for f in src.frames()]
 # Pictures of 7x7 blocks of 32x32 pixels, made at the model's size by numpy alone, so the same bytes on every
