@@ -322,7 +322,7 @@ def main() -> None:
                 arm = probe("arm64", args.root, f"{SHARED}/data/cifar10", args.skip, args.frames, in_arm, cpu)
                 report["probes"][cpu] = compare_probes(arm, x86, names)
                 computed[cpu].append(list(arm["logits"].values()))
-            for name, path in (("fp32", fp32), ("int8", int8)):
+            for name, path in zip(names, files, strict=True):
                 x86, logged = run_daemon("x86_64", args.root, str(path), str(data), args.skip, args.frames)
                 report["logged"] += [f"x86_64 {name}: {line}" for line in logged]
                 for cpu in args.cpus.split(","):
