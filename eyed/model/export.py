@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,10 +67,11 @@ def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
     output_name = FEATURES_NAME if features else OUTPUT_NAME
     dummy = torch.zeros(1, *spec.crop, 3, dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name and rename, so a crash never leaves a half-written file in the cache.
-    fd, tmp_name = tempfile.mkstemp(prefix=output.name, suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Write to a temporary name and rename, so a crash never leaves a half-written file in the cache. Not
+    # mkstemp: its 0600 would follow the file when copied to /etc/eyed, where the service's own user could
+    # not read it; touch honours the umask.
+    tmp = output.with_name(f"{output.name}.{secrets.token_hex(6)}.tmp")
+    tmp.touch(exist_ok=False)
     try:
         logger.info("exporting %s to %s", model_id, output)
         # The TorchScript exporter traces in about a second; the dynamo exporter takes several times longer

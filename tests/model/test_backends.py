@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -238,6 +240,16 @@ def test_ensure_onnx_exports_once(tiny_checkpoint: Path, tmp_path: Path) -> None
     # The cached file is a working model.
     clf = load_classifier(ModelConfig(id=str(tiny_checkpoint), cache_dir=tmp_path))
     assert clf.path == first  # type: ignore[attr-defined]
+
+
+def test_export_is_readable_as_the_umask_allows(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """An export copied to /etc/eyed keeps its mode: the service's own user must be able to read it."""
+    old = os.umask(0o022)
+    try:
+        path = ensure_onnx(str(tiny_checkpoint), tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_cached_export_path_follows_the_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
