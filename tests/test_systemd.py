@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import platform
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ import pytest
 from eyed.cli import EXIT_CONFIG
 from eyed.config import DaemonConfig
 from tests.conftest import ROOT
+from tests.daemon_helpers import collect, daemon_env, finish
 
 UNIT = ROOT / "systemd" / "eyed.service"
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -76,3 +83,80 @@ def test_security_exposure_is_at_most_2(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for eyed\.service: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0
+
+
+# RestrictAddressFamilies=, as systemd enforces it: a seccomp filter on socket(2) that fails any other family
+# with EAFNOSUPPORT. systemd itself cannot run the unit here (no systemd as PID 1), so the tests apply the same
+# filter to the real daemon.
+SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # AUDIT_ARCH_*, __NR_socket
+needs_seccomp_arch = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() not in SECCOMP_ARCH, reason="seccomp filter for x86-64/aarch64 Linux"
+)
+
+
+def socket_families_only(families: list[str]) -> Callable[[], None]:
+    """A preexec_fn: from exec on, socket(2) with a family not in ``families`` fails with EAFNOSUPPORT."""
+    arch, nr_socket = SECCOMP_ARCH[platform.machine()]
+    allowed = [int(getattr(socket, name)) for name in families]
+
+    def ins(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    allow = 5 + len(allowed) + 1  # index of the final "allow"
+    prog = [
+        ins(ld, 0, 0, 4),  # seccomp_data.arch
+        ins(jeq, 0, allow - 2, arch),
+        ins(ld, 0, 0, 0),  # seccomp_data.nr
+        ins(jeq, 0, allow - 4, nr_socket),
+        ins(ld, 0, 0, 16),  # seccomp_data.args[0]: the family
+        *(ins(jeq, allow - (6 + i), 0, family) for i, family in enumerate(allowed)),
+        ins(ret, 0, 0, 0x00050000 | errno.EAFNOSUPPORT),  # SECCOMP_RET_ERRNO
+        ins(ret, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+    ]
+    code = b"".join(prog)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    def apply() -> None:
+        buf = ctypes.create_string_buffer(code)
+        fprog = SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, as NoNewPrivileges=yes
+            raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+        if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+    return apply
+
+
+@needs_seccomp_arch
+def test_the_address_family_filter_blocks_what_the_unit_leaves_out() -> None:
+    """The filter the next test relies on works: without AF_NETLINK in the list, a netlink socket is refused."""
+    probe = "import socket\ntry:\n    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)\nexcept OSError as e:\n"
+    probe += "    print(e.errno)\nelse:\n    print('opened')\n"
+    families = [f for f in directives()["RestrictAddressFamilies"][0].split() if f != "AF_NETLINK"]
+    out = subprocess.run(
+        [sys.executable, "-c", probe], preexec_fn=socket_families_only(families), capture_output=True, text=True
+    )
+    assert out.stdout.strip() == str(errno.EAFNOSUPPORT), out.stdout + out.stderr
+
+
+@needs_seccomp_arch
+def test_the_daemon_binds_tcp_under_the_units_address_families(base: dict[str, object], endpoint: str) -> None:
+    """libzmq opens a netlink socket to bind tcp://127.0.0.1:PORT (the default endpoint) and aborts without
+    one: under the unit's RestrictAddressFamilies the daemon must still publish."""
+    (families,) = directives()["RestrictAddressFamilies"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eyed", "run"],
+        env=daemon_env(base),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=socket_families_only(families.split()),
+    )
+    events = collect(endpoint)
+    code, err = finish(proc)
+    assert code == 0, err
+    assert sum(p["type"] == "label" for _, p in events) == 11
