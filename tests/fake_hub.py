@@ -40,8 +40,8 @@ LINK_CHUNK_BYTES = 64 << 10
 
 
 class FakeHub:
-    """Serves ``repos``: {("model" | "dataset", "org/name"): folder}. Every repository has one commit, whose sha
-    any revision ("main" or the sha itself) resolves to."""
+    """Serves ``repos``: {("model" | "dataset", "org/name"): folder}. Every repository has one current commit,
+    whose sha any revision ("main" or a sha) resolves to; ``push`` makes a new one."""
 
     def __init__(
         self, repos: dict[tuple[str, str], Path], latency_s: float = 0.0, bytes_per_s: float | None = None
@@ -51,6 +51,7 @@ class FakeHub:
         self.latency_s = latency_s
         self.bytes_per_s = bytes_per_s
         self.requests: list[str] = []
+        self.commits: dict[tuple[str, str], int] = {}  # pushes since the first commit, by repository
         self.ranges: list[str | None] = []  # the Range header of each file sent (None: all of it)
         self.serving = True
         self.stalled = threading.Event()
@@ -114,8 +115,17 @@ class FakeHub:
             return True
 
     @staticmethod
-    def sha(kind: str, repo: str) -> str:
-        return hashlib.sha1(f"{kind}/{repo}".encode()).hexdigest()
+    def sha(kind: str, repo: str, commit: int = 0) -> str:
+        """The sha of the repository's first commit, or of the one after ``commit`` pushes."""
+        return hashlib.sha1((f"{kind}/{repo}" + (f"@{commit}" if commit else "")).encode()).hexdigest()
+
+    def head(self, kind: str, repo: str) -> str:
+        """The sha of the repository's current commit."""
+        return self.sha(kind, repo, self.commits.get((kind, repo), 0))
+
+    def push(self, kind: str, repo: str) -> None:
+        """A new commit: the repository's folder has changed, and "main" now resolves to a new sha."""
+        self.commits[(kind, repo)] = self.commits.get((kind, repo), 0) + 1
 
     def files(self, kind: str, repo: str) -> dict[str, Path]:
         root = self.repos[(kind, repo)]
@@ -142,7 +152,7 @@ class FakeHub:
         return [e for c in children if (e := self.entry(kind, repo, c.relative_to(root).as_posix()))]
 
     def info(self, kind: str, repo: str) -> dict[str, Any]:
-        sha = self.sha(kind, repo)
+        sha = self.head(kind, repo)
         siblings = [{"rfilename": name} for name in self.files(kind, repo)]
         return {
             "_id": sha[:24],
@@ -286,11 +296,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             stat = file.stat()
             oid, sha256 = digests(file, stat.st_size, stat.st_mtime_ns)
             if stat.st_size < LFS_BYTES:
-                return self._send_file(file, {"X-Repo-Commit": hub.sha(kind, repo), "ETag": f'"{oid}"'}, body)
+                return self._send_file(file, {"X-Repo-Commit": hub.head(kind, repo), "ETag": f'"{oid}"'}, body)
             hub.stored[sha256] = file
             self.send_response(302)
             self.send_header("Location", f"{hub.storage}/_storage/{sha256}")
-            self.send_header("X-Repo-Commit", hub.sha(kind, repo))
+            self.send_header("X-Repo-Commit", hub.head(kind, repo))
             self.send_header("X-Linked-Etag", f'"{sha256}"')
             self.send_header("X-Linked-Size", str(stat.st_size))
             self.send_header("ETag", f'"{oid}"')

@@ -183,17 +183,44 @@ def append_postprocessing(proto: Any) -> None:
     )
 
 
-def cached_export_path(model_id: str, cache_dir: Path) -> Path:
-    """Where the daemon keeps its own export of ``model_id``; the name changes when the checkpoint does."""
+def _slug(model_id: str) -> str:
     local = Path(model_id).expanduser()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", local.name if local.is_dir() else model_id)
-    key = fingerprint(local) if local.is_dir() else "hub"
-    return cache_dir.expanduser() / "onnx" / f"{slug}-{key}-v{FORMAT}.onnx"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", local.name if local.is_dir() else model_id)
+
+
+def cached_export_path(model_id: str, cache_dir: Path) -> Path:
+    """Where the daemon keeps its own export of ``model_id``; the name changes when the checkpoint does.
+
+    A folder is known by its files (:func:`fingerprint`); a hub id by the commit its snapshot comes from, so
+    a new revision pushed to the hub gets a new export, as the torch backend loads it. Resolving a hub id asks
+    the hub (or, offline, takes huggingface_hub's cached snapshot): :class:`ModelLoadError` if neither can.
+    """
+    folder = resolve_checkpoint(model_id)
+    local = Path(model_id).expanduser()
+    # A hub snapshot's folder is named after its commit: the same revision downloaded again is the same model.
+    key = fingerprint(folder) if local.is_dir() or folder.parent.name != "snapshots" else folder.name[:12]
+    return cache_dir.expanduser() / "onnx" / f"{_slug(model_id)}-{key}-v{FORMAT}.onnx"
 
 
 def ensure_onnx(model_id: str, cache_dir: Path) -> Path:
-    """The cached ONNX export of ``model_id``, exporting it on first use."""
-    path = cached_export_path(model_id, cache_dir)
+    """The cached ONNX export of ``model_id``, exporting it on first use.
+
+    If a hub id cannot be resolved (no network and no snapshot in huggingface_hub's cache, or an install
+    without the hub client), the newest export of that id in the cache is used, with a warning: it may be of
+    an older revision.
+    """
+    try:
+        path = cached_export_path(model_id, cache_dir)
+    except ModelLoadError as exc:
+        # Exports of this id, by commit (and as named before they were: "hub"), not its INT8 versions.
+        name = re.compile(rf"{re.escape(_slug(model_id))}-([0-9a-f]{{12}}|hub)-v{FORMAT}\.onnx")
+        folder = cache_dir.expanduser() / "onnx"
+        found = folder.iterdir() if folder.is_dir() else iter(())
+        earlier = sorted((p for p in found if name.fullmatch(p.name)), key=lambda p: p.stat().st_mtime_ns)
+        if Path(model_id).expanduser().is_dir() or not earlier:
+            raise
+        logger.warning("%s; using the export made before, %s (perhaps of an older revision)", exc, earlier[-1])
+        return earlier[-1]
     if path.is_file():
         logger.info("using cached export %s", path)
         return path

@@ -1,0 +1,88 @@
+"""The export cache for a hub id, against a local stand-in for the hub: a new revision gets a new export, and
+offline the cached snapshot (or, failing that, the last export) serves.
+
+Each load runs in its own process, as a daemon start does: huggingface_hub reads its endpoint and offline
+switch from the environment once, at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fake_hub import FakeHub
+
+pytest.importorskip("torch")
+
+REPO = "acme/tiny-classifier"
+
+LOAD = """
+import json, logging, sys
+from pathlib import Path
+import onnxruntime as ort
+from eyed.model.export import META_LABELS, ensure_onnx
+logging.basicConfig(level=logging.WARNING)
+path = ensure_onnx(sys.argv[1], Path(sys.argv[2]))
+labels = json.loads(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map[META_LABELS])
+print(json.dumps({"path": str(path), "mtime": path.stat().st_mtime_ns, "label0": labels[0]}))
+"""
+
+
+def load(cache: Path, hf_home: Path, hub: FakeHub | None) -> tuple[dict[str, object], str]:
+    """ensure_onnx(REPO) in a fresh process: what it returned, and its stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "EYED_"))}
+    env["HF_HOME"] = str(hf_home)
+    if hub is None:
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0")
+    out = subprocess.run([sys.executable, "-c", LOAD, REPO, str(cache)], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise AssertionError(out.stderr)
+    return json.loads(out.stdout.splitlines()[-1]), out.stderr
+
+
+def rename_background(repo: Path, label: str) -> None:
+    config = json.loads((repo / "config.json").read_text())
+    config["id2label"]["0"] = label
+    (repo / "config.json").write_text(json.dumps(config))
+
+
+def test_a_new_hub_revision_gets_a_new_export(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    repo = shutil.copytree(tiny_checkpoint, tmp_path / "repo")
+    cache, hf_home = tmp_path / "eyed-cache", tmp_path / "hf"
+    with FakeHub({("model", REPO): repo}) as hub:
+        first, _ = load(cache, hf_home, hub)
+        again, _ = load(cache, hf_home, hub)
+        assert again == first  # the same revision: the export is reused, not made again
+        rename_background(repo, "background, revision 2")
+        hub.push("model", REPO)
+        second, _ = load(cache, hf_home, hub)
+    assert second["path"] != first["path"]
+    assert (first["label0"], second["label0"]) == ("background", "background, revision 2")
+    # Offline, huggingface_hub's cached snapshot says which revision is current: its export, not the first.
+    offline, err = load(cache, hf_home, None)
+    assert offline == second, err
+
+
+def test_offline_without_a_snapshot_the_last_export_serves_with_a_warning(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    repo = shutil.copytree(tiny_checkpoint, tmp_path / "repo")
+    cache = tmp_path / "eyed-cache"
+    with FakeHub({("model", REPO): repo}) as hub:
+        made, _ = load(cache, tmp_path / "hf", hub)
+    # Another machine's hub cache (none): the export copied along with the eyed cache is what there is.
+    used, err = load(cache, tmp_path / "empty-hf", None)
+    assert used == made
+    assert "cannot reach the hub for acme/tiny-classifier" in err and "using the export made before" in err
+    # With no export either, the hub's error reaches the user.
+    shutil.rmtree(cache)
+    with pytest.raises(AssertionError, match="cannot reach the hub for acme/tiny-classifier"):
+        load(cache, tmp_path / "empty-hf", None)
