@@ -362,6 +362,19 @@ class WindowReport:
     summary: Mapping[str, float]  # mean of each statistic over the window, for people
 
 
+def check_fine_labels(reference: Reference, labels: Sequence[str]) -> None:
+    """ValueError unless the reference's fine classes are the same classes in this model: a profile made with
+    another model that shares the coarse classes (the ImageNet model before ``eyed finetune``, say) would
+    compare unrelated class ids and entropies, and report drift on in-domain frames."""
+    for class_id, name in zip(reference.fine_ids, reference.fine_labels, strict=True):
+        here = repr(labels[class_id]) if class_id < len(labels) else f"missing (it has {len(labels)} classes)"
+        if class_id >= len(labels) or (name and labels[class_id] != name):
+            raise ValueError(
+                f"the drift reference's class {class_id} is {name!r}, the model's {here}: the reference was "
+                "made with another model; profile this model again"
+            )
+
+
 class DriftMonitor:
     """Feeds on :class:`FrameStats`; every ``cfg.window`` frames (or ``cfg.window_s`` seconds of frame times)
     returns a :class:`WindowReport`.
@@ -391,6 +404,8 @@ class DriftMonitor:
                 f"the drift reference has coarse classes {list(reference.coarse_classes)}, the model "
                 f"{list(coarse_classes)}: profile this model again"
             )
+        if reference is not None and labels is not None:
+            check_fine_labels(reference, labels)
         self._buf = np.empty((cfg.window_frames, len(FIELDS)), dtype=np.float64)
         self._fill = 0
         self._t0: float | None = None  # time of the window's first frame

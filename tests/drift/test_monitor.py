@@ -234,6 +234,26 @@ def test_coarse_classes_must_match_the_reference(reference: Reference) -> None:
         DriftMonitor(DriftConfig(), reference, coarse_classes=("a", "b"))
 
 
+def test_a_reference_made_with_another_model_is_refused() -> None:
+    """Same coarse classes, different fine classes (the ImageNet model against one fine-tuned on CIFAR-10):
+    the reference's class ids would mean other classes, and in-domain frames would look like drift."""
+    labels = [f"class {i}" for i in range(61)]
+    builder = ProfileBuilder(COARSE, top_classes=20, labels=labels)
+    for s in synthetic_stats(2000, seed=7):
+        builder.add(s)
+    ref = builder.build()
+    DriftMonitor(DriftConfig(), ref, coarse_classes=COARSE, labels=labels)  # the model it was made with
+    renamed = [*labels]
+    renamed[ref.fine_ids[3]] = "another class"
+    with pytest.raises(ValueError, match=r"is 'class \d+', the model's 'another class': .* another model"):
+        DriftMonitor(DriftConfig(), ref, coarse_classes=COARSE, labels=renamed)
+    # A native CIFAR-10 model (eyed finetune): its class 1 is "automobile".
+    with pytest.raises(ValueError, match=r"class 1 is 'class 1', the model's 'automobile'"):
+        DriftMonitor(DriftConfig(), ref, coarse_classes=COARSE, labels=list(COARSE))
+    with pytest.raises(ValueError, match=r"missing \(it has 1 classes\)"):
+        DriftMonitor(DriftConfig(), ref, coarse_classes=COARSE, labels=labels[:1])
+
+
 def test_no_coarse_labels_means_no_coarse_metrics() -> None:
     builder = ProfileBuilder((), top_classes=5)
     rows = [s._replace(coarse=-1) for s in synthetic_stats(1000)]
