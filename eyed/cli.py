@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,15 +43,56 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a timeout in seconds, more than 0 and finite (ZeroMQ's poll waits for ever on a
+    negative one and overflows on a huge one)."""
+    from eyed.subscriber import MAX_TIMEOUT_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 (exclusive) and {MAX_TIMEOUT_S} seconds")
+    return value
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, args.set)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    clients = check_files(settings)
     print(dump_settings(settings), end="")
     print(f"# source.id resolves to {settings.source.resolved_id()!r}", file=sys.stderr)
+    if clients is not None:
+        print(f"# publish.curve_clients allows {clients} subscriber key(s)", file=sys.stderr)
     return EXIT_OK
+
+
+def check_files(settings: Settings) -> int | None:
+    """Read the files the configuration names, with the daemon's own loaders, so that a file `eyed run` would
+    refuse (exit 78) is refused here too; no model is loaded and nothing touches the network. Returns the
+    number of allowed CURVE client keys (None without CURVE)."""
+    from eyed.daemon import drift_reference
+    from eyed.publisher import check_curve
+
+    drift_reference(settings)
+    _check_priors(settings)
+    return check_curve(settings.publish)
+
+
+def _check_priors(settings: Settings) -> None:
+    """A model.coarse_priors file, as the model reads it when its labels map to model.coarse."""
+    model = settings.model
+    if model.coarse == "none" or model.coarse_priors in ("builtin", "none"):
+        return
+    from eyed.model.labels import build_mapper, load_group_map
+
+    # The model's labels are known only once it loads; the map's own labels are those the daemon reads it for.
+    _, groups = load_group_map(model.coarse)
+    build_mapper([label for members in groups.values() for label in members], model.coarse, model.coarse_priors)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -108,10 +150,11 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when a heartbeat with state ``live`` arrives within the timeout, else 1."""
+    from eyed.events import health_topic
     from eyed.subscriber import Subscriber
 
     endpoint = args.endpoint or _settings(args).publish.endpoint
-    topic = f"health.{args.source}" if args.source else "health."
+    topic = health_topic(args.source) if args.source else "health."
     deadline = time.monotonic() + args.timeout
     with Subscriber(endpoint, (topic,), _curve(args)) as sub:
         while (remaining := deadline - time.monotonic()) > 0:
@@ -119,6 +162,9 @@ def cmd_health(args: argparse.Namespace) -> int:
                 name, payload = sub.receive(remaining)
             except TimeoutError:
                 break
+            # A subscription is a prefix: health.door also lets in health.door2.
+            if args.source and name != topic:
+                continue
             print(_summary(name, payload), flush=True)
             if payload.get("state") == "live":
                 return EXIT_OK
@@ -311,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
     p.add_argument("--topic", action="append", default=[], help="topic prefix (repeatable); default all")
     p.add_argument("--count", type=at_least(0), default=0, help="stop after this many events (0 = never)")
-    p.add_argument("--timeout", type=float, default=30.0, help="give up after this many quiet seconds")
+    p.add_argument("--timeout", type=seconds, default=30.0, help="give up after this many quiet seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     curve_arguments(p)
     p = add("health", cmd_health, "exit 0 if a live source's heartbeat arrives within --timeout, else 1")
@@ -319,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="only this source.id (default: any)")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=12.0,
         help="seconds to wait (heartbeats come every publish.heartbeat_s, 5 s by default)",
     )

@@ -8,6 +8,7 @@ Validators only check; they never mutate other fields or touch the disk.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +25,12 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "EYED_"
+# The shipped unit's TimeoutStopSec: systemd kills eyed this long after SIGTERM, bounded shutdown or not.
+UNIT_STOP_TIMEOUT_S = 20.0
+# sockaddr_un.sun_path holds 108 bytes with the closing NUL; ZeroMQ refuses longer ipc paths at bind.
+IPC_PATH_MAX = 107
+# An interface (eth0, br-lan, eth0.100) or a host name: what ZeroMQ resolves when binding.
+_INTERFACE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 class Section(BaseModel):
@@ -117,7 +124,8 @@ class ModelConfig(Section):
         0,
         ge=0,
         le=256,
-        description="Intra-op threads per inference call; 0 = one per core, shared among model.workers.",
+        description="Intra-op threads per inference call; 0 = the cores this process may use, shared among "
+        "model.workers (given to onnxruntime as that count, so it never pins threads itself).",
     )
     providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
@@ -170,23 +178,85 @@ class ModelConfig(Section):
     )
 
 
+def check_endpoint(endpoint: str) -> str:
+    """A ZeroMQ bind endpoint, checked as far as its text goes; ValueError says what is wrong.
+
+    ZeroMQ only finds a malformed endpoint at bind, after the model has loaded, and reports it as a failure a
+    restart might cure; the text alone shows that it never will.
+    """
+    transport, sep, address = endpoint.partition("://")
+    if not sep or transport not in ("tcp", "ipc", "inproc"):
+        raise ValueError("expected tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+    if not address:
+        raise ValueError(f"nothing after {transport}://")
+    if transport == "tcp":
+        _check_tcp_address(address)
+    elif transport == "ipc" and len(address.encode()) > IPC_PATH_MAX:
+        raise ValueError(f"the ipc path is longer than {IPC_PATH_MAX} bytes, the most a Unix socket address holds")
+    return endpoint
+
+
+def _check_tcp_address(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError("a tcp endpoint is tcp://HOST:PORT, HOST an address, an interface or *")
+    if port != "*" and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535, or * for any free port")
+    if not _bindable_host(host):
+        hint = " (an IPv6 address goes in brackets: tcp://[::1]:5556)" if ":" in host else ""
+        raise ValueError(f"host {host!r} is not an IP address, an interface name or *{hint}")
+
+
+def _bindable_host(host: str) -> bool:
+    if host == "*":
+        return True
+    if host.startswith("[") and host.endswith("]"):  # [::1], or [fe80::1%eth0] with a scope
+        return _is_ip(host[1:-1].partition("%")[0], 6)
+    if all(part.isdigit() for part in host.split(".")):  # digits and dots are an IPv4 address or nothing
+        return _is_ip(host, 4)
+    return _INTERFACE.fullmatch(host) is not None
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
+def endpoint_ipv6(endpoint: str) -> bool:
+    """Whether a tcp endpoint names an IPv6 address, which a ZeroMQ socket reaches only with its IPV6 option on."""
+    return endpoint.startswith("tcp://[")
+
+
 class PublishConfig(Section):
     endpoint: str = Field(
         "tcp://127.0.0.1:5556",
-        pattern=r"^(tcp|ipc|inproc)://.+",
-        description="ZeroMQ endpoint the PUB socket binds.",
+        description="ZeroMQ endpoint the PUB socket binds: tcp://HOST:PORT (HOST an address, [IPv6], an interface "
+        "or *; PORT 1-65535 or *), ipc://PATH or inproc://NAME.",
     )
     wait_subscribers: int = Field(0, ge=0, description="Before the first frame, wait for this many subscribers.")
     wait_timeout_s: float = Field(30.0, gt=0, description="Give up waiting for subscribers after this long.")
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between health heartbeats.")
     hwm: int = Field(10000, ge=1, description="Messages queued per subscriber before dropping.")
-    linger_ms: int = Field(1000, ge=0, description="How long close() may flush queued messages.")
+    linger_ms: int = Field(
+        1000,
+        ge=0,
+        le=10_000,
+        description="How long close() may flush queued messages, after the pipeline stopped: "
+        f"daemon.shutdown_timeout_s plus this must stay below the unit's TimeoutStopSec ({UNIT_STOP_TIMEOUT_S:g} s).",
+    )
     curve_secret_key: Path | None = Field(
         None, description="CURVE: the daemon's NAME.key_secret from `eyed keys`; set, only listed clients connect."
     )
     curve_clients: Path | None = Field(
         None, description="CURVE: folder of the public keys (*.key) of the subscribers allowed to connect."
     )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        return check_endpoint(value)
 
     @model_validator(mode="after")
     def _check_curve(self) -> PublishConfig:
@@ -261,7 +331,13 @@ class LogConfig(Section):
 
 
 class DaemonConfig(Section):
-    shutdown_timeout_s: float = Field(5.0, gt=0, le=60, description="Bound on a clean shutdown.")
+    shutdown_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        lt=UNIT_STOP_TIMEOUT_S,
+        description="Bound on a clean shutdown; this plus publish.linger_ms must stay below the unit's "
+        f"TimeoutStopSec ({UNIT_STOP_TIMEOUT_S:g} s), or systemd kills eyed before it ends.",
+    )
 
 
 class Settings(BaseSettings):
@@ -307,12 +383,9 @@ class Settings(BaseSettings):
             cpu_only = m.backend == "onnx" and m.providers == ["CPUExecutionProvider"]
             workers = max(1, cores // (m.threads or 1)) if cpu_only else 1
         update["workers"] = workers
-        if workers > 1 and m.threads == 0:
-            # Threads for every worker would take turns at the same cores.
-            update["threads"] = max(1, cores // workers)
-        elif m.threads == 0 and cores < (os.cpu_count() or cores):
-            # onnxruntime's default counts the machine's cores, not an affinity mask or a CPU quota.
-            update["threads"] = cores
+        # torch keeps its own default (its physical cores) unless workers share the cores or fewer are ours.
+        if m.threads == 0 and (m.backend == "onnx" or workers > 1 or cores < (os.cpu_count() or cores)):
+            update["threads"] = resolved_threads(cores, workers)
         return m.model_copy(update=update)
 
     def full_speed_model(self) -> ModelConfig:
@@ -324,6 +397,13 @@ class Settings(BaseSettings):
     def _check_cross_fields(self) -> Settings:
         if self.model.onnx is not None and self.model.backend != "onnx":
             raise ValueError("model.onnx is set but model.backend is not 'onnx'")
+        stop_s = self.daemon.shutdown_timeout_s + self.publish.linger_ms / 1000
+        if stop_s >= UNIT_STOP_TIMEOUT_S:
+            raise ValueError(
+                f"daemon.shutdown_timeout_s ({self.daemon.shutdown_timeout_s:g} s) plus publish.linger_ms "
+                f"({self.publish.linger_ms} ms) is {stop_s:g} s: it must stay below the unit's TimeoutStopSec "
+                f"({UNIT_STOP_TIMEOUT_S:g} s), or systemd kills eyed before its shutdown ends"
+            )
         return self
 
     @classmethod
@@ -339,6 +419,17 @@ class Settings(BaseSettings):
         if cls._toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
         return tuple(sources)
+
+
+def resolved_threads(cores: int, workers: int) -> int:
+    """Threads per inference call for ``model.threads = 0``: the cores, shared among the workers.
+
+    Never left at 0 for onnxruntime: with 0 it counts the machine's cores (not an affinity mask or a CPU
+    quota) and pins its threads itself, which the unit's SystemCallFilter=~@resources refuses with an ERROR in
+    the journal at every start; with a count set it pins nothing. Threads for every worker would take turns at
+    the same cores, hence the share.
+    """
+    return max(1, cores // max(1, workers))
 
 
 def available_cores() -> int:

@@ -51,6 +51,27 @@ def load_keys(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
+def _client_folder(clients: Path) -> Path:
+    if not clients.is_dir():
+        raise CurveError(f"{clients}: no such folder of client public keys")
+    return clients
+
+
+def read_clients(clients: Path) -> frozenset[bytes]:
+    """The public keys in an allow-list folder; CurveError when the folder or any key in it cannot be read."""
+    try:
+        return frozenset(zmq.auth.load_certificates(clients))
+    except (OSError, ValueError) as exc:
+        raise CurveError(f"{clients}: cannot read the client keys: {exc}") from exc
+
+
+def check_server_keys(secret_key: Path, clients: Path) -> int:
+    """What :class:`CurveServer` reads when it starts, with no thread or socket (``eyed check-config``): the
+    number of allowed keys, or CurveError with the message the daemon would give."""
+    load_keys(secret_key, secret=True)
+    return len(read_clients(_client_folder(clients)))
+
+
 class _AllowList:
     """The keys the authenticator asks about (pyzmq's ``configure_curve_callback`` protocol). Replacing the set
     is atomic, so a reload never leaves the authenticator thread with half a list."""
@@ -67,9 +88,7 @@ class CurveServer:
 
     def __init__(self, context: zmq.Context[Any], secret_key: Path, clients: Path) -> None:
         self.public, self.secret = load_keys(secret_key, secret=True)
-        if not clients.is_dir():
-            raise CurveError(f"{clients}: no such folder of client public keys")
-        self.clients = clients
+        self.clients = _client_folder(clients)
         self._allowed = _AllowList()
         self._auth = ThreadAuthenticator(context)
 
@@ -96,10 +115,7 @@ class CurveServer:
         Raises CurveError, keeping the previous list, when the folder or any key in it cannot be read: a
         half-read folder must not silently shut out (or let in) anyone. pyzmq's own ``configure_curve`` only
         logs such an error and keeps going."""
-        try:
-            keys = frozenset(zmq.auth.load_certificates(self.clients))
-        except (OSError, ValueError) as exc:
-            raise CurveError(f"{self.clients}: cannot read the client keys: {exc}") from exc
+        keys = read_clients(self.clients)
         self._allowed.keys = keys
         if keys:
             logger.info("CURVE: %d allowed client key(s) from %s", len(keys), self.clients)

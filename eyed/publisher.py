@@ -7,10 +7,12 @@ Used by one thread only (ZeroMQ sockets are not thread-safe).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -19,8 +21,8 @@ import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from eyed.config import ConfigError, PublishConfig
-from eyed.curve import CurveError, CurveServer
+from eyed.config import ConfigError, PublishConfig, endpoint_ipv6
+from eyed.curve import CurveError, CurveServer, check_server_keys
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,31 @@ HANDSHAKE_FAILED = (
 
 class PublishError(Exception):
     """The publisher could not start (bind failed, subscribers never came)."""
+
+
+@contextlib.contextmanager
+def _curve_config_errors() -> Iterator[None]:
+    # An unusable key file is the configuration's fault: exit 78, which systemd does not restart.
+    try:
+        yield
+    except CurveError as exc:
+        raise ConfigError(f"publish.curve_secret_key / publish.curve_clients: {exc}") from exc
+
+
+def check_curve(cfg: PublishConfig) -> int | None:
+    """The CURVE key files as the publisher reads them at start, without starting anything: the number of
+    allowed client keys (None without CURVE), or ConfigError with the daemon's own message."""
+    if cfg.curve_secret_key is None or cfg.curve_clients is None:
+        return None
+    with _curve_config_errors():
+        return check_server_keys(cfg.curve_secret_key, cfg.curve_clients)
+
+
+def bind_error(endpoint: str, exc: zmq.ZMQError) -> Exception:
+    """What a failed bind means: EINVAL is an endpoint ZeroMQ cannot parse, which no restart cures
+    (ConfigError, exit 78); the rest (EADDRINUSE, ENODEV, a missing ipc folder) may heal (PublishError, 69)."""
+    message = f"publish.endpoint {endpoint}: cannot bind: {exc}"
+    return ConfigError(message) if exc.errno == errno.EINVAL else PublishError(message)
 
 
 def encode(payload: dict[str, Any]) -> bytes:
@@ -100,6 +127,8 @@ class Publisher:
         sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
         # Every subscription message reaches us, duplicates included, so counting them counts subscribers.
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        if endpoint_ipv6(self.cfg.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)
         # Watch handshakes from before bind, so a subscriber that connects before anyone waits still counts.
         self._monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
@@ -109,7 +138,7 @@ class Publisher:
         except zmq.ZMQError as exc:
             self._close(sock)
             self._stop_curve()
-            raise PublishError(f"publish.endpoint {self.cfg.endpoint}: cannot bind: {exc}") from exc
+            raise bind_error(self.cfg.endpoint, exc) from exc
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.cfg.endpoint
         logger.info("publishing on %s", self.endpoint)
@@ -119,10 +148,8 @@ class Publisher:
         cfg = self.cfg
         if cfg.curve_secret_key is None or cfg.curve_clients is None:
             return None
-        try:
+        with _curve_config_errors():
             return CurveServer(self.context, cfg.curve_secret_key, cfg.curve_clients).start()
-        except CurveError as exc:
-            raise ConfigError(f"publish.curve_secret_key / publish.curve_clients: {exc}") from exc
 
     def reload_clients(self) -> int | None:
         """Read the CURVE allow-list again (SIGHUP); the number of allowed keys, or None without CURVE."""

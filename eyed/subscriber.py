@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import zmq
 
+from eyed.config import endpoint_ipv6
 from eyed.curve import apply_client
+
+# ZeroMQ's poll takes its timeout in milliseconds as a C int: about 24.8 days.
+MAX_TIMEOUT_S = (2**31 - 1) // 1000
 
 
 class Subscriber:
@@ -29,6 +34,8 @@ class Subscriber:
         sock = self.context.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 100000)
+        if endpoint_ipv6(self.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)
         for topic in self.topics:
             sock.setsockopt_string(zmq.SUBSCRIBE, topic)
         try:
@@ -53,6 +60,9 @@ class Subscriber:
     def receive(self, timeout_s: float) -> tuple[str, dict[str, Any]]:
         """The next event; TimeoutError when none arrives within ``timeout_s``."""
         assert self.socket is not None, "Subscriber used outside its context manager"
+        # poll waits for ever on a negative timeout and overflows past MAX_TIMEOUT_S.
+        if not (math.isfinite(timeout_s) and 0 <= timeout_s <= MAX_TIMEOUT_S):
+            raise ValueError(f"timeout {timeout_s!r} s: expected 0 to {MAX_TIMEOUT_S} s")
         if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
             raise TimeoutError(f"no event from {self.endpoint} within {timeout_s:g} s")
         topic, payload = self.socket.recv_multipart()

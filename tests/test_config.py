@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eyed.cli import EXIT_CONFIG, EXIT_OK, main
@@ -180,19 +181,20 @@ def test_batching_only_where_frames_wait(overrides: list[str], batch: int) -> No
     [
         (2, 2, [], 2, 1),  # replay at fps 0: a frame per core, one onnxruntime thread each
         (4, 4, [], 4, 1),
-        (1, 1, [], 1, 0),  # one core: one call on the runtime's default
+        (1, 1, [], 1, 1),  # one core: one call on one thread
         (4, 1, [], 1, 1),  # a quota of one CPU on four: one call on one thread, not the runtime's four
         (4, 4, ["model.threads=2"], 2, 2),  # threads set: workers fill the remaining cores
         (2, 2, ["model.threads=2"], 1, 2),  # the old way, one frame on two threads
         (4, 4, ["model.workers=2"], 2, 2),  # workers set: the cores shared among them
-        (2, 2, ["model.workers=1"], 1, 0),
+        (2, 2, ["model.workers=1"], 1, 2),
         (2, 2, ["model.backend=torch"], 1, 0),  # torch's threads are process-wide: one call at a time
-        (6, 6, ['model.providers=["CUDAExecutionProvider", "CPUExecutionProvider"]'], 1, 0),  # a Jetson: unmeasured
+        (8, 2, ["model.backend=torch"], 1, 2),  # ... on the cores it may use
+        (6, 6, ['model.providers=["CUDAExecutionProvider", "CPUExecutionProvider"]'], 1, 6),  # a Jetson: unmeasured
         (2, 2, ["source.kind=file", "source.url=/tmp/clip.avi"], 2, 1),
-        (2, 2, ["source.fps=10"], 1, 0),  # paced: one frame at a time on every core is the lowest latency
+        (2, 2, ["source.fps=10"], 1, 2),  # paced: one frame at a time on every core is the lowest latency
         (8, 2, ["source.fps=10"], 1, 2),  # ... on every core it may use
-        (2, 2, ["source.fps=10", "model.workers=2"], 1, 0),
-        (2, 2, ["source.kind=rtsp", "source.url=rtsp://cam/stream", "model.workers=3"], 1, 0),
+        (2, 2, ["source.fps=10", "model.workers=2"], 1, 2),
+        (2, 2, ["source.kind=rtsp", "source.url=rtsp://cam/stream", "model.workers=3"], 1, 2),
     ],
 )
 def test_workers_only_where_frames_wait(
@@ -202,6 +204,38 @@ def test_workers_only_where_frames_wait(
     monkeypatch.setattr("eyed.config.available_cores", lambda: cores)
     model = load_settings(None, overrides).runtime_model()
     assert (model.workers, model.threads) == (workers, threads)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.workers=1"],
+        ["source.fps=10"],
+        ["source.kind=rtsp", "source.url=rtsp://cam/stream"],
+        ["source.kind=webcam", "source.device=0"],
+        ['model.providers=["CUDAExecutionProvider", "CPUExecutionProvider"]'],
+    ],
+)
+@pytest.mark.parametrize("cores", [1, 3, 64])
+def test_onnxruntime_always_gets_a_thread_count(
+    monkeypatch: pytest.MonkeyPatch, overrides: list[str], cores: int
+) -> None:
+    """With intra_op_num_threads 0, onnxruntime pins its threads to cores itself, which the unit's
+    SystemCallFilter=~@resources refuses (an ERROR in the journal at every start): model.threads=0 always
+    becomes a count, the cores shared among the workers, on a machine that has them all too."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr("eyed.config.available_cores", lambda: cores)
+    settings = load_settings(None, overrides)
+    for model in (settings.runtime_model(), settings.full_speed_model()):
+        assert model.threads >= 1
+        assert model.threads * model.workers <= max(cores, model.workers)
+    assert settings.model.threads == 0  # the settings themselves (and bench's bare loop) keep the default
+
+
+def test_an_explicit_thread_count_stands(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("eyed.config.available_cores", lambda: 8)
+    assert load_settings(None, ["model.threads=3", "source.fps=10"]).runtime_model().threads == 3
 
 
 @pytest.mark.parametrize(
@@ -257,6 +291,80 @@ def test_available_cores_follows_the_affinity_mask(monkeypatch: pytest.MonkeyPat
         assert available_cores() == 1
     finally:
         os.sched_setaffinity(0, before)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "problem"),
+    [
+        ("tcp://127.0.0.1:notaport", "port 'notaport'"),
+        ("tcp://:5556", "tcp://HOST:PORT"),
+        ("tcp://host:99999", "port '99999'"),
+        ("tcp://127.0.0.1:65536", "port '65536'"),
+        ("tcp://127.0.0.1", "tcp://HOST:PORT"),
+        ("tcp://127.0.0.1:-1", "port '-1'"),
+        ("tcp://127.0.0.1:*x", "port '*x'"),
+        ("tcp://300.1.1.1:5556", "host '300.1.1.1'"),
+        ("tcp://::1:5556", "in brackets"),
+        ("tcp://[::1:5556", "host '[::1'"),
+        ("tcp://[not-v6]:5556", "host '[not-v6]'"),
+        ("tcp://eth0;x:5556", "host 'eth0;x'"),
+        ("tcp://", "nothing after tcp://"),
+        ("ipc://", "nothing after ipc://"),
+        (f"ipc:///run/{'x' * 110}.sock", "longer than 107 bytes"),
+        ("http://x", "expected tcp://HOST:PORT"),
+        ("127.0.0.1:5556", "expected tcp://HOST:PORT"),
+    ],
+)
+def test_a_malformed_endpoint_is_a_config_error(endpoint: str, problem: str) -> None:
+    """ZeroMQ would only refuse these at bind, after the model loaded, as a failure systemd restarts."""
+    with pytest.raises(ConfigError, match=re.escape(problem)) as info:
+        load_settings(None, [f"publish.endpoint={endpoint}"])
+    assert "publish.endpoint" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://127.0.0.1:5556",
+        "tcp://*:5556",
+        "tcp://0.0.0.0:5556",
+        "tcp://127.0.0.1:*",
+        "tcp://127.0.0.1:0",  # ZeroMQ's other spelling of any free port
+        "tcp://[::1]:5556",
+        "tcp://[::]:*",
+        "tcp://[fe80::1%eth0]:5556",
+        "tcp://eth0:5556",
+        "tcp://br-lan.100:5556",
+        "tcp://localhost:5556",
+        "ipc:///run/eyed/events.sock",
+        "ipc://events.sock",
+        "ipc://@eyed-events",
+        "inproc://events",
+    ],
+)
+def test_well_formed_endpoints_pass(endpoint: str) -> None:
+    assert load_settings(None, [f"publish.endpoint={endpoint}"]).publish.endpoint == endpoint
+
+
+def test_shutdown_fits_in_the_units_stop_timeout(tmp_path: Path) -> None:
+    """systemd kills eyed TimeoutStopSec=20 s after SIGTERM: the pipeline's bound plus the publisher's linger
+    must end before that."""
+    assert load_settings(None, ["daemon.shutdown_timeout_s=15", "publish.linger_ms=4000"])
+    with pytest.raises(ConfigError) as info:
+        load_settings(write_toml(tmp_path, "[daemon]\nshutdown_timeout_s = 15\n[publish]\nlinger_ms = 5000\n"))
+    assert "daemon.shutdown_timeout_s" in str(info.value) and "publish.linger_ms" in str(info.value)
+    assert "TimeoutStopSec" in str(info.value)
+    with pytest.raises(ConfigError, match=re.escape("daemon.shutdown_timeout_s")):
+        load_settings(None, ["daemon.shutdown_timeout_s=30", "publish.linger_ms=0"])
+    with pytest.raises(ConfigError, match=re.escape("publish.linger_ms")):
+        load_settings(None, ["daemon.shutdown_timeout_s=1", "publish.linger_ms=60000"])
+
+
+def test_the_stop_budget_matches_the_shipped_unit() -> None:
+    from eyed.config import UNIT_STOP_TIMEOUT_S
+
+    unit = (ROOT / "systemd" / "eyed.service").read_text(encoding="utf-8")
+    assert f"TimeoutStopSec={UNIT_STOP_TIMEOUT_S:g}\n" in unit
 
 
 def test_cross_field_rule() -> None:
@@ -435,6 +543,77 @@ def test_cli_check_config_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_cli_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "--config", str(tmp_path / "nope.toml")]) == EXIT_CONFIG
     assert "nope.toml" in capsys.readouterr().err
+
+
+@pytest.fixture
+def curve_files(tmp_path: Path) -> dict[str, str]:
+    """A daemon key pair and an allow-list folder holding one subscriber's public key."""
+    from eyed.curve import create_keys
+
+    _, secret = create_keys(tmp_path / "server", "eyed")
+    clients = tmp_path / "clients"
+    create_keys(clients, "dashboard")
+    (clients / "dashboard.key_secret").unlink()
+    return {"publish.curve_secret_key": str(secret), "publish.curve_clients": str(clients)}
+
+
+def check_config(settings: dict[str, str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["check-config", *(arg for k, v in settings.items() for arg in ("--set", f"{k}={v}"))])
+    return code, capsys.readouterr().err
+
+
+def test_check_config_reads_the_files_the_daemon_reads(
+    tmp_path: Path, curve_files: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eyed.model.labels import load_group_map, save_priors
+
+    classes, _ = load_group_map("cifar10")
+    priors = tmp_path / "priors.json"
+    save_priors(priors, classes, np.full(len(classes), 0.1), {})
+    code, err = check_config({**curve_files, "model.coarse_priors": str(priors)}, capsys)
+    assert code == EXIT_OK, err
+    assert "publish.curve_clients allows 1 subscriber key(s)" in err
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        ({"publish.curve_secret_key": "{tmp}/missing.key_secret"}, "publish.curve_secret_key", "cannot read"),
+        ({"publish.curve_secret_key": "{tmp}/clients/dashboard.key"}, "publish.curve_secret_key", "no secret key"),
+        ({"publish.curve_clients": "{tmp}/nowhere"}, "publish.curve_clients", "no such folder"),
+        ({"publish.curve_clients": "{tmp}/broken"}, "publish.curve_clients", "cannot read the client keys"),
+        ({"drift.reference": "{tmp}/missing.json"}, "drift.reference", "cannot read"),
+        ({"drift.reference": "{tmp}/broken/bad.key"}, "drift.reference", "not JSON"),
+        ({"drift.reference": "{tmp}/other.json"}, "drift.reference", "not a drift reference"),
+        ({"model.coarse_priors": "{tmp}/missing.json"}, "model.coarse_priors", "No such file"),
+        ({"model.coarse_priors": "{tmp}/cat.json"}, "model.coarse_priors", "no prior for airplane"),
+    ],
+)
+def test_check_config_refuses_files_the_daemon_would_refuse(
+    tmp_path: Path,
+    curve_files: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str],
+    field: str,
+    problem: str,
+) -> None:
+    """`eyed run` exits 78 on each of these (install.sh relies on check-config to say so first)."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "bad.key").write_text("not a certificate\n")
+    (tmp_path / "other.json").write_text('{"kind": "something else", "schema": 1}\n')
+    (tmp_path / "cat.json").write_text('{"priors": {"cat": 0.5}}\n')
+    settings = curve_files if field.startswith("publish.") else {}
+    code, err = check_config({**settings, **{k: v.format(tmp=tmp_path) for k, v in change.items()}}, capsys)
+    assert code == EXIT_CONFIG, err
+    assert field in err and problem in err
+
+
+def test_check_config_leaves_a_reference_alone_when_drift_is_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As the daemon does: with drift.enabled = false it never reads drift.reference.
+    code, err = check_config({"drift.reference": str(tmp_path / "missing.json"), "drift.enabled": "false"}, capsys)
+    assert code == EXIT_OK, err
 
 
 def test_console_script_exit_code() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from eyed.config import PublishConfig
+from eyed.config import ConfigError, PublishConfig
 from eyed.publisher import Publisher, PublishError, encode
 from eyed.subscriber import Subscriber
 
@@ -241,3 +242,53 @@ def test_receive_times_out_when_nothing_is_sent(endpoint: str) -> None:
         await_subscriptions(pub)
         with pytest.raises(TimeoutError):
             sub.receive(0.2)
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda port, tmp: f"tcp://*:{port}",
+        lambda port, tmp: f"tcp://0.0.0.0:{port}",
+        lambda port, tmp: f"tcp://lo:{port}",
+        lambda port, tmp: f"tcp://[::1]:{port}",
+        lambda port, tmp: f"ipc://{tmp / 'events.sock'}",
+        lambda port, tmp: f"ipc://@eyed-test-{port}",
+    ],
+)
+def test_endpoints_the_config_accepts_bind_and_deliver(make: Any, tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    endpoint = make(free_port(), tmp_path)
+    if "[::1]" in endpoint and not has_ipv6_loopback():  # pragma: no cover
+        pytest.skip("no IPv6 loopback on this machine")
+    with publisher(endpoint) as pub:
+        connect = pub.endpoint.replace("0.0.0.0", "127.0.0.1")
+        with Subscriber(connect) as sub:
+            await_subscriptions(pub)
+            pub.send("label.cam", PAYLOAD)
+            assert sub.receive(5) == ("label.cam", PAYLOAD)
+
+
+def test_an_endpoint_zeromq_cannot_parse_is_a_config_error() -> None:
+    """Should a malformed endpoint get past the config's check, ZeroMQ's EINVAL still means exit 78: no
+    restart makes it parse."""
+    cfg = PublishConfig.model_construct(**{**PublishConfig().model_dump(), "endpoint": "tcp://127.0.0.1:notaport"})
+    with pytest.raises(ConfigError, match=re.escape("publish.endpoint tcp://127.0.0.1:notaport")), Publisher(cfg):
+        pass
+
+
+def test_an_interface_that_is_not_there_yet_may_heal(tmp_path: Path) -> None:
+    """ENODEV (an interface not up yet) and ENOENT (a runtime folder not made yet) stay exit 69: a restart
+    can find them; EADDRINUSE likewise (test_binding_twice_fails)."""
+    for endpoint in ("tcp://nosuchif0:5556", f"ipc://{tmp_path / 'not-yet' / 'events.sock'}"):
+        with pytest.raises(PublishError, match=re.escape(f"publish.endpoint {endpoint}")), publisher(endpoint):
+            pass
