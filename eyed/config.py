@@ -246,6 +246,13 @@ class PublishConfig(Section):
         description="How long close() may flush queued messages, after the pipeline stopped: "
         f"daemon.shutdown_timeout_s plus this must stay below the unit's TimeoutStopSec ({UNIT_STOP_TIMEOUT_S:g} s).",
     )
+    ipc_mode: str = Field(
+        "0666",
+        pattern=r"^0?[0-7]{3}$",
+        description="Permissions of an ipc:// socket file (octal): who may connect. By default anyone on the "
+        "machine, as with a tcp endpoint on the loopback; 0660 keeps it to the daemon's user and group, and CURVE "
+        "admits only listed keys.",
+    )
     curve_secret_key: Path | None = Field(
         None, description="CURVE: the daemon's NAME.key_secret from `eyed keys`; set, only listed clients connect."
     )

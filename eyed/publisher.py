@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -141,8 +142,22 @@ class Publisher:
             raise bind_error(self.cfg.endpoint, exc) from exc
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.cfg.endpoint
+        self._open_ipc_socket()
         logger.info("publishing on %s", self.endpoint)
         return self
+
+    def _open_ipc_socket(self) -> None:
+        """Give an ipc:// socket file ``publish.ipc_mode``. It is created with the process's umask (the unit's
+        0027), and connecting takes write permission: other users' subscribers, which a tcp endpoint on the
+        loopback lets in, would be shut out. An abstract socket (``ipc://@name``) has no file."""
+        transport, _, path = self.cfg.endpoint.partition("://")
+        if transport != "ipc" or path.startswith("@"):
+            return
+        mode = int(self.cfg.ipc_mode, 8)
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            logger.warning("publish.ipc_mode: cannot make %s %04o: %s", path, mode, exc)
 
     def _start_curve(self) -> CurveServer | None:
         cfg = self.cfg

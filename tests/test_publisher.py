@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import socket
+import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -292,3 +295,45 @@ def test_an_interface_that_is_not_there_yet_may_heal(tmp_path: Path) -> None:
     for endpoint in ("tcp://nosuchif0:5556", f"ipc://{tmp_path / 'not-yet' / 'events.sock'}"):
         with pytest.raises(PublishError, match=re.escape(f"publish.endpoint {endpoint}")), publisher(endpoint):
             pass
+
+
+def connects_as_nobody(path: Path) -> bool:
+    """Whether a process of user and group nobody can connect to the unix socket ``path`` (forked, not run:
+    nobody could not exec this venv's interpreter, which lives under /root)."""
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls until _exit
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(path))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_ipc_socket_lets_other_users_subscribe() -> None:
+    """The unit's umask (0027) would make the socket file 0750, and connecting takes write permission: a
+    subscriber running as another user must still get in, as it would over tcp on the loopback."""
+    # Not under tmp_path: pytest's folders are 0700, which nobody cannot pass.
+    with tempfile.TemporaryDirectory(prefix="eyed-run-") as run:
+        os.chmod(run, 0o755)
+        path = Path(run) / "events.sock"
+        old = os.umask(0o027)
+        try:
+            with publisher(f"ipc://{path}"):
+                os.umask(old)
+                assert stat.S_IMODE(path.stat().st_mode) == 0o666
+                if os.geteuid() == 0:
+                    assert connects_as_nobody(path)
+        finally:
+            os.umask(old)
+
+
+def test_ipc_mode_can_keep_the_socket_to_the_daemons_group(tmp_path: Path) -> None:
+    path = tmp_path / "events.sock"
+    with publisher(f"ipc://{path}", ipc_mode="0660"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
