@@ -32,14 +32,20 @@ def resolve_checkpoint(model_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
         raise ModelLoadError(
-            f"model.id {model_id} is a hub id, which needs the torch extra (pip install 'eyed[torch]'); "
-            "or set model.onnx to an exported file"
+            f"model.id {model_id}: no such folder here; as a hub id it needs the torch extra "
+            "(pip install 'eyed[torch]'), or set model.onnx to an exported file"
         ) from exc
     try:
         return Path(snapshot_download(model_id, allow_patterns=CHECKPOINT_FILES))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        kind = type(exc).__name__
+        # The hub client refuses some ids outright (a trailing slash, two slashes): only a folder was meant.
+        if kind == "HFValidationError":
+            raise ModelLoadError(f"model.id {model_id}: no such folder (and not a valid hub id)") from exc
+        if kind == "RepositoryNotFoundError":
+            raise ModelLoadError(f"model.id {model_id}: no such folder here, and no such model on the hub") from exc
         raise ModelLoadError(
-            f"cannot reach the hub for {model_id} ({type(exc).__name__}): set model.id to a local checkpoint folder"
+            f"cannot reach the hub for {model_id} ({kind}): set model.id to a local checkpoint folder"
         ) from exc
 
 

@@ -213,6 +213,14 @@ def test_hub_id_offline(backend: Backend, tmp_path: Path) -> None:
     assert "local checkpoint" in str(info.value)
 
 
+@pytest.mark.parametrize("model_id", ["models/mobilenet_v2/", "shared/models/mobilenet_v2"])
+def test_a_missing_folder_that_is_no_hub_id_either(model_id: str) -> None:
+    """Ids the hub client refuses outright (a trailing slash, two slashes) were meant as folders: not "cannot
+    reach the hub"."""
+    with pytest.raises(ModelLoadError, match=f"model.id {model_id}: no such folder \\(and not a valid hub id\\)"):
+        load_classifier(ModelConfig(id=model_id, backend="torch"))
+
+
 @pytest.mark.parametrize("content", [None, '{"priors": {"cat": 1.0}}'])
 def test_bad_priors_file_is_a_user_facing_error(
     tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, content: str | None

@@ -34,15 +34,15 @@ print(json.dumps({"path": str(path), "mtime": path.stat().st_mtime_ns, "label0":
 """
 
 
-def load(cache: Path, hf_home: Path, hub: FakeHub | None) -> tuple[dict[str, object], str]:
-    """ensure_onnx(REPO) in a fresh process: what it returned, and its stderr."""
+def load(cache: Path, hf_home: Path, hub: FakeHub | None, repo: str = REPO) -> tuple[dict[str, object], str]:
+    """ensure_onnx(repo) in a fresh process: what it returned, and its stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "EYED_"))}
     env["HF_HOME"] = str(hf_home)
     if hub is None:
         env["HF_HUB_OFFLINE"] = "1"
     else:
         env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0")
-    out = subprocess.run([sys.executable, "-c", LOAD, REPO, str(cache)], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", LOAD, repo, str(cache)], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise AssertionError(out.stderr)
     return json.loads(out.stdout.splitlines()[-1]), out.stderr
@@ -86,3 +86,11 @@ def test_offline_without_a_snapshot_the_last_export_serves_with_a_warning(
     shutil.rmtree(cache)
     with pytest.raises(AssertionError, match="cannot reach the hub for acme/tiny-classifier"):
         load(cache, tmp_path / "empty-hf", None)
+
+
+def test_an_id_that_is_neither_a_folder_nor_on_the_hub_says_both(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A mistyped relative folder looks like a hub id: the hub answering "no such repository" is not a
+    network problem, and the message says there is no such folder either."""
+    expected = "models/mobilenet: no such folder here, and no such model on the hub"
+    with FakeHub({("model", REPO): tiny_checkpoint}) as hub, pytest.raises(AssertionError, match=expected):
+        load(tmp_path / "cache", tmp_path / "hf", hub, repo="models/mobilenet")
