@@ -13,6 +13,7 @@ from eyed.config import ConfigError, ModelConfig
 from eyed.model.checkpoint import ModelLoadError
 from eyed.model.export import (
     FORMAT,
+    INPUT_NAME,
     K_NAME,
     META_FORMAT,
     META_LABELS,
@@ -93,12 +94,19 @@ class OnnxClassifier:
                 f"{path} was exported by an older eyed (format {meta.get(META_FORMAT, '1')}, need {FORMAT}): "
                 "export it again with `eyed export`"
             )
+        # eyed finetune's features graph carries the same metadata, but ends before the classifier.
+        names = {o.name for o in self.session.get_outputs()} | {i.name for i in self.session.get_inputs()}
+        if not {INPUT_NAME, K_NAME, PROBS_NAME, TOP_SCORES_NAME, TOP_IDS_NAME} <= names:
+            raise ModelLoadError(
+                f"{path} is not a classifier made by `eyed export` (no class probabilities and top-k); eyed "
+                "finetune's features graph is not one either: use the model.onnx it wrote beside the checkpoint"
+            )
         labels = json.loads(meta[META_LABELS])
         self.name = meta.get(META_MODEL_ID, self.path.stem)
         self.prepare = Preprocessor(PreprocessSpec.from_dict(json.loads(meta[META_PREPROCESS])), cfg.small_input)
         self.input_shape = self.prepare.shape
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
-        self._input = self.session.get_inputs()[0].name
+        self._input = INPUT_NAME
         # Fed with every run (onnxruntime reads numpy inputs in place): how many classes TopK returns.
         self._k = np.array([self.post.topk], dtype=np.int64)
         self._outputs = [PROBS_NAME, TOP_SCORES_NAME, TOP_IDS_NAME]

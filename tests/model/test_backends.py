@@ -179,6 +179,15 @@ def test_onnx_without_eyed_metadata(tiny_onnx: Path, tmp_path: Path) -> None:
         load_classifier(ModelConfig(id="x", onnx=bare))
 
 
+def test_the_features_graph_is_not_taken_for_a_classifier(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """eyed finetune's features graph has the classifier's metadata; run as one, it failed at the first frame."""
+    from eyed.model.export import export_onnx
+
+    features = export_onnx(str(tiny_checkpoint), tmp_path / "features.onnx", features=True)
+    with pytest.raises(ModelLoadError, match="not a classifier made by `eyed export`"):
+        load_classifier(ModelConfig(onnx=features))
+
+
 def test_onnx_file_missing(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such file"):
         load_classifier(ModelConfig(id="x", onnx=tmp_path / "missing.onnx"))
