@@ -16,38 +16,44 @@ import numpy as np
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """Resize so the shortest edge is ``shortest_edge``, centre crop to ``crop``, then (x * rescale - mean) / std."""
+    """Resize so the shortest edge is ``shortest_edge`` (or, with ``resize_to``, to exactly that size, aspect
+    ratio and all, as transformers does for a ``size`` of height and width), centre crop to ``crop``, then
+    (x * rescale - mean) / std."""
 
     shortest_edge: int
     crop: tuple[int, int]  # (height, width)
     rescale: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_to: tuple[int, int] | None = None  # (height, width)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> PreprocessSpec:
         """Read a Hugging Face image processor config (``preprocessor_config.json``)."""
         size = cfg.get("size", {"shortest_edge": 256})
+        resize_to = None
         if isinstance(size, int):
             shortest = size
         elif "shortest_edge" in size:
             shortest = int(size["shortest_edge"])
-        else:  # {"height": h, "width": w}: treat as a square resize target
-            shortest = int(min(size["height"], size["width"]))
-        crop_cfg = cfg.get("crop_size", {"height": shortest, "width": shortest})
+        else:  # {"height": h, "width": w}: the whole frame goes to that size (ViT-style processors)
+            resize_to = (int(size["height"]), int(size["width"]))
+            shortest = min(resize_to)
+        whole = resize_to or (shortest, shortest)
+        crop_cfg = cfg.get("crop_size", {"height": whole[0], "width": whole[1]})
         if isinstance(crop_cfg, int):
             crop = (crop_cfg, crop_cfg)
         else:
             crop = (int(crop_cfg["height"]), int(crop_cfg["width"]))
         if not cfg.get("do_center_crop", True):
-            crop = (shortest, shortest)
+            crop = whole
         rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
         if cfg.get("do_normalize", True):
             mean = tuple(float(v) for v in cfg.get("image_mean", (0.5, 0.5, 0.5)))
             std = tuple(float(v) for v in cfg.get("image_std", (0.5, 0.5, 0.5)))
         else:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        return cls(shortest, crop, rescale, mean, std)  # type: ignore[arg-type]
+        return cls(shortest, crop, rescale, mean, std, resize_to)  # type: ignore[arg-type]
 
     def affine(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel (scale, shift) with (x * rescale - mean) / std == x * scale - shift."""
@@ -67,6 +73,7 @@ class PreprocessSpec:
             rescale=float(data["rescale"]),
             mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            resize_to=(int(data["resize_to"][0]), int(data["resize_to"][1])) if data.get("resize_to") else None,
         )
 
 
@@ -99,7 +106,10 @@ class Preprocessor:
         return (*self.spec.crop, 3)
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) after the shortest-edge resize, rounded like transformers does."""
+        """(height, width) after the resize: ``resize_to``, or the shortest-edge resize, rounded like
+        transformers does."""
+        if self.spec.resize_to is not None:
+            return self.spec.resize_to
         short, long = (height, width) if height <= width else (width, height)
         new_long = int(self.spec.shortest_edge * long / short)
         if height <= width:

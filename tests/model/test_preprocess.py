@@ -77,8 +77,36 @@ def test_from_hf_int_size_and_int_crop() -> None:
 
 def test_from_hf_height_width_size() -> None:
     spec = PreprocessSpec.from_hf({**HF_CONFIG, "size": {"height": 240, "width": 320}})
-    assert spec.shortest_edge == 240
+    assert spec.resize_to == (240, 320)
     assert spec.crop == (224, 224)
+    assert PreprocessSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+@pytest.mark.parametrize("size", [(480, 640), (640, 480), (100, 100)])
+def test_a_fixed_size_processor_resizes_the_whole_frame_like_transformers(size: tuple[int, int]) -> None:
+    """ViT-style processors (``size`` of height and width, no crop) squash the whole frame to that size: a
+    shortest-edge resize and centre crop would cut off a 4:3 frame's sides."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    cfg = {
+        "do_resize": True,
+        "size": {"height": 48, "width": 48},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    image = smooth_image(*size, seed=size[1])
+    image[:, : size[1] // 8] = 255  # a white band at the left edge, which a centre crop would cut off
+    expected = transformers.ViTImageProcessor(**cfg)(Image.fromarray(image), return_tensors="np")["pixel_values"][0]
+    spec = PreprocessSpec.from_hf(cfg)
+    out = tensor(Preprocessor(spec, "checkpoint"), image)
+    assert out.shape == expected.shape == (3, 48, 48)
+    levels = np.abs(out - expected) * 127.5
+    assert levels.mean() < 1.5, levels.mean()
 
 
 def test_from_hf_non_square_crop() -> None:
