@@ -38,6 +38,10 @@ EXIT_JOIN_S = 2.0
 # Threads still blocked in a driver call the watchdog gave up on, beyond which it starts no more: a camera whose
 # every open hangs would otherwise cost one stuck thread per open_timeout_s, for ever.
 MAX_ABANDONED = 4
+# Failed reads in a row after which a video file whose length is unknown (or was misreported) is taken to have
+# ended. FFmpeg fails a read on a frame it cannot decode and goes on with the next one, so a single failure is
+# a corrupt frame, not the end; at the end every read fails at once, so these cost next to nothing.
+FILE_END_FAILURES = 30
 # Frozen-frame detection compares single grey pixels on a grid of about this many columns and rows. Not an
 # averaged thumbnail: averaging wipes out the sensor noise that tells a still scene from a repeated picture.
 FREEZE_GRID = (64, 48)
@@ -99,10 +103,18 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next(self) -> float:
-        cap = min(self.maximum, self.initial * 2**self.attempt)
-        self.attempt += 1
+        cap = self._cap()
+        if cap < self.maximum:
+            # Not past the cap: 2**attempt outgrows a float after 1024 attempts (6 h of an unplugged camera).
+            self.attempt += 1
         # Half fixed, half random: spreads reconnect storms without ever retrying at once.
         return cap / 2 + self._rng.uniform(0, cap / 2)
+
+    def _cap(self) -> float:
+        try:
+            return min(self.maximum, self.initial * 2.0**self.attempt)
+        except OverflowError:  # an attempt count set from outside: far past any cap
+            return self.maximum
 
     def reset(self) -> None:
         self.attempt = 0
@@ -300,21 +312,29 @@ class CaptureSource:
             if not first:
                 self.reconnects += 1
             first = False
-            self._set_state("connecting")
-            cap = self._open_timed(gen)
-            if cap is not None and cap.isOpened():
-                try:
-                    self._read_loop(cap, gen, backoff)
-                finally:
-                    cap.release()
-            elif cap is not None:
-                cap.release()
+            try:
+                self._connect_and_read(gen, backoff)
+            except Exception:
+                # Whatever a driver or a conversion throws, only stop may end the retries: a thread that died
+                # here would leave the source offline for ever.
+                logger.exception("source %s: capture failed unexpectedly", self.id)
             if not self._current(gen):
                 break
             self._set_state("offline")
             delay = backoff.next()
             logger.warning("source %s: offline; retrying in %.1f s", self.id, delay)
             self._stop.wait(delay)
+
+    def _connect_and_read(self, gen: Generation, backoff: Backoff) -> None:
+        self._set_state("connecting")
+        cap = self._open_timed(gen)
+        if cap is None:
+            return
+        try:
+            if cap.isOpened():
+                self._read_loop(cap, gen, backoff)
+        finally:
+            cap.release()
 
     def _current(self, gen: Generation) -> bool:
         return not self._stop.is_set() and gen is self._gen
@@ -431,10 +451,7 @@ class CaptureSource:
             produced = 0
             try:
                 self._set_state("live")
-                while True:
-                    ok, image = cap.read()
-                    if not ok or image is None:
-                        break
+                for image in self._file_images(cap):
                     rgb = self._convert(image)
                     if rgb is None:
                         continue
@@ -452,3 +469,20 @@ class CaptureSource:
             if not self.cfg.loop or produced == 0:
                 self._set_state("finished")
                 return
+
+    def _file_images(self, cap: Any) -> Iterator[np.ndarray]:
+        """One pass over an opened video file: every frame FFmpeg can decode; the others are skipped and counted."""
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        failed = 0  # reads failed in a row: corrupt frames if a good one follows, else the end of the file
+        while failed < FILE_END_FAILURES:
+            ok, image = cap.read()
+            if ok and image is not None:
+                if failed:
+                    self.skipped += failed
+                    logger.warning("source %s: skipped %d undecodable frame(s)", self.id, failed)
+                failed = 0
+                yield image
+            elif count > 0 and cap.get(cv2.CAP_PROP_POS_FRAMES) >= count:
+                return
+            else:
+                failed += 1

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,13 +25,18 @@ import numpy as np
 from eyed.config import SourceConfig
 from eyed.sources.base import Pacer, SourceError, to_rgb
 from eyed.sources.dataset_info import DatasetInfoError, LocalImages, SplitQuery, keep_torch_out
-from eyed.sources.parquet import ParquetRows, prepare_hub_reading
+from eyed.sources.parquet import STOP_POLL_S, ParquetRows, prepare_hub_reading
 from eyed.types import Frame, StartUp
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("img", "image", "images", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label")
+# How many times in a row datasets' reader may fail before a pass ends there: each failure is read on after the
+# record it failed on (datasets decoding a corrupt file of a hub image folder fails its whole iterator).
+READER_FAILURES_IN_A_ROW = 10
+# Threads datasets decodes images with once a pass is read on after a failure: its own default.
+DATASETS_DECODE_THREADS = 32
 
 
 def decode_image(value: Any) -> np.ndarray | None:
@@ -52,7 +57,7 @@ def decode_image(value: Any) -> np.ndarray | None:
         data = bytes(value)
     elif type(value).__module__.startswith("PIL."):
         try:
-            return np.asarray(value.convert("RGB"))
+            return pil_to_rgb(value)
         except (OSError, ValueError):  # PIL decodes lazily: a broken file fails here
             return None
     if not data:
@@ -62,6 +67,22 @@ def decode_image(value: Any) -> np.ndarray | None:
     if img is None or img.size == 0:
         return None
     return to_rgb(img)
+
+
+def pil_to_rgb(image: Any) -> np.ndarray:
+    """An RGB uint8 array from a PIL image, scaled as :func:`to_rgb` scales what OpenCV decodes from its file.
+
+    PIL's convert("RGB") clips the wide modes (16-bit, 32-bit integer, float) at 255 instead of scaling them.
+    """
+    mode = str(image.mode)
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return np.asarray(image.convert("RGB"))
+    pixels = np.asarray(image)
+    pixels = pixels.astype(pixels.dtype.newbyteorder("="))  # I;16B is big-endian; to_rgb checks for uint16
+    if mode == "I" and pixels.size and pixels.min() >= 0 and pixels.max() <= 65535:
+        # How older Pillow opens a 16-bit PNG, which OpenCV decodes as uint16.
+        pixels = pixels.astype(np.uint16)
+    return to_rgb(pixels)
 
 
 def local_dataset(name: str) -> Path | None:
@@ -110,6 +131,44 @@ def arrow_pool_backend(machine: str | None = None) -> str:
     return "jemalloc" if sys.platform.startswith("linux") and machine.lower() in ("x86_64", "amd64") else "system"
 
 
+def call_unless_stopped(call: Callable[[], Any], stop: threading.Event, what: str) -> Any:
+    """What ``call`` returns (or raises), run in a daemon thread that is left to itself once ``stop`` is set:
+    then DatasetInfoError, as a stop while the child process describes the dataset gives."""
+    done = threading.Event()
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller, or dropped with the call
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="eyed-replay-open", daemon=True).start()
+    while not done.wait(STOP_POLL_S):
+        if stop.is_set():
+            raise DatasetInfoError(f"stopped while waiting for {what}")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def skip_undecoded(ds: Any, records: int, images: bool) -> Any:
+    """datasets' ``ds.skip(records)``, with the records skipped never decoded.
+
+    Recent datasets (5.2 here) decodes images in a threaded step that a plain skip comes after: each record
+    skipped would be fetched and decoded, and a corrupt one would fail the skip as it failed the pass.
+    """
+    if records == 0:
+        return ds
+    if not ds.features or not hasattr(ds, "decode"):  # nothing to decode, or a datasets that decodes on output
+        return ds.skip(records)
+    undecoded = ds.decode(False).skip(records)
+    return undecoded.decode(True, num_threads=DATASETS_DECODE_THREADS if images else 0)
+
+
 def _type(spec: Any) -> str | None:
     """The feature type in a ``Features.to_dict()`` entry: "Image", "ClassLabel", "Value"..."""
     return spec.get("_type") if isinstance(spec, dict) else None
@@ -130,6 +189,10 @@ class ReplaySource:
         self.reader_failures = 0
         self.delivered = 0
         self._dataset: Any = None
+        # The dataset from record ``source.skip + n`` on, for reading on after a reader failure; None where the
+        # reader deals with its own failures.
+        self._reopen: Callable[[int], Any] | None = None
+        self._pass_failed = False  # the last pass was ended by READER_FAILURES_IN_A_ROW failures
         self._image_col = ""
         self._label_col: str | None = None
         self._names: list[str] | None = None
@@ -159,7 +222,7 @@ class ReplaySource:
                 frames.close()
             except ValueError:  # running in another thread: a pipeline that did not stop in time; leave it
                 logger.warning("replay source closed while its frames are still being read")
-        self._dataset = None
+        self._dataset = self._reopen = None
         if self._query is not None:
             self._query.cancel()
         gc.collect()
@@ -211,16 +274,21 @@ class ReplaySource:
             return found.rows(self._image_col, self._label_col, self.cfg.skip)
         if found is not None:
             return ParquetRows(found.files, keep, self.cfg.skip, self._unreadable, self._pause)
+        self._reopen = lambda position: self._streamed(ds, features, keep, position)
+        return self._streamed(ds, features, keep, 0)
+
+    def _streamed(self, ds: Any, features: dict[str, Any], keep: list[str], position: int) -> Any:
+        """datasets' stream ``ds`` from record ``source.skip + position`` on, reduced to the columns eyed reads."""
         from datasets import Image
 
+        images = self._image_col in features
+        ds = skip_undecoded(ds, self.cfg.skip + position, images)
         # Decode with OpenCV ourselves: faster than PIL, and a corrupt record becomes a counted skip instead of
-        # an exception inside the dataset iterator.
-        if self._image_col in features:
+        # an exception inside the dataset iterator (where datasets lets us: a hub image folder it decodes itself).
+        if images:
             ds = ds.cast_column(self._image_col, Image(decode=False))
         if features:
             ds = ds.select_columns(keep)
-        if self.cfg.skip:
-            ds = ds.skip(self.cfg.skip)
         return ds
 
     def _stream(self, name: str) -> Any:
@@ -228,8 +296,13 @@ class ReplaySource:
         from datasets import load_dataset_builder
 
         keep_torch_out()
-        # What load_dataset(streaming=True) does.
-        return load_dataset_builder(name).as_streaming_dataset(split=self.cfg.split)
+        split = self.cfg.split
+        stop = self._startup.stop if self._startup is not None else threading.Event()
+        # What load_dataset(streaming=True) does. Asked in a thread of its own: on a stalled network
+        # huggingface_hub retries for minutes, and a daemon told to stop meanwhile cannot wait for that.
+        return call_unless_stopped(
+            lambda: load_dataset_builder(name).as_streaming_dataset(split=split), stop, f"datasets to load {name}"
+        )
 
     def _pause(self, seconds: float) -> bool:
         """Wait ``seconds`` before reading a hub shard again; False if the replay was stopped meanwhile."""
@@ -275,18 +348,28 @@ class ReplaySource:
         return str(value)
 
     def _records(self) -> Iterator[dict[str, Any]]:
-        """Records of one pass; a record the reader itself cannot parse ends the pass, logged."""
+        """Records of one pass. A record the reader itself cannot parse is counted and read on after, where the
+        reader can be (datasets'); a reader that cannot, or fails READER_FAILURES_IN_A_ROW times, ends the pass."""
+        self._pass_failed = False
         it = iter(self._dataset)
+        position = failed = 0  # records of this pass read or failed on; failures since the last record read
         while True:
             try:
                 record = next(it)
             except StopIteration:
                 return
-            except Exception as exc:  # a broken shard: count it and end this pass rather than crash
+            except Exception as exc:  # a broken record or shard: count it rather than crash
                 self.skipped += 1
                 self.reader_failures += 1
-                logger.error("dataset reader failed, ending this pass: %s", exc)
-                return
+                position, failed = position + 1, failed + 1
+                if self._reopen is None or failed >= READER_FAILURES_IN_A_ROW:
+                    logger.error("dataset reader failed, ending this pass: %s", exc)
+                    self._pass_failed = self._reopen is not None
+                    return
+                logger.error("dataset reader failed on record %d, reading on after it: %s", position - 1, exc)
+                it = iter(self._reopen(position))
+                continue
+            position, failed = position + 1, 0
             yield record
 
     def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
@@ -317,5 +400,9 @@ class ReplaySource:
                 if limit and self.delivered >= limit:
                     return
             if not self.cfg.loop or produced_this_pass == 0 or pacer.stop.is_set():
+                return
+            if self._pass_failed:
+                # Another pass would end at the same place: the same first frames, for ever.
+                logger.error("not looping: the dataset reader failed %d times in a row", READER_FAILURES_IN_A_ROW)
                 return
             logger.info("replay reached the end after %d frames; looping", self.delivered)

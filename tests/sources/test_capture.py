@@ -53,6 +53,21 @@ def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
     assert b.next() <= 0.5
 
 
+@pytest.mark.parametrize("attempt", [1024, 10**6])
+def test_backoff_after_hours_of_retrying_stays_at_the_cap(attempt: int) -> None:
+    b = Backoff(0.5, 30.0, random.Random(2))
+    b.attempt = attempt  # 1024 attempts: about 6 h of an unplugged camera at the defaults
+    delays = [b.next() for _ in range(100)]
+    assert all(15.0 <= d <= 30.0 for d in delays)
+
+
+def test_backoff_stops_counting_at_the_cap() -> None:
+    b = Backoff(0.5, 30.0, random.Random(3))
+    for _ in range(5000):
+        b.next()
+    assert b.attempt <= 7  # 0.5 * 2**7 > 30: no count that could ever overflow
+
+
 @pytest.mark.parametrize(("device", "target"), [(0, 0), ("2", 2), ("/dev/video3", "/dev/video3"), (" 1 ", 1)])
 def test_webcam_target(device: int | str, target: int | str) -> None:
     assert webcam_target(device) == target
@@ -107,6 +122,42 @@ def test_file_source_loops_and_limits(tmp_path: Path) -> None:
     video = write_video(tmp_path / "clip.avi", synthetic_images(5, size=32))
     with CaptureSource(SourceConfig(kind="file", url=str(video), loop=True, limit=13)) as src:
         assert len(list(src.frames())) == 13
+
+
+def corrupt_one_jpeg(video: Path, index: int) -> None:
+    """Zeroes the start of one frame's JPEG in an MJPG AVI, leaving the container intact."""
+    data = bytearray(video.read_bytes())
+    starts = [i for i in range(len(data) - 2) if data[i : i + 3] == b"\xff\xd8\xff"]
+    data[starts[index] : starts[index] + 200] = bytes(200)
+    video.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def one_bad_frame(tmp_path: Path) -> tuple[Path, list[float]]:
+    """A 30-frame MJPG video whose frame 10 cannot be decoded, and the grey level of every frame."""
+    levels = [float(i * 8) for i in range(30)]
+    video = write_video(tmp_path / "onebad.avi", [np.full((48, 64, 3), level, np.uint8) for level in levels])
+    corrupt_one_jpeg(video, 10)
+    return video, levels
+
+
+def test_a_corrupt_frame_in_a_file_is_skipped_not_the_end(one_bad_frame: tuple[Path, list[float]]) -> None:
+    video, levels = one_bad_frame
+    with CaptureSource(SourceConfig(kind="file", url=str(video))) as src:
+        frames = list(src.frames())
+        assert src.state == "finished"
+    assert src.skipped == 1
+    got = [f.image.mean() for f in frames]
+    assert got == pytest.approx(levels[:10] + levels[11:], abs=3)
+
+
+def test_a_looped_file_with_a_corrupt_frame_plays_all_of_it(one_bad_frame: tuple[Path, list[float]]) -> None:
+    video, levels = one_bad_frame
+    with CaptureSource(SourceConfig(kind="file", url=str(video), loop=True, limit=2 * 29 + 3)) as src:
+        got = [f.image.mean() for f in src.frames()]
+    good = levels[:10] + levels[11:]
+    assert got == pytest.approx(good + good + good[:3], abs=3)
+    assert src.skipped == 2  # the third pass stopped before frame 10
 
 
 def test_a_file_that_is_not_a_video_fails_at_start(tmp_path: Path) -> None:
@@ -488,3 +539,42 @@ def test_a_read_that_raises_reconnects_at_once() -> None:
             src.next_frame(0.1)
         assert opens == 2 and src.reconnects == 1
         assert src.next_frame(2) is not None
+
+
+class UnexpectedCapture(LoopingCapture):
+    """A driver binding that throws what nobody expected of it (not cv2.error) from read()."""
+
+    def read(self) -> tuple[bool, Any]:
+        raise RuntimeError("unexpected driver failure")
+
+
+def retried_for(src: CaptureSource, reconnects: int, timeout_s: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while src.reconnects < reconnects and time.monotonic() < deadline:
+        src.next_frame(0.05)
+    return src.reconnects
+
+
+@pytest.mark.parametrize("failure", ["open", "read"])
+def test_a_camera_failing_unexpectedly_is_retried_for_ever(failure: str, caplog: pytest.LogCaptureFixture) -> None:
+    opens = 0
+
+    def opener(_cfg: SourceConfig) -> Any:
+        nonlocal opens
+        opens += 1
+        if failure == "open":
+            raise OSError("no camera")
+        return UnexpectedCapture([np.zeros((8, 8, 3), np.uint8)])
+
+    cfg = SourceConfig(kind="webcam", device=0, reconnect_initial_s=0.001, reconnect_max_s=0.01)
+    src = CaptureSource(cfg, opener=opener)
+    src._backoff.attempt = 1020  # stands in for hours of retrying: the next few used to overflow
+    with caplog.at_level(logging.ERROR, logger="eyed.sources.capture"), src:
+        first = retried_for(src, 10)
+        assert first >= 10
+        assert retried_for(src, first + 10) >= first + 10  # still going, not a thread that died
+        assert src._threads[-1].is_alive()
+        assert src.state in ("offline", "connecting")
+    assert opens >= 20
+    if failure == "read":
+        assert "capture failed unexpectedly" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import PIL.Image
 import pytest
 
 from eyed.config import SourceConfig
@@ -452,6 +454,39 @@ def test_decode_16_bit() -> None:
     assert decoded.dtype == np.uint8
     assert (decoded[..., 2] == 255).all()
     assert (decoded[..., 0] == 128).all()
+
+
+def wide_grey() -> tuple[bytes, bytes]:
+    """The same grey ramp over the full 16-bit range as PNG and as float TIFF."""
+    ramp = np.tile(np.linspace(0, 65535, 256), (16, 1))
+    return encode(".png", ramp.astype(np.uint16)), encode(".tiff", (ramp / 65535).astype(np.float32))
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [("png", None), ("png", "I"), ("tiff", None)])
+def test_a_wide_pil_image_decodes_as_its_file_does(fmt: str, mode: str | None) -> None:
+    """datasets hands over a hub image folder's files as PIL images: 16-bit and float ones are scaled, not clipped.
+
+    Mode I is how older Pillow opens a 16-bit PNG (newer opens it as I;16).
+    """
+    png16, tiff32 = wide_grey()
+    data = png16 if fmt == "png" else tiff32
+    image = PIL.Image.open(io.BytesIO(data))
+    if mode is not None:
+        image = image.convert(mode)
+    assert image.mode in ("I;16", "I", "F")
+    from_file, from_pil = decode_image(data), decode_image(image)
+    assert from_file is not None and from_pil is not None
+    assert from_pil.dtype == np.uint8 and from_pil.shape == (16, 256, 3)
+    assert np.array_equal(from_pil, from_file)
+    assert from_pil.min() == 0 and from_pil.max() == 255 and 120 < from_pil.mean() < 135
+
+
+def test_an_8_bit_pil_image_decodes_as_its_file_does() -> None:
+    rgb = synthetic_images(1, seed=13)[0]
+    data = encode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    decoded = decode_image(PIL.Image.open(io.BytesIO(data)))
+    assert decoded is not None
+    assert np.array_equal(decoded, rgb)
 
 
 def test_decode_from_path(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from tests.fake_hub import FakeHub, cifar10_repo
 REPO = "uoft-cs/cifar10"
 BROKEN = "eyed/broken"
 PICTURES = "eyed/pictures"
+CORRUPT = "eyed/corrupt-pictures"
 
 
 def write_pictures(folder: Path) -> list[tuple[str, np.ndarray]]:
@@ -34,6 +35,11 @@ def write_pictures(folder: Path) -> list[tuple[str, np.ndarray]]:
             (folder / "train" / label / f"{i}.png").write_bytes(png(image))
             written.append((label, image))
     return written
+
+
+def truncate(image: Path) -> None:
+    """Cuts a PNG file short: PIL opens it, and fails when datasets decodes it."""
+    image.write_bytes(image.read_bytes()[:300])
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,15 @@ def hub(hub_repo: Path, tmp_path: Path) -> Iterator[FakeHub]:
     (broken / "data").mkdir(parents=True)
     (broken / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not a parquet file" * 1000)
     write_pictures(tmp_path / "pictures")
-    repos = {("dataset", REPO): hub_repo, ("dataset", BROKEN): broken, ("dataset", PICTURES): tmp_path / "pictures"}
+    write_pictures(tmp_path / "corrupt")
+    truncate(tmp_path / "corrupt" / "train" / "cat" / "1.png")
+    truncate(tmp_path / "corrupt" / "train" / "dog" / "0.png")
+    repos = {
+        ("dataset", REPO): hub_repo,
+        ("dataset", BROKEN): broken,
+        ("dataset", PICTURES): tmp_path / "pictures",
+        ("dataset", CORRUPT): tmp_path / "corrupt",
+    }
     with FakeHub(repos) as served:
         yield served
 
@@ -120,6 +134,51 @@ def test_a_hub_dataset_of_image_files_is_streamed_by_datasets(hub: FakeHub, tmp_
     *got, imported = run_lines(EYED_READS, hub_env(hub, tmp_path / "hf"), PICTURES, "train", "0")
     assert got == [[label, hashlib.sha1(image.tobytes()).hexdigest()] for label, image in expected]
     assert imported == ["datasets", "pandas"]
+
+
+# Each line a frame's truth and pixel digest, then what was counted; READER_FAILURES_IN_A_ROW as given.
+REPLAY_CORRUPT = """
+import hashlib, json, sys
+from eyed.config import SourceConfig
+from eyed.sources import replay
+replay.READER_FAILURES_IN_A_ROW = int(sys.argv[4])
+cfg = SourceConfig(dataset=sys.argv[1], split="train", loop=sys.argv[2] == "loop", limit=int(sys.argv[3]))
+with replay.ReplaySource(cfg) as src:
+    for f in src.frames():
+        print(json.dumps([f.truth, hashlib.sha1(f.image.tobytes()).hexdigest()]))
+print(json.dumps([src.skipped, src.reader_failures]))
+"""
+
+
+@pytest.mark.parametrize(("loop", "limit"), [("once", 0), ("loop", 7)])
+def test_a_corrupt_image_in_a_hub_image_folder_is_passed_over(
+    hub: FakeHub, tmp_path: Path, loop: str, limit: int
+) -> None:
+    """datasets decodes a hub image folder's files itself, and a corrupt one fails its whole iterator: the replay
+    reads on after it, every pass, rather than replaying the first frames for ever."""
+    pictures = write_pictures(tmp_path / "expected")
+    good = [[label, hashlib.sha1(image.tobytes()).hexdigest()] for label, image in pictures[:1] + pictures[3:]]
+    *got, counted = run_lines(REPLAY_CORRUPT, hub_env(hub, tmp_path / "hf"), CORRUPT, loop, str(limit), "10")
+    if loop == "once":
+        assert got == good and counted == [2, 2]
+    else:
+        assert got == (good * 4)[:7] and counted == [6, 6]  # the 4th pass stopped before its corrupt images
+
+
+def test_a_pass_the_reader_keeps_failing_in_is_not_looped(hub: FakeHub, tmp_path: Path) -> None:
+    """Failures in a row end the pass; another would end at the same place, so the replay ends, said."""
+    env = hub_env(hub, tmp_path / "hf")
+    out = subprocess.run(
+        [sys.executable, "-c", REPLAY_CORRUPT, CORRUPT, "loop", "8", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    *got, counted = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [truth for truth, _ in got] == ["cat"] and counted == [2, 2]
+    assert "not looping: the dataset reader failed 2 times in a row" in out.stderr
 
 
 def test_a_missing_hub_dataset_says_so(hub: FakeHub, tmp_path: Path) -> None:
@@ -318,6 +377,53 @@ def test_a_stop_does_not_wait_for_a_stalled_hub(hub: FakeHub, tmp_path: Path, he
         assert len(got["rest"]) <= 1
     assert took < 30  # not held up at exit by the request still waiting
     assert "Traceback" not in stderr
+
+
+# The hub stalls once the child process has described the dataset (not parquet), as the daemon itself asks
+# datasets to stream it, and the daemon is told to stop 1 s later.
+STOP_WHILE_DATASETS_LOADS = """
+import json, os, sys, threading, time
+from eyed.config import SourceConfig
+from eyed.sources.replay import ReplaySource
+from eyed.types import StartUp
+from tests.fake_hub import fake_hub_control
+startup, stopped_at = StartUp(), []
+stream = ReplaySource._stream
+def stop() -> None:
+    stopped_at.append(time.monotonic())
+    startup.stop.set()
+def stalled(self, name):
+    fake_hub_control(os.environ["HF_ENDPOINT"], "stall")
+    threading.Timer(1.0, stop).start()
+    return stream(self, name)
+ReplaySource._stream = stalled
+try:
+    ReplaySource(SourceConfig(dataset=sys.argv[1], split="train"), startup=startup).__enter__()
+    error = None
+except Exception as exc:
+    error = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"error": error, "waited": time.monotonic() - stopped_at[0]}))
+"""
+
+
+def test_a_stop_does_not_wait_for_datasets_on_a_stalled_hub(hub: FakeHub, tmp_path: Path) -> None:
+    """huggingface_hub retries a stalled network for minutes while datasets opens a hub image folder; a daemon
+    told to stop meanwhile gives up its start at once, as it does while the child process asks the hub."""
+    env = {**hub_env(hub, tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", STOP_WHILE_DATASETS_LOADS, PICTURES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert hub.stalled.is_set()
+    assert got["waited"] < 5
+    assert got["error"].startswith(f"SourceError: cannot reach the hub for dataset {PICTURES} (stopped while")
+    assert time.monotonic() - start < 40  # not held up at exit by the request still waiting
 
 
 READ_AHEAD = """
