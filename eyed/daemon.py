@@ -1,7 +1,9 @@
 """The daemon's lifecycle: start-up, run until done or signalled, bounded shutdown.
 
-Signal handlers only set a flag; the main thread waits on it and shuts the pipeline down within
-``daemon.shutdown_timeout_s``.
+Signal handlers only set a flag, which a relay thread passes on to the ``stop`` event; the main thread waits on
+it and shuts the pipeline down within ``daemon.shutdown_timeout_s``. While the model loads, where nothing looks
+at ``stop``, a stop signal also raises StopRequested in the main thread, so a long first-start export is not
+waited for.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -77,25 +79,111 @@ def warm_up(classifier: Classifier, batch: int) -> float:
     return time.perf_counter() - t
 
 
+class StopRequested(BaseException):
+    """Raised by a stop signal's handler in the main thread while it loads the model, where nothing looks at the
+    stop flag. Not an Exception, as KeyboardInterrupt is not: no ``except Exception`` on the way takes it for a
+    failure of the load."""
+
+
+class Signals:
+    """What the signal handlers set, and a thread that passes it on to the daemon's events.
+
+    A handler runs in the main thread between two bytecodes, perhaps while that thread holds a lock: inside
+    ``stop.wait()`` it holds the Event's own, which ``Event.set`` takes, so a handler that set an Event could
+    deadlock the main thread. A handler here sets plain attributes and writes a byte to a pipe; the relay thread,
+    woken by that byte, sets the events (a replay's wait for datasets and the wait for subscribers watch ``stop``
+    while the main thread is in them).
+    """
+
+    def __init__(self, stop: threading.Event, reload: threading.Event | None = None) -> None:
+        self.stop, self.reload = stop, reload
+        self.stop_requested = False
+        self.reload_requested = False
+        # While True, a stop signal also raises StopRequested in the main thread (once: not again in the clean-up
+        # that follows, as an export's removal of its temporary file).
+        self.interruptible = False
+        self._closing = False
+        self._wake_r = self._wake_w = -1
+        self._relay = threading.Thread(target=self._run_relay, name="eyed-signals", daemon=True)
+
+    def on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = True
+        self._wake()
+        if self.interruptible:
+            self.interruptible = False
+            raise StopRequested(signum)
+
+    def on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # Full: the relay has a wake-up pending anyway.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _run_relay(self) -> None:
+        while True:
+            os.read(self._wake_r, 512)  # blocks until a handler (or close) writes
+            if self.stop_requested:
+                self.stop.set()
+            if self.reload_requested and self.reload is not None:
+                self.reload_requested = False
+                self.reload.set()
+            if self._closing:
+                return
+
+    def start(self) -> None:
+        """Start the relay; before the handlers are installed, as they write to its pipe."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)  # a handler must never block on a full pipe
+        self._relay.start()
+
+    def close(self) -> None:
+        """End the relay (after the handlers are gone), passing on what the last handlers set."""
+        if not self._relay.is_alive():
+            return
+        self._closing = True
+        self._wake()
+        self._relay.join(1.0)
+        if not self._relay.is_alive():  # else it still reads the pipe: leaving it open is the lesser harm
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    @contextlib.contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """A stop signal raises StopRequested in the main thread while entered (and on entry, if one came
+        before): for start-up steps that cannot look at the stop flag, as loading the model."""
+        if self.stop_requested or self.stop.is_set():
+            raise StopRequested()
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
+
+
 @contextlib.contextmanager
-def signals_set(stop: threading.Event, reload: threading.Event | None = None):
-    """Install handlers that only set flags: SIGTERM/SIGINT set ``stop``, SIGHUP sets ``reload``; restore the
-    old handlers afterwards."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
+def signals_set(stop: threading.Event, reload: threading.Event | None = None) -> Iterator[Signals]:
+    """Install handlers that only set flags, passed on to ``stop`` (SIGTERM/SIGINT) and ``reload`` (SIGHUP) by
+    :class:`Signals`; restore the old handlers afterwards. Off the main thread, nothing is installed."""
+    signals = Signals(stop, reload)
     if threading.current_thread() is not threading.main_thread():
-        yield
+        try:
+            yield signals
+        finally:
+            signals.close()
         return
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals.start()
+    old = {s: signal.signal(s, signals.on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     if reload is not None:
-        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, signals.on_reload)
     try:
-        yield
+        yield signals
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        signals.close()
 
 
 def reload_now(reload: threading.Event, notifier: Notifier, publisher: Publisher) -> None:
@@ -136,10 +224,11 @@ class Supervisor:
         return min(0.5, self.watchdog_s / 4) if self.watchdog_s else 0.5
 
     def healthy(self, now: float) -> bool:
-        """True while the inference loop has come round within the watchdog window (or no watchdog is set)."""
+        """True while the inference loop has come round, or waited on the source's pace, within the watchdog
+        window (or no watchdog is set)."""
         if not self.watchdog_s:
             return True
-        return now - self.pipeline.counters.last_progress < self.watchdog_s
+        return now - self.pipeline.counters.alive_at(now) < self.watchdog_s
 
     def tick(self, waiting: bool = False) -> None:
         """Ping the watchdog at half its interval when healthy (or ``waiting`` for subscribers); update STATUS."""
@@ -242,7 +331,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     # Before the model and the dataset make their large allocations.
     if pin_mmap_threshold():
         logger.debug("glibc mmap threshold pinned at %d bytes", MMAP_THRESHOLD_BYTES)
-    with signals_set(stop, reload), contextlib.ExitStack() as stack:
+    with signals_set(stop, reload) as signals, contextlib.ExitStack() as stack:
         notifier = stack.enter_context(Notifier())
         # Before the model loads: a bad reference file is a config error, found in a moment.
         reference = drift_reference(settings)
@@ -250,9 +339,14 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         # folder (in a child process) at once, so that wait overlaps the model's.
         source = open_source(settings.source, StartUp(stop, extend_start(notifier)))
         model = settings.runtime_model()
-        classifier = load_classifier(model)
-        stack.callback(classifier.close)
-        logger.info("warm-up took %.0f ms", warm_up(classifier, model.batch) * 1000)
+        try:
+            # Tens of seconds for a first-start export on a Pi: a stop must not wait for it (TimeoutStopSec).
+            with signals.interrupting():
+                classifier = load_classifier(model)
+                stack.callback(classifier.close)
+                logger.info("warm-up took %.0f ms", warm_up(classifier, model.batch) * 1000)
+        except StopRequested:
+            return stopped_early(notifier)
         try:
             stack.enter_context(source)
         except SourceError:

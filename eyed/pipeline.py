@@ -36,6 +36,7 @@ from eyed.events import (
     label_topic,
 )
 from eyed.publisher import Publisher
+from eyed.sources.base import pace_listener
 from eyed.types import Classifier, Frame, LiveSource, Prediction, Source
 
 if TYPE_CHECKING:
@@ -53,6 +54,12 @@ class Counters:
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)  # last turn of the inference loop
+    paced_until: float = 0.0  # when the source's latest deliberate wait for its next frame (source.fps) ends
+
+    def alive_at(self, now: float) -> float:
+        """When the inference loop last showed it is alive, for the watchdog: its last turn, or the end of a
+        wait on the source's pace (``now`` while it lasts), since a slow pace is not a hang."""
+        return max(self.last_progress, min(self.paced_until, now))
 
 
 @dataclass
@@ -200,26 +207,11 @@ class Pipeline:
             self.done.set()
 
     def _work(self) -> None:
-        """One worker: take a batch, classify it and hand it in; until the source ends or ``stop`` is set.
-        Every ticket taken is handed in (perhaps empty), so the batches after it are not held up for ever."""
+        """One worker, until the source ends or ``stop`` is set (:meth:`_take_batches`); a failure stops them all."""
         buffer = np.empty((self.batch, *self.classifier.input_shape), dtype=np.uint8)
         try:
-            while not self.stop.is_set():
-                with self._source_lock:
-                    if self._ended:
-                        return
-                    with self._turn:
-                        self._turn.wait_for(lambda: self.stop.is_set() or self._issued - self._published < self._ahead)
-                    if self.stop.is_set():
-                        return
-                    items, self._ended = self._next_batch()
-                    ticket = self._issued
-                    self._issued += 1
-                done = Classified()
-                try:
-                    done = self._classify(items, buffer)
-                finally:
-                    self._hand_in(ticket, done)
+            with pace_listener(self._paced):
+                self._take_batches(buffer)
         except BaseException as exc:
             # The state is _infer's to set, once every worker is done: set here, the others' next batch would
             # announce it early. The first failure is the one reported.
@@ -229,6 +221,32 @@ class Pipeline:
             self.stop.set()
             with self._turn:
                 self._turn.notify_all()  # a worker held back waiting for this one's batches: it stops too
+
+    def _take_batches(self, buffer: np.ndarray) -> None:
+        """Take a batch, classify it and hand it in; until the source ends or ``stop`` is set. Every ticket taken
+        is handed in (perhaps empty), so the batches after it are not held up for ever."""
+        while not self.stop.is_set():
+            with self._source_lock:
+                if self._ended:
+                    return
+                with self._turn:
+                    self._turn.wait_for(lambda: self.stop.is_set() or self._issued - self._published < self._ahead)
+                if self.stop.is_set():
+                    return
+                items, self._ended = self._next_batch()
+                ticket = self._issued
+                self._issued += 1
+            done = Classified()
+            try:
+                done = self._classify(items, buffer)
+            finally:
+                self._hand_in(ticket, done)
+
+    def _paced(self, until: float) -> None:
+        """A worker reading the source is about to wait for its next frame until ``until``, on purpose
+        (source.fps). A paced source runs one worker (Settings.runtime_model), so every batch is out by then:
+        the loop is idle, not stuck, until the wait ends."""
+        self.counters.paced_until = until
 
     def _hand_in(self, ticket: int, done: Classified) -> None:
         """Queue a classified batch. The worker that finds no one publishing publishes every batch that is next

@@ -99,6 +99,104 @@ def test_sigterm_while_datasets_walks_a_large_folder_exits_cleanly(
     assert not [c for c in children if str(tiny_dataset) in c]
 
 
+HANDLER_UNDER_LOCK = """
+import os, signal, threading, time
+from eyed.daemon import signals_set
+stop, reload = threading.Event(), threading.Event()
+before = signal.getsignal(signal.SIGTERM)
+with signals_set(stop, reload) as signals:
+    # The locks Event.set takes, held as the main thread holds stop's inside stop.wait(): a handler that took one
+    # would wait for it here for good.
+    with stop._cond, reload._cond:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while not (signals.stop_requested and signals.reload_requested) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handled = signals.stop_requested and signals.reload_requested
+    print(handled, stop.wait(5), reload.wait(5), signal.getsignal(signal.SIGTERM) is not before)
+print(signal.getsignal(signal.SIGTERM) is before)
+"""
+
+
+def test_signal_handlers_take_no_lock() -> None:
+    """A signal lands while the main thread holds the locks of ``stop`` and ``reload``: the handlers only set
+    flags, the events are set once the locks are free, and the old handlers come back afterwards."""
+    import sys
+
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", HANDLER_UNDER_LOCK], capture_output=True, text=True, timeout=20, check=True
+        ).stdout.split()
+    except subprocess.TimeoutExpired:
+        pytest.fail("a signal handler deadlocked the main thread on a lock it held")
+    assert out == ["True", "True", "True", "True", "True"]
+
+
+SLOW_EXPORT = """
+import sys, time
+import torch.onnx
+
+real = torch.onnx.export
+
+
+def slow_export(*args, **kwargs):
+    real(*args, **kwargs)  # the temporary file is written
+    print("EXPORT WRITTEN", file=sys.stderr, flush=True)
+    time.sleep(60)  # and the export goes on, as a full-size model's does on a Pi
+
+
+torch.onnx.export = slow_export
+from eyed.cli import main
+
+sys.exit(main(["run"]))
+"""
+
+
+def test_sigterm_during_a_first_start_export_exits_at_once_leaving_no_file(
+    base: dict[str, object], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Loading the model looks at no stop flag; a stop must not wait for a long export (systemd's
+    TimeoutStopSec would SIGKILL), and the half-written export must not stay in the cache."""
+    import sys
+
+    from tests.daemon_helpers import NotifyListener, daemon_env
+
+    settings = {k: v for k, v in base.items() if k != "model.onnx"}
+    settings.update({"model.id": tiny_checkpoint, "model.cache_dir": tmp_path / "cache"})
+    listener = NotifyListener(tmp_path / "notify.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EXPORT],
+        env=daemon_env(settings, NOTIFY_SOCKET=str(listener.path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not any("EXPORT WRITTEN" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        exports = tmp_path / "cache" / "onnx"
+        assert [p.suffix for p in exports.iterdir()] == [".tmp"]  # stopped half-way through
+        proc.send_signal(signal.SIGTERM)
+        t = time.monotonic()
+        code, err = finish(proc, timeout_s=15)
+        assert code == 0, "".join(lines) + err
+        assert time.monotonic() - t < 5
+        assert "stopped before the first frame" in err and "Traceback" not in err
+        listener.wait_for("STOPPING=1", 5)
+        assert "READY=1" not in listener.fields()
+        assert list(exports.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        listener.close()
+
+
 def proc_cmdlines() -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -19,6 +19,7 @@ from eyed.config import ModelConfig, PublishConfig
 from eyed.model import load_classifier
 from eyed.pipeline import Pipeline
 from eyed.publisher import Publisher
+from eyed.sources.base import Pacer
 from eyed.sources.memory import MemorySource
 from eyed.types import Frame
 from tests.conftest import synthetic_images
@@ -322,6 +323,40 @@ def test_non_finite_scores_are_skipped_and_counted(tiny_onnx: Path, tmp_path: Pa
     assert [e["frame"] for e in labels] == [0, 2, 3]
     assert [e["seq"] for e in labels] == [0, 1, 2]
     assert events[-1]["errors"] == 1 and events[-1]["frames"] == 3 and events[-1]["state"] == "finished"
+
+
+class SlowlyPacedSource(MemorySource):
+    """Endless, paced as a replay is at a low source.fps: by a real Pacer, stopped by the pipeline's ``stop``."""
+
+    def __init__(self, images: list[np.ndarray], fps: float) -> None:
+        super().__init__(images)
+        self.fps = fps
+
+    def frames(self, stop: threading.Event | None = None) -> Iterator[Frame]:
+        pacer = Pacer(self.fps, stop)
+        i = 0
+        while pacer.wait():
+            yield Frame(self.images[i % len(self.images)], i, time.time(), time.perf_counter())
+            i += 1
+
+
+def test_a_wait_on_the_sources_pace_counts_as_progress(tiny_onnx: Path, tmp_path: Path) -> None:
+    """What the watchdog is fed on: a worker waiting for a slowly paced source's next frame is alive."""
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
+    with subscribed(tmp_path) as (pub, sub):
+        pipeline = Pipeline(SlowlyPacedSource(synthetic_images(2), fps=0.5), classifier, pub, heartbeat_s=3600)
+        pipeline.start()
+        while (event := receive(sub, 10_000)) is not None and event["type"] != "label":
+            pass
+        assert event is not None
+        time.sleep(1.0)  # into the 2 s wait for the next frame
+        now = time.monotonic()
+        assert now - pipeline.counters.last_progress > 0.8  # no batch published meanwhile
+        assert pipeline.counters.alive_at(now) == now
+        assert pipeline.counters.paced_until > now
+        pipeline.stop.set()
+        assert pipeline.join(5)
+    assert pipeline.failure is None
 
 
 def test_a_live_source_goes_one_frame_at_a_time(tiny_onnx: Path) -> None:

@@ -30,6 +30,32 @@ def listener(tmp_path: Path) -> Iterator[NotifyListener]:
     lst.close()
 
 
+class DaemonThread:
+    """``eyed.daemon.run`` in a thread of this process, notifying ``listener`` (with a watchdog, if given)."""
+
+    def __init__(
+        self, settings: Any, listener: NotifyListener, monkeypatch: pytest.MonkeyPatch, watchdog_usec: int = 0
+    ) -> None:
+        import eyed.daemon
+
+        monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+        if watchdog_usec:
+            monkeypatch.setenv("WATCHDOG_USEC", str(watchdog_usec))
+            monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        self.stop = threading.Event()
+        self.result: list[int] = []
+        self._thread = threading.Thread(
+            target=lambda: self.result.append(eyed.daemon.run(settings, self.stop)), daemon=True
+        )
+        self._thread.start()
+
+    def end(self) -> list[int]:
+        """Stop it; what ``run`` returned ([] if it did not return within 15 s)."""
+        self.stop.set()
+        self._thread.join(15)
+        return self.result
+
+
 def test_notifier_reads_the_environment_like_systemd_sets_it() -> None:
     pid = str(os.getpid())
     n = Notifier({"NOTIFY_SOCKET": "/run/x.sock", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": pid})
@@ -111,36 +137,28 @@ class HangingClassifier:
         self.inner.close()
 
 
+@pytest.fixture
+def looped_replay(tiny_dataset: Path, tiny_onnx: Path, endpoint: str) -> list[str]:
+    """Overrides for a looped replay of the tiny dataset through the tiny model."""
+    return [
+        f"source.dataset={tiny_dataset}",
+        "source.split=train",
+        "source.loop=true",
+        f"model.onnx={tiny_onnx}",
+        f"publish.endpoint={endpoint}",
+    ]
+
+
 def test_watchdog_pings_stop_when_the_inference_loop_is_stuck(
-    listener: NotifyListener,
-    tiny_dataset: Path,
-    tiny_onnx: Path,
-    endpoint: str,
-    monkeypatch: pytest.MonkeyPatch,
+    listener: NotifyListener, looped_replay: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import eyed.daemon
     from eyed.model import load_classifier
 
-    settings = load_settings(
-        None,
-        [
-            f"source.dataset={tiny_dataset}",
-            "source.split=train",
-            "source.loop=true",
-            "source.fps=50",
-            f"model.onnx={tiny_onnx}",
-            f"publish.endpoint={endpoint}",
-        ],
-    )
+    settings = load_settings(None, [*looped_replay, "source.fps=50"])
     hanging = HangingClassifier(load_classifier(settings.model), after=20)
     monkeypatch.setattr(eyed.daemon, "load_classifier", lambda cfg: hanging)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
-    monkeypatch.setenv("WATCHDOG_USEC", "400000")
-    monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    stop = threading.Event()
-    result: list[int] = []
-    runner = threading.Thread(target=lambda: result.append(eyed.daemon.run(settings, stop)), daemon=True)
-    runner.start()
+    daemon = DaemonThread(settings, listener, monkeypatch, watchdog_usec=400_000)
     listener.wait_for("READY=1", 30)
     assert hanging.hung.wait(30)
     hung_at = time.monotonic()
@@ -151,10 +169,25 @@ def test_watchdog_pings_stop_when_the_inference_loop_is_stuck(
     late = [t for t, fs in listener.messages if "WATCHDOG=1" in fs and t > hung_at + 0.5]
     assert late == []
     hanging.release.set()
-    stop.set()
-    runner.join(15)
-    assert result == [0]
+    assert daemon.end() == [0]
     listener.wait_for("STOPPING=1", 5)
+
+
+def test_watchdog_keeps_pinging_while_a_slow_pace_waits(
+    listener: NotifyListener, looped_replay: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay paced slower than the watchdog (a frame every 2.5 s, WatchdogSec=1) waits on purpose between
+    frames: systemd must not take that for a hang and kill it."""
+    settings = load_settings(None, [*looped_replay, "source.fps=0.4", "publish.heartbeat_s=0.5"])
+    daemon = DaemonThread(settings, listener, monkeypatch, watchdog_usec=1_000_000)
+    ready = listener.wait_for("READY=1", 30)
+    time.sleep(5.0)  # the first frame at once, then two waits of 2.5 s
+    assert daemon.end() == [0]
+    pings = [t for t, fs in listener.messages if "WATCHDOG=1" in fs and ready < t < ready + 5.0]
+    assert max(b - a for a, b in zip([ready, *pings], pings, strict=False)) < 1.0, pings  # within WATCHDOG_USEC
+    # It was pacing, not stuck: frames went on coming.
+    statuses = [f.split()[1] for f in listener.fields() if f.startswith("STATUS=live:")]
+    assert max(int(n) for n in statuses) >= 2, listener.fields()
 
 
 def test_a_slow_but_working_start_asks_systemd_for_more_time(
@@ -176,19 +209,13 @@ def test_a_slow_but_working_start_asks_systemd_for_more_time(
     monkeypatch.setattr(dataset_info, "datasets_imported", lambda: False)
     monkeypatch.setattr(dataset_info, "CHILD_REPORT_S", 0.3)
     monkeypatch.setenv("PYTHONPATH", fake_datasets_package(tmp_path, BUSY_DATASETS))
-    monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
-    stop = threading.Event()
-    result: list[int] = []
-    runner = threading.Thread(target=lambda: result.append(eyed.daemon.run(settings, stop)), daemon=True)
-    runner.start()
+    daemon = DaemonThread(settings, listener, monkeypatch)
     extension = f"EXTEND_TIMEOUT_USEC={int(eyed.daemon.START_EXTEND_S * 1e6)}"
     first = listener.wait_for(extension, 30)
     listener.wait_for(extension, 5, after=first + 0.1)  # again, while the wait goes on
     statuses = [f for f in listener.fields() if f.startswith("STATUS=waiting for datasets to describe")]
     assert statuses and all(str(tiny_dataset) in f for f in statuses)
-    stop.set()
-    runner.join(15)
-    assert result == [0]
+    assert daemon.end() == [0]
     listener.wait_for("STOPPING=1", 5)
     assert "READY=1" not in listener.fields()
 

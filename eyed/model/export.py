@@ -71,8 +71,8 @@ def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
     # mkstemp: its 0600 would follow the file when copied to /etc/eyed, where the service's own user could
     # not read it; touch honours the umask.
     tmp = output.with_name(f"{output.name}.{secrets.token_hex(6)}.tmp")
-    tmp.touch(exist_ok=False)
     try:
+        tmp.touch(exist_ok=False)
         logger.info("exporting %s to %s", model_id, output)
         # The TorchScript exporter traces in about a second; the dynamo exporter takes several times longer
         # for the same graph here.

@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import cv2
 import numpy as np
+
+# Who hears of a Pacer's deliberate waits in this thread (the pipeline's worker reading the source): set by the
+# reader rather than passed to the source, as every source makes its own Pacer.
+_pace_listener: ContextVar[Callable[[float], None] | None] = ContextVar("pace_listener", default=None)
 
 
 class SourceError(Exception):
     """The source cannot be opened; the message tells the user what to do."""
 
 
+@contextlib.contextmanager
+def pace_listener(listener: Callable[[float], None]) -> Iterator[None]:
+    """While entered, a :class:`Pacer` about to sleep in this thread first calls ``listener`` with the monotonic
+    time its sleep ends: a watchdog can count a slow pace (one frame a minute) as progress, not as a hang."""
+    token = _pace_listener.set(listener)
+    try:
+        yield
+    finally:
+        _pace_listener.reset(token)
+
+
 class Pacer:
     """Sleeps so that successive ``wait()`` calls return at most ``fps`` times a second (0 = never sleeps).
 
     A set ``stop`` ends the sleep at once, so a slow replay (one frame a minute) still stops within the
-    daemon's shutdown bound.
+    daemon's shutdown bound. Each sleep is announced to the thread's :func:`pace_listener`, if any.
     """
 
     def __init__(self, fps: float, stop: threading.Event | None = None) -> None:
@@ -31,6 +49,9 @@ class Pacer:
             return not self.stop.is_set()
         now = time.monotonic()
         if self._next > now:
+            listener = _pace_listener.get()
+            if listener is not None:
+                listener(self._next)
             if self.stop.wait(self._next - now):
                 return False
             now = self._next
