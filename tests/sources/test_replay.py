@@ -470,9 +470,8 @@ def test_a_wide_pil_image_decodes_as_its_file_does(fmt: str, mode: str | None) -
     """
     png16, tiff32 = wide_grey()
     data = png16 if fmt == "png" else tiff32
-    image = PIL.Image.open(io.BytesIO(data))
-    if mode is not None:
-        image = image.convert(mode)
+    opened = PIL.Image.open(io.BytesIO(data))
+    image = opened.convert(mode) if mode is not None else opened
     assert image.mode in ("I;16", "I", "F")
     from_file, from_pil = decode_image(data), decode_image(image)
     assert from_file is not None and from_pil is not None
