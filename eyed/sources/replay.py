@@ -35,6 +35,9 @@ LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label")
 # How many times in a row datasets' reader may fail before a pass ends there: each failure is read on after the
 # record it failed on (datasets decoding a corrupt file of a hub image folder fails its whole iterator).
 READER_FAILURES_IN_A_ROW = 10
+# Pauses before reading on after the 1st, 2nd, ... failure in a row (the last repeats): a corrupt file fails once
+# and is read past at once; a network that went away fails each time, and gets about 40 s to come back.
+READER_RETRY_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Threads datasets decodes images with once a pass is read on after a failure: its own default.
 DATASETS_DECODE_THREADS = 32
 
@@ -367,6 +370,8 @@ class ReplaySource:
                     self._pass_failed = self._reopen is not None
                     return
                 logger.error("dataset reader failed on record %d, reading on after it: %s", position - 1, exc)
+                if not self._pause(READER_RETRY_S[min(failed, len(READER_RETRY_S)) - 1]):
+                    return
                 it = iter(self._reopen(position))
                 continue
             position, failed = position + 1, 0
@@ -399,10 +404,15 @@ class ReplaySource:
                 self.delivered += 1
                 if limit and self.delivered >= limit:
                     return
-            if not self.cfg.loop or produced_this_pass == 0 or pacer.stop.is_set():
+            if pacer.stop.is_set():
                 return
-            if self._pass_failed:
-                # Another pass would end at the same place: the same first frames, for ever.
-                logger.error("not looping: the dataset reader failed %d times in a row", READER_FAILURES_IN_A_ROW)
+            if self.cfg.loop and self._pass_failed:
+                # Another pass would end at the same place: the same first frames, for ever. A failure, not an
+                # end: under systemd the daemon is restarted, by which time a network that went away may be back.
+                raise SourceError(
+                    f"the dataset reader failed {READER_FAILURES_IN_A_ROW} times in a row; not looping over the "
+                    "same first frames"
+                )
+            if not self.cfg.loop or produced_this_pass == 0:
                 return
             logger.info("replay reached the end after %d frames; looping", self.delivered)

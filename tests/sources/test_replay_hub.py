@@ -142,6 +142,11 @@ import hashlib, json, sys
 from eyed.config import SourceConfig
 from eyed.sources import replay
 replay.READER_FAILURES_IN_A_ROW = int(sys.argv[4])
+pause = replay.ReplaySource._pause
+def logged_pause(self, seconds):
+    print("pause", seconds, file=sys.stderr)
+    return pause(self, seconds)
+replay.ReplaySource._pause = logged_pause
 cfg = SourceConfig(dataset=sys.argv[1], split="train", loop=sys.argv[2] == "loop", limit=int(sys.argv[3]))
 with replay.ReplaySource(cfg) as src:
     for f in src.frames():
@@ -158,15 +163,27 @@ def test_a_corrupt_image_in_a_hub_image_folder_is_passed_over(
     reads on after it, every pass, rather than replaying the first frames for ever."""
     pictures = write_pictures(tmp_path / "expected")
     good = [[label, hashlib.sha1(image.tobytes()).hexdigest()] for label, image in pictures[:1] + pictures[3:]]
-    *got, counted = run_lines(REPLAY_CORRUPT, hub_env(hub, tmp_path / "hf"), CORRUPT, loop, str(limit), "10")
+    out = subprocess.run(
+        [sys.executable, "-c", REPLAY_CORRUPT, CORRUPT, loop, str(limit), "10"],
+        env=hub_env(hub, tmp_path / "hf"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    *got, counted = [json.loads(line) for line in out.stdout.splitlines()]
+    err = out.stderr
     if loop == "once":
         assert got == good and counted == [2, 2]
+        # The first failure is read past at once; the second in a row waits, as for a network coming back.
+        assert [line for line in err.splitlines() if line.startswith("pause")] == ["pause 0.0", "pause 0.5"]
     else:
         assert got == (good * 4)[:7] and counted == [6, 6]  # the 4th pass stopped before its corrupt images
 
 
 def test_a_pass_the_reader_keeps_failing_in_is_not_looped(hub: FakeHub, tmp_path: Path) -> None:
-    """Failures in a row end the pass; another would end at the same place, so the replay ends, said."""
+    """Failures in a row end the pass; another would end at the same place, so a looped replay fails (and the
+    daemon exits non-zero, for systemd to restart it) rather than repeat its first frames or end as finished."""
     env = hub_env(hub, tmp_path / "hf")
     out = subprocess.run(
         [sys.executable, "-c", REPLAY_CORRUPT, CORRUPT, "loop", "8", "2"],
@@ -175,10 +192,10 @@ def test_a_pass_the_reader_keeps_failing_in_is_not_looped(hub: FakeHub, tmp_path
         text=True,
         timeout=120,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    *got, counted = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [truth for truth, _ in got] == ["cat"] and counted == [2, 2]
-    assert "not looping: the dataset reader failed 2 times in a row" in out.stderr
+    assert out.returncode != 0
+    assert "SourceError: the dataset reader failed 2 times in a row; not looping" in out.stderr
+    got = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [truth for truth, _ in got] == ["cat"]
 
 
 def test_a_missing_hub_dataset_says_so(hub: FakeHub, tmp_path: Path) -> None:
