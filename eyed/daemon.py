@@ -154,10 +154,12 @@ class Signals:
     def interrupting(self) -> Iterator[None]:
         """A stop signal raises StopRequested in the main thread while entered (and on entry, if one came
         before): for start-up steps that cannot look at the stop flag, as loading the model."""
-        if self.stop_requested or self.stop.is_set():
-            raise StopRequested()
+        # Armed before looking: a signal between the two then raises in the handler, instead of going unseen.
         self.interruptible = True
         try:
+            if self.stop_requested or self.stop.is_set():
+                self.interruptible = False
+                raise StopRequested()
             yield
         finally:
             self.interruptible = False
