@@ -6,6 +6,7 @@ neither torch nor transformers at run time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -199,6 +200,11 @@ def cached_export_path(model_id: str, cache_dir: Path) -> Path:
     local = Path(model_id).expanduser()
     # A hub snapshot's folder is named after its commit: the same revision downloaded again is the same model.
     key = fingerprint(folder) if local.is_dir() or folder.parent.name != "snapshots" else folder.name[:12]
+    processor = folder / "preprocessor_config.json"
+    if processor.is_file() and PreprocessSpec.from_hf(read_json(processor)).resize_to is not None:
+        # Exports made before eyed read a size of height and width as transformers does cut off the frame's
+        # sides (their metadata has no resize_to): such a checkpoint gets a name of its own.
+        key = hashlib.sha256(f"{key}:resize_to".encode()).hexdigest()[:12]
     return cache_dir.expanduser() / "onnx" / f"{_slug(model_id)}-{key}-v{FORMAT}.onnx"
 
 

@@ -282,6 +282,21 @@ def test_cached_export_path_follows_the_checkpoint(tiny_checkpoint: Path, tmp_pa
     assert after.parent == before.parent == cache / "onnx"
 
 
+def test_a_fixed_size_processor_gets_an_export_of_its_own(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """An export made before a processor's height and width were read as transformers reads them crops the
+    frame: a checkpoint with such a processor must not reuse it."""
+    from eyed.model.checkpoint import fingerprint
+    from eyed.model.export import FORMAT
+
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    processor = json.loads((ckpt / "preprocessor_config.json").read_text())
+    assert cached_export_path(str(ckpt), tmp_path).name == f"ckpt-{fingerprint(ckpt)}-v{FORMAT}.onnx"
+    processor["size"] = {"height": 32, "width": 32}
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(processor))
+    old_name = f"ckpt-{fingerprint(ckpt)}-v{FORMAT}.onnx"
+    assert cached_export_path(str(ckpt), tmp_path).name != old_name
+
+
 # Postprocessor
 
 
