@@ -61,26 +61,35 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, args.set)
 
 
+# Where systemd hands the service its credentials (LoadCredential=): there only while the service runs.
+CREDENTIALS_ROOT = Path("/run/credentials")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    clients = check_files(settings)
+    notes = check_files(settings)
     print(dump_settings(settings), end="")
     print(f"# source.id resolves to {settings.source.resolved_id()!r}", file=sys.stderr)
-    if clients is not None:
-        print(f"# publish.curve_clients allows {clients} subscriber key(s)", file=sys.stderr)
+    for note in notes:
+        print(f"# {note}", file=sys.stderr)
     return EXIT_OK
 
 
-def check_files(settings: Settings) -> int | None:
+def check_files(settings: Settings) -> list[str]:
     """Read the files the configuration names, with the daemon's own loaders, so that a file `eyed run` would
-    refuse (exit 78) is refused here too; no model is loaded and nothing touches the network. Returns the
-    number of allowed CURVE client keys (None without CURVE)."""
+    refuse (exit 78) is refused here too; no model is loaded and nothing touches the network. Returns notes
+    for the user."""
     from eyed.daemon import drift_reference
     from eyed.publisher import check_curve
 
     drift_reference(settings)
     _check_priors(settings)
-    return check_curve(settings.publish)
+    key = settings.publish.curve_secret_key
+    if key is not None and key.is_relative_to(CREDENTIALS_ROOT) and not key.exists():
+        # Checked before the service's first start, the credential is not there yet; the daemon reads it then.
+        return ["publish.curve_secret_key is a systemd credential, there once the service runs: not read"]
+    clients = check_curve(settings.publish)
+    return [] if clients is None else [f"publish.curve_clients allows {clients} subscriber key(s)"]
 
 
 def _check_priors(settings: Settings) -> None:

@@ -27,6 +27,9 @@ from pydantic_settings import (
 ENV_PREFIX = "EYED_"
 # The shipped unit's TimeoutStopSec: systemd kills eyed this long after SIGTERM, bounded shutdown or not.
 UNIT_STOP_TIMEOUT_S = 20.0
+# What a stop takes besides daemon.shutdown_timeout_s and publish.linger_ms: a camera's capture thread gets up
+# to 2 s to end (sources.capture.EXIT_JOIN_S), then the model and the interpreter close.
+STOP_MARGIN_S = 3.0
 # sockaddr_un.sun_path holds 108 bytes with the closing NUL; ZeroMQ refuses longer ipc paths at bind.
 IPC_PATH_MAX = 107
 # An interface (eth0, br-lan, eth0.100) or a host name: what ZeroMQ resolves when binding.
@@ -244,7 +247,8 @@ class PublishConfig(Section):
         ge=0,
         le=10_000,
         description="How long close() may flush queued messages, after the pipeline stopped: "
-        f"daemon.shutdown_timeout_s plus this must stay below the unit's TimeoutStopSec ({UNIT_STOP_TIMEOUT_S:g} s).",
+        f"daemon.shutdown_timeout_s plus this must stay {STOP_MARGIN_S:g} s below the unit's TimeoutStopSec "
+        f"({UNIT_STOP_TIMEOUT_S:g} s).",
     )
     ipc_mode: str = Field(
         "0666",
@@ -342,8 +346,8 @@ class DaemonConfig(Section):
         5.0,
         gt=0,
         lt=UNIT_STOP_TIMEOUT_S,
-        description="Bound on a clean shutdown; this plus publish.linger_ms must stay below the unit's "
-        f"TimeoutStopSec ({UNIT_STOP_TIMEOUT_S:g} s), or systemd kills eyed before it ends.",
+        description=f"Bound on a clean shutdown; this plus publish.linger_ms must stay {STOP_MARGIN_S:g} s below "
+        f"the unit's TimeoutStopSec ({UNIT_STOP_TIMEOUT_S:g} s), or systemd kills eyed before it ends.",
     )
 
 
@@ -405,11 +409,12 @@ class Settings(BaseSettings):
         if self.model.onnx is not None and self.model.backend != "onnx":
             raise ValueError("model.onnx is set but model.backend is not 'onnx'")
         stop_s = self.daemon.shutdown_timeout_s + self.publish.linger_ms / 1000
-        if stop_s >= UNIT_STOP_TIMEOUT_S:
+        if stop_s + STOP_MARGIN_S >= UNIT_STOP_TIMEOUT_S:
             raise ValueError(
                 f"daemon.shutdown_timeout_s ({self.daemon.shutdown_timeout_s:g} s) plus publish.linger_ms "
-                f"({self.publish.linger_ms} ms) is {stop_s:g} s: it must stay below the unit's TimeoutStopSec "
-                f"({UNIT_STOP_TIMEOUT_S:g} s), or systemd kills eyed before its shutdown ends"
+                f"({self.publish.linger_ms} ms) is {stop_s:g} s: with {STOP_MARGIN_S:g} s for the source and "
+                f"the model to close, it must stay below the unit's TimeoutStopSec ({UNIT_STOP_TIMEOUT_S:g} s), "
+                "or systemd kills eyed before its shutdown ends"
             )
         return self
 

@@ -349,9 +349,9 @@ def test_well_formed_endpoints_pass(endpoint: str) -> None:
 def test_shutdown_fits_in_the_units_stop_timeout(tmp_path: Path) -> None:
     """systemd kills eyed TimeoutStopSec=20 s after SIGTERM: the pipeline's bound plus the publisher's linger
     must end before that."""
-    assert load_settings(None, ["daemon.shutdown_timeout_s=15", "publish.linger_ms=4000"])
-    with pytest.raises(ConfigError) as info:
-        load_settings(write_toml(tmp_path, "[daemon]\nshutdown_timeout_s = 15\n[publish]\nlinger_ms = 5000\n"))
+    assert load_settings(None, ["daemon.shutdown_timeout_s=13", "publish.linger_ms=3900"])
+    with pytest.raises(ConfigError) as info:  # 17 s, and 3 s for the source and the model to close
+        load_settings(write_toml(tmp_path, "[daemon]\nshutdown_timeout_s = 13\n[publish]\nlinger_ms = 4000\n"))
     assert "daemon.shutdown_timeout_s" in str(info.value) and "publish.linger_ms" in str(info.value)
     assert "TimeoutStopSec" in str(info.value)
     with pytest.raises(ConfigError, match=re.escape("daemon.shutdown_timeout_s")):
@@ -573,6 +573,20 @@ def test_check_config_reads_the_files_the_daemon_reads(
     code, err = check_config({**curve_files, "model.coarse_priors": str(priors)}, capsys)
     assert code == EXIT_OK, err
     assert "publish.curve_clients allows 1 subscriber key(s)" in err
+
+
+def test_check_config_leaves_a_systemd_credential_to_the_service(
+    curve_files: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LoadCredential= puts the secret key under /run/credentials only while the service runs: checked before
+    the first start it is not there yet, and the daemon reads it when it is."""
+    key = "/run/credentials/eyed.service/curve.key_secret"
+    code, err = check_config({**curve_files, "publish.curve_secret_key": key}, capsys)
+    assert code == EXIT_OK, err
+    assert "publish.curve_secret_key is a systemd credential" in err
+    # Anywhere else, a missing key is the error run would give.
+    code, err = check_config({**curve_files, "publish.curve_secret_key": "/nope/eyed.key_secret"}, capsys)
+    assert code == EXIT_CONFIG
 
 
 @pytest.mark.parametrize(
