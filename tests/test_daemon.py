@@ -185,7 +185,7 @@ def test_sigterm_during_a_first_start_export_exits_at_once_leaving_no_file(
         t = time.monotonic()
         code, err = finish(proc, timeout_s=15)
         assert code == 0, "".join(lines) + err
-        assert time.monotonic() - t < 5
+        assert time.monotonic() - t < 10  # not the export's tens of seconds (interpreter teardown included)
         assert "stopped before the first frame" in err and "Traceback" not in err
         listener.wait_for("STOPPING=1", 5)
         assert "READY=1" not in listener.fields()

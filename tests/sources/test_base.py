@@ -10,7 +10,7 @@ from eyed.sources.base import Pacer, pace_listener
 
 def test_pacer_tells_the_threads_listener_when_each_sleep_ends() -> None:
     heard: list[float] = []
-    pacer = Pacer(10)
+    pacer = Pacer(1)  # a second apart: the second wait sleeps however slow the machine is
     with pace_listener(heard.append):
         pacer.wait()  # the first frame goes at once: no sleep to announce
         assert heard == []
@@ -19,19 +19,18 @@ def test_pacer_tells_the_threads_listener_when_each_sleep_ends() -> None:
         woke = time.monotonic()
     assert len(heard) == 1
     assert before < heard[0] <= woke  # announced before the sleep, with the time it ends
-    assert heard[0] - before > 0.05
 
 
 def test_only_the_listening_thread_is_heard() -> None:
     heard: list[float] = []
-    other = Pacer(20)
+    other = Pacer(4)
     with pace_listener(heard.append):
         # A pacer read in another thread (another pipeline's worker) is not this listener's.
         thread = threading.Thread(target=lambda: [other.wait() for _ in range(3)])
         thread.start()
         thread.join(5)
         Pacer(0).wait()  # never sleeps
-    pacer = Pacer(20)
+    pacer = Pacer(4)
     pacer.wait()
-    pacer.wait()  # after the listener is gone
+    pacer.wait()  # sleeps, after the listener is gone
     assert heard == []
