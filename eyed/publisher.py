@@ -142,11 +142,11 @@ class Publisher:
             raise bind_error(self.cfg.endpoint, exc) from exc
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.cfg.endpoint
-        self._open_ipc_socket()
+        self._set_ipc_mode()
         logger.info("publishing on %s", self.endpoint)
         return self
 
-    def _open_ipc_socket(self) -> None:
+    def _set_ipc_mode(self) -> None:
         """Give an ipc:// socket file ``publish.ipc_mode``. It is created with the process's umask (the unit's
         0027), and connecting takes write permission: other users' subscribers, which a tcp endpoint on the
         loopback lets in, would be shut out. An abstract socket (``ipc://@name``) has no file."""

@@ -13,9 +13,8 @@ import pytest
 from eyed.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser
 from eyed.config import PublishConfig
 from eyed.publisher import Publisher
+from tests.conftest import ROOT
 from tests.daemon_helpers import daemon_env, finish, start_daemon
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def eyed(

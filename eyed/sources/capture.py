@@ -103,18 +103,12 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next(self) -> float:
-        cap = self._cap()
-        if cap < self.maximum:
-            # Not past the cap: 2**attempt outgrows a float after 1024 attempts (6 h of an unplugged camera).
+        # 2**1024 overflows a float (6 h of an unplugged camera); 2**64 times any initial delay is past any cap.
+        cap = min(self.maximum, self.initial * 2.0 ** min(self.attempt, 64))
+        if cap < self.maximum:  # past the cap, the count has nothing left to say
             self.attempt += 1
         # Half fixed, half random: spreads reconnect storms without ever retrying at once.
         return cap / 2 + self._rng.uniform(0, cap / 2)
-
-    def _cap(self) -> float:
-        try:
-            return min(self.maximum, self.initial * 2.0**self.attempt)
-        except OverflowError:  # an attempt count set from outside: far past any cap
-            return self.maximum
 
     def reset(self) -> None:
         self.attempt = 0

@@ -70,12 +70,41 @@ def _sleep(seconds: float) -> bool:
 
 
 @dataclass
-class _Request:
-    """A request of a hub file, running in a daemon thread of its own: for bytes ``start`` on, or None."""
+class Background:
+    """A call running in a daemon thread of its own, which a caller waiting for a stop can leave to itself (a
+    network request cannot be interrupted). For a hub file's request, ``start`` is its first byte, or None."""
 
-    start: int | None
+    start: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
     outcome: tuple[bool, Any] = (False, None)  # (succeeded, what it returned or raised)
+
+
+def in_background(call: Callable[[], Any], name: str, start: int | None = None) -> Background:
+    """Start ``call`` in a daemon thread named ``name``."""
+    job = Background(start)
+
+    def run() -> None:
+        try:
+            job.outcome = (True, call())
+        except BaseException as exc:  # handed to the waiter, or dropped with the call
+            job.outcome = (False, exc)
+        finally:
+            job.done.set()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return job
+
+
+def wait_for(job: Background, stopped: Callable[[], bool], error: Exception) -> Any:
+    """What ``job`` returned (what it raised is raised here); ``error`` once ``stopped()``, looked at every
+    STOP_POLL_S."""
+    while not job.done.wait(STOP_POLL_S):
+        if stopped():
+            raise error
+    ok, value = job.outcome
+    if not ok:
+        raise value
+    return value
 
 
 class HubFile:
@@ -101,35 +130,18 @@ class HubFile:
         self.size = int(self._file.size)
         self._pos = 0
         self._block_start, self._block = 0, b""
-        self._ahead: _Request | None = None  # the block after ``_block``
+        self._ahead: Background | None = None  # the block after ``_block``
 
-    def _start(self, start: int | None, request: Callable[[], Any]) -> _Request:
+    def _start(self, start: int | None, request: Callable[[], Any]) -> Background:
         if not self._pause(0):
             raise ReadingStopped("the replay is being stopped")
-        job = _Request(start)
+        return in_background(request, "eyed-hub-request", start)
 
-        def run() -> None:
-            try:
-                job.outcome = (True, request())
-            except BaseException as exc:  # handed to the caller, or dropped with the request
-                job.outcome = (False, exc)
-            finally:
-                job.done.set()
-
-        threading.Thread(target=run, name="eyed-hub-request", daemon=True).start()
-        return job
-
-    def _wait(self, job: _Request) -> Any:
+    def _wait(self, job: Background) -> Any:
         """What ``job`` returned; what it raised is raised here."""
-        while not job.done.wait(STOP_POLL_S):
-            if not self._pause(0):
-                raise ReadingStopped("the replay is being stopped")
-        ok, value = job.outcome
-        if not ok:
-            raise value
-        return value
+        return wait_for(job, lambda: not self._pause(0), ReadingStopped("the replay is being stopped"))
 
-    def _fetch(self, start: int, end: int) -> _Request:
+    def _fetch(self, start: int, end: int) -> Background:
         def request() -> bytes:
             # fsspec's hook for a file's bytes (AbstractBufferedFile._fetch_range): one range request, with no
             # position of the file's own, so a small read can go while the block ahead is on its way.

@@ -25,7 +25,7 @@ import numpy as np
 from eyed.config import SourceConfig
 from eyed.sources.base import Pacer, SourceError, to_rgb
 from eyed.sources.dataset_info import DatasetInfoError, LocalImages, SplitQuery, keep_torch_out
-from eyed.sources.parquet import STOP_POLL_S, ParquetRows, prepare_hub_reading
+from eyed.sources.parquet import ParquetRows, in_background, prepare_hub_reading, wait_for
 from eyed.types import Frame, StartUp
 
 logger = logging.getLogger(__name__)
@@ -132,30 +132,6 @@ def arrow_pool_backend(machine: str | None = None) -> str:
     held; the C library's allocator returns it."""
     machine = machine or platform.machine()
     return "jemalloc" if sys.platform.startswith("linux") and machine.lower() in ("x86_64", "amd64") else "system"
-
-
-def call_unless_stopped(call: Callable[[], Any], stop: threading.Event, what: str) -> Any:
-    """What ``call`` returns (or raises), run in a daemon thread that is left to itself once ``stop`` is set:
-    then DatasetInfoError, as a stop while the child process describes the dataset gives."""
-    done = threading.Event()
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:  # handed to the caller, or dropped with the call
-            outcome.append((False, exc))
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name="eyed-replay-open", daemon=True).start()
-    while not done.wait(STOP_POLL_S):
-        if stop.is_set():
-            raise DatasetInfoError(f"stopped while waiting for {what}")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
 
 
 def skip_undecoded(ds: Any, records: int, images: bool) -> Any:
@@ -303,9 +279,9 @@ class ReplaySource:
         stop = self._startup.stop if self._startup is not None else threading.Event()
         # What load_dataset(streaming=True) does. Asked in a thread of its own: on a stalled network
         # huggingface_hub retries for minutes, and a daemon told to stop meanwhile cannot wait for that.
-        return call_unless_stopped(
-            lambda: load_dataset_builder(name).as_streaming_dataset(split=split), stop, f"datasets to load {name}"
-        )
+        job = in_background(lambda: load_dataset_builder(name).as_streaming_dataset(split=split), "eyed-replay-open")
+        # DatasetInfoError, as a stop while the child process describes the dataset gives.
+        return wait_for(job, stop.is_set, DatasetInfoError(f"stopped while waiting for datasets to load {name}"))
 
     def _pause(self, seconds: float) -> bool:
         """Wait ``seconds`` before reading a hub shard again; False if the replay was stopped meanwhile."""
