@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import logging
 import statistics
 import tempfile
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from eyed.config import ModelConfig, PublishConfig, Settings
-from eyed.model import load_classifier
+from eyed.model import ModelLoadError, load_classifier
 from eyed.model.export import INPUT_NAME, K_NAME, OUTPUT_NAME
 from eyed.model.onnx_backend import OnnxClassifier, open_session
 from eyed.pipeline import Pipeline
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 def load_frames(settings: Settings, n: int) -> tuple[list[np.ndarray], list[str | None]]:
     """The first ``n`` frames of the configured source, decoded, in memory."""
-    cfg = settings.source.model_copy(update={"limit": n, "fps": 0.0, "loop": False})
+    cfg = settings.source.model_copy(update={"limit": n})
     images, truths = [], []
     with open_recorded(cfg) as src:
         for frame in src.frames():
@@ -255,6 +256,11 @@ def int8_model(settings: Settings, fp32: OnnxClassifier, calibration: int = 300)
     """The INT8 version of the benchmarked model, quantised once into the cache (calibrated on the source)."""
     from eyed.model.quantize import METHOD_VERSION, export_int8
 
+    if importlib.util.find_spec("onnx") is None:
+        raise ModelLoadError(
+            "eyed bench quantises model.onnx to INT8, which needs the int8 extra (pip install 'eyed[int8]'): "
+            "or pass --int8 with an INT8 file made by `eyed export --int8`, or --no-int8"
+        )
     # The FP32 file's content is part of the name: a re-exported or replaced model.onnx gets a new INT8 file.
     digest = hashlib.sha256(fp32.path.read_bytes()).hexdigest()[:12]
     name = f"{fp32.path.stem}-{digest}-int8v{METHOD_VERSION}-c{calibration}.onnx"

@@ -24,6 +24,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # model, source or endpoint cannot be set up (may work later: restart)
+EXIT_CANTCREAT = 73  # an offline command's output cannot be written
 EXIT_SOFTWARE = 70  # shutdown did not finish in time, or an internal error
 EXIT_CONFIG = 78  # invalid configuration: a restart cannot help (RestartPreventExitStatus=78)
 
@@ -112,9 +113,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(settings)
 
 
+# Options of `eyed export` that mean something only with --int8.
+INT8_OPTIONS = ("calibration", "check", "float_stem", "target_cpu")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from eyed.model.export import export_onnx
 
+    int8_only = [f"--{name.replace('_', '-')}" for name in INT8_OPTIONS if getattr(args, name) not in (None, False)]
+    if int8_only and not args.int8:
+        args.parser.error(f"{', '.join(int8_only)}: only with --int8")
     settings = _settings(args)
     setup_logging(settings.log.level)
     if not args.int8:
@@ -124,14 +132,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if settings.model.backend != "onnx":
         settings.model.backend = "onnx"
-    record = export_int8(
-        settings,
-        args.output,
-        calibration=args.calibration,
-        check=args.check,
-        float_stem=args.float_stem,
-        target_cpu=args.target_cpu,
-    )
+    given = {name: getattr(args, name) for name in INT8_OPTIONS if getattr(args, name) is not None}
+    record = export_int8(settings, args.output, **given)
     print(json.dumps(record, indent=2))
     print(args.output)
     return EXIT_OK
@@ -336,21 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help: str, writes: dict[str, bool] | None = None
+    ) -> argparse.ArgumentParser:
+        """A subcommand; ``writes`` names its output arguments (True for a folder), checked before it runs."""
         p = sub.add_parser(name, parents=[common], help=help, description=help)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, parser=p, writes=writes or {})
         return p
 
     add("run", cmd_run, "run the daemon")
     add("check-config", cmd_check_config, "validate the configuration and print the effective one")
-    p = add("export", cmd_export, "export model.id to an ONNX file with labels and preprocessing")
+    p = add("export", cmd_export, "export model.id to an ONNX file with labels and preprocessing", {"output": False})
     p.add_argument("--output", type=Path, required=True)
     p.add_argument(
         "--int8", action="store_true", help="static INT8 quantisation, calibrated on frames of the configured source"
     )
-    p.add_argument("--calibration", type=at_least(1), default=300, help="--int8: calibration frames (from source.skip)")
     p.add_argument(
-        "--check", type=at_least(0), default=500, help="--int8: frames after those for the accuracy check (0 = none)"
+        "--calibration", type=at_least(1), help="--int8: calibration frames, from source.skip on (default: 300)"
+    )
+    p.add_argument(
+        "--check", type=at_least(0), help="--int8: frames after those for the accuracy check (0 = none; default: 500)"
     )
     p.add_argument(
         "--float-stem",
@@ -391,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", type=Path, help="INT8 file to compare (default: quantise model.onnx once into the cache)")
     p.add_argument("--no-int8", action="store_true", help="FP32 only")
     p.add_argument("--json", action="store_true")
-    p = add("eval", cmd_eval, "accuracy of the configured model on a labelled replay source")
+    p = add("eval", cmd_eval, "accuracy of the configured model on a labelled replay source", {"png": False})
     p.add_argument("--skip", type=at_least(0), default=0, help="skip this many records first (e.g. 45000)")
     p.add_argument(
         "--vs",
@@ -403,7 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--png", type=Path, help="write the confusion matrices to this PNG")
     p.add_argument("--json", action="store_true")
-    p = add("finetune", cmd_finetune, "train a new head on source.dataset/split; save checkpoint + ONNX to --output")
+    p = add(
+        "finetune",
+        cmd_finetune,
+        "train a new head on source.dataset/split; save checkpoint + ONNX to --output",
+        {"output": True},
+    )
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--limit", type=at_least(0), help="training images (default: source.limit; 0 = all)")
     p.add_argument("--epochs", type=at_least(1), default=300, help="L-BFGS iterations on the cached features")
@@ -411,18 +423,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out from training for validation")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip augmentation")
     p.add_argument("--seed", type=int, default=0)
-    p = add("profile", cmd_profile, "write a drift reference (and coarse priors) from the configured source")
+    p = add(
+        "profile",
+        cmd_profile,
+        "write a drift reference (and coarse priors) from the configured source",
+        {"output": False},
+    )
     p.add_argument("--output", type=Path, required=True)
     p = add(
         "drift-report",
         cmd_drift_report,
         "chart drift windows against their thresholds: recorded events (--events) or a run of the source",
+        {"output": False},
     )
     p.add_argument("--output", type=Path, required=True, help="PNG to write")
     p.add_argument("--events", type=Path, help="JSON lines from `eyed subscribe --json --topic drift.`")
     p.add_argument("--reference", type=Path, help="default: drift.reference")
     p.add_argument("--source", help="source id, when the events come from several")
-    p = add("priors", cmd_priors, "estimate coarse-label priors from the configured source (no labels used)")
+    p = add(
+        "priors",
+        cmd_priors,
+        "estimate coarse-label priors from the configured source (no labels used)",
+        {"output": False},
+    )
     p.add_argument("--output", type=Path, required=True)
     return parser
 
@@ -431,11 +454,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eyed.curve import CurveError
     from eyed.daemon import ShutdownTimeout
     from eyed.model import ModelLoadError
+    from eyed.outputs import OutputError, check_writable
     from eyed.publisher import PublishError
     from eyed.sources import SourceError
 
     args = build_parser().parse_args(argv)
     try:
+        # Before the run: an output that cannot be written fails now, not after minutes of work.
+        for name, folder in getattr(args, "writes", {}).items():
+            if getattr(args, name) is not None:
+                check_writable(getattr(args, name), folder=folder)
         return int(args.func(args))
     except (ConfigError, CurveError) as exc:
         print(f"eyed: {exc}", file=sys.stderr)
@@ -443,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelLoadError, SourceError, PublishError) as exc:
         print(f"eyed: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except OutputError as exc:
+        print(f"eyed: {exc}", file=sys.stderr)
+        return EXIT_CANTCREAT
     except ShutdownTimeout as exc:
         print(f"eyed: {exc}", file=sys.stderr)
         return EXIT_SOFTWARE

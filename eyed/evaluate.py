@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from eyed.config import Settings
+from eyed.config import ConfigError, Settings
 from eyed.model.labels import estimate_priors, save_priors
 from eyed.model.postprocess import softmax
 from eyed.offline import OfflineRunner
+from eyed.outputs import pyplot, save_figure, staged
 from eyed.progress import progress
-from eyed.sources import open_recorded
+from eyed.sources import describe, no_frames, open_recorded
 from eyed.types import Frame, Prediction
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,12 @@ def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
         yield batch
 
 
-def predictions(settings: Settings, runner: OfflineRunner) -> Iterator[tuple[list[Frame], list[Prediction]]]:
-    """(frames, predictions) batches over the configured source, with a progress bar on a terminal."""
-    with open_recorded(settings.source) as src:
+def predictions(
+    settings: Settings, runner: OfflineRunner, *, paced: bool = False
+) -> Iterator[tuple[list[Frame], list[Prediction]]]:
+    """(frames, predictions) batches over one pass of the configured source (at ``source.fps`` if ``paced``,
+    else at full speed), with a progress bar on a terminal."""
+    with open_recorded(settings.source, paced=paced) as src:
         for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
             yield batch, runner.predict(batch)
 
@@ -47,8 +51,11 @@ def run_priors(settings: Settings, output: Path) -> np.ndarray:
     """Mean group mass of the model's outputs over the configured source; written to ``output``."""
     with OfflineRunner(settings) as runner:
         mapper = runner.classifier.post.mapper  # type: ignore[attr-defined]
-        if mapper is None:
-            raise ValueError(f"{settings.model.id} has no coarse mapping: nothing to estimate")
+        if mapper is None or mapper.native:
+            raise ConfigError(
+                f"{runner.classifier.name}: its labels do not map to model.coarse ({settings.model.coarse}) through "
+                "groups of fine classes, so there are no priors to estimate"
+            )
         n = 0
 
         def probs() -> Iterator[np.ndarray]:
@@ -57,7 +64,12 @@ def run_priors(settings: Settings, output: Path) -> np.ndarray:
                 n += len(frames)
                 yield np.stack([p.probs for p in preds])
 
-        priors = estimate_priors(mapper, probs())
+        try:
+            priors = estimate_priors(mapper, probs())
+        except ValueError:
+            if n == 0:  # the empty stream it cannot estimate from
+                raise no_frames(settings.source) from None
+            raise
     meta = {
         "space": settings.model.coarse,
         "model": settings.model.id,
@@ -121,6 +133,8 @@ class _Scorer:
             self.preds["corrected"].append(p.argmax(axis=1))
             return
         self.preds["corrected"].append(self.mapper.scores(p).argmax(axis=1))
+        if self.mapper.native:  # one label per class: no priors, and the other two ways agree with it
+            return
         self.preds["group-sum"].append(self.mapper.scores(p, corrected=False).argmax(axis=1))
         top = p.argmax(axis=1)
         # A top-1 class outside every group counts as wrong: that is what a lookup-only system would report.
@@ -128,8 +142,14 @@ class _Scorer:
 
     def report(self) -> dict[str, Any]:
         model = self.settings.model
+        if self.frames == 0:
+            raise no_frames(self.settings.source)
         if not self.truths:
-            raise ValueError(f"{model.id}: no frame had a ground-truth label in the model's label space")
+            shown = ", ".join(self.classes[:10]) + (", ..." if len(self.classes) > 10 else "")
+            raise ConfigError(
+                f"eyed eval needs a labelled source: none of the {self.frames} frames of "
+                f"{describe(self.settings.source)} had a label among {self.runner.classifier.name}'s classes ({shown})"
+            )
         y = np.asarray(self.truths)
         results = {name: np.concatenate(v) for name, v in self.preds.items() if v}
         acc = {name: float((v == y).mean()) for name, v in results.items()}
@@ -137,13 +157,13 @@ class _Scorer:
         per_class = {c: float((main[y == i] == i).mean()) if (y == i).any() else None for c, i in self.index.items()}
         cm = confusion(y, np.clip(main, 0, len(self.classes) - 1), len(self.classes))
         # A model trained on the coarse classes (eyed finetune) has an identity mapping: its labels are native.
-        native = self.mapper is None or list(self.mapper.classes) == list(self.runner.classifier.post.labels)  # type: ignore[attr-defined]
+        native = self.mapper is None or self.mapper.native
         space = "native" if native else "coarse"
         name = f"{model.onnx or model.id} ({self.runner.classifier.backend})"
         fps = self.frames / max(self.seconds, 1e-9)
         src = self.settings.source
         lines = [f"model {name}, {space} labels, {len(y)} frames from {src.dataset}:{src.split} (skip {src.skip})"]
-        if self.mapper is not None:
+        if self.mapper is not None and not self.mapper.native:
             lines.append(f"priors: {model.coarse_priors}")
             lines += [f"  accuracy {k:<13} {v:.4f}" for k, v in acc.items()]
         lines.append("per class: " + ", ".join(f"{c} {v:.3f}" for c, v in per_class.items() if v is not None))
@@ -183,7 +203,7 @@ def run_eval(
     variants = [settings] + [apply_overrides(settings, overrides) for overrides in vs or []]
     with contextlib.ExitStack() as stack:
         scorers = [_Scorer(stack.enter_context(OfflineRunner(v)), v) for v in variants]
-        with open_recorded(settings.source) as src:
+        with open_recorded(settings.source) as src:  # one pass at full speed
             for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
                 for scorer in scorers:
                     scorer.add(batch)
@@ -218,11 +238,7 @@ def apply_overrides(settings: Settings, overrides: list[str]) -> Settings:
 
 def draw_confusions(reports: list[dict[str, Any]], path: Path) -> Path:
     """One row-normalised confusion matrix per model, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 5.5), squeeze=False)
     for ax, r in zip(axes[0], reports, strict=True):
         m = np.asarray(r["confusion"], dtype=np.float64)
@@ -238,10 +254,7 @@ def draw_confusions(reports: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("truth")
         ax.set_title(f"{Path(r['name']).name[:40]}\naccuracy {r['accuracy']:.3f}, {r['frames']} frames", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
@@ -279,11 +292,11 @@ def _profile(settings: Settings, runner: OfflineRunner, output: Path) -> dict[st
         last = frames[-1].t_in
         stats = [extractor(f.image, p) for f, p in zip(frames, preds, strict=True)]
         builder.add_many(stats, np.stack([p.probs for p in preds]) if builder.mapper is not None else None)
+    if builder.frames == 0:
+        raise no_frames(src)
     # Blocks that hold a window, so calibration windows fit inside them (eyed.drift.reference.sample_blocks).
-    # A paced replay that lagged behind source.fps still stands for a stream at that rate.
-    seconds = last - first
-    if src.fps > 0 and builder.frames > 1:
-        seconds = min(seconds, (builder.frames - 1) / src.fps)
+    # The frames were read at full speed: with source.fps set, they stand for a stream at that rate.
+    seconds = (builder.frames - 1) / src.fps if src.fps > 0 else last - first
     builder.block, builder.reservoir_size = profile_blocks(settings.drift, builder.frames, seconds)
     if settings.drift.window_s is not None:
         logger.info(
@@ -294,8 +307,8 @@ def _profile(settings: Settings, runner: OfflineRunner, output: Path) -> dict[st
             (builder.frames - 1) / seconds if seconds > 0 else 0.0,
         )
     reference = builder.build()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    reference.write(output)
+    with staged(output) as tmp:
+        reference.write(tmp)
     logger.info("drift reference from %d frames written to %s", reference.frames, output)
     return {"output": str(output), "frames": reference.frames, "priors": reference.priors}
 
@@ -312,7 +325,8 @@ def run_drift(settings: Settings) -> list[dict[str, Any]]:
     with OfflineRunner(settings) as runner:
         watch = build_drift(settings, runner.classifier)
         assert watch is not None
-        for frames, preds in predictions(settings, runner):
+        # Paced: windows in seconds (drift.window_s) are measured on the frames' arrival times.
+        for frames, preds in predictions(settings, runner, paced=True):
             for frame, pred in zip(frames, preds, strict=True):
                 report = watch.observe(frame, pred)
                 if report is not None:

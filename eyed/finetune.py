@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,8 +25,9 @@ from eyed.model.checkpoint import ModelLoadError, files_fingerprint, fingerprint
 from eyed.model.export import FEATURES_FORMAT, export_onnx
 from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
+from eyed.outputs import staged
 from eyed.progress import progress
-from eyed.sources import open_recorded
+from eyed.sources import no_frames, open_recorded
 from eyed.sources.replay import local_dataset
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class FinetuneOptions:
         # Checked here, before the long feature extraction, rather than after it.
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction {self.val_fraction}: must be at least 0 and below 1")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay {self.weight_decay}: must be a number, 0 or more")
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,9 @@ def _extract(src: SourceConfig, session: Any, prepare: Preprocessor, batch: int,
             skipped["unreadable"],
         )
     if not truths:
-        raise ValueError(f"{src.dataset}: no labelled frames to train on (left out: {skipped})")
+        if skipped["unlabelled"] or skipped["unknown_label"]:
+            raise ConfigError(f"eyed finetune needs a labelled source: {src.dataset} had none (left out: {skipped})")
+        raise no_frames(src, f" (left out: {skipped})")
     classes = list(names) if names else sorted(set(truths))
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[t] for t in truths], dtype=np.int64)
@@ -196,17 +202,15 @@ def _embed(session: Any, pixels: np.ndarray, xs: _Rows, flips: _Rows | None) -> 
 
 
 def _save(path: Path, features: Features) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        x=features.x,
-        x_flip=features.x_flip if features.x_flip is not None else np.zeros((0,), np.float32),
-        y=features.y,
-        classes=np.array(features.classes),
-        skipped=np.array([features.skipped[k] for k in SKIP_REASONS], dtype=np.int64),
-    )
-    tmp.replace(path)
+    with staged(path) as tmp:
+        np.savez(
+            tmp,
+            x=features.x,
+            x_flip=features.x_flip if features.x_flip is not None else np.zeros((0,), np.float32),
+            y=features.y,
+            classes=np.array(features.classes),
+            skipped=np.array([features.skipped[k] for k in SKIP_REASONS], dtype=np.int64),
+        )
 
 
 def _load(path: Path, flip: bool) -> Features:
@@ -333,6 +337,8 @@ def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
         "split": settings.source.split,
         "skip": settings.source.skip,
         "limit": settings.source.limit,
+        # Every record read counts, those left out too: eval --skip this for images training never saw.
+        "next_skip": settings.source.skip + len(features.y) + sum(features.skipped.values()),
         "classes": features.classes,
         "skipped": features.skipped,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
@@ -341,5 +347,6 @@ def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
         **metrics,
         "onnx": str(onnx_path),
     }
-    (opts.output / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    with staged(opts.output / "finetune.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
     return report

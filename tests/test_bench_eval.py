@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from eyed.bench import pool_rounds, summarise
 from eyed.cli import main
 from eyed.model.labels import load_priors
+from tests.conftest import synthetic_images, write_parquet_dataset
 
 
 @pytest.fixture
@@ -128,3 +131,76 @@ def test_latency_percentiles_are_over_every_frame_of_every_round() -> None:
     assert row["p99_ms"] == pytest.approx(float(np.percentile([1.0] * 198 + [50.0] * 2, 99)))
     assert row["p99_ms"] < 2
     assert "latencies_ms" not in row
+
+
+def test_eval_and_priors_read_a_looping_source_once(
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daemon's configuration (a looping, paced feed) serves eval and priors as it is: each record once."""
+    looping = [*overrides, "--set", "source.loop=true", "--set", "source.fps=2"]
+    assert main(["eval", *looping, "--set", "source.limit=30", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == 11
+    out = tmp_path / "priors.json"
+    assert main(["priors", *looping, "--output", str(out)]) == 0  # limit 0: would never end
+    assert json.loads(out.read_text())["frames"] == 11
+
+
+def test_eval_says_what_is_missing(overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", *overrides, "--skip", "100"]) == 69
+    dataset = overrides[1].removeprefix("source.dataset=")
+    assert capsys.readouterr().err.strip() == f"eyed: no frames from {dataset}:train from record 100 on"
+    unlabelled = write_parquet_dataset(tmp_path / "unlabelled", synthetic_images(3), [None, None, None])  # type: ignore[list-item]
+    assert main(["eval", *overrides, "--set", f"source.dataset={unlabelled}"]) == 78
+    assert "needs a labelled source: none of the 3 frames" in capsys.readouterr().err
+
+
+def test_priors_need_a_model_with_a_coarse_mapping(
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "priors.json"
+    assert main(["priors", *overrides, "--set", "model.coarse=none", "--output", str(out)]) == 78
+    assert "no priors to estimate" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_run(
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 73 at once, not a traceback after the run: the source named here does not exist, so a run would
+    have failed with 69 first."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    missing = [*overrides, "--set", f"source.dataset={tmp_path / 'nowhere'}"]
+    for command in (
+        ["priors", "--output", str(blocker / "p.json")],
+        ["profile", "--output", str(blocker / "ref.json")],
+        ["eval", "--png", str(blocker / "cm.png")],
+        ["export", "--output", str(blocker / "m.onnx")],
+        ["export", "--int8", "--output", str(tmp_path)],  # a folder
+        ["finetune", "--output", str(blocker / "head")],
+        ["drift-report", "--output", str(blocker / "d.png")],
+    ):
+        capsys.readouterr()
+        assert main([command[0], *missing, *command[1:]]) == 73, command
+        assert capsys.readouterr().err.startswith(f"eyed: cannot write {command[-1]}: "), command
+    # A missing folder is made, as before.
+    out = tmp_path / "new" / "folder" / "priors.json"
+    assert main(["priors", *overrides, "--output", str(out)]) == 0 and out.is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["priors.json"]  # no probe or temporary file left
+
+
+def test_charts_without_matplotlib_say_which_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from eyed.outputs import OutputError, pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the report extra has
+    with pytest.raises(OutputError, match=r"eyed\[report\]"):
+        pyplot()
+
+
+def test_bench_without_the_onnx_package_says_how_to_go_on(
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main(["bench", *overrides, "--set", f"model.cache_dir={tmp_path}", "--frames", "2"]) == 69
+    err = capsys.readouterr().err
+    assert "eyed[int8]" in err and "--no-int8" in err

@@ -158,27 +158,28 @@ def test_daemon_windows_in_seconds(clean_and_dark: tuple[Path, Path], tiny_onnx:
 
 
 def test_profile_blocks_hold_a_window_in_seconds(
-    clean_and_dark: tuple[Path, Path],
     tiny_checkpoint: Path,
     tiny_onnx: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`eyed profile` with drift.window_s keeps blocks as long as such a window at the profiled frame rate:
-    0.1 s at 200 fps is 21 frames. (The reservoir is shrunk so 400 frames are more than it keeps.)"""
+    0.1 s at 200 fps is 21 frames. (The reservoir is shrunk so 400 frames are more than it keeps.) The
+    frames are read at full speed and stand for a stream at source.fps; source.loop is ignored."""
     from eyed.drift import reference as reference_module
 
     monkeypatch.setattr(reference_module, "RESERVOIR", 60)
+    dataset = write_parquet_dataset(tmp_path / "data", synthetic_images(400, seed=3), [i % 10 for i in range(400)])
     out = tmp_path / "reference.json"
-    args = ["--set", f"source.dataset={clean_and_dark[0]}", "--set", "source.split=train"]
+    args = ["--set", f"source.dataset={dataset}", "--set", "source.split=train"]
     args += ["--set", f"model.id={tiny_checkpoint}", "--set", f"model.onnx={tiny_onnx}"]
-    args += ["--set", "source.loop=true", "--set", "source.limit=400", "--set", "source.fps=200"]
+    # At 200 fps, 400 frames would take 2 s paced; a looping source would never end.
+    args += ["--set", "source.loop=true", "--set", "source.fps=200"]
     assert main(["profile", *args, "--set", "drift.window_s=0.1", "--output", str(out)]) == 0
     ref = load_reference(out)
     assert ref.frames == 400 and ref.blocks is not None
     block = ref.reservoir.shape[0] // 4  # four blocks: 4 x 21 rows are more than the 60 of RESERVOIR
-    # 21 at 200 fps (22 if the measured rate came out a hair over it); a replay that lagged still counts 200.
-    assert block in (21, 22) and ref.reservoir.shape[0] == 4 * block
+    assert block == 21 and ref.reservoir.shape[0] == 4 * block
     assert all(length % block == 0 for _, length in ref.blocks)  # adjacent blocks merge into one run
 
 

@@ -249,3 +249,25 @@ def test_val_fraction_must_leave_images_to_train_on(
         assert code == 78, fraction
         assert "--val-fraction" in capsys.readouterr().err
     assert not (tmp_path / "ft" / "finetune.json").exists()
+
+
+def test_weight_decay_must_be_a_number_of_at_least_0(
+    coloured_dataset: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for value in ("nan", "-1", "inf"):  # nan trained to NaN logits and exited 0
+        capsys.readouterr()
+        assert (
+            run(coloured_dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache", f"--weight-decay={value}") == 78
+        )
+        assert "--weight-decay" in capsys.readouterr().err
+    assert not (tmp_path / "ft" / "finetune.json").exists()
+
+
+def test_the_report_says_where_held_out_records_start(
+    tiny_dataset: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """--limit counts frames, eval --skip counts records: with a corrupt record among them, the first record
+    training did not read is one further than the limit."""
+    report = finetune(tiny_dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache", "--limit", "8")
+    assert report["train_images"] + report["val_images"] == 8
+    assert report["skipped"]["corrupt"] == 1 and report["next_skip"] == 9  # records 0-8, the 6th corrupt

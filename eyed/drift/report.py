@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from eyed.drift.reference import Reference
+from eyed.outputs import pyplot, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,7 @@ def draw_report(
 
     ``source`` picks one source when the events come from several (a ValueError lists them otherwise).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     events = _one_source(events, source)
     if not events:
         raise ValueError("no drift events to chart")
@@ -102,9 +99,7 @@ def draw_report(
         fontsize=10,
     )
     fig.tight_layout()
-    output_png = Path(output_png)
-    fig.savefig(output_png, dpi=90)
-    plt.close(fig)
+    output_png = save_figure(fig, Path(output_png), dpi=90)
     logger.info("drift report of %d windows written to %s", len(events), output_png)
     return output_png
 

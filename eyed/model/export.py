@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import re
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from eyed.model.checkpoint import (
     resolve_checkpoint,
 )
 from eyed.model.preprocess import PreprocessSpec
+from eyed.outputs import staged
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +51,15 @@ def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
     With ``features``, the graph ends before the classifier and outputs the pooled backbone features
     (``eyed finetune`` extracts them once and trains a new head on them).
     """
-    folder = resolve_checkpoint(model_id)
     try:
         import torch
         from transformers import AutoModelForImageClassification
     except ImportError as exc:
         raise ModelLoadError(
-            "exporting to ONNX needs the torch extra (pip install 'eyed[torch]'); "
-            "or export on a workstation with `eyed export` and set model.onnx"
+            "exporting to ONNX needs the torch extra (pip install 'eyed[torch]'; see the README for a CPU-only "
+            "torch); or export on a workstation with `eyed export` and set model.onnx"
         ) from exc
+    folder = resolve_checkpoint(model_id)
 
     config = read_json(folder / "config.json")
     labels = labels_of(config)
@@ -67,13 +67,8 @@ def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
     model = PixelsToLogits(AutoModelForImageClassification.from_pretrained(folder).eval(), spec, features)
     output_name = FEATURES_NAME if features else OUTPUT_NAME
     dummy = torch.zeros(1, *spec.crop, 3, dtype=torch.uint8)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name and rename, so a crash never leaves a half-written file in the cache. Not
-    # mkstemp: its 0600 would follow the file when copied to /etc/eyed, where the service's own user could
-    # not read it; touch honours the umask.
-    tmp = output.with_name(f"{output.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        tmp.touch(exist_ok=False)
+    # Written under a temporary name and renamed, so a crash never leaves a half-written file in the cache.
+    with staged(output) as tmp:
         logger.info("exporting %s to %s", model_id, output)
         # The TorchScript exporter traces in about a second; the dynamo exporter takes several times longer
         # for the same graph here.
@@ -92,9 +87,6 @@ def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
                 dynamo=False,
             )
         finish_graph(tmp, labels, spec, model_id, postprocess=not features)
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return output
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from eyed.config import ConfigError
+from eyed.outputs import staged
 from eyed.types import Coarse
 
 logger = logging.getLogger(__name__)
@@ -124,13 +125,18 @@ def load_priors(priors: str, space: str, classes: tuple[str, ...]) -> np.ndarray
         data = _read_package_json(BUILTIN_PRIORS[space])
     else:
         data = json.loads(Path(priors).read_text(encoding="utf-8"))
-    values = data["priors"]
+    values = data.get("priors") if isinstance(data, dict) else None
+    if not isinstance(values, dict):
+        raise ValueError('no "priors" object of class: value in it (eyed priors writes one)')
     missing = [c for c in classes if c not in values]
     if missing:
-        raise ValueError(f"priors file {priors}: no prior for {', '.join(missing)}")
-    arr = np.array([float(values[c]) for c in classes], dtype=np.float32)
-    if not np.all(arr > 0):
-        raise ValueError(f"priors file {priors}: priors must be positive")
+        raise ValueError(f"no prior for {', '.join(missing)}")
+    numbers = [values[c] for c in classes]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise ValueError("priors must be numbers")
+    arr = np.array(numbers, dtype=np.float32)
+    if not np.all(np.isfinite(arr) & (arr > 0)):
+        raise ValueError("priors must be positive numbers")
     return arr
 
 
@@ -168,4 +174,5 @@ def balance_weights(scores: np.ndarray, iterations: int = 300, rate: float = 0.5
 def save_priors(path: Path, classes: Iterable[str], priors: np.ndarray, meta: Mapping[str, Any]) -> None:
     """Write priors as JSON: ``{"priors": {class: value}, ...meta}``."""
     data = {"schema": 1, **meta, "priors": {c: float(v) for c, v in zip(classes, priors, strict=True)}}
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    with staged(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -36,11 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from eyed.config import Settings
+from eyed.config import ConfigError, Settings
 from eyed.model.checkpoint import ModelLoadError
 from eyed.model.export import INPUT_NAME, K_NAME
+from eyed.outputs import staged
 from eyed.progress import progress
-from eyed.sources import open_recorded
+from eyed.sources import SourceError, describe, no_frames, open_recorded
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +72,30 @@ class AccuracyCheck:
     coarse_accuracy_int8: float | None
 
 
-def _prepared(settings: Settings, prepare: Any, skip: int, limit: int) -> tuple[np.ndarray, list[str | None], int]:
-    """Up to ``limit`` prepared frames from record ``skip`` on, their truths, and the records read (a corrupt
-    record is read but gives no frame, so the next part of the stream starts after it)."""
-    cfg = settings.source.model_copy(update={"skip": skip, "limit": limit, "fps": 0.0, "loop": False})
-    images, truths = [], []
-    with open_recorded(cfg) as source:
+@dataclass(frozen=True)
+class Prepared:
+    """Prepared frames read in one pass, their truths, and for each frame the records read up to it (a corrupt
+    record is read but gives no frame)."""
+
+    tensors: np.ndarray
+    truths: list[str | None]
+    records: list[int]
+
+
+def _prepared(settings: Settings, prepare: Any, limit: int) -> Prepared:
+    """Up to ``limit`` prepared frames from record ``source.skip`` on, written into one array as they come."""
+    src = settings.source
+    tensors = np.empty((limit, *prepare.shape), dtype=np.uint8)  # pages beyond the frames read stay untouched
+    truths: list[str | None] = []
+    records: list[int] = []
+    with open_recorded(src.model_copy(update={"limit": limit})) as source:
         for frame in progress(source.frames(), "frames", limit):
-            images.append(prepare(frame.image))
+            prepare(frame.image, out=tensors[len(truths)])
             truths.append(frame.truth)
-        records = len(images) + source.skipped
-    if not images:
-        raise ValueError(f"{settings.source.dataset}: no frames after skipping {skip}")
-    return np.stack(images), truths, records
+            records.append(len(truths) + source.skipped)
+    if not truths:
+        raise no_frames(src)
+    return Prepared(tensors[: len(truths)], truths, records)
 
 
 def float_nodes(model: Any, leading_convs: int = 0) -> list[str]:
@@ -486,7 +498,7 @@ def quantize_int8(
         # graph's explicit Pad nodes into the convolutions, so every Conv becomes one QLinearConv.
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        staged = Path(tmp) / "int8.onnx"
+        written = Path(tmp) / "int8.onnx"
         model = onnx.load(str(pre))
         stage = fold_input_stage(model) if fold_input and leading_convs == 0 else None
         overrides = aligned_weight_scales(model) if align_weights else {}
@@ -500,7 +512,7 @@ def quantize_int8(
             logger.warning("the input stage cannot be folded into the first convolution: its output is quantised")
         quantize_static(
             str(pre),
-            str(staged),
+            str(written),
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
@@ -519,15 +531,15 @@ def quantize_int8(
             },
         )
         if stage is not None:
-            quantised = onnx.load(str(staged))
+            quantised = onnx.load(str(written))
             drop_input_stage(quantised, stage)
             group = groups_pixel_columns(platform.machine()) if group_columns is None else group_columns
             if group and not group_pixel_columns(quantised):
                 logger.info(
                     "the first convolution reads the pixels one column at a time (its shape does not allow more)"
                 )
-            onnx.save(quantised, str(staged))
-        shutil.move(staged, output)  # the temporary folder may be on another filesystem
+            onnx.save(quantised, str(written))
+        shutil.move(written, output)  # the temporary folder may be on another filesystem
     return output
 
 
@@ -580,59 +592,80 @@ def export_int8(
     first FLOAT_STEM_CONVS convolutions in float. ``target_cpu`` (``platform.machine()`` of the device the file
     is for; default this machine's) decides whether the first convolution reads the pixels four columns at a
     time (GROUPING_CPUS): the file runs anywhere either way, only its speed differs."""
-    import onnx
+    try:
+        import onnx
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(f"eyed export --int8 needs the int8 extra (pip install 'eyed[int8]'): {exc}") from exc
 
     from eyed.model.onnx_backend import OnnxClassifier
 
     fp32 = OnnxClassifier(settings.model)  # exports model.id to the cache first when model.onnx is unset
+    if META_QUANTIZATION in fp32.session.get_modelmeta().custom_metadata_map:
+        raise ConfigError(
+            f"model.onnx {fp32.path} is already an INT8 export: quantise the float one (unset model.onnx, or "
+            "set it to the file `eyed export` wrote)"
+        )
     src = settings.source
     logger.info("calibrating on %d frames of %s:%s from record %d", calibration, src.dataset, src.split, src.skip)
     t0 = time.monotonic()
-    cal, _, records = _prepared(settings, fp32.prepare, src.skip, calibration)
-    cpu = (target_cpu or platform.machine()).lower()
-    quantize_int8(
-        fp32.path,
-        output,
-        cal,
-        leading_convs=FLOAT_STEM_CONVS if float_stem else 0,
-        group_columns=groups_pixel_columns(cpu),
-    )
-    seconds = time.monotonic() - t0
-    proto = onnx.load(str(output))
-    if reads_pixels(proto):
-        columns = "four columns" if any(n.name == GROUP_NODE for n in proto.graph.node) else "one column"
-        head = (
-            f"none before the classifier's output (the first convolution reads the uint8 pixels, {columns} at a time)"
+    # One pass: the check's frames are the ones after the calibration frames, so the two never overlap, and a
+    # source too short for both fails here, before the quantisation's minutes.
+    frames = _prepared(settings, fp32.prepare, calibration + check)
+    cal = frames.tensors[:calibration]
+    if check > 0 and len(frames.truths) <= calibration:
+        raise SourceError(
+            f"{describe(src)}: {len(frames.truths)} frame(s) from record {src.skip} on leave none for "
+            f"the accuracy check after {calibration} calibration frames (--check 0 skips the check)"
         )
-    elif float_stem:
-        head = f"input normalisation, first {FLOAT_STEM_CONVS} convolutions, the classifier's output"
-    else:
-        head = "input normalisation, the classifier's output"
-    record: dict[str, Any] = {
-        "method_version": METHOD_VERSION,
-        "method": "static QDQ, per-channel int8 weights (grid-aligned where the weights lie on an 8-bit grid), "
-        "uint8 activations, min/max with moving average",
-        "float_stem": float_stem,
-        "target_cpu": cpu,
-        "float_nodes": f"{head} and what follows it (softmax, top-k)",
-        "from": str(fp32.path),
-        "calibration": {
-            "dataset": src.dataset,
-            "split": src.split,
-            "skip": src.skip,
-            "frames": len(cal),
-            "small_input": settings.model.small_input,
-        },
-        "seconds": round(seconds, 1),
-    }
-    if check > 0:
-        tensors, truths, _ = _prepared(settings, fp32.prepare, src.skip + records, check)
-        int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": output}))
-        result = check_accuracy(fp32, int8, tensors, truths)
+    cpu = (target_cpu or platform.machine()).lower()
+    # Quantised, checked and labelled under a temporary name: an interrupted or failed export leaves no file
+    # without its record, nor replaces a good one.
+    with staged(output) as staging:
+        quantize_int8(
+            fp32.path,
+            staging,
+            cal,
+            leading_convs=FLOAT_STEM_CONVS if float_stem else 0,
+            group_columns=groups_pixel_columns(cpu),
+        )
+        seconds = time.monotonic() - t0
+        proto = onnx.load(str(staging))
+        if reads_pixels(proto):
+            columns = "four columns" if any(n.name == GROUP_NODE for n in proto.graph.node) else "one column"
+            head = (
+                f"none before the classifier's output (the first convolution reads the uint8 pixels, {columns} at a "
+                "time)"
+            )
+        elif float_stem:
+            head = f"input normalisation, first {FLOAT_STEM_CONVS} convolutions, the classifier's output"
+        else:
+            head = "input normalisation, the classifier's output"
+        record: dict[str, Any] = {
+            "method_version": METHOD_VERSION,
+            "method": "static QDQ, per-channel int8 weights (grid-aligned where the weights lie on an 8-bit grid), "
+            "uint8 activations, min/max with moving average",
+            "float_stem": float_stem,
+            "target_cpu": cpu,
+            "float_nodes": f"{head} and what follows it (softmax, top-k)",
+            "from": str(fp32.path),
+            "calibration": {
+                "dataset": src.dataset,
+                "split": src.split,
+                "skip": src.skip,
+                "frames": len(cal),
+                "small_input": settings.model.small_input,
+            },
+            "seconds": round(seconds, 1),
+        }
+        # Loading it is the check that onnxruntime runs the file, even with no accuracy check.
+        int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": staging}))
+        if check > 0:
+            result = check_accuracy(fp32, int8, frames.tensors[calibration:], frames.truths[calibration:])
+            record["check"] = {"skip": src.skip + frames.records[calibration - 1], **asdict(result)}
         int8.close()
-        record["check"] = {"skip": src.skip + records, **asdict(result)}
-    fp32.close()
-    proto.metadata_props.add(key=META_QUANTIZATION, value=json.dumps(record))
-    onnx.save(proto, str(output))
+        fp32.close()
+        proto.metadata_props.add(key=META_QUANTIZATION, value=json.dumps(record))
+        onnx.save(proto, str(staging))
     logger.info("INT8 model written to %s: %s", output, json.dumps(record.get("check", {})))
     return record

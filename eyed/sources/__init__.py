@@ -27,12 +27,28 @@ def open_source(cfg: SourceConfig, startup: StartUp | None = None) -> Source | L
     return cls(cfg, startup=startup) if cfg.kind == "replay" else cls(cfg)
 
 
-def open_recorded(cfg: SourceConfig) -> Source:
-    """A source that delivers every frame in order (replay or file), for eval, priors and bench."""
-    source = open_source(cfg)
+def open_recorded(cfg: SourceConfig, *, paced: bool = False) -> Source:
+    """A source that delivers every frame in order (replay or file), once, for the offline commands.
+
+    ``source.loop`` is ignored: a looping replay with no limit would never end, and one with a limit would
+    count its records more than once. So is ``source.fps``, unless ``paced`` (the drift commands, whose
+    windows are measured in seconds of the stream).
+    """
+    source = open_source(cfg.model_copy(update={"loop": False} if paced else {"loop": False, "fps": 0.0}))
     if source.live:
         raise SourceError(f"source.kind {cfg.kind} is a live camera: this command needs replay or file")
     return cast("Source", source)
 
 
-__all__ = ["SOURCES", "SourceError", "open_recorded", "open_source"]
+def describe(cfg: SourceConfig) -> str:
+    """What a recorded source reads, for messages."""
+    return f"{cfg.dataset}:{cfg.split}" if cfg.kind == "replay" else str(cfg.url)
+
+
+def no_frames(cfg: SourceConfig, detail: str = "") -> SourceError:
+    """The error of an offline command whose source gave it nothing to work on."""
+    start = f" from record {cfg.skip} on" if cfg.skip else ""
+    return SourceError(f"no frames from {describe(cfg)}{start}{detail}")
+
+
+__all__ = ["SOURCES", "SourceError", "describe", "no_frames", "open_recorded", "open_source"]

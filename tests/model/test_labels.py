@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eyed.config import ConfigError
 from eyed.model.labels import (
     CoarseMapper,
     build_mapper,
@@ -205,7 +206,25 @@ def test_load_priors_file_missing_a_class(tmp_path: Path) -> None:
         load_priors(str(write_priors(tmp_path / "p.json", values)), "cifar10", tuple(CIFAR10))
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ([1, 2], '"priors" object'),
+        ({"priors": None}, '"priors" object'),
+        ({"priors": [0.1] * 10}, '"priors" object'),
+        ({"priors": dict.fromkeys(CIFAR10, "0.1")}, "numbers"),
+        ({"priors": dict.fromkeys(CIFAR10, None)}, "numbers"),
+    ],
+)
+def test_a_priors_file_of_another_shape_is_a_config_error(tmp_path: Path, content: object, message: str) -> None:
+    """Not a TypeError traceback (exit 1): run and check-config exit 78 naming model.coarse_priors."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=f"model.coarse_priors {path}: .*{message}"):
+        build_mapper(imagenet_like_labels(), "cifar10", str(path))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("inf")])
 def test_load_priors_non_positive(tmp_path: Path, bad: float) -> None:
     values = {c: 0.1 for c in CIFAR10} | {"deer": bad}
     with pytest.raises(ValueError, match="positive"):

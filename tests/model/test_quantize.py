@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,76 @@ def test_int8_export_records_calibration_and_check(int8_file: Path, tiny_dataset
     assert record["check"]["skip"] == 7 and record["check"]["frames"] == 5
     assert 0.0 <= record["check"]["top1_agreement"] <= 1.0
     assert "eyed.labels" in meta and "eyed.preprocess" in meta  # still runs without torch
+
+
+def _int8_args(dataset: Path, checkpoint: Path, onnx_file: Path) -> list[str]:
+    return [
+        "--set", f"source.dataset={dataset}", "--set", "source.split=train",
+        "--set", f"model.id={checkpoint}", "--set", f"model.onnx={onnx_file}",
+    ]  # fmt: skip
+
+
+def test_a_failed_int8_export_leaves_the_file_that_was_there(
+    tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quantised, checked and labelled under a temporary name: a failure (or Ctrl-C) in the accuracy check
+    neither leaves an INT8 file without its record nor replaces a good file."""
+    from eyed.model import quantize
+
+    out = tmp_path / "m8.onnx"
+    out.write_bytes(b"the previous export")
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "check_accuracy", interrupted)
+    args = _int8_args(tiny_dataset, tiny_checkpoint, tiny_onnx)
+    assert main(["export", "--int8", *args, "--output", str(out), "--calibration", "4", "--check", "4"]) == 130
+    assert out.read_bytes() == b"the previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["m8.onnx"]  # no temporary file left behind
+
+
+def test_an_int8_export_checks_its_input_and_its_source_first(
+    int8_file: Path,
+    tiny_dataset: Path,
+    tiny_checkpoint: Path,
+    tiny_onnx: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "again.onnx"
+    # An INT8 file quantised again would not load; it is refused, and nothing is written.
+    args = _int8_args(tiny_dataset, tiny_checkpoint, int8_file)
+    assert main(["export", "--int8", *args, "--output", str(out), "--calibration", "4"]) == 78
+    assert "already an INT8 export" in capsys.readouterr().err and not out.exists()
+    # 11 frames leave none for the check after 11 calibration frames: said before quantising, not after.
+    args = _int8_args(tiny_dataset, tiny_checkpoint, tiny_onnx)
+    assert main(["export", "--int8", *args, "--output", str(out), "--calibration", "11"]) == 69
+    assert "leave none for the accuracy check" in capsys.readouterr().err and not out.exists()
+    # The --int8 options mean nothing without it: a usage error, not a float export that ignores them.
+    with pytest.raises(SystemExit) as exc:
+        main(["export", *args, "--output", str(out), "--calibration", "4", "--float-stem"])
+    assert exc.value.code == 2 and "--calibration, --float-stem: only with --int8" in capsys.readouterr().err
+
+
+def test_an_int8_export_without_the_onnx_package_names_the_extra(
+    tiny_dataset: Path,
+    tiny_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # an onnx-only install (a Pi) has onnxruntime, not onnx
+    args = [
+        "--set",
+        f"source.dataset={tiny_dataset}",
+        "--set",
+        "source.split=train",
+        "--set",
+        f"model.onnx={tiny_onnx}",
+    ]
+    assert main(["export", "--int8", *args, "--output", str(tmp_path / "m8.onnx")]) == 69
+    assert "pip install 'eyed[int8]'" in capsys.readouterr().err
 
 
 def _quantized_convs(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

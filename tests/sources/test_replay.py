@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 
 from eyed.config import SourceConfig
-from eyed.sources import SourceError, dataset_info, open_source
+from eyed.sources import SourceError, dataset_info, open_recorded, open_source
 from eyed.sources import replay as replay_module
 from eyed.sources.base import Pacer, to_rgb
 from eyed.sources.replay import ReplaySource, decode_image
@@ -522,3 +522,16 @@ def test_to_rgb_shapes() -> None:
     assert floats.dtype == np.uint8
     assert floats.min() == 0
     assert floats.max() == 255
+
+
+@pytest.mark.parametrize("paced", [False, True])
+def test_offline_commands_read_a_recorded_source_once(tiny_dataset: Path, paced: bool) -> None:
+    """eval, priors, profile, export --int8, finetune and bench: a looping replay would never end (limit 0) or
+    count records twice; only the drift commands keep the pace, as their windows are in seconds."""
+    cfg = SourceConfig(dataset=str(tiny_dataset), split="train", loop=True, fps=50.0)
+    with open_recorded(cfg, paced=paced) as source:
+        assert isinstance(source, ReplaySource)
+        assert source.cfg.loop is False and source.cfg.fps == (50.0 if paced else 0.0)
+        assert len(list(source.frames())) == 11  # 12 records, one corrupt
+    with pytest.raises(SourceError, match="live camera"):
+        open_recorded(SourceConfig(kind="webcam", device=0))

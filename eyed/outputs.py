@@ -1,0 +1,96 @@
+"""Files the offline commands write (exports, priors, profiles, charts, fine-tuned checkpoints).
+
+Checked before the run, so an unwritable path fails in a moment rather than after minutes of work, and written
+whole or not at all, so an interrupted or failed run leaves the file that was there before (or none), never a
+part of one that would load.
+"""
+
+from __future__ import annotations
+
+import errno
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class OutputError(Exception):
+    """An output file or folder cannot be written (exit 73)."""
+
+
+# Errors of writing itself, as opposed to those of what the block reads while it works (a dataset, a model).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def _failed(path: Path, exc: OSError) -> OutputError:
+    if isinstance(exc, FileExistsError) and exc.filename and not Path(exc.filename).is_dir():
+        # mkdir met a file where a folder of the path should be
+        return OutputError(f"cannot write {path}: {exc.filename} is not a folder")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def check_writable(path: Path, *, folder: bool = False) -> Path:
+    """Fail now if ``path`` (a file, or with ``folder`` a folder to write files in) cannot be written: makes
+    the missing folders and creates and removes a file where the output will go."""
+    where = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".eyed-probe-{secrets.token_hex(6)}"
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        raise _failed(path, exc) from exc
+    return path
+
+
+@contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; it replaces ``path`` only when the block ends without an
+    error, and is removed otherwise.
+
+    It keeps ``path``'s suffix, for writers that choose the format by it (matplotlib, numpy). Not mkstemp:
+    its 0600 would follow the file when copied to /etc/eyed, where the service's own user could not read it;
+    touch honours the umask.
+    """
+    tmp = path.with_name(f"{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch(exist_ok=False)
+    except OSError as exc:
+        raise _failed(path, exc) from exc
+    try:
+        try:
+            yield tmp
+            tmp.replace(path)
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS or exc.filename in (str(tmp), str(path)):
+                raise _failed(path, exc) from exc
+            raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing without a display (the report extra; imported only for a chart)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise OutputError("PNG charts need matplotlib (pip install 'eyed[report]')") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure to ``path`` (PNG unless its suffix names another format) and close it."""
+    plt = pyplot()
+    try:
+        with staged(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,55 @@
+"""eyed.outputs: what the offline commands write appears whole or not at all, and an unwritable path fails first."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from eyed.outputs import OutputError, check_writable, staged
+
+
+def test_a_staged_file_replaces_the_old_one_only_when_the_block_ends_well(tmp_path: Path) -> None:
+    out = tmp_path / "chart.png"
+    out.write_text("old")
+    with pytest.raises(RuntimeError), staged(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".png" and tmp != out  # writers that go by the suffix
+        tmp.write_text("half")
+        raise RuntimeError("the run failed")
+    assert out.read_text() == "old" and os.listdir(tmp_path) == ["chart.png"]
+    with staged(out) as tmp:
+        tmp.write_text("new")
+    assert out.read_text() == "new" and os.listdir(tmp_path) == ["chart.png"]
+
+
+def test_a_staged_file_has_the_umask_s_mode(tmp_path: Path) -> None:
+    """Not mkstemp's 0600: a copy in /etc/eyed must stay readable by the service's own user."""
+    old = os.umask(0o022)
+    try:
+        with staged(tmp_path / "sub" / "m.onnx") as tmp:
+            tmp.write_bytes(b"model")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "sub" / "m.onnx").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_is_an_output_error(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match=r"cannot write .*out\.json: No space left"), staged(tmp_path / "out.json"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert os.listdir(tmp_path) == []
+    # An error reading something else in the block stays what it is.
+    with pytest.raises(FileNotFoundError), staged(tmp_path / "out.json"):
+        (tmp_path / "input.parquet").read_bytes()
+
+
+def test_check_writable_makes_folders_and_refuses_what_cannot_be_written(tmp_path: Path) -> None:
+    assert check_writable(tmp_path / "a" / "b" / "p.json") == tmp_path / "a" / "b" / "p.json"
+    assert check_writable(tmp_path / "head", folder=True).is_dir()
+    assert os.listdir(tmp_path / "a" / "b") == [] and os.listdir(tmp_path / "head") == []  # no probe left
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="file is not a folder"):
+        check_writable(tmp_path / "file" / "p.json")
+    with pytest.raises(OutputError, match="it is a folder"):
+        check_writable(tmp_path / "head")
