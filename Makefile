@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
+# The replay config names ../shared; EYED_SHARED moves it.
+ifneq ($(EYED_SHARED),$(abspath ../shared))
+ifeq ($(CONFIG),configs/replay.toml)
+ASSETS := --set source.dataset=$(EYED_SHARED)/data/cifar10 --set model.id=$(EYED_SHARED)/models/mobilenet_v2_1.0_224
+endif
+endif
+
 run: $(STAMP)
-	$(BIN)/eyed run --config $(CONFIG)
+	$(BIN)/eyed run --config $(CONFIG) $(ASSETS)
 
 # pytest exits 5 when it collected no test: that must fail, and so it does (any non-zero exit fails make).
 test: $(STAMP)
@@ -35,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/mypy benchmarks
 
 bench: $(STAMP)
-	$(BIN)/eyed bench --config $(CONFIG)
+	$(BIN)/eyed bench --config $(CONFIG) $(ASSETS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

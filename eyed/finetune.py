@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from eyed.config import ConfigError, Settings, SourceConfig
-from eyed.model.checkpoint import ModelLoadError, files_fingerprint, fingerprint, resolve_checkpoint
+from eyed.model.checkpoint import TORCH_INSTALL, ModelLoadError, files_fingerprint, fingerprint, resolve_checkpoint
 from eyed.model.export import FEATURES_FORMAT, export_onnx
 from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
@@ -325,7 +325,7 @@ def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
     try:
         import torch  # noqa: F401
     except ImportError as exc:
-        raise ModelLoadError("eyed finetune needs the torch extra (pip install 'eyed[torch,replay]')") from exc
+        raise ModelLoadError(f"eyed finetune needs the torch extra ({TORCH_INSTALL}) and the replay extra") from exc
     t0 = time.perf_counter()
     features = extract_features(settings, opts.batch, opts.flip)
     extract_s = time.perf_counter() - t0

@@ -79,6 +79,32 @@ def test_onnx_only_install_says_what_to_do_for_a_hub_model(onnx_only_venv: Path,
     assert "eyed export" in result.stderr or "torch extra" in result.stderr
 
 
+def test_onnx_only_install_names_the_extra_a_command_needs(
+    onnx_only_venv: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """Not a ModuleNotFoundError traceback (exit 1): which extra to install, with the documented exit codes."""
+    video = write_video(tmp_path / "pi.avi", synthetic_images(4, seed=9, size=80))
+    source = ["--set", "source.kind=file", "--set", f"source.url={video}", "--set", f"model.onnx={tiny_onnx}"]
+    events = tmp_path / "drift.jsonl"
+    events.write_text('{"type": "drift", "source": "pi", "window": 0, "status": "ok", "metrics": {"psi": 0.1}}\n')
+    for command, code, extra in (
+        (["export", "--int8", *source, "--output", str(tmp_path / "m8.onnx")], 69, "eyed[int8]"),
+        (["bench", *source, "--frames", "2"], 69, "eyed[int8]"),
+        (["drift-report", "--events", str(events), "--output", str(tmp_path / "d.png")], 73, "eyed[report]"),
+        (["finetune", "--output", str(tmp_path / "head")], 69, "download.pytorch.org/whl/cpu"),
+    ):
+        result = subprocess.run(
+            [str(onnx_only_venv / "bin" / "eyed"), *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        )
+        assert result.returncode == code and extra in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr, command
+
+
 def test_install_script_lays_out_venv_config_and_unit(tmp_path: Path) -> None:
     env = {
         "PATH": "/usr/bin:/bin",

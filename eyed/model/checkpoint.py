@@ -19,6 +19,13 @@ class ModelLoadError(Exception):
     """The model cannot be loaded; the message tells the user what to do."""
 
 
+# How to get the torch extra without pip pulling several GB of CUDA libraries (PyPI's torch on x86-64 Linux).
+TORCH_INSTALL = (
+    "pip install 'eyed[torch]', after the CPU-only torch on a machine without an NVIDIA GPU: "
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+)
+
+
 def resolve_checkpoint(model_id: str) -> Path:
     """A local folder holding the checkpoint: ``model_id`` itself, or the hub snapshot of that id."""
     local = Path(model_id).expanduser()
@@ -32,8 +39,8 @@ def resolve_checkpoint(model_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
         raise ModelLoadError(
-            f"model.id {model_id}: no such folder here; as a hub id it needs the torch extra "
-            "(pip install 'eyed[torch]'), or set model.onnx to an exported file"
+            f"model.id {model_id}: no such folder here; as a hub id it needs the torch extra ({TORCH_INSTALL}), "
+            "or run an ONNX file exported elsewhere (model.onnx)"
         ) from exc
     try:
         return Path(snapshot_download(model_id, allow_patterns=CHECKPOINT_FILES))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from eyed.model.checkpoint import (
+    TORCH_INSTALL,
     ModelLoadError,
     fingerprint,
     labels_of,
@@ -56,8 +57,8 @@ def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
         from transformers import AutoModelForImageClassification
     except ImportError as exc:
         raise ModelLoadError(
-            "exporting to ONNX needs the torch extra (pip install 'eyed[torch]'; see the README for a CPU-only "
-            "torch); or export on a workstation with `eyed export` and set model.onnx"
+            f"exporting to ONNX needs the torch extra ({TORCH_INSTALL}); or export on a workstation with "
+            "`eyed export` and set model.onnx"
         ) from exc
     folder = resolve_checkpoint(model_id)
 

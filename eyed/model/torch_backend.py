@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from eyed.config import ModelConfig
-from eyed.model.checkpoint import ModelLoadError, labels_of, read_json, resolve_checkpoint
+from eyed.model.checkpoint import TORCH_INSTALL, ModelLoadError, labels_of, read_json, resolve_checkpoint
 from eyed.model.labels import build_mapper
 from eyed.model.postprocess import Postprocessor
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
@@ -27,7 +27,7 @@ class TorchClassifier:
             import torch
             from transformers import AutoModelForImageClassification
         except ImportError as exc:
-            raise ModelLoadError("the torch backend needs the torch extra (pip install 'eyed[torch]')") from exc
+            raise ModelLoadError(f"the torch backend needs the torch extra ({TORCH_INSTALL})") from exc
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self._torch = torch
