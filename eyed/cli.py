@@ -230,9 +230,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from eyed.evaluate import run_eval
+    from eyed.outputs import pyplot
 
     settings = _settings(args)
     setup_logging("WARNING")
+    if args.png is not None:
+        pyplot()  # a missing matplotlib is said before the run, not after it
     vs = [[item for item in group.split(",") if item] for group in args.vs]
     report = run_eval(settings, skip=args.skip, vs=vs, png=args.png)
     print(json.dumps(report, indent=2) if args.json else report["text"])
@@ -262,9 +265,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_drift_report(args: argparse.Namespace) -> int:
     from eyed.drift.reference import load_reference
     from eyed.drift.report import draw_report, read_drift_events
+    from eyed.outputs import pyplot
 
     settings = _settings(args)
     setup_logging(settings.log.level)
+    pyplot()  # a missing matplotlib is said before a run of the source, not after it
     reference_path = args.reference or settings.drift.reference
     reference = None
     if reference_path is not None:

@@ -162,7 +162,7 @@ class _Scorer:
         name = f"{model.onnx or model.id} ({self.runner.classifier.backend})"
         fps = self.frames / max(self.seconds, 1e-9)
         src = self.settings.source
-        lines = [f"model {name}, {space} labels, {len(y)} frames from {src.dataset}:{src.split} (skip {src.skip})"]
+        lines = [f"model {name}, {space} labels, {len(y)} frames from {describe(src)} (skip {src.skip})"]
         if self.mapper is not None and not self.mapper.native:
             lines.append(f"priors: {model.coarse_priors}")
             lines += [f"  accuracy {k:<13} {v:.4f}" for k, v in acc.items()]
