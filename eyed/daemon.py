@@ -26,7 +26,7 @@ from eyed.config import ConfigError, Settings
 from eyed.curve import CurveError
 from eyed.model import load_classifier
 from eyed.pipeline import DriftWatch, Pipeline
-from eyed.publisher import Publisher
+from eyed.publisher import Publisher, PublishError
 from eyed.sdnotify import Notifier
 from eyed.sources import SourceError, open_source
 from eyed.types import Classifier, StartUp
@@ -377,14 +377,21 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             # A key added to the allow-list and a SIGHUP can let in the subscriber being waited for.
             reload_now(reload, notifier, publisher)
             supervisor.tick(waiting=True)
+            # Subscribers already there hear that the daemon is up and what it waits for.
+            pipeline.announce("waiting")
 
-        publisher.wait_for_subscribers(
-            settings.publish.wait_subscribers,
-            settings.publish.wait_timeout_s,
-            stop=stop,
-            tick=waiting_tick,
-        )
+        try:
+            publisher.wait_for_subscribers(
+                settings.publish.wait_subscribers,
+                settings.publish.wait_timeout_s,
+                stop=stop,
+                tick=waiting_tick,
+            )
+        except PublishError:
+            pipeline.announce("failed")  # the publisher's linger delivers it
+            raise
         if stop.is_set():
+            pipeline.announce("stopped")
             return stopped_early(notifier)
         pipeline.start()
         logger.info(

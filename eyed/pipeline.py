@@ -148,6 +148,19 @@ class Pipeline:
         self.counters.started = self.counters.last_progress = time.monotonic()
         self._thread.start()
 
+    def announce(self, state: str) -> None:
+        """A health event before the loop starts, from the thread that will start it (nobody else publishes
+        yet): ``waiting`` for subscribers, every ``heartbeat_s`` and at once on a change; ``stopped`` or
+        ``failed`` when the daemon ends without starting the loop, so subscribers hear how it ended."""
+        assert not self._thread.is_alive(), "announce() is for before the inference loop runs"
+        now = time.monotonic()
+        if state == self.state and now < self._next_beat:
+            return
+        self.state = state
+        self._send_health(0.0)
+        self._published_state = state
+        self._next_beat = now + self.heartbeat_s
+
     def join(self, timeout_s: float) -> bool:
         """Wait for the inference thread (which waits for its helpers); False if it is still running after
         ``timeout_s``."""
@@ -242,22 +255,33 @@ class Pipeline:
             finally:
                 self._hand_in(ticket, done)
 
-    def _paced(self, until: float) -> None:
+    def _paced(self, until: float) -> float:
         """A worker reading the source is about to wait for its next frame until ``until``, on purpose
-        (source.fps). A paced source runs one worker (Settings.runtime_model), so every batch is out by then:
-        the loop is idle, not stuck, until the wait ends."""
+        (source.fps): the loop is idle, not stuck, until the wait ends. Heartbeats that fall due meanwhile go
+        out on time (a frame a minute must not look like a dead daemon to ``eyed health``); returns when the
+        next one is due, for the wait to wake then."""
         self.counters.paced_until = until
+        self._publish_turn(beat=True)
+        return self._next_beat
 
     def _hand_in(self, ticket: int, done: Classified) -> None:
-        """Queue a classified batch. The worker that finds no one publishing publishes every batch that is next
-        in order, its own or others', so events leave in frame order and no worker idles waiting for a turn
-        (waiting for the turn instead left a core idle 15-25% of the time with two INT8 workers)."""
+        """Queue a classified batch and publish what is ready (:meth:`_publish_turn`)."""
         with self._turn:
             self._ready[ticket] = done
+        self._publish_turn()
+
+    def _publish_turn(self, beat: bool = False) -> None:
+        """The worker that finds no one publishing publishes every batch that is next in order, its own or
+        others', so events leave in frame order and no worker idles waiting for a turn (waiting for the turn
+        instead left a core idle 15-25% of the time with two INT8 workers). With ``beat``, it first sends a
+        heartbeat if one is due. The one publishing at a time is also the one thread using the socket."""
+        with self._turn:
             if self._publishing:
                 return
             self._publishing = True
         try:
+            if beat:
+                self._beat(progress=False)
             while True:
                 with self._turn:
                     batch = self._ready.pop(self._published, None)
@@ -312,12 +336,13 @@ class Pipeline:
             if self.drift is not None:
                 self._watch(self.drift, frame, pred)
 
-    def _beat(self) -> None:
+    def _beat(self, progress: bool = True) -> None:
         """After each batch published: progress for the watchdog, and a health event on a state change or
-        every ``heartbeat_s``."""
+        every ``heartbeat_s``. During a pace wait, only the health event."""
         now = time.monotonic()
-        # The loop came round: what systemd's watchdog is fed on (a hung inference stops it).
-        self.counters.last_progress = now
+        if progress:
+            # The loop came round: what systemd's watchdog is fed on (a hung inference stops it).
+            self.counters.last_progress = now
         state = self.current_state()
         if now >= self._next_beat or state != self._published_state:
             fps = (self.counters.frames - self._beat_frames) / max(now - self._beat_t, 1e-9)

@@ -1,8 +1,10 @@
 """The one PUB socket: multipart ``[topic, json]`` messages, never pixels.
 
 It is an XPUB socket so that it can see subscriptions arrive: ``wait_for_subscribers`` returns once that many
-peers have connected and subscribed, which is what defeats ZeroMQ's slow-joiner effect in replay runs.
-Used by one thread only (ZeroMQ sockets are not thread-safe).
+peers have connected and subscribed, which is what defeats ZeroMQ's slow-joiner effect in replay runs. What
+that wait watches (a monitor socket, every subscription message) is turned off once it is over: unread, it
+would pile up with every connection a client or a port scan makes, and ZeroMQ stops sending when the monitor's
+queue is full. Used by one thread only (ZeroMQ sockets are not thread-safe).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -32,6 +35,11 @@ _P = TypeVar("_P", bound="Publisher")
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
+# The largest message a subscriber may send: a subscription is a topic prefix ("label.door"). A peer sending
+# more is disconnected by ZeroMQ, so nobody can park megabytes in the daemon.
+MAX_INBOUND_BYTES = 4096
+# How often, at most, subscriptions to new topics are read and dropped once nobody waits for them.
+DISCARD_EVERY_S = 1.0
 
 
 class PublishError(Exception):
@@ -61,6 +69,21 @@ def bind_error(endpoint: str, exc: zmq.ZMQError) -> Exception:
     (ConfigError, exit 78); the rest (EADDRINUSE, ENODEV, a missing ipc folder) may heal (PublishError, 69)."""
     message = f"publish.endpoint {endpoint}: cannot bind: {exc}"
     return ConfigError(message) if exc.errno == errno.EINVAL else PublishError(message)
+
+
+def check_ipc_free(endpoint: str) -> None:
+    """PublishError if another process listens on an ipc:// endpoint's socket file: ZeroMQ would delete the
+    file and bind anyway, leaving that process running but out of reach. A stale file (nobody listening, as
+    after a crash) is left for ZeroMQ to replace."""
+    transport, _, path = endpoint.partition("://")
+    if transport != "ipc" or path.startswith("@") or not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return
+    raise PublishError(f"publish.endpoint {endpoint}: in use by another process (is eyed already running?)")
 
 
 def encode(payload: dict[str, Any]) -> bytes:
@@ -118,6 +141,8 @@ class Publisher:
         self.subscriptions = 0
         self.endpoint = cfg.endpoint
         self._curve: CurveServer | None = None
+        self._next_discard = 0.0
+        self._waiting = False  # in wait_for_subscribers (whose tick may send health events)
 
     def __enter__(self: _P) -> _P:
         self._curve = self._start_curve()
@@ -126,7 +151,9 @@ class Publisher:
             self._curve.apply(sock)
         sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
         sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
-        # Every subscription message reaches us, duplicates included, so counting them counts subscribers.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
+        # Every subscription message reaches us, duplicates included, so counting them counts subscribers
+        # (until the wait for them is over).
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         if endpoint_ipv6(self.cfg.endpoint):
             sock.setsockopt(zmq.IPV6, 1)
@@ -135,11 +162,12 @@ class Publisher:
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
         )
         try:
+            check_ipc_free(self.cfg.endpoint)
             sock.bind(self.cfg.endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, PublishError) as exc:
             self._close(sock)
             self._stop_curve()
-            raise bind_error(self.cfg.endpoint, exc) from exc
+            raise (bind_error(self.cfg.endpoint, exc) if isinstance(exc, zmq.ZMQError) else exc) from exc
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.cfg.endpoint
         self._set_ipc_mode()
@@ -176,11 +204,19 @@ class Publisher:
             self._curve = None
 
     def _close(self, sock: zmq.Socket[Any]) -> None:
-        if self._monitor is not None:
-            sock.disable_monitor()
-            self._monitor.close(linger=0)
-            self._monitor = None
+        self._stop_watching(sock)
         sock.close(linger=self.cfg.linger_ms)
+
+    def _stop_watching(self, sock: zmq.Socket[Any]) -> None:
+        """The wait for subscribers is over: no more monitor events, and subscriptions reach us only for topics
+        no one had subscribed to, which ``send`` reads and drops now and then."""
+        if self._monitor is None:
+            return
+        sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._monitor = None
+        if not sock.closed:
+            sock.setsockopt(zmq.XPUB_VERBOSE, 0)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -195,6 +231,11 @@ class Publisher:
     def send(self, topic: str, payload: dict[str, Any]) -> None:
         """Send one event without blocking."""
         assert self.socket is not None, "Publisher used outside its context manager"
+        if self._monitor is not None and not self._waiting:  # an event before any wait: nobody will wait
+            self._stop_watching(self.socket)
+        if not self._waiting and (now := time.monotonic()) >= self._next_discard:
+            self._next_discard = now + DISCARD_EVERY_S
+            self.drain_subscriptions()
         # XPUB without XPUB_NODROP never raises EAGAIN: a full queue drops per subscriber instead.
         self.socket.send_multipart([topic.encode("utf-8"), encode(payload)], flags=zmq.NOBLOCK)
         self.sent += 1
@@ -237,6 +278,17 @@ class Publisher:
         ``stop`` (a threading.Event) ends the wait early without an error; ``tick`` is called a few times a
         second meanwhile (the daemon pings systemd's watchdog from it).
         """
+        assert self.socket is not None
+        if count > 0 and self._monitor is None:
+            raise RuntimeError("wait_for_subscribers: once, before the first event")
+        self._waiting = True
+        try:
+            self._wait(count, timeout_s, stop, tick)
+        finally:
+            self._waiting = False
+            self._stop_watching(self.socket)
+
+    def _wait(self, count: int, timeout_s: float, stop: Any, tick: Callable[[], None] | None) -> None:
         if count <= 0:
             return
         assert self.socket is not None and self._monitor is not None

@@ -180,7 +180,7 @@ def test_sigterm_during_a_first_start_export_exits_at_once_leaving_no_file(
             assert line, "".join(lines)
             lines.append(line)
         exports = tmp_path / "cache" / "onnx"
-        assert [p.suffix for p in exports.iterdir()] == [".tmp"]  # stopped half-way through
+        assert [p.suffixes[-2:] for p in exports.iterdir()] == [[".tmp", ".onnx"]]  # stopped half-way through
         proc.send_signal(signal.SIGTERM)
         t = time.monotonic()
         code, err = finish(proc, timeout_s=15)
@@ -314,6 +314,27 @@ def test_waiting_for_subscribers_times_out_clearly(base: dict[str, object]) -> N
     code, err = finish(start_daemon({**base, "publish.wait_timeout_s": 0.5}))
     assert code == EXIT_UNAVAILABLE
     assert "publish.wait_subscribers=1" in err
+
+
+@pytest.mark.parametrize("ending", ["stopped", "failed"])
+def test_subscribers_hear_the_wait_for_others_and_how_it_ended(
+    base: dict[str, object], endpoint: str, ending: str
+) -> None:
+    """publish.wait_subscribers=2 and one subscriber: it hears `waiting` heartbeats, then `stopped` (SIGTERM)
+    or `failed` (the wait timed out), where it used to hear nothing at all."""
+    settings = {**base, "publish.wait_subscribers": 2, "publish.wait_timeout_s": 30 if ending == "stopped" else 3}
+    proc = start_daemon(settings)
+    states: list[str] = []
+    with Subscriber(endpoint, ("health.",)) as sub:
+        while len(states) < 3:
+            states.append(sub.receive(20)[1]["state"])
+        if ending == "stopped":
+            proc.send_signal(signal.SIGTERM)
+        while states[-1] == "waiting":
+            states.append(sub.receive(20)[1]["state"])
+    code, err = finish(proc)
+    assert set(states[:-1]) == {"waiting"} and states[-1] == ending, states
+    assert code == (0 if ending == "stopped" else EXIT_UNAVAILABLE), err
 
 
 def test_onnx_backend_exports_once_into_the_cache(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import threading
 import time
@@ -357,6 +358,25 @@ def test_a_wait_on_the_sources_pace_counts_as_progress(tiny_onnx: Path, tmp_path
         pipeline.stop.set()
         assert pipeline.join(5)
     assert pipeline.failure is None
+
+
+def test_heartbeats_keep_time_while_a_paced_source_waits(tiny_onnx: Path, tmp_path: Path) -> None:
+    """A frame every 4 s, a heartbeat every 0.5 s: the heartbeats go out while the worker waits for the
+    next frame, not once per frame, or `eyed health` would take a working daemon for a dead one."""
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
+    with subscribed(tmp_path, topics=b"health.") as (pub, sub):
+        pipeline = Pipeline(SlowlyPacedSource(synthetic_images(2), fps=0.25), classifier, pub, heartbeat_s=0.5)
+        pipeline.start()
+        times = []
+        while len(times) < 6 and (event := receive(sub, 10_000)) is not None:
+            assert event["state"] == "live"
+            times.append(time.monotonic())
+        pipeline.stop.set()
+        assert pipeline.join(5)
+    assert pipeline.failure is None
+    # Five gaps inside the first frame's 4 s wait: about 0.5 s each, none near the frame period.
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 5 and max(gaps) < 2.0, gaps
 
 
 def test_a_live_source_goes_one_frame_at_a_time(tiny_onnx: Path) -> None:

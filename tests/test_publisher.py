@@ -7,6 +7,8 @@ import os
 import re
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,8 +20,9 @@ import pytest
 import zmq
 
 from eyed.config import ConfigError, PublishConfig
-from eyed.publisher import Publisher, PublishError, encode
+from eyed.publisher import MAX_INBOUND_BYTES, Publisher, PublishError, encode
 from eyed.subscriber import Subscriber
+from tests.conftest import ROOT
 
 PAYLOAD = {"schema": 1, "type": "label", "seq": 1, "label": "tabby, tabby cat", "score": 0.5, "coarse": None}
 
@@ -337,3 +340,71 @@ def test_ipc_mode_can_keep_the_socket_to_the_daemons_group(tmp_path: Path) -> No
     path = tmp_path / "events.sock"
     with publisher(f"ipc://{path}", ipc_mode="0660"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o660
+
+
+CHURN = r"""
+import socket, sys, time
+from eyed.config import PublishConfig
+from eyed.publisher import Publisher
+from eyed.subscriber import Subscriber
+
+endpoint = sys.argv[1]
+host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+with Publisher(PublishConfig(endpoint=endpoint, linger_ms=0)) as pub, Subscriber(endpoint, ("",)) as keeper:
+    pub.wait_for_subscribers(1, 10)
+    # A port scan, a monitoring job's short visits: each connection used to leave two events on a monitor
+    # nobody read after the wait; at about 2,000 ZeroMQ's I/O thread blocked, and nobody got events any more.
+    for _ in range(2500):
+        with socket.create_connection((host, int(port))):
+            pass
+    for seq in range(50):
+        pub.send("label.cam", {"seq": seq})
+    got = []
+    while len(got) < 50:
+        got.append(keeper.receive(10)[1]["seq"])
+    assert got == list(range(50)), got
+print("delivered")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_events_keep_flowing_after_thousands_of_connections(endpoint: str) -> None:
+    """In a child process: before the fix, closing the publisher then hung for ever holding the GIL."""
+    result = subprocess.run(
+        [sys.executable, "-c", CHURN, endpoint], capture_output=True, text=True, timeout=90, cwd=ROOT
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "delivered", result.stderr[-2000:]
+
+
+def test_a_long_subscription_disconnects_its_sender(endpoint: str) -> None:
+    """Subscription messages are read only while waiting for subscribers; past that, a peer sending megabytes
+    of them could park memory in the daemon. Longer than MAX_INBOUND_BYTES, ZeroMQ drops the peer."""
+    with publisher(endpoint) as pub, Subscriber(endpoint, ("label.",)) as ok:
+        pub.wait_for_subscribers(1, timeout_s=10)
+        big = zmq.Context.instance().socket(zmq.SUB)
+        try:
+            big.setsockopt(zmq.SUBSCRIBE, b"x" * (MAX_INBOUND_BYTES + 1))
+            big.connect(endpoint)
+            time.sleep(0.5)
+            pub.send("x" * (MAX_INBOUND_BYTES + 1), {"n": 1})
+            assert not big.poll(500)
+        finally:
+            big.close(linger=0)
+        pub.send("label.cam", PAYLOAD)
+        assert ok.receive(5) == ("label.cam", PAYLOAD)
+
+
+def test_a_second_publisher_on_a_live_ipc_path_is_refused(tmp_path: Path) -> None:
+    """ZeroMQ would delete the first one's socket file and bind: the first would run on, out of reach."""
+    ep = f"ipc://{tmp_path / 'eyed.sock'}"
+    with publisher(ep) as first:
+        with pytest.raises(PublishError, match="in use by another process"), publisher(ep):
+            pass
+        with Subscriber(ep, ("label.",)) as sub:
+            await_subscriptions(first)
+            first.send("label.cam", PAYLOAD)
+            assert sub.receive(5) == ("label.cam", PAYLOAD)
+    # A stale file (a crashed daemon's) is no obstacle.
+    (tmp_path / "stale.sock").touch()
+    with publisher(f"ipc://{tmp_path / 'stale.sock'}") as pub:
+        assert pub.socket is not None

@@ -13,7 +13,7 @@ import numpy as np
 
 # Who hears of a Pacer's deliberate waits in this thread (the pipeline's worker reading the source): set by the
 # reader rather than passed to the source, as every source makes its own Pacer.
-_pace_listener: ContextVar[Callable[[float], None] | None] = ContextVar("pace_listener", default=None)
+_pace_listener: ContextVar[Callable[[float], float | None] | None] = ContextVar("pace_listener", default=None)
 
 
 class SourceError(Exception):
@@ -21,9 +21,10 @@ class SourceError(Exception):
 
 
 @contextlib.contextmanager
-def pace_listener(listener: Callable[[float], None]) -> Iterator[None]:
+def pace_listener(listener: Callable[[float], float | None]) -> Iterator[None]:
     """While entered, a :class:`Pacer` about to sleep in this thread first calls ``listener`` with the monotonic
-    time its sleep ends: a watchdog can count a slow pace (one frame a minute) as progress, not as a hang."""
+    time its sleep ends: a watchdog can count a slow pace (one frame a minute) as progress, not as a hang. The
+    listener may return an earlier time to be called again at (a heartbeat due during the sleep)."""
     token = _pace_listener.set(listener)
     try:
         yield
@@ -50,10 +51,13 @@ class Pacer:
         now = time.monotonic()
         if self._next > now:
             listener = _pace_listener.get()
-            if listener is not None:
-                listener(self._next)
-            if self.stop.wait(self._next - now):
-                return False
+            while now < self._next:
+                wake = self._next
+                if listener is not None and (sooner := listener(self._next)) is not None:
+                    wake = min(wake, sooner)
+                if self.stop.wait(max(0.0, wake - now)):
+                    return False
+                now = time.monotonic()
             now = self._next
         # Schedule from the ideal time, not from now, so a late frame does not shift every later one;
         # but a frame later than its slot starts a new schedule instead of bursting to catch up.
