@@ -367,7 +367,7 @@ def test_heartbeats_keep_time_while_a_paced_source_waits(tiny_onnx: Path, tmp_pa
     with subscribed(tmp_path, topics=b"health.") as (pub, sub):
         pipeline = Pipeline(SlowlyPacedSource(synthetic_images(2), fps=0.25), classifier, pub, heartbeat_s=0.5)
         pipeline.start()
-        times = []
+        times: list[float] = []
         while len(times) < 6 and (event := receive(sub, 10_000)) is not None:
             assert event["state"] == "live"
             times.append(time.monotonic())

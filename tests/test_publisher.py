@@ -381,7 +381,7 @@ def test_a_long_subscription_disconnects_its_sender(endpoint: str) -> None:
     of them could park memory in the daemon. Longer than MAX_INBOUND_BYTES, ZeroMQ drops the peer."""
     with publisher(endpoint) as pub, Subscriber(endpoint, ("label.",)) as ok:
         pub.wait_for_subscribers(1, timeout_s=10)
-        big = zmq.Context.instance().socket(zmq.SUB)
+        big: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
         try:
             big.setsockopt(zmq.SUBSCRIBE, b"x" * (MAX_INBOUND_BYTES + 1))
             big.connect(endpoint)
