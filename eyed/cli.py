@@ -459,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eyed.curve import CurveError
     from eyed.daemon import ShutdownTimeout
     from eyed.model import ModelLoadError
-    from eyed.outputs import OutputError, check_writable
+    from eyed.outputs import MissingExtra, OutputError, check_writable
     from eyed.publisher import PublishError
     from eyed.sources import SourceError
 
@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CurveError) as exc:
         print(f"eyed: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (ModelLoadError, SourceError, PublishError) as exc:
+    except (ModelLoadError, SourceError, PublishError, MissingExtra) as exc:
         print(f"eyed: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except OutputError as exc:

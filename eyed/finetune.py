@@ -337,8 +337,11 @@ def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
         "split": settings.source.split,
         "skip": settings.source.skip,
         "limit": settings.source.limit,
-        # Every record read counts, those left out too: eval --skip this for images training never saw.
-        "next_skip": settings.source.skip + len(features.y) + sum(features.skipped.values()),
+        # Every record read counts, those left out too: eval --skip this for images training never saw. Not
+        # known after a shard the reader could not read (it counts once, whatever its records).
+        "next_skip": None
+        if features.skipped["unreadable"]
+        else settings.source.skip + len(features.y) + sum(features.skipped.values()),
         "classes": features.classes,
         "skipped": features.skipped,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,10 @@ from typing import Any
 
 class OutputError(Exception):
     """An output file or folder cannot be written (exit 73)."""
+
+
+class MissingExtra(Exception):
+    """An optional dependency an output needs is not installed (exit 69, as for the model's extras)."""
 
 
 # Errors of writing itself, as opposed to those of what the block reads while it works (a dataset, a model).
@@ -51,15 +56,20 @@ def staged(path: Path) -> Iterator[Path]:
     """A temporary file beside ``path`` to write; it replaces ``path`` only when the block ends without an
     error, and is removed otherwise.
 
-    It keeps ``path``'s suffix, for writers that choose the format by it (matplotlib, numpy). Not mkstemp:
-    its 0600 would follow the file when copied to /etc/eyed, where the service's own user could not read it;
-    touch honours the umask.
+    It keeps ``path``'s suffix, for writers that choose the format by it (matplotlib, numpy). A symlink is
+    followed (its target is what gets replaced), and a file that exists keeps its mode. Not mkstemp: its 0600
+    would follow a new file when copied to /etc/eyed, where the service's own user could not read it; touch
+    honours the umask.
     """
+    path = path.resolve() if path.is_symlink() else path
     tmp = path.with_name(f"{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.touch(exist_ok=False)
+        if path.is_file():
+            shutil.copymode(path, tmp)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise _failed(path, exc) from exc
     try:
         try:
@@ -78,7 +88,7 @@ def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as exc:
-        raise OutputError("PNG charts need matplotlib (pip install 'eyed[report]')") from exc
+        raise MissingExtra("PNG charts need matplotlib (pip install 'eyed[report]')") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

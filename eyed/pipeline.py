@@ -255,13 +255,14 @@ class Pipeline:
             finally:
                 self._hand_in(ticket, done)
 
-    def _paced(self, until: float) -> float:
+    def _paced(self, until: float) -> float | None:
         """A worker reading the source is about to wait for its next frame until ``until``, on purpose
         (source.fps): the loop is idle, not stuck, until the wait ends. Heartbeats that fall due meanwhile go
         out on time (a frame a minute must not look like a dead daemon to ``eyed health``); returns when the
         next one is due, for the wait to wake then."""
         self.counters.paced_until = until
-        self._publish_turn(beat=True)
+        if not self._publish_turn(beat=True):
+            return None  # another worker is publishing, and beats when due: wake at the frame's time
         return self._next_beat
 
     def _hand_in(self, ticket: int, done: Classified) -> None:
@@ -270,14 +271,15 @@ class Pipeline:
             self._ready[ticket] = done
         self._publish_turn()
 
-    def _publish_turn(self, beat: bool = False) -> None:
+    def _publish_turn(self, beat: bool = False) -> bool:
         """The worker that finds no one publishing publishes every batch that is next in order, its own or
         others', so events leave in frame order and no worker idles waiting for a turn (waiting for the turn
         instead left a core idle 15-25% of the time with two INT8 workers). With ``beat``, it first sends a
-        heartbeat if one is due. The one publishing at a time is also the one thread using the socket."""
+        heartbeat if one is due. The one publishing at a time is also the one thread using the socket. False
+        if another worker was publishing (it publishes what this one handed in)."""
         with self._turn:
             if self._publishing:
-                return
+                return False
             self._publishing = True
         try:
             if beat:
@@ -287,7 +289,7 @@ class Pipeline:
                     batch = self._ready.pop(self._published, None)
                     if batch is None:
                         self._publishing = False
-                        return
+                        return True
                     self._published += 1
                     self._turn.notify_all()
                 self._publish(batch)

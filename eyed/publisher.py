@@ -79,8 +79,13 @@ def check_ipc_free(endpoint: str) -> None:
     if transport != "ipc" or path.startswith("@") or not os.path.exists(path):
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # A listener that does not accept (a wedged process) would block a connect for ever; with a timeout,
+        # Linux says EAGAIN at once for its full backlog. Either way the path is held.
+        probe.settimeout(1.0)
         try:
             probe.connect(path)
+        except (TimeoutError, BlockingIOError):
+            pass
         except OSError:
             return
     raise PublishError(f"publish.endpoint {endpoint}: in use by another process (is eyed already running?)")

@@ -189,10 +189,10 @@ def test_an_output_that_cannot_be_written_fails_before_the_run(
 
 
 def test_charts_without_matplotlib_say_which_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from eyed.outputs import OutputError, pyplot
+    from eyed.outputs import MissingExtra, pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the report extra has
-    with pytest.raises(OutputError, match=r"eyed\[report\]"):
+    with pytest.raises(MissingExtra, match=r"eyed\[report\]"):
         pyplot()
 
 

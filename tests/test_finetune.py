@@ -219,6 +219,7 @@ def test_features_from_a_reader_that_failed_part_way_are_not_cached(tiny_checkpo
     assert report["train_images"] + report["val_images"] == 12
     assert report["skipped"] == {"corrupt": 0, "unlabelled": 0, "unknown_label": 0, "unreadable": 1}
     assert not list((tmp_path / "cache" / "features").glob("*.npz"))
+    assert report["next_skip"] is None  # the shard it could not read counts once, whatever its records
 
 
 def test_a_run_of_unlabelled_records_does_not_end_the_extraction(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -53,3 +53,18 @@ def test_check_writable_makes_folders_and_refuses_what_cannot_be_written(tmp_pat
         check_writable(tmp_path / "file" / "p.json")
     with pytest.raises(OutputError, match="it is a folder"):
         check_writable(tmp_path / "head")
+
+
+def test_a_staged_file_follows_a_symlink_and_keeps_an_existing_mode(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    target = store / "ref-2026.json"
+    target.write_text("old")
+    target.chmod(0o640)
+    link = tmp_path / "ref.json"
+    link.symlink_to(target)
+    with staged(link) as tmp:
+        tmp.write_text("new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(store)) == ["ref-2026.json"]

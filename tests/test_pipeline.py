@@ -379,6 +379,14 @@ def test_heartbeats_keep_time_while_a_paced_source_waits(tiny_onnx: Path, tmp_pa
     assert len(gaps) == 5 and max(gaps) < 2.0, gaps
 
 
+def test_a_pace_wait_does_not_spin_while_another_worker_publishes(tiny_onnx: Path) -> None:
+    """That worker beats when due; the waiting one sleeps to its frame's time, not to an overdue beat."""
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
+    pipeline = Pipeline(MemorySource(synthetic_images(2)), classifier, Publisher(PublishConfig()), workers=2)
+    pipeline._publishing = True
+    assert pipeline._paced(time.monotonic() + 1) is None
+
+
 def test_a_live_source_goes_one_frame_at_a_time(tiny_onnx: Path) -> None:
     camera = MemorySource(synthetic_images(2))
     camera.live = True

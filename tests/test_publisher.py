@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -20,7 +21,7 @@ import pytest
 import zmq
 
 from eyed.config import ConfigError, PublishConfig
-from eyed.publisher import MAX_INBOUND_BYTES, Publisher, PublishError, encode
+from eyed.publisher import MAX_INBOUND_BYTES, Publisher, PublishError, check_ipc_free, encode
 from eyed.subscriber import Subscriber
 from tests.conftest import ROOT
 
@@ -408,3 +409,24 @@ def test_a_second_publisher_on_a_live_ipc_path_is_refused(tmp_path: Path) -> Non
     (tmp_path / "stale.sock").touch()
     with publisher(f"ipc://{tmp_path / 'stale.sock'}") as pub:
         assert pub.socket is not None
+
+
+def test_a_socket_file_held_by_a_process_that_never_accepts_counts_as_in_use(tmp_path: Path) -> None:
+    """A wedged listener (its backlog full) must not hang the second daemon's start: in use, exit 69."""
+    path = str(tmp_path / "wedged.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(0)
+        fillers = []
+        for _ in range(3):
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(path)
+            fillers.append(filler)
+        try:
+            with pytest.raises(PublishError, match="in use"):
+                check_ipc_free(f"ipc://{path}")
+        finally:
+            for filler in fillers:
+                filler.close()
