@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import logging
 import statistics
 import tempfile
@@ -35,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from eyed.config import ModelConfig, PublishConfig, Settings
-from eyed.model import ModelLoadError, load_classifier
+from eyed.model import load_classifier
 from eyed.model.export import INPUT_NAME, K_NAME, OUTPUT_NAME
 from eyed.model.onnx_backend import OnnxClassifier, open_session
+from eyed.outputs import MissingExtra
 from eyed.pipeline import Pipeline
 from eyed.publisher import Publisher
 from eyed.sources import open_recorded
@@ -256,11 +256,6 @@ def int8_model(settings: Settings, fp32: OnnxClassifier, calibration: int = 300)
     """The INT8 version of the benchmarked model, quantised once into the cache (calibrated on the source)."""
     from eyed.model.quantize import METHOD_VERSION, export_int8
 
-    if importlib.util.find_spec("onnx") is None:
-        raise ModelLoadError(
-            "eyed bench quantises model.onnx to INT8, which needs the int8 extra (pip install 'eyed[int8]'): "
-            "or pass --int8 with an INT8 file made by `eyed export --int8`, or --no-int8"
-        )
     # The FP32 file's content is part of the name: a re-exported or replaced model.onnx gets a new INT8 file.
     digest = hashlib.sha256(fp32.path.read_bytes()).hexdigest()[:12]
     name = f"{fp32.path.stem}-{digest}-int8v{METHOD_VERSION}-c{calibration}.onnx"
@@ -268,7 +263,10 @@ def int8_model(settings: Settings, fp32: OnnxClassifier, calibration: int = 300)
     if not path.is_file():
         logger.warning("quantising %s to INT8 for the benchmark (once): %s", fp32.path, path)
         model = settings.model.model_copy(update={"onnx": fp32.path})
-        export_int8(settings.model_copy(update={"model": model}), path, calibration=calibration, check=0)
+        try:
+            export_int8(settings.model_copy(update={"model": model}), path, calibration=calibration, check=0)
+        except MissingExtra as exc:
+            raise MissingExtra(f"{exc}; or pass --int8 with a file from `eyed export --int8`, or --no-int8") from exc
     return path
 
 

@@ -466,9 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # Before the run: an output that cannot be written fails now, not after minutes of work.
-        for name, folder in getattr(args, "writes", {}).items():
-            if getattr(args, name) is not None:
-                check_writable(getattr(args, name), folder=folder)
+        for name, folder in args.writes.items():
+            if (path := getattr(args, name)) is not None:
+                check_writable(path, folder=folder)
         return int(args.func(args))
     except (ConfigError, CurveError) as exc:
         print(f"eyed: {exc}", file=sys.stderr)

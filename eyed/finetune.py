@@ -127,8 +127,8 @@ def _cache_key(settings: Settings, src: SourceConfig, folder: Path, flip: bool) 
 
 def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> Features:
     """Pooled features of every labelled frame of the configured source, cached under ``model.cache_dir``."""
-    # One pass, unpaced: a looping replay would never end with limit 0, and would put copies of the
-    # validation images into training.
+    # open_recorded reads the source once and unpaced whatever loop and fps say (a loop would put copies of
+    # validation images into training); they are set so here too, so that they do not change the cache key.
     src = settings.source.model_copy(update={"loop": False, "fps": 0.0})
     folder = resolve_checkpoint(settings.model.id)
     cache = settings.model.cache_dir.expanduser()

@@ -21,7 +21,7 @@ class OutputError(Exception):
 
 
 class MissingExtra(Exception):
-    """An optional dependency an output needs is not installed (exit 69, as for the model's extras)."""
+    """An optional dependency a command needs is not installed (exit 69, as for the model's extras)."""
 
 
 # Errors of writing itself, as opposed to those of what the block reads while it works (a dataset, a model).

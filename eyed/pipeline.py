@@ -153,13 +153,8 @@ class Pipeline:
         yet): ``waiting`` for subscribers, every ``heartbeat_s`` and at once on a change; ``stopped`` or
         ``failed`` when the daemon ends without starting the loop, so subscribers hear how it ended."""
         assert not self._thread.is_alive(), "announce() is for before the inference loop runs"
-        now = time.monotonic()
-        if state == self.state and now < self._next_beat:
-            return
         self.state = state
-        self._send_health(0.0)
-        self._published_state = state
-        self._next_beat = now + self.heartbeat_s
+        self._beat(progress=False)
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the inference thread (which waits for its helpers); False if it is still running after

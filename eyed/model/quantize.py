@@ -39,7 +39,7 @@ import numpy as np
 from eyed.config import ConfigError, Settings
 from eyed.model.checkpoint import ModelLoadError
 from eyed.model.export import INPUT_NAME, K_NAME
-from eyed.outputs import staged
+from eyed.outputs import MissingExtra, staged
 from eyed.progress import progress
 from eyed.sources import SourceError, describe, no_frames, open_recorded
 
@@ -596,7 +596,7 @@ def export_int8(
         import onnx
         import onnxruntime.quantization  # noqa: F401
     except ImportError as exc:
-        raise ModelLoadError(f"eyed export --int8 needs the int8 extra (pip install 'eyed[int8]'): {exc}") from exc
+        raise MissingExtra(f"quantising to INT8 needs the int8 extra (pip install 'eyed[int8]'): {exc}") from exc
 
     from eyed.model.onnx_backend import OnnxClassifier
 
