@@ -25,7 +25,7 @@ from eyed.model.checkpoint import TORCH_INSTALL, ModelLoadError, files_fingerpri
 from eyed.model.export import FEATURES_FORMAT, export_onnx
 from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
-from eyed.outputs import staged
+from eyed.outputs import staged, staged_folder
 from eyed.progress import progress
 from eyed.sources import no_frames, open_recorded
 from eyed.sources.replay import local_dataset
@@ -300,8 +300,14 @@ def train_head(features: Features, opts: FinetuneOptions) -> tuple[np.ndarray, n
     return w.astype(np.float32), b.astype(np.float32), metrics
 
 
-def save_checkpoint(model_id: str, output: Path, w: np.ndarray, b: np.ndarray, classes: list[str]) -> Path:
-    """The backbone with the new head, as a Hugging Face checkpoint in ``output``; returns its ONNX export."""
+REPORT = "finetune.json"  # written last: a checkpoint folder without it is one a run did not finish
+
+
+def save_checkpoint(
+    model_id: str, output: Path, w: np.ndarray, b: np.ndarray, classes: list[str], *, name: str | None = None
+) -> Path:
+    """The backbone with the new head, as a Hugging Face checkpoint in ``output``; returns its ONNX export,
+    which records ``name`` (default: ``output``) as its model id."""
     import torch
     from transformers import AutoModelForImageClassification
 
@@ -317,7 +323,7 @@ def save_checkpoint(model_id: str, output: Path, w: np.ndarray, b: np.ndarray, c
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     shutil.copy(folder / "preprocessor_config.json", output / "preprocessor_config.json")
-    return export_onnx(str(output), output / "model.onnx")
+    return export_onnx(str(output), output / "model.onnx", name=name)
 
 
 def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
@@ -330,8 +336,24 @@ def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
     features = extract_features(settings, opts.batch, opts.flip)
     extract_s = time.perf_counter() - t0
     w, b, metrics = train_head(features, opts)
-    onnx_path = save_checkpoint(settings.model.id, opts.output, w, b, features.classes)
-    report = {
+    # The whole checkpoint is written in a temporary folder and moved in at the end, so a failed export leaves
+    # the folder as it was, not a new head beside the last run's model.onnx and report.
+    with staged_folder(opts.output, last=REPORT) as staging:
+        save_checkpoint(settings.model.id, staging, w, b, features.classes, name=str(opts.output))
+        report = _report(settings, opts, features, metrics, extract_s, time.perf_counter() - t0)
+        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _report(
+    settings: Settings,
+    opts: FinetuneOptions,
+    features: Features,
+    metrics: dict[str, Any],
+    extract_s: float,
+    wall_s: float,
+) -> dict[str, Any]:
+    return {
         "base_model": settings.model.id,
         "dataset": settings.source.dataset,
         "split": settings.source.split,
@@ -346,10 +368,7 @@ def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
         "skipped": features.skipped,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
         "features_s": round(extract_s, 1),
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": round(wall_s, 1),
         **metrics,
-        "onnx": str(onnx_path),
+        "onnx": str(opts.output / "model.onnx"),
     }
-    with staged(opts.output / "finetune.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    return report

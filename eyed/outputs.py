@@ -83,6 +83,38 @@ def staged(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def staged_folder(folder: Path, last: str) -> Iterator[Path]:
+    """A temporary folder beside ``folder`` to write a set of files in; when the block ends without an error
+    they move into ``folder``, ``last`` after all others, and the temporary folder is removed either way.
+
+    ``last`` names the file that says the set is complete: it is removed from ``folder`` before the others
+    move in, so a crash while they move (renames on one filesystem, a few milliseconds) leaves a folder
+    without it, never a complete-looking mix of two runs. Other files already in ``folder`` are left alone:
+    it may be a folder the user keeps other things in.
+    """
+    folder = folder.resolve() if folder.is_symlink() else folder
+    tmp = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise _failed(folder, exc) from exc
+    try:
+        try:
+            yield tmp
+            names = sorted(p.name for p in tmp.iterdir() if p.name != last)
+            (folder / last).unlink(missing_ok=True)
+            for name in [*names, last] if (tmp / last).exists() else names:
+                (tmp / name).replace(folder / name)
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:
+                raise _failed(folder, exc) from exc
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def pyplot() -> Any:
     """matplotlib's pyplot, drawing without a display (the report extra; imported only for a chart)."""
     try:

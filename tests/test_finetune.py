@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -272,3 +273,30 @@ def test_the_report_says_where_held_out_records_start(
     report = finetune(tiny_dataset, tiny_checkpoint, tmp_path / "ft", tmp_path / "cache", "--limit", "8")
     assert report["train_images"] + report["val_images"] == 8
     assert report["skipped"]["corrupt"] == 1 and report["next_skip"] == 9  # records 0-8, the 6th corrupt
+
+
+def test_a_failed_export_leaves_the_last_checkpoint_as_it_was(
+    coloured_dataset: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to leave the new head's weights beside the last run's model.onnx and finetune.json."""
+    out = tmp_path / "ft"
+    finetune(coloured_dataset, tiny_checkpoint, out, tmp_path / "cache")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "model.onnx", "finetune.json"} <= set(before)
+
+    def fail(*args: Any, **kwargs: Any) -> Path:
+        raise ft.ModelLoadError("export failed")
+
+    monkeypatch.setattr(ft, "export_onnx", fail)
+    assert run(coloured_dataset, tiny_checkpoint, out, tmp_path / "cache", "--seed", "1") != 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["cache", "ft"]  # no temporary folder left
+
+
+def test_the_onnx_export_names_the_checkpoint_folder_not_its_staging_folder(
+    coloured_dataset: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ft"
+    report = finetune(coloured_dataset, tiny_checkpoint, out, tmp_path / "cache")
+    assert report["onnx"] == str(out / "model.onnx")
+    assert load_classifier(ModelConfig(onnx=out / "model.onnx")).name == str(out)

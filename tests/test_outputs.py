@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eyed.outputs import OutputError, check_writable, staged
+from eyed.outputs import OutputError, check_writable, staged, staged_folder
 
 
 def test_a_staged_file_replaces_the_old_one_only_when_the_block_ends_well(tmp_path: Path) -> None:
@@ -68,3 +68,42 @@ def test_a_staged_file_follows_a_symlink_and_keeps_an_existing_mode(tmp_path: Pa
     assert link.is_symlink() and target.read_text() == "new"
     assert target.stat().st_mode & 0o777 == 0o640
     assert sorted(os.listdir(store)) == ["ref-2026.json"]
+
+
+def test_a_staged_folder_moves_in_whole_with_its_last_file_last(tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    out.mkdir()
+    for name, text in (("model.onnx", "old"), ("done.json", "old"), ("notes.txt", "the user's")):
+        (out / name).write_text(text)
+    with pytest.raises(RuntimeError), staged_folder(out, last="done.json") as tmp:
+        assert tmp.parent == tmp_path and tmp != out
+        (tmp / "model.onnx").write_text("half")
+        raise RuntimeError("the export failed")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "model.onnx": "old",
+        "done.json": "old",
+        "notes.txt": "the user's",
+    }
+    assert os.listdir(tmp_path) == ["ft"]  # no temporary folder left
+    moved: list[str] = []
+    real_replace = Path.replace
+
+    def replace(self: Path, target: Path) -> Path:
+        moved.append(self.name)
+        # While the others move in, the old run's last file is already gone.
+        assert self.name == "done.json" or not (out / "done.json").exists()
+        return real_replace(self, target)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "replace", replace)
+        with staged_folder(out, last="done.json") as tmp:
+            for name in ("done.json", "model.onnx", "config.json"):
+                (tmp / name).write_text("new")
+    assert moved == ["config.json", "model.onnx", "done.json"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "model.onnx": "new",
+        "config.json": "new",
+        "done.json": "new",
+        "notes.txt": "the user's",
+    }
+    assert sorted(os.listdir(tmp_path)) == ["ft"]

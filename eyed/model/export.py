@@ -46,11 +46,12 @@ FEATURES_NAME = "features"
 OPSET = 17
 
 
-def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
+def export_onnx(model_id: str, output: Path, *, features: bool = False, name: str | None = None) -> Path:
     """Export ``model_id`` (hub id or folder) to ``output``; returns the path written.
 
     With ``features``, the graph ends before the classifier and outputs the pooled backbone features
-    (``eyed finetune`` extracts them once and trains a new head on them).
+    (``eyed finetune`` extracts them once and trains a new head on them). ``name`` is the model id to record
+    in the file instead of ``model_id`` (a checkpoint written in a temporary folder records its final one).
     """
     try:
         import torch
@@ -87,7 +88,7 @@ def export_onnx(model_id: str, output: Path, *, features: bool = False) -> Path:
                 opset_version=OPSET,
                 dynamo=False,
             )
-        finish_graph(tmp, labels, spec, model_id, postprocess=not features)
+        finish_graph(tmp, labels, spec, name or model_id, postprocess=not features)
     return output
 
 
