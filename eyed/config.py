@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -107,10 +108,56 @@ class SourceConfig(Section):
             raw = f"webcam-{Path(str(self.device)).name}"
         elif self.kind == "file":
             raw = Path(str(self.url)).stem
-        else:  # rtsp: host and path, never the credentials
-            rest = str(self.url).split("://", 1)[-1].rsplit("@", 1)[-1]
-            raw = f"rtsp-{rest}"
+        else:  # rtsp: host, port and path; never the user, password or query (cameras take tokens there)
+            parts = urlsplit(str(self.url))
+            port = f":{parts.port}" if _port(parts) is not None else ""
+            raw = f"rtsp/{parts.hostname or ''}{port}{parts.path}"
         return re.sub(r"[^A-Za-z0-9_\-]+", "-", raw).strip("-") or self.kind
+
+
+def _port(parts: SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:  # not a number: left out of names rather than fail
+        return None
+
+
+# Query parameters whose values are secrets: cameras that take credentials in the URL use these names
+# (?user=admin&password=..., ?token=..., signed URLs' sig/signature).
+SECRET_QUERY = re.compile(r"pass|pwd|token|secret|key|auth|sig|credential", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password and secret query values replaced by ``***``, for messages and printouts.
+
+    The user name stays: "wrong user" is a common mistake, and it is not a secret on its own.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # malformed (an unclosed IPv6 bracket): hide everything between "//" and an "@"
+        return re.sub(r"(?<=//)[^/@]*@", "***@", url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = "&".join(
+        f"{name}={'***' if SECRET_QUERY.search(name) else value}" if sep else name
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # as written: urlunsplit would drop the empty host of ipc:///path
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _redacted(value: Any) -> Any:
+    """A configuration value as it may be shown: URLs in it redacted (:func:`redact_url`)."""
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redacted(v) for v in value)
+    return value
 
 
 class ModelConfig(Section):
@@ -550,13 +597,16 @@ def format_validation_error(exc: Any) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown option"
-        lines.append(f"{loc}: {msg} (got {err.get('input')!r})" if err["type"] != "missing" else f"{loc}: {msg}")
+        # The input may be the whole source section, url and its password with it: messages go to the journal.
+        got = _redacted(err.get("input"))
+        lines.append(f"{loc}: {msg} (got {got!r})" if err["type"] != "missing" else f"{loc}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
 def dump_settings(settings: Settings) -> str:
-    """The effective configuration as TOML text (what ``eyed check-config`` prints)."""
-    data = settings.model_dump(mode="json")
+    """The effective configuration as TOML text (what ``eyed check-config`` prints), with the password and
+    secret query values of URLs hidden (:func:`redact_url`)."""
+    data = _redacted(settings.model_dump(mode="json"))
     out: list[str] = []
     for section, values in data.items():
         out.append(f"[{section}]")

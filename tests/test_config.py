@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from eyed.cli import EXIT_CONFIG, EXIT_OK, main
-from eyed.config import ConfigError, Settings, SourceConfig, dump_settings, load_settings
+from eyed.config import ConfigError, Settings, SourceConfig, dump_settings, load_settings, redact_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -664,3 +664,40 @@ def test_camera_fields_are_checked(kwargs: dict[str, object], message: str) -> N
 def test_rtsp_source_id_never_contains_credentials() -> None:
     cfg = SourceConfig(kind="rtsp", url="rtsp://admin:hunter2@cam.local/live")
     assert "hunter2" not in cfg.resolved_id() and "admin" not in cfg.resolved_id()
+    # Cameras that take them in the query: the id (every topic, event and log line) is host, port and path.
+    query = SourceConfig(kind="rtsp", url="rtsp://10.0.0.5:554/cam/realmonitor?channel=1&user=admin&password=hunter2")
+    assert query.resolved_id() == "rtsp-10-0-0-5-554-cam-realmonitor"
+    assert SourceConfig(kind="rtsp", url="rtsp://10.0.0.5/live?token=abc123#x").resolved_id() == "rtsp-10-0-0-5-live"
+
+
+SECRET_URL = "rtsp://admin:hunter2@10.0.0.5:554/live?channel=1&password=hunter2&token=abc123"
+
+
+def test_redact_url_hides_the_password_and_secret_query_values() -> None:
+    redacted = redact_url(SECRET_URL)
+    assert redacted == "rtsp://admin:***@10.0.0.5:554/live?channel=1&password=***&token=***"
+    assert redact_url("rtsp://cam.local/live") == "rtsp://cam.local/live"
+    assert redact_url("rtsp://user@cam.local/live?a") == "rtsp://user@cam.local/live?a"
+
+
+def test_an_invalid_source_section_does_not_print_the_camera_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A whole-section error quotes the section as its input: with the url, the password went to the journal."""
+    config = tmp_path / "eyed.toml"
+    config.write_text(
+        f'[source]\nkind = "rtsp"\nurl = "{SECRET_URL}"\nreconnect_initial_s = 60\nreconnect_max_s = 30\n'
+    )
+    assert main(["check-config", "--config", str(config)]) == 78
+    err = capsys.readouterr().err
+    assert "reconnect_initial_s" in err and "10.0.0.5" in err
+    assert "hunter2" not in err and "abc123" not in err
+
+
+def test_check_config_prints_the_url_without_its_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "eyed.toml"
+    config.write_text(f'[source]\nkind = "rtsp"\nurl = "{SECRET_URL}"\n')
+    assert main(["check-config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert 'url = "rtsp://admin:***@10.0.0.5:554/live?channel=1&password=***&token=***"' in out
+    assert "hunter2" not in out
