@@ -275,6 +275,16 @@ def compare(arm: dict[int, dict[str, Any]], x86: dict[int, dict[str, Any]]) -> d
     }
 
 
+def export_config(shared: Path) -> list[str]:
+    """`eyed export`'s configuration: configs/replay.toml on the model and data in ``shared`` ($EYED_SHARED),
+    not on the paths it names relative to the folder eyed starts from."""
+    # Imported here, not at the top: the tests import this script as benchmarks.arm64_qemu, where its
+    # siblings are not top-level modules as they are for the script.
+    from assets import REPLAY_CONFIG, replay_overrides, set_args
+
+    return ["--config", str(REPLAY_CONFIG), *set_args(replay_overrides(shared))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=200)
@@ -303,7 +313,7 @@ def main() -> None:
         wheel = next(wheels.glob("eyed-*.whl"))
         models.mkdir()
         eyed = [sys.executable, "-m", "eyed"]
-        config = ["--config", str(ROOT / "configs/replay.toml"), "--set", f"source.dataset={data}"]
+        config = export_config(shared)
         fp32, int8 = models / "fp32.onnx", models / "int8-aarch64.onnx"
         sh([*eyed, "export", *config, "--output", str(fp32)], cwd=ROOT, stdout=subprocess.DEVNULL)
         # Calibrated on records 0-299 and checked on 300-799, as `eyed export --int8` does by default.

@@ -5,8 +5,8 @@ thread, in alternating rounds so that the ratios come from rounds seconds apart.
 
     .venv/bin/python benchmarks/extra_workers.py [--workers 2,3] [--frames 200] [--rounds 12]
 
-The model and frames come from configs/replay.toml (the real MobileNetV2 and CIFAR-10 from $EYED_SHARED); the
-INT8 file is the one ``eyed bench`` quantises into the cache.
+The model and frames come from configs/replay.toml pointed at the real MobileNetV2 and CIFAR-10 in $EYED_SHARED
+(``--config`` reads another file as it is); the INT8 file is the one ``eyed bench`` quantises into the cache.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import contextlib
 import statistics
 from pathlib import Path
 
+from assets import replay_settings
+
 from eyed.bench import DaemonPath, int8_model, load_frames
-from eyed.config import load_settings
 from eyed.model import load_classifier
 from eyed.model.onnx_backend import OnnxClassifier
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def median_ratio(a: list[float], b: list[float]) -> float:
@@ -30,14 +29,14 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "replay.toml")
+    ap.add_argument("--config", type=Path, help="default: configs/replay.toml on the assets in $EYED_SHARED")
     ap.add_argument("--workers", default="2,3", help="comma-separated worker counts; the first is the baseline")
     ap.add_argument("--frames", type=int, default=200, help="decoded frames, gone over 3 times a round")
     ap.add_argument("--rounds", type=int, default=12)
     args = ap.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
 
-    settings = load_settings(args.config)
+    settings = replay_settings(args.config)
     images, _ = load_frames(settings, args.frames)
     cfg = settings.full_speed_model().model_copy(update={"threads": 1})
     fp32 = load_classifier(cfg)
@@ -48,7 +47,9 @@ def main() -> None:
         paths = []
         for precision, classifier in models.items():
             for w in counts:
-                path = stack.enter_context(DaemonPath(classifier, images * 3, subscriber=True, workers=w))
+                path = stack.enter_context(
+                    DaemonPath(classifier, images * 3, subscriber=True, settings=settings, workers=w)
+                )
                 path(1)  # warm-up, not measured
                 paths.append(((precision, w), path))
         for r in range(args.rounds):

@@ -11,7 +11,6 @@ The FP32 file defaults to the cached export of the real MobileNetV2 from $EYED_S
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import threading
 import time
@@ -19,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from assets import cached_fp32
 
-from eyed.config import ModelConfig
-from eyed.model.export import INPUT_NAME, K_NAME, OUTPUT_NAME, ensure_onnx
+from eyed.config import ModelConfig, available_cores
+from eyed.model.export import INPUT_NAME, K_NAME, OUTPUT_NAME
 from eyed.model.onnx_backend import open_session
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def session(path: Path, threads: int) -> Any:
@@ -33,17 +31,23 @@ def session(path: Path, threads: int) -> Any:
 
 
 def fps(sess: Any, feeds: list[dict[str, np.ndarray]], frames: int, workers: int) -> float:
-    def work(count: int) -> None:
-        for i in range(count):
+    """Frames/s of ``frames`` frames shared among ``workers`` threads (the remainder to the first ones), counted
+    as they ran."""
+    shares = [frames // workers + (i < frames % workers) for i in range(workers)]
+    ran = [0] * workers
+
+    def work(worker: int) -> None:
+        for i in range(shares[worker]):
             sess.run([OUTPUT_NAME], feeds[i % len(feeds)])
+            ran[worker] += 1
 
     t = time.perf_counter()
-    threads = [threading.Thread(target=work, args=(frames // workers,)) for _ in range(workers)]
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    return frames / (time.perf_counter() - t)
+    return sum(ran) / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -53,16 +57,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1200)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    fp32 = args.fp32
-    if fp32 is None:
-        shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
-        fp32 = ensure_onnx(str(shared / "models" / "mobilenet_v2_1.0_224"), ROOT / ".cache" / "eyed")
+    fp32 = args.fp32 or cached_fp32()
     rng = np.random.default_rng(0)
     feeds: list[dict[str, np.ndarray]] = [
         {INPUT_NAME: rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8), K_NAME: np.array([1], dtype=np.int64)}
         for _ in range(50)
     ]
-    cores = os.cpu_count() or 2
+    # The cores this process may use (an affinity mask or a CPU quota counts), as the daemon counts them.
+    cores = available_cores()
     threaded, at_once = f"one frame, {cores} threads", f"{cores} frames at once, one thread each"
     ways = {threaded: (cores, 1), at_once: (1, cores)}
     files = {"fp32": fp32, "int8": args.int8}

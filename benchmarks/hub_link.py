@@ -7,7 +7,7 @@ delayed by the link's latency and files sent at its rate. The consumer stands in
 decodes each record and spends ``--fps``'s share of time per frame asleep (with the GIL released, as
 onnxruntime runs). Each run is a child process; the report gives frames/s and the child's peak RSS.
 
-    .venv/bin/python benchmarks/hub_link.py [--rows 5000] [--fps 580] [--json]
+    .venv/bin/python benchmarks/hub_link.py [--rows 3000] [--fps 580] [--json]
 
 580 frames/s is what the INT8 daemon path reached on this machine (``eyed bench``); ``--fps 0`` reads as fast
 as the source can.
@@ -36,6 +36,8 @@ LINKS: dict[str, tuple[float, float | None]] = {
     "1 MB/s, 50 ms": (0.05, 1e6),
 }
 READERS = ("eyed", "huggingface_hub file")
+# Records read in each run, as in the README's figures.
+ROWS = 3000
 
 CHILD = """
 import contextlib, json, resource, sys, time
@@ -90,7 +92,7 @@ def run(hub: FakeHub, home: Path, rows: int, fps: float, reader: str) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=5000, help="records read in each run (a shard has 10,000)")
+    parser.add_argument("--rows", type=int, default=ROWS, help="records read in each run (a shard has 10,000)")
     parser.add_argument("--fps", type=float, default=580.0, help="the consumer's frames/s; 0: no consumer")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from startup_rss import cached_model
+from assets import cached_fp32, replay_settings
 
-from eyed.bench import BareLoop, load_frames
-from eyed.config import load_settings
+from eyed.bench import BareLoop, bare_model, load_frames
 from eyed.model.onnx_backend import OnnxClassifier
 from eyed.model.quantize import check_accuracy, quantize_int8
 
@@ -64,13 +63,8 @@ def main() -> None:
                 f"--variants: {variant!r} is not a count of float convolutions, 'a' or 'd', then 'c', 'q' or not"
             )
 
-    shared, env = cached_model()
-    overrides = [
-        f"source.dataset={shared / 'data' / 'cifar10'}",
-        f"model.id={env['EYED_MODEL__ID']}",
-        f"model.cache_dir={env['EYED_MODEL__CACHE_DIR']}",
-    ]
-    settings = load_settings(Path(__file__).resolve().parent.parent / "configs" / "replay.toml", overrides)
+    cached_fp32()
+    settings = replay_settings()
     fp32 = OnnxClassifier(settings.model)
     calibration = np.stack([fp32.prepare(i) for i in load_frames(settings, args.calibration)[0]])
     heldout = settings.model_copy(update={"source": settings.source.model_copy(update={"skip": 45000})})
@@ -79,7 +73,9 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="eyed-int8-") as tmp:
-        loops = [BareLoop(fp32.path, settings.model, list(tensors[:200]))]
+        # The threads `eyed bench`'s bare loop runs on: the cores this process may use.
+        bare_cfg = bare_model(settings)
+        loops = [BareLoop(fp32.path, bare_cfg, list(tensors[:200]))]
         for variant in variants:
             match = VARIANT.fullmatch(variant)
             assert match is not None
@@ -88,7 +84,7 @@ def main() -> None:
             int8 = OnnxClassifier(settings.model.model_copy(update={"onnx": path}))
             check = check_accuracy(fp32, int8, tensors, truths)
             int8.close()
-            loops.append(BareLoop(path, settings.model, list(tensors[:200])))
+            loops.append(BareLoop(path, bare_cfg, list(tensors[:200])))
             rows.append(
                 {
                     "float_leading_convs": leading,

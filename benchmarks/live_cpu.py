@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from startup_rss import cached_model, write_video
+from assets import cached_model
+from startup_rss import write_video
 
 from eyed.subscriber import Subscriber
 

@@ -18,13 +18,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from assets import cached_model
 
 from eyed.subscriber import Subscriber
 
 ROOT = Path(__file__).resolve().parent.parent
+# How long the daemon may take to its first event (the model loads, the stream opens), and to its first event
+# after the server restarts (the reconnect backoff tops out at 1 s here).
+FIRST_EVENT_S = 120.0
+RECONNECT_S = 60.0
 
 
 def free_port() -> int:
@@ -41,25 +48,56 @@ def start_server(port: int) -> subprocess.Popen[str]:
     return proc
 
 
+class StderrTail:
+    """The last lines a child process writes to stderr, read as they come (a full pipe would block the child)."""
+
+    def __init__(self, proc: subprocess.Popen[str], lines: int = 30) -> None:
+        self.lines: deque[str] = deque(maxlen=lines)
+        self._reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._reader.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        for line in proc.stderr or ():
+            self.lines.append(line)
+
+    def text(self, wait_s: float = 0.0) -> str:
+        """The lines so far; after the child exited, wait up to ``wait_s`` for the pipe's last ones."""
+        self._reader.join(wait_s)
+        return "".join(self.lines).rstrip()
+
+
+def wait_until(
+    done: Callable[[], bool], daemon: subprocess.Popen[str], tail: StderrTail, timeout_s: float, what: str
+) -> None:
+    """Poll ``done`` until it is true; RuntimeError with the daemon's last words if it exits first, TimeoutError
+    after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited {daemon.returncode} before {what}:\n{tail.text(wait_s=5)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not come within {timeout_s:g} s; the daemon's last lines:\n{tail.text()}")
+        time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20)
     args = parser.parse_args()
-    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
+    _, model = cached_model()
     port, endpoint = free_port(), f"tcp://127.0.0.1:{free_port()}"
     server = start_server(port)
-    env = dict(os.environ)
+    env = {**os.environ, **model}
     env.update(
         EYED_SOURCE__KIND="rtsp",
         EYED_SOURCE__URL=f"rtsp://127.0.0.1:{port}/test",
         EYED_SOURCE__RECONNECT_INITIAL_S="0.2",
         EYED_SOURCE__RECONNECT_MAX_S="1",
-        EYED_MODEL__ID=str(shared / "models" / "mobilenet_v2_1.0_224"),
-        EYED_MODEL__CACHE_DIR=str(ROOT / ".cache" / "eyed"),
         EYED_PUBLISH__ENDPOINT=endpoint,
         EYED_PUBLISH__WAIT_SUBSCRIBERS="1",
     )
-    daemon = subprocess.Popen([sys.executable, "-m", "eyed", "run"], env=env, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen([sys.executable, "-m", "eyed", "run"], env=env, stderr=subprocess.PIPE, text=True)
+    tail = StderrTail(daemon)
     events: list[tuple[float, dict[str, object]]] = []
     halt = threading.Event()
 
@@ -73,16 +111,16 @@ def main() -> None:
 
     threading.Thread(target=record, daemon=True).start()
     try:
-        while not events:
-            time.sleep(0.1)
+        wait_until(lambda: bool(events), daemon, tail, FIRST_EVENT_S, "the first event")
         time.sleep(args.seconds)
         server.kill()
         server.wait()
         time.sleep(2)
         restarted = time.monotonic()
         server = start_server(port)
-        while not any(t > restarted for t, _ in events):
-            time.sleep(0.05)
+        wait_until(
+            lambda: any(t > restarted for t, _ in events), daemon, tail, RECONNECT_S, "an event after the restart"
+        )
         back = min(t for t, _ in events if t > restarted) - restarted
         time.sleep(3)
     finally:

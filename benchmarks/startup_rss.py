@@ -32,6 +32,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from assets import cached_model
 
 from eyed.subscriber import Subscriber
 
@@ -65,20 +66,6 @@ def write_image_folder(path: Path, per_class: int = 100) -> Path:
     return path
 
 
-def cached_model() -> tuple[Path, dict[str, str]]:
-    """$EYED_SHARED, and the settings that run the real MobileNetV2 from it with its ONNX export cached.
-
-    Exported once beforehand: the figures are for a device that already has its model file.
-    """
-    from eyed.model.export import ensure_onnx
-
-    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
-    model = shared / "models" / "mobilenet_v2_1.0_224"
-    cache = ROOT / ".cache" / "eyed"
-    ensure_onnx(str(model), cache)
-    return shared, {"EYED_MODEL__ID": str(model), "EYED_MODEL__CACHE_DIR": str(cache)}
-
-
 def one_run(env: dict[str, str], endpoint: str) -> dict[str, Any]:
     # The child reports which heavy modules it imported and its peak RSS (VmHWM: ru_maxrss would not do, as
     # Linux carries this process's peak over into a child's at exec); the daemon itself is unchanged.
@@ -102,10 +89,11 @@ def one_run(env: dict[str, str], endpoint: str) -> dict[str, Any]:
     return {"first_event_s": first, "peak_rss_mb": int(peak_kib) / 1024, "imported": imported}
 
 
-def measure(name: str, settings: dict[str, str], runs: int) -> dict[str, Any]:
+def measure(name: str, settings: dict[str, str], runs: int, folder: Path) -> dict[str, Any]:
+    """``runs`` daemons with ``settings``, each publishing on an ipc socket in ``folder`` (removed with it)."""
     results = []
     for i in range(runs):
-        endpoint = f"ipc://{tempfile.gettempdir()}/eyed-startup-{os.getpid()}-{i}.sock"
+        endpoint = f"ipc://{folder}/{name}-{i}.sock"
         env = {k: v for k, v in os.environ.items() if not k.startswith("EYED_")}
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "EYED_PUBLISH__ENDPOINT": endpoint})
         env.update({"EYED_PUBLISH__WAIT_SUBSCRIBERS": "1", "EYED_LOG__LEVEL": "WARNING"})
@@ -132,13 +120,14 @@ def main() -> None:
     if args.onnx:
         common["EYED_MODEL__ONNX"] = str(args.onnx.resolve())
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        video = write_video(Path(tmp) / "clip.avi")
-        repo = cifar10_repo(Path(tmp) / "hub", {"test": [shared / "data" / "cifar10" / "train-00000-of-00005.parquet"]})
+        # Also the daemons' ipc sockets: none is left in the system's temporary folder.
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eyed-startup-")))
+        video = write_video(tmp / "clip.avi")
+        repo = cifar10_repo(tmp / "hub", {"test": [shared / "data" / "cifar10" / "train-00000-of-00005.parquet"]})
         hub = stack.enter_context(FakeHub({("dataset", "uoft-cs/cifar10"): repo}))
         rows = [
             # The file source starts in the same order the RTSP/webcam ones do: model, publisher, then capture.
-            measure("file", {**common, "EYED_SOURCE__KIND": "file", "EYED_SOURCE__URL": str(video)}, args.runs),
+            measure("file", {**common, "EYED_SOURCE__KIND": "file", "EYED_SOURCE__URL": str(video)}, args.runs, tmp),
             measure(
                 "replay",
                 {
@@ -148,16 +137,18 @@ def main() -> None:
                     "EYED_SOURCE__LIMIT": str(args.replay_limit),
                 },
                 args.runs,
+                tmp,
             ),
             measure(
                 "images",
                 {
                     **common,
-                    "EYED_SOURCE__DATASET": str(write_image_folder(Path(tmp) / "images")),
+                    "EYED_SOURCE__DATASET": str(write_image_folder(tmp / "images")),
                     "EYED_SOURCE__SPLIT": "train",
                     "EYED_SOURCE__LIMIT": str(min(args.replay_limit, 200)),
                 },
                 args.runs,
+                tmp,
             ),
             measure(
                 "hub",
@@ -166,12 +157,13 @@ def main() -> None:
                     "HF_HUB_OFFLINE": "0",
                     "HF_DATASETS_OFFLINE": "0",
                     "HF_ENDPOINT": hub.endpoint,
-                    "HF_HOME": str(Path(tmp) / "hf"),
+                    "HF_HOME": str(tmp / "hf"),
                     "EYED_SOURCE__DATASET": "uoft-cs/cifar10",
                     "EYED_SOURCE__SPLIT": "test",
                     "EYED_SOURCE__LIMIT": str(args.replay_limit),
                 },
                 args.runs,
+                tmp,
             ),
         ]
     if args.json:

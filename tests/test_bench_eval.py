@@ -44,6 +44,7 @@ def test_bench_json_compares_every_path_on_the_same_frames(
     report = json.loads(capsys.readouterr().out)
     # The daemon's path runs as the daemon would on this replay at fps 0.
     assert report["daemon"] == {"workers": workers, "threads": threads or 1, "spinning": "on"}
+    assert report["threads"] == (threads or cores)  # the bare loop's, one call at a time on every core
     names = [r["name"] for r in report["rows"]]
     at_once = f"bare onnxruntime, {workers} frames at once"
     paths = ["bare onnxruntime", *([at_once] if workers > 1 else []), "daemon path -> SUB process"]
