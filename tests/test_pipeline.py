@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 import zmq
 
-from eyed.config import ModelConfig, PublishConfig
+from eyed.config import ModelConfig, PublishConfig, SourceConfig
 from eyed.model import load_classifier
 from eyed.pipeline import Pipeline
 from eyed.publisher import Publisher
 from eyed.sources.base import Pacer
+from eyed.sources.capture import CaptureSource
 from eyed.sources.memory import MemorySource
 from eyed.types import Frame
 from tests.conftest import synthetic_images
+from tests.sources.test_capture import LoopingCapture
 
 
 @contextlib.contextmanager
@@ -393,6 +395,15 @@ def test_a_live_source_goes_one_frame_at_a_time(tiny_onnx: Path) -> None:
     classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
     pipeline = Pipeline(camera, classifier, Publisher(PublishConfig()), batch=8, workers=3)
     assert (pipeline.batch, pipeline.workers) == (1, 1)
+
+
+def test_a_camera_with_a_limit_finishes_like_a_replay(tiny_onnx: Path, tmp_path: Path) -> None:
+    camera = LoopingCapture(synthetic_images(3, size=40))
+    cfg = SourceConfig(kind="webcam", device=0, limit=5, freeze_diff=0)
+    with CaptureSource(cfg, opener=lambda _cfg: camera) as source:
+        events = run_pipeline(tiny_onnx, tmp_path, source)
+    assert [e["seq"] for e in events if e["type"] == "label"] == list(range(5))
+    assert events[-1]["state"] == "finished" and events[-1]["frames"] == 5
 
 
 def test_frames_are_frozen() -> None:

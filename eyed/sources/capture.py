@@ -1,9 +1,11 @@
 """Cameras and video files through OpenCV (FFmpeg or V4L2): one class for webcam, RTSP and file sources.
 
 A live source (webcam, RTSP) runs a capture thread that keeps only the newest frame and counts the ones it had
-to overwrite. Opening and reading have timeouts; an open or a read that hangs anyway is abandoned by a watchdog
-that starts a fresh capture. A lost camera is retried with exponential backoff and jitter, for ever: the daemon
-never exits because a camera went away. A file source delivers every frame in order, paced to ``source.fps``.
+to overwrite; with ``source.fps`` set it passes on at most that many frames a second, and with ``source.limit``
+it finishes after that many. Opening and reading have timeouts; an open or a read that hangs anyway is abandoned
+by a watchdog that starts a fresh capture. A lost camera is retried with exponential backoff and jitter, for
+ever: the daemon never exits because a camera went away. A file source delivers every frame in order, paced to
+``source.fps``.
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ EXIT_JOIN_S = 2.0
 # Threads still blocked in a driver call the watchdog gave up on, beyond which it starts no more: a camera whose
 # every open hangs would otherwise cost one stuck thread per open_timeout_s, for ever.
 MAX_ABANDONED = 4
-# Failed reads in a row after which a video file whose length is unknown (or was misreported) is taken to have
-# ended. FFmpeg fails a read on a frame it cannot decode and goes on with the next one, so a single failure is
-# a corrupt frame, not the end; at the end every read fails at once, so these cost next to nothing.
+# Failed reads in a row after which a video file whose length is unknown, or that has gone past the length it
+# states, is taken to have ended. FFmpeg fails a read on a frame it cannot decode and goes on with the next one,
+# so a single failure is a corrupt frame, not the end; at the end every read fails at once (about a microsecond
+# each), so these cost next to nothing.
 FILE_END_FAILURES = 30
+# Within the length a file states, a run of failed reads is corrupt frames however long it is, up to this many:
+# a bound only for a stated length that is absurdly wrong (100,000 failed reads at the real end take ~0.1 s).
+FILE_MAX_CORRUPT_RUN = 100_000
+# A camera's frame this much of a period early still falls due (source.fps): a camera sending at just that rate
+# jitters around its slots, and a frame a little early must not wait for the next one.
+EARLY_FRACTION = 0.25
 # Frozen-frame detection compares single grey pixels on a grid of about this many columns and rows. Not an
 # averaged thumbnail: averaging wipes out the sensor noise that tells a still scene from a repeated picture.
 FREEZE_GRID = (64, 48)
@@ -82,6 +91,11 @@ class EnvLease:
                     self._restore()
                     self._cond.notify_all()
 
+    def outside(self) -> str | None:
+        """The variable's value outside any lease: the one it has now, or had before the first holder came."""
+        with self._cond:
+            return self._previous if self._holders else os.environ.get(self.name)
+
     def _restore(self) -> None:
         if self._previous is None:
             os.environ.pop(self.name, None)
@@ -92,6 +106,37 @@ class EnvLease:
 
 _ffmpeg_options = EnvLease("OPENCV_FFMPEG_CAPTURE_OPTIONS")
 V4L_SELECT_TIMEOUT = "OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT"
+
+
+def ffmpeg_options(user: str | None, transport: str) -> str:
+    """OPENCV_FFMPEG_CAPTURE_OPTIONS for an RTSP open: the options the user exported (``key;value|key;value``),
+    with ``rtsp_transport`` set to ``source.transport``."""
+    kept = [item for item in (user or "").split("|") if item and item.split(";", 1)[0].strip() != "rtsp_transport"]
+    return "|".join([*kept, f"rtsp_transport;{transport}"])
+
+
+class Throttle:
+    """Lets a camera's frames through at most ``fps`` times a second (0: every one), without ever waiting.
+
+    Unlike a :class:`~eyed.sources.base.Pacer` it never sleeps: a camera's frames must not queue up behind a
+    sleep, or the one taken would be old. The capture reads on and takes the first frame that falls due.
+    """
+
+    def __init__(self, fps: float) -> None:
+        self.period = 1.0 / fps if fps > 0 else 0.0
+        self._next = -math.inf
+
+    def due(self, now: float) -> bool:
+        """Whether a frame that arrived at ``now`` (monotonic) is to be taken; if so, the next slot is set."""
+        if not self.period:
+            return True
+        if now < self._next - self.period * EARLY_FRACTION:
+            return False
+        # From the slot, not from now, so a camera that sends 15 frames a second still gives 10 at fps 10; but a
+        # frame more than a period late starts a new schedule rather than a burst.
+        late = now - self._next
+        self._next = self._next + self.period if late < self.period else now + self.period
+        return True
 
 
 class Backoff:
@@ -122,6 +167,11 @@ def webcam_target(device: int | str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def read_timeout_ms(cfg: SourceConfig) -> int:
+    """``source.read_timeout_s`` as FFmpeg is given it."""
+    return int(cfg.read_timeout_s * 1000)
+
+
 def capture_args(cfg: SourceConfig) -> tuple[int | str, int, list[int], dict[int, float]]:
     """What to hand cv2.VideoCapture: (target, backend API, open parameters, properties to set after opening)."""
     if cfg.kind == "webcam":
@@ -143,7 +193,7 @@ def capture_args(cfg: SourceConfig) -> tuple[int | str, int, list[int], dict[int
         cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
         int(cfg.open_timeout_s * 1000),
         cv2.CAP_PROP_READ_TIMEOUT_MSEC,
-        int(cfg.read_timeout_s * 1000),
+        read_timeout_ms(cfg),
     ]
     return cfg.url, cv2.CAP_FFMPEG, timeouts, {}
 
@@ -156,9 +206,10 @@ def open_capture(cfg: SourceConfig) -> Any:
         # a camera that stops sending fails its read before the watchdog (read_timeout_s + HUNG_GRACE_S) has to
         # abandon it. A value the user exported stands.
         os.environ.setdefault(V4L_SELECT_TIMEOUT, str(math.ceil(cfg.read_timeout_s)))
-    # Only RTSP needs the options: FFmpeg's file demuxers ignore an RTSP option, and V4L2 never reads them.
+    # Only RTSP needs the options: FFmpeg's file demuxers ignore an RTSP option, and V4L2 never reads them. The
+    # user's own (low-latency flags, buffer sizes) stay; only the transport is source.transport's.
     if cfg.kind == "rtsp":
-        with _ffmpeg_options.holding(f"rtsp_transport;{cfg.transport}"):
+        with _ffmpeg_options.holding(ffmpeg_options(_ffmpeg_options.outside(), cfg.transport)):
             cap = cv2.VideoCapture(target, api, params)
     else:
         cap = cv2.VideoCapture(target, api, params)
@@ -221,13 +272,19 @@ class CaptureSource:
         self.id = cfg.resolved_id()
         self.live = cfg.kind != "file"
         self.skipped = 0  # frames that could not be converted (zero-size, unsupported layout)
-        self.dropped = 0
-        self.reconnects = 0
+        self.dropped = 0  # frames replaced by a newer one while the pipeline was taking frames
+        self.reconnects = 0  # times the camera came back: a new connection's first frame, after an earlier one's
+        self.reconnect_attempts = 0  # opens tried after the first, whether they came to anything or not
         self._open = opener
         self._state = "connecting"
         self._cond = threading.Condition()
         self._latest: Frame | None = None
         self._index = 0
+        self._taken = 0  # frames next_frame handed out, for source.limit
+        # Set at the first next_frame: till then (the daemon waiting for subscribers) no frame is converted or
+        # handed over, so none can be counted as dropped or be old by the time the pipeline takes it.
+        self._consuming = False
+        self._was_live = False  # some connection has given a frame: the next one to do so is a reconnection
         self._last_frame_t: float | None = None
         self._frozen_since: float | None = None
         self._gen = Generation(0)  # the current capture thread's; number 0 has no thread
@@ -289,7 +346,8 @@ class CaptureSource:
         return state
 
     def _set_state(self, state: str) -> None:
-        if state != self._state:
+        # Finished is for good: a capture thread still on its way out must not make it live or offline again.
+        if state != self._state and self._state != "finished":
             logger.info("source %s: %s -> %s", self.id, self._state, state)
             self._state = state
 
@@ -304,7 +362,7 @@ class CaptureSource:
         first = True
         while self._current(gen):
             if not first:
-                self.reconnects += 1
+                self.reconnect_attempts += 1
             first = False
             try:
                 self._connect_and_read(gen, backoff)
@@ -342,33 +400,93 @@ class CaptureSource:
             return None
 
     def _read_loop(self, cap: Any, gen: Generation, backoff: Backoff) -> None:
+        """One connection's frames, until it is lost or the source stops: each one the pipeline takes and that
+        falls due (``source.fps``) is turned into a picture and handed over; the others are only grabbed."""
+        throttle = Throttle(self.cfg.fps)
         previous: np.ndarray | None = None
-        while self._current(gen):
-            try:
-                with gen.blocking("read", self.cfg.read_timeout_s):
-                    ok, image = cap.read()
-            except cv2.error as exc:  # a driver assertion (V4L2 has some): as good as a lost stream
-                logger.warning("source %s: read failed: %s", self.id, exc)
-                return
-            if not self._current(gen):
-                return
-            if not ok or image is None:
-                logger.warning("source %s: read failed (stream lost or read_timeout_s)", self.id)
+        connected = False
+        while self._grab(cap, gen):
+            now = time.monotonic()
+            if not connected:
+                connected = True
+                self._connected(backoff)
+            self._last_frame_t = now  # a frame passed over below is still news from the camera
+            if not (self._consuming and throttle.due(now)):
+                continue  # never decoded into a picture: the work a lower source.fps saves
+            image = self._retrieve(cap)
+            if image is None:
                 return
             rgb = self._convert(image)
             if rgb is None:
                 continue
-            now = time.monotonic()
-            if self.cfg.freeze_diff > 0:
-                sample = freeze_sample(rgb)
-                if frozen_pair(previous, sample, self.cfg.freeze_diff):
-                    self._frozen_since = self._frozen_since or now
-                else:
-                    self._frozen_since = None
-                previous = sample
-            self._hand_over(rgb, now)
-            backoff.reset()
-            self._set_state("live")
+            previous = self._watch_freeze(previous, rgb, now)
+            self._hand_over(rgb)
+
+    def _grab(self, cap: Any, gen: Generation) -> bool:
+        """The camera's next frame, not yet a picture; False once the connection is lost or no longer ours."""
+        started = time.monotonic()
+        try:
+            with gen.blocking("read", self.cfg.read_timeout_s):
+                ok = cap.grab()
+        except cv2.error as exc:  # a driver assertion (V4L2 has some): as good as a lost stream
+            if self._current(gen):
+                logger.warning("source %s: read failed: %s", self.id, exc)
+            return False
+        if not self._current(gen):
+            return False
+        if not ok:
+            logger.warning("source %s: read failed (stream lost or read_timeout_s)", self.id)
+            return False
+        if self._timed_out(time.monotonic() - started):
+            logger.warning(
+                "source %s: no new frame within source.read_timeout_s (%g s); reconnecting",
+                self.id,
+                self.cfg.read_timeout_s,
+            )
+            return False
+        return True
+
+    def _timed_out(self, took_s: float) -> bool:
+        """Whether FFmpeg's read timeout cut a read of ``took_s`` short.
+
+        Such a read still succeeds: the interrupt flushes FFmpeg's decoder, which gives back the frames it held
+        (one per timeout with 2 decoder threads, about 7 with 8), all from before the silence. They are stale,
+        so the connection is dropped rather than read on. V4L2's timeout fails the read instead, and a webcam's
+        frame that took long is a fresh one.
+        """
+        return self.cfg.kind == "rtsp" and took_s * 1000 >= read_timeout_ms(self.cfg)
+
+    def _retrieve(self, cap: Any) -> np.ndarray | None:
+        """The grabbed frame as a picture; None if the driver cannot give it (as good as a lost stream)."""
+        try:
+            ok, image = cap.retrieve()
+        except cv2.error as exc:
+            logger.warning("source %s: read failed: %s", self.id, exc)
+            return None
+        if not ok or image is None:
+            logger.warning("source %s: read failed (no picture for the frame read)", self.id)
+            return None
+        return image
+
+    def _connected(self, backoff: Backoff) -> None:
+        """A connection's first frame: the camera is live, and back if an earlier connection was."""
+        backoff.reset()
+        if self._was_live:
+            self.reconnects += 1
+            logger.info("source %s: reconnected (%d attempts to reconnect so far)", self.id, self.reconnect_attempts)
+        self._was_live = True
+        self._set_state("live")
+
+    def _watch_freeze(self, previous: np.ndarray | None, rgb: np.ndarray, now: float) -> np.ndarray | None:
+        """Notes since when the picture is frozen; returns what the next frame is to be compared with."""
+        if self.cfg.freeze_diff <= 0:
+            return None
+        sample = freeze_sample(rgb)
+        if frozen_pair(previous, sample, self.cfg.freeze_diff):
+            self._frozen_since = self._frozen_since or now
+        else:
+            self._frozen_since = None
+        return sample
 
     def _convert(self, image: np.ndarray) -> np.ndarray | None:
         if image.size == 0 or image.ndim not in (2, 3):
@@ -380,25 +498,40 @@ class CaptureSource:
             self.skipped += 1
             return None
 
-    def _hand_over(self, rgb: np.ndarray, now: float) -> None:
+    def _hand_over(self, rgb: np.ndarray) -> None:
         frame = Frame(rgb, self._index, time.time(), time.perf_counter())
         self._index += 1
         with self._cond:
+            if self._state == "finished":
+                return
             if self._latest is not None:
                 self.dropped += 1  # the pipeline never saw it: a newer frame replaces it
             self._latest = frame
-            self._last_frame_t = now
             self._cond.notify()
 
     # -- live: the inference thread's side --------------------------------------------------------------------
     def next_frame(self, timeout_s: float) -> Frame | None:
-        """The newest frame not yet handed out, waiting up to ``timeout_s``; None if there is none."""
+        """The newest frame not yet handed out, waiting up to ``timeout_s``; None if there is none. After
+        ``source.limit`` frames the state is ``finished`` and there are no more."""
         self._check_hung()
         with self._cond:
+            if self._state == "finished":
+                return None
+            self._consuming = True
             if self._latest is None:
                 self._cond.wait(timeout_s)
             frame, self._latest = self._latest, None
+            if frame is not None:
+                self._taken += 1
+                if self.cfg.limit and self._taken >= self.cfg.limit:
+                    self._finish()
         return frame
+
+    def _finish(self) -> None:
+        """``source.limit`` reached: finished, as a replay is at its end; the capture thread leaves."""
+        self._set_state("finished")
+        self._stop.set()
+        logger.info("source %s: source.limit of %d frames reached", self.id, self.cfg.limit)
 
     def _check_hung(self) -> None:
         gen = self._gen
@@ -428,7 +561,7 @@ class CaptureSource:
             now - busy.started,
             delay,
         )
-        self.reconnects += 1
+        self.reconnect_attempts += 1
         self._set_state("offline")
         self._start_capture(delay)
 
@@ -466,17 +599,36 @@ class CaptureSource:
 
     def _file_images(self, cap: Any) -> Iterator[np.ndarray]:
         """One pass over an opened video file: every frame FFmpeg can decode; the others are skipped and counted."""
-        count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
-        failed = 0  # reads failed in a row: corrupt frames if a good one follows, else the end of the file
-        while failed < FILE_END_FAILURES:
+        stated = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        count = int(stated) if math.isfinite(stated) else 0  # the length the file states; 0 or less if unknown
+        position = 0  # frames read this pass, good or not: FFmpeg moves on by one frame with every read
+        failed = 0  # reads failed in a row: corrupt frames if a good one follows, else perhaps the end
+        while not self._file_ended(count, position, failed):
             ok, image = cap.read()
+            position += 1
             if ok and image is not None:
                 if failed:
-                    self.skipped += failed
-                    logger.warning("source %s: skipped %d undecodable frame(s)", self.id, failed)
+                    self._skip_undecodable(failed)
                 failed = 0
                 yield image
-            elif count > 0 and cap.get(cv2.CAP_PROP_POS_FRAMES) >= count:
-                return
             else:
                 failed += 1
+        # A pass that ends short of the stated length ended on frames that could not be decoded: those count.
+        within = min(failed, count - (position - failed)) if count > 0 else 0
+        if within > 0:
+            self._skip_undecodable(within, at_end=True)
+
+    @staticmethod
+    def _file_ended(count: int, position: int, failed: int) -> bool:
+        """Whether ``failed`` reads in a row at ``position`` mean the end of a file stating ``count`` frames.
+
+        The position is counted here: POS_FRAMES counts only the frames decoded, so a failed read leaves it be.
+        """
+        if count > 0 and position < count:
+            return failed >= FILE_MAX_CORRUPT_RUN
+        return failed >= FILE_END_FAILURES
+
+    def _skip_undecodable(self, frames: int, at_end: bool = False) -> None:
+        self.skipped += frames
+        where = " at the end of the file" if at_end else ""
+        logger.warning("source %s: skipped %d undecodable frame(s)%s", self.id, frames, where)

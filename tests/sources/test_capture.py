@@ -20,11 +20,14 @@ import pytest
 from eyed.config import SourceConfig
 from eyed.sources import SourceError
 from eyed.sources.capture import (
+    FILE_END_FAILURES,
     MAX_ABANDONED,
     Backoff,
     CaptureSource,
     EnvLease,
+    Throttle,
     capture_args,
+    ffmpeg_options,
     open_capture,
     webcam_target,
 )
@@ -160,6 +163,47 @@ def test_a_looped_file_with_a_corrupt_frame_plays_all_of_it(one_bad_frame: tuple
     assert src.skipped == 2  # the third pass stopped before frame 10
 
 
+def corrupt_jpegs(video: Path, indices: range) -> None:
+    """Overwrites the whole JPEG of each frame in ``indices`` of an MJPG AVI with noise (no 0xFF byte, so no
+    marker), leaving the AVI chunks around them intact."""
+    data = bytearray(video.read_bytes())
+    starts = [i for i in range(len(data) - 2) if data[i : i + 3] == b"\xff\xd8\xff"]
+    rng = np.random.default_rng(0)
+    for k in indices:
+        end = data.index(b"\xff\xd9", starts[k]) + 2  # entropy-coded data escapes 0xFF: the first EOI is its end
+        data[starts[k] : end] = rng.integers(0, 255, end - starts[k], dtype=np.uint8).tobytes()
+    video.write_bytes(bytes(data))
+
+
+def damaged_video(tmp_path: Path, bad: range) -> tuple[Path, list[float]]:
+    """A 100-frame MJPG video whose frames in ``bad`` cannot be decoded, and the grey levels of the good ones."""
+    levels = [float(i * 2) for i in range(100)]
+    video = write_video(tmp_path / "damaged.avi", [np.full((48, 64, 3), level, np.uint8) for level in levels])
+    corrupt_jpegs(video, bad)
+    return video, [level for i, level in enumerate(levels) if i not in bad]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [range(20, 20 + FILE_END_FAILURES + 5), range(90, 100)],
+    ids=["a-run-longer-than-an-unknown-end", "the-last-frames"],
+)
+def test_corrupt_frames_within_a_files_length_are_skipped_and_counted(tmp_path: Path, bad: range) -> None:
+    video, good = damaged_video(tmp_path, bad)
+    with CaptureSource(SourceConfig(kind="file", url=str(video))) as src:
+        got = [f.image.mean() for f in src.frames()]
+        assert src.state == "finished"
+    assert got == pytest.approx(good, abs=3)
+    assert src.skipped == len(bad)
+
+
+def test_a_looped_file_gets_past_a_long_corrupt_run(tmp_path: Path) -> None:
+    video, good = damaged_video(tmp_path, range(20, 20 + FILE_END_FAILURES + 5))
+    with CaptureSource(SourceConfig(kind="file", url=str(video), loop=True, limit=2 * len(good) + 3)) as src:
+        got = [f.image.mean() for f in src.frames()]
+    assert got == pytest.approx(good + good + good[:3], abs=3)
+
+
 def test_a_file_that_is_not_a_video_fails_at_start(tmp_path: Path) -> None:
     garbage = tmp_path / "clip.mp4"
     garbage.write_bytes(b"this is not a video" * 100)
@@ -172,23 +216,49 @@ def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
         CaptureSource(SourceConfig(kind="file", url=str(tmp_path / "none.mp4"))).__enter__()
 
 
-class ScriptedCapture:
-    """Stands in for a camera driver that returns odd frames (which no real device here can produce)."""
+class FakeDriver:
+    """What the capture source uses of cv2.VideoCapture, on top of a fake's ``read()``: ``grab()`` reads a frame
+    and ``retrieve()`` gives it, as OpenCV's read() is a grab() and a retrieve()."""
 
-    def __init__(self, frames: list[Any]) -> None:
-        self.frames = list(frames)
+    grabbed: tuple[bool, Any] = (False, None)
 
     def isOpened(self) -> bool:
         return True
 
     def read(self) -> tuple[bool, Any]:
+        raise NotImplementedError
+
+    def grab(self) -> bool:
+        self.grabbed = self.read()
+        return self.grabbed[0]
+
+    def retrieve(self) -> tuple[bool, Any]:
+        return self.grabbed
+
+    def release(self) -> None:
+        pass
+
+
+class ScriptedCapture(FakeDriver):
+    """Stands in for a camera driver that returns odd frames (which no real device here can produce), once
+    ``go`` is set; then the stream is lost."""
+
+    def __init__(self, frames: list[Any]) -> None:
+        self.frames = list(frames)
+        self.go = threading.Event()
+
+    def read(self) -> tuple[bool, Any]:
+        self.go.wait(5)
         if not self.frames:
             time.sleep(0.05)
             return False, None
         return True, self.frames.pop(0)
 
-    def release(self) -> None:
-        pass
+
+def taking_from(src: CaptureSource, camera: ScriptedCapture) -> None:
+    """The pipeline starts taking frames, then the camera starts sending: none is passed over before."""
+    assert src.next_frame(0) is None
+    camera.go.set()
 
 
 def test_odd_frames_are_converted_or_skipped() -> None:
@@ -204,6 +274,7 @@ def test_odd_frames_are_converted_or_skipped() -> None:
     cfg = SourceConfig(kind="webcam", device=0, reconnect_initial_s=10, reconnect_max_s=10)
     camera = ScriptedCapture(odd)
     with CaptureSource(cfg, opener=lambda _cfg: camera) as src:
+        taking_from(src, camera)
         got: list[Frame] = []
         deadline = time.monotonic() + 10
         # Until the camera has handed over every frame and the last one has been taken.
@@ -223,17 +294,19 @@ def test_a_missing_webcam_is_retried_not_fatal() -> None:
     )
     with CaptureSource(cfg) as src:
         deadline = time.monotonic() + 10
-        while src.reconnects < 3 and time.monotonic() < deadline:
+        while src.reconnect_attempts < 3 and time.monotonic() < deadline:
             assert src.next_frame(0.1) is None
-        assert src.reconnects >= 3
+        assert src.reconnect_attempts >= 3
+        assert src.reconnects == 0  # never connected, so never back either
         assert src.state in ("offline", "connecting")
 
 
 def test_latest_frame_only_counts_what_it_drops() -> None:
-    frames = [np.full((8, 8, 3), i, np.uint8) for i in range(50)]
+    camera = ScriptedCapture([np.full((8, 8, 3), i, np.uint8) for i in range(50)])
     cfg = SourceConfig(kind="webcam", device=0, reconnect_initial_s=10, reconnect_max_s=10)
-    with CaptureSource(cfg, opener=lambda _cfg: ScriptedCapture(frames)) as src:
-        time.sleep(0.5)  # the camera delivers 50 frames while nobody takes any
+    with CaptureSource(cfg, opener=lambda _cfg: camera) as src:
+        taking_from(src, camera)
+        time.sleep(0.5)  # the camera delivers 50 frames while the pipeline is busy
         frame = src.next_frame(1)
         assert frame is not None
         assert frame.index == 49  # the newest, never a stale one
@@ -242,22 +315,16 @@ def test_latest_frame_only_counts_what_it_drops() -> None:
 
 
 # -- frozen pictures ---------------------------------------------------------------------------------------------
-class LoopingCapture:
+class LoopingCapture(FakeDriver):
     """A camera that shows the same few frames round and round, about 100 a second."""
 
     def __init__(self, frames: list[np.ndarray]) -> None:
         self.frames, self.reads = frames, 0
 
-    def isOpened(self) -> bool:
-        return True
-
     def read(self) -> tuple[bool, Any]:
         time.sleep(0.01)
         self.reads += 1
         return True, self.frames[self.reads % len(self.frames)]
-
-    def release(self) -> None:
-        pass
 
 
 def still_scene(rng: np.random.Generator) -> np.ndarray:
@@ -320,16 +387,13 @@ def test_a_frozen_picture_is_stalled(make: Callable[[np.ndarray, np.random.Gener
 
 
 # -- hung drivers ------------------------------------------------------------------------------------------------
-class HangingCapture:
+class HangingCapture(FakeDriver):
     """A camera driver that gives ``good`` frames, then blocks in read() for ``hang_s`` (or until released)."""
 
     def __init__(self, good: int, hang_s: float | None, release: threading.Event) -> None:
         self.good, self.hang_s, self.released = good, hang_s, release
         self.reads = 0
         self.hanging = threading.Event()
-
-    def isOpened(self) -> bool:
-        return True
 
     def read(self) -> tuple[bool, Any]:
         self.reads += 1
@@ -339,9 +403,6 @@ class HangingCapture:
             return False, None
         time.sleep(0.02)
         return True, np.full((48, 64, 3), self.reads, np.uint8)
-
-    def release(self) -> None:
-        pass
 
 
 @pytest.fixture
@@ -365,9 +426,9 @@ def test_a_second_hang_is_caught_after_the_first_hung_read_returns(released: thr
     cfg = SourceConfig(kind="webcam", device=0, read_timeout_s=0.5, reconnect_initial_s=0.2, reconnect_max_s=0.2)
     with CaptureSource(cfg, opener=opener) as src:
         deadline = time.monotonic() + 9
-        while (src.reconnects < 2 or len(cameras) < 3) and time.monotonic() < deadline:
+        while (src.reconnect_attempts < 2 or len(cameras) < 3) and time.monotonic() < deadline:
             src.next_frame(0.1)
-        assert src.reconnects >= 2, "the second hung read was never noticed"
+        assert src.reconnect_attempts >= 2, "the second hung read was never noticed"
         assert len(cameras) >= 3
         released.set()  # lets the hung capture thread go, so leaving is quick
 
@@ -389,7 +450,8 @@ def test_a_hung_open_is_abandoned_for_a_fresh_one(released: threading.Event) -> 
         while frame is None and time.monotonic() < deadline:
             frame = src.next_frame(0.1)
         assert frame is not None, "the capture never got past the hung open"
-        assert src.reconnects == 1 and opens == 2
+        assert src.reconnect_attempts == 1 and opens == 2
+        assert src.reconnects == 0  # the first connection gave no frame: this is the first, not a return
         released.set()
 
 
@@ -537,8 +599,9 @@ def test_a_read_that_raises_reconnects_at_once() -> None:
         deadline = time.monotonic() + 4
         while opens < 2 and time.monotonic() < deadline:
             src.next_frame(0.1)
-        assert opens == 2 and src.reconnects == 1
+        assert opens == 2 and src.reconnect_attempts == 1
         assert src.next_frame(2) is not None
+        assert src.reconnects == 1
 
 
 class UnexpectedCapture(LoopingCapture):
@@ -548,11 +611,11 @@ class UnexpectedCapture(LoopingCapture):
         raise RuntimeError("unexpected driver failure")
 
 
-def retried_for(src: CaptureSource, reconnects: int, timeout_s: float = 5.0) -> int:
+def retried_for(src: CaptureSource, attempts: int, timeout_s: float = 5.0) -> int:
     deadline = time.monotonic() + timeout_s
-    while src.reconnects < reconnects and time.monotonic() < deadline:
+    while src.reconnect_attempts < attempts and time.monotonic() < deadline:
         src.next_frame(0.05)
-    return src.reconnects
+    return src.reconnect_attempts
 
 
 @pytest.mark.parametrize("failure", ["open", "read"])
@@ -578,3 +641,168 @@ def test_a_camera_failing_unexpectedly_is_retried_for_ever(failure: str, caplog:
     assert opens >= 20
     if failure == "read":
         assert "capture failed unexpectedly" in caplog.text
+
+
+def test_a_users_ffmpeg_options_are_kept_with_the_sources_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    exported = "rtsp_transport;tcp|fflags;nobuffer|flags;low_delay|buffer_size;1048576"
+    monkeypatch.setenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", exported)
+    seen: list[str | None] = []
+
+    def video_capture(target: Any, api: int, params: list[int]) -> Any:
+        seen.append(os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS"))
+        return types.SimpleNamespace(set=lambda prop, value: True)
+
+    monkeypatch.setattr(cv2, "VideoCapture", video_capture)
+    open_capture(SourceConfig(kind="rtsp", url="rtsp://127.0.0.1:1/s", transport="udp"))
+    assert seen == ["fflags;nobuffer|flags;low_delay|buffer_size;1048576|rtsp_transport;udp"]
+    assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == exported
+
+
+@pytest.mark.parametrize(
+    ("user", "merged"),
+    [
+        (None, "rtsp_transport;tcp"),
+        ("", "rtsp_transport;tcp"),
+        ("rtsp_transport;udp", "rtsp_transport;tcp"),
+        ("stimeout;5000000|", "stimeout;5000000|rtsp_transport;tcp"),
+    ],
+)
+def test_ffmpeg_options_set_only_the_transport(user: str | None, merged: str) -> None:
+    assert ffmpeg_options(user, "tcp") == merged
+
+
+# -- a stream that falls silent ----------------------------------------------------------------------------------
+class FlushingCapture(FakeDriver):
+    """An RTSP stream read by FFmpeg that falls silent after ``good`` frames: each read then waits out the read
+    timeout and still succeeds, with a frame the decoder had held back (grey level 200) since before the silence."""
+
+    def __init__(self, good: int, timeout_s: float) -> None:
+        self.good, self.timeout_s, self.reads = good, timeout_s, 0
+
+    def read(self) -> tuple[bool, Any]:
+        self.reads += 1
+        if self.reads > self.good:
+            time.sleep(self.timeout_s)
+            return True, np.full((48, 64, 3), 200, np.uint8)
+        time.sleep(0.02)
+        return True, np.full((48, 64, 3), self.reads, np.uint8)
+
+
+def levels_until(src: CaptureSource, done: Callable[[list[int]], bool], timeout_s: float = 5.0) -> list[int]:
+    """The grey levels of the frames taken until ``done(levels)`` (or ``timeout_s``)."""
+    levels: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    while not done(levels) and time.monotonic() < deadline:
+        frame = src.next_frame(0.05)
+        if frame is not None:
+            levels.append(int(frame.image[0, 0, 0]))
+    return levels
+
+
+def test_frames_flushed_by_a_read_timeout_are_not_handed_over() -> None:
+    cameras: list[FlushingCapture] = []
+
+    def opener(_cfg: SourceConfig) -> FlushingCapture:
+        cameras.append(FlushingCapture(5, 0.3))
+        return cameras[-1]
+
+    cfg = SourceConfig(
+        kind="rtsp", url="rtsp://127.0.0.1:1/s", read_timeout_s=0.3, reconnect_initial_s=0.2, reconnect_max_s=0.2
+    )
+    with CaptureSource(cfg, opener=opener) as src:
+        levels = levels_until(src, lambda levels: bool(levels) and src.state != "live")
+        assert src.state in ("offline", "connecting")  # at once, not live on stale frames for stall_s
+        levels += levels_until(src, lambda _: len(cameras) >= 2)
+    assert 200 not in levels, "a frame held back since before the silence was handed over as new"
+    assert len(cameras) == 2 and cameras[0].reads == 6  # the connection was dropped at the first timed-out read
+
+
+def test_a_webcam_frame_that_took_long_is_still_a_fresh_one() -> None:
+    """V4L2 fails a read that times out; one that succeeds late brings a frame the camera has just sent."""
+    cfg = SourceConfig(kind="webcam", device=0, read_timeout_s=0.3, freeze_diff=0)
+    with CaptureSource(cfg, opener=lambda _cfg: FlushingCapture(5, 0.3)) as src:
+        assert 200 in levels_until(src, lambda levels: 200 in levels)
+
+
+# -- source.fps and source.limit for cameras ---------------------------------------------------------------------
+def test_throttle_takes_a_faster_cameras_frames_at_the_rate() -> None:
+    throttle = Throttle(10)
+    taken = [t for t in (i / 15 for i in range(150)) if throttle.due(t)]  # 10 s of a 15 fps camera
+    assert len(taken) == 100
+    assert min(b - a for a, b in itertools.pairwise(taken)) > 0.06
+
+
+def test_throttle_takes_every_frame_of_a_camera_at_or_under_the_rate() -> None:
+    rng = random.Random(4)
+    jittery = [i / 10 + rng.uniform(-0.02, 0.02) for i in range(100)]  # 10 fps, each frame up to 20 ms off
+    assert all(Throttle(10).due(t) for t in jittery)
+    assert all(Throttle(10).due(i / 5) for i in range(50))
+    assert all(Throttle(0).due(i / 1000) for i in range(1000))
+
+
+def test_a_camera_is_taken_at_most_fps_times_a_second() -> None:
+    camera = LoopingCapture([np.full((48, 64, 3), i, np.uint8) for i in range(3)])  # about 100 frames a second
+    with CaptureSource(SourceConfig(kind="webcam", device=0, fps=10), opener=lambda _cfg: camera) as src:
+        started = time.monotonic()
+        taken = 0
+        while time.monotonic() - started < 1.0:
+            taken += src.next_frame(0.05) is not None
+        handed_over = taken + src.dropped
+        elapsed = time.monotonic() - started
+    # The frames passed over to keep the rate are not `dropped` (that says inference is too slow): what was
+    # taken or dropped is what the rate let through, at most one per 0.1 s (a frame may come a quarter early).
+    assert taken > 0 and handed_over <= elapsed * 10 + 1.25
+    assert camera.reads > 2 * handed_over
+
+
+def test_a_camera_finishes_after_source_limit_frames() -> None:
+    camera = LoopingCapture([np.full((48, 64, 3), i, np.uint8) for i in range(3)])
+    cfg = SourceConfig(kind="webcam", device=0, limit=5, freeze_diff=0)
+    with CaptureSource(cfg, opener=lambda _cfg: camera) as src:
+        levels = levels_until(src, lambda _: src.state == "finished")
+        assert len(levels) == 5 and src.state == "finished"
+        src._threads[-1].join(2)
+        assert not src._threads[-1].is_alive()  # the camera is let go
+        assert src.next_frame(0.1) is None and src.state == "finished"
+
+
+# -- counters ----------------------------------------------------------------------------------------------------
+def test_frames_before_the_pipeline_takes_any_are_neither_dropped_nor_kept() -> None:
+    """While the daemon waits for subscribers the camera sends on; the pipeline has missed nothing yet."""
+    camera = LoopingCapture([np.full((48, 64, 3), i, np.uint8) for i in range(3)])
+    with CaptureSource(SourceConfig(kind="webcam", device=0), opener=lambda _cfg: camera) as src:
+        deadline = time.monotonic() + 5
+        while camera.reads < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert src.dropped == 0
+        asked = time.perf_counter()
+        frame = src.next_frame(2)
+        assert frame is not None and frame.index == 0
+        assert frame.t_in > asked  # read after it was asked for, not kept from before
+
+
+class ClosedCapture(FakeDriver):
+    """A camera that is not there (yet)."""
+
+    def isOpened(self) -> bool:
+        return False
+
+
+def test_reconnects_count_the_times_the_camera_came_back_not_the_attempts() -> None:
+    def frames(n: int) -> ScriptedCapture:
+        camera = ScriptedCapture([np.full((48, 64, 3), i, np.uint8) for i in range(n)])
+        camera.go.set()
+        return camera
+
+    # Live, lost; three failed attempts; back, lost again; back for good.
+    plan: list[FakeDriver] = [frames(3), ClosedCapture(), ClosedCapture(), ClosedCapture(), frames(3)]
+    plan.append(LoopingCapture([np.zeros((48, 64, 3), np.uint8)]))
+    opened = list(plan)
+    cfg = SourceConfig(kind="webcam", device=0, reconnect_initial_s=0.01, reconnect_max_s=0.02)
+    with CaptureSource(cfg, opener=lambda _cfg: plan.pop(0)) as src:
+        deadline = time.monotonic() + 5
+        while (plan or src.reconnects < 2) and time.monotonic() < deadline:
+            src.next_frame(0.05)
+        assert src.state == "live"
+        assert src.reconnects == 2
+        assert src.reconnect_attempts == len(opened) - 1
