@@ -173,7 +173,7 @@ def build_reference(
 ) -> Reference:
     post = classifier.post  # type: ignore[attr-defined]
     mapper = post.mapper
-    extractor = StatsExtractor(mapper.classes if mapper is not None else ())
+    extractor = StatsExtractor(mapper=mapper)
     builder = ProfileBuilder(
         extractor.coarse_classes,
         top_classes=cfg.top_classes,
@@ -282,7 +282,7 @@ def run_experiment(
     clean = load_images(cifar, held_out, clean_frames)
     clean_preds = classify(classifier, clean, timing)
     monitor = DriftMonitor(cfg, reference, coarse_classes=classes)
-    streams = [replay("clean", monitor, StatsExtractor(classes), clean, clean_preds, timing, fps=fps)]
+    streams = [replay("clean", monitor, StatsExtractor(mapper=mapper), clean, clean_preds, timing, fps=fps)]
     logger.info(
         "clean: %d windows, %d warn, %d drift", len(streams[0].reports), *map(streams[0].count, ("warn", "drift"))
     )
@@ -292,7 +292,7 @@ def run_experiment(
         replay(
             "clean",
             DriftMonitor(cfg, None, coarse_classes=classes),
-            StatsExtractor(classes),
+            StatsExtractor(mapper=mapper),
             clean,
             clean_preds,
             self_timing,
@@ -308,7 +308,7 @@ def run_experiment(
         stream = replay(
             name,
             DriftMonitor(cfg, reference, coarse_classes=classes),
-            StatsExtractor(classes),
+            StatsExtractor(mapper=mapper),
             clean[-lead:] + shifted,
             clean_preds[-lead:] + preds,
             timing,
@@ -320,7 +320,7 @@ def run_experiment(
             replay(
                 name,
                 DriftMonitor(cfg, None, coarse_classes=classes),
-                StatsExtractor(classes),
+                StatsExtractor(mapper=mapper),
                 clean[-learn:] + shifted,
                 clean_preds[-learn:] + preds,
                 self_timing,

@@ -56,12 +56,15 @@ class SourceConfig(Section):
     width: int | None = Field(None, gt=0, description="webcam: frame width to request.")
     height: int | None = Field(None, gt=0, description="webcam: frame height to request.")
     transport: Literal["tcp", "udp"] = Field("tcp", description="rtsp: RTP transport.")
-    limit: int = Field(0, ge=0, description="Stop after this many frames; 0 = all.")
+    limit: int = Field(
+        0, ge=0, description="Stop after this many frames (cameras too: then 'finished', exit 0); 0 = all."
+    )
     skip: int = Field(0, ge=0, description="Replay: skip this many records first (e.g. to reach held-out ones).")
     fps: float = Field(
         0.0,
         ge=0.0,
-        description="replay/file: pace frames to this rate (0 = as fast as the model goes); webcam: rate to request.",
+        description="replay/file: pace frames to this rate (0 = as fast as the model goes); webcam/rtsp: take at "
+        "most this many frames a second, the newest each time (webcam: also requested from the driver); 0 = all.",
     )
     loop: bool = Field(False, description="replay/file: start again at the end instead of finishing.")
     id: str | None = Field(
@@ -325,6 +328,9 @@ class PublishConfig(Section):
 
 # The fewest frames a drift window holds: fewer say little about a distribution over 20 classes.
 MIN_WINDOW = 20
+# The most frames a drift window holds (drift.window, or a window of drift.window_s seconds on a fast source):
+# it bounds the window's buffer, a learned reference and a calibration's cost on the inference thread.
+MAX_WINDOW = 20_000
 # Frames per drift window when neither drift.window nor drift.window_s is set.
 DEFAULT_WINDOW = 250
 
@@ -340,6 +346,7 @@ class DriftConfig(Section):
     window: int | None = Field(
         None,
         ge=MIN_WINDOW,
+        le=MAX_WINDOW,
         description=f"Frames per drift window ({DEFAULT_WINDOW} when neither this nor drift.window_s is set).",
     )
     window_s: float | None = Field(
@@ -347,19 +354,28 @@ class DriftConfig(Section):
         gt=0,
         le=3600,
         description="Seconds per drift window, instead of drift.window frames: a window closes with its first frame "
-        f"this long after its start, once it holds at least {MIN_WINDOW} frames.",
+        f"this long after its start, once it holds at least {MIN_WINDOW} frames (at most {MAX_WINDOW}).",
     )
     consecutive: int = Field(2, ge=1, description="Windows over a drift threshold in a row before status 'drift'.")
     learn_windows: int = Field(4, ge=1, description="Without a reference: windows that become the reference.")
-    top_classes: int = Field(20, ge=1, le=200, description="Fine classes compared one by one (the rest: 'other').")
+    top_classes: int = Field(
+        20,
+        ge=1,
+        le=200,
+        description="Fine classes compared one by one (the rest: 'other') in a profile 'eyed profile' writes or a "
+        "reference learned without one; a drift.reference file keeps the classes it was made with.",
+    )
     psi_warn: float = Field(0.1, gt=0, description="PSI warn threshold (raised to the reference's own noise).")
     psi_drift: float = Field(0.25, gt=0, description="PSI drift threshold (raised to the reference's own noise).")
-    js_warn: float = Field(0.1, gt=0, description="Jensen-Shannon distance warn threshold (raised likewise).")
-    js_drift: float = Field(0.2, gt=0, description="Jensen-Shannon distance drift threshold (raised likewise).")
+    js_warn: float = Field(0.1, gt=0, le=1, description="Jensen-Shannon distance warn threshold (raised likewise).")
+    js_drift: float = Field(0.2, gt=0, le=1, description="Jensen-Shannon distance drift threshold (raised likewise).")
     ks_warn: float = Field(0.15, gt=0, le=1, description="Kolmogorov-Smirnov statistic warn threshold.")
     ks_drift: float = Field(0.25, gt=0, le=1, description="Kolmogorov-Smirnov statistic drift threshold.")
     sigmas: float = Field(
-        3.0, ge=0, description="Thresholds are at least mean + sigmas x std of the metric on reference windows."
+        3.0,
+        ge=0,
+        description="Warn thresholds are raised to at least mean + sigmas x std of the metric on reference windows, "
+        "drift thresholds by the same factor (for JS and KS, which cannot exceed 1, at most halfway from warn to 1).",
     )
 
     @model_validator(mode="after")

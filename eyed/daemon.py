@@ -254,16 +254,26 @@ class Supervisor:
 
 def drift_reference(settings: Settings) -> Reference | None:
     """The drift reference the configuration names (None without one, or with drift off); ConfigError for a
-    file that is missing or not a profile."""
+    file that is missing or not a profile, one profiled under another ``model.small_input``, or one too short
+    to calibrate thresholds on (checked here, without the model, so ``eyed check-config`` finds them too)."""
     cfg = settings.drift
     if not cfg.active() or cfg.reference is None:
         return None
+    from eyed.config import MIN_WINDOW
     from eyed.drift import load_reference
+    from eyed.drift.monitor import calibration_size
+    from eyed.drift.reference import check_small_input
 
     try:
-        return load_reference(cfg.reference)
+        reference = load_reference(cfg.reference)
     except ValueError as exc:  # its message names drift.reference and the file
         raise ConfigError(str(exc)) from None
+    try:
+        check_small_input(reference, settings.model.small_input)
+        calibration_size(MIN_WINDOW, reference.reservoir.shape[0])
+    except ValueError as exc:
+        raise ConfigError(f"drift.reference {cfg.reference}: {exc}") from None
+    return reference
 
 
 def build_drift(settings: Settings, classifier: Classifier, reference: Reference | None = None) -> DriftWatch | None:
@@ -283,9 +293,11 @@ def build_drift(settings: Settings, classifier: Classifier, reference: Reference
     labels = list(post.labels) if post is not None else None
     if cfg.reference is not None:
         reference = reference or drift_reference(settings)
+        assert reference is not None  # drift is active and drift.reference set
         try:
+            check_model(reference, classifier)
             monitor = DriftMonitor(cfg, reference, coarse_classes=coarse, labels=labels)
-        except ValueError as exc:  # coarse classes that differ from the model's
+        except ValueError as exc:  # other preprocessing, or coarse classes that differ from the model's
             raise ConfigError(f"drift.reference {cfg.reference}: {exc}") from exc
         logger.info("drift: comparing windows of %s with %s", cfg.window_text(), cfg.reference)
     else:
@@ -306,7 +318,26 @@ def build_drift(settings: Settings, classifier: Classifier, reference: Reference
             settings.source.kind,
             MAX_WINDOW,
         )
-    return DriftWatch(StatsExtractor(coarse), monitor)
+    # With the mapper, the coarse column is the plain group sum, the same under any model.coarse_priors.
+    return DriftWatch(StatsExtractor(coarse, mapper=mapper), monitor)
+
+
+def check_model(reference: Reference, classifier: Classifier) -> None:
+    """ValueError when ``reference`` was profiled with a model that prepares its input differently; a warning
+    when it names another model. A quantized file of the profiled model is the same model by name
+    (eyed.model_id), and a legitimate user of its profile."""
+    from eyed.drift.reference import check_preprocess_spec, preprocess_spec
+
+    spec = preprocess_spec(classifier)
+    if spec is not None:
+        check_preprocess_spec(reference, spec, classifier.name)
+    if reference.model and reference.model != classifier.name:
+        logger.warning(
+            "drift: the reference was profiled with model %s, this run uses %s: if that is another model, run "
+            "`eyed profile` with it, or its class and confidence distributions may report drift on in-domain frames",
+            reference.model,
+            classifier.name,
+        )
 
 
 def extend_start(notifier: Notifier) -> Callable[[str], None]:

@@ -261,7 +261,8 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
     """``eyed profile``: the drift reference of the configured source and model, written to ``output``.
 
     The profile also holds coarse-label priors estimated on the same frames (no labels used), so
-    ``model.coarse_priors`` can point at it too.
+    ``model.coarse_priors`` can point at it too: its coarse counts are group sums, which no priors change. It
+    records the preprocessing (``model.small_input`` and the model's spec), which the daemon checks.
     """
     with OfflineRunner(settings) as runner:
         return _profile(settings, runner, output)
@@ -269,12 +270,12 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
 
 def _profile(settings: Settings, runner: OfflineRunner, output: Path) -> dict[str, Any]:
     from eyed.drift import ProfileBuilder, StatsExtractor
-    from eyed.drift.reference import profile_blocks
+    from eyed.drift.reference import preprocess_record, preprocess_spec, profile_blocks
 
     post = runner.classifier.post  # type: ignore[attr-defined]
     mapper = post.mapper
     coarse = tuple(mapper.classes) if mapper is not None else ()
-    extractor = StatsExtractor(coarse)
+    extractor = StatsExtractor(coarse, mapper=mapper)
     src = settings.source
     builder = ProfileBuilder(
         coarse,
@@ -285,6 +286,7 @@ def _profile(settings: Settings, runner: OfflineRunner, output: Path) -> dict[st
         labels=list(post.labels),
         model=runner.classifier.name,
         source=f"{src.kind}:{src.dataset if src.kind == 'replay' else src.url or src.device}",
+        preprocess=preprocess_record(settings.model.small_input, preprocess_spec(runner.classifier)),
     )
     first = last = 0.0
     for frames, preds in predictions(settings, runner):

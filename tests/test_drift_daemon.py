@@ -133,6 +133,10 @@ def test_drift_report_says_what_is_wrong_with_its_inputs(
     garbage.write_text("{oops\n")
     assert main(["drift-report", "--events", str(garbage), "--output", png]) == 1
     assert "g.jsonl:1" in capsys.readouterr().err
+    no_window = tmp_path / "w.jsonl"
+    no_window.write_text('{"topic": "drift.cam", "type": "drift", "source": "cam", "status": "ok"}\n')
+    assert main(["drift-report", "--events", str(no_window), "--output", png]) == 1  # not a KeyError traceback
+    assert "w.jsonl:1: a drift event without a window number" in capsys.readouterr().err
     missing = str(tmp_path / "nope.json")
     assert main(["drift-report", "--events", str(garbage), "--reference", missing, "--output", png]) == EXIT_CONFIG
     assert "drift.reference" in capsys.readouterr().err
@@ -198,3 +202,101 @@ def test_a_paced_source_has_its_window_size_calibrated_at_start_up(
         cfg = load_settings(None, [*overrides, f"source.fps={fps}"])
         watch = build_drift(cfg, OnnxClassifier(cfg.model))
         assert watch is not None and set(watch.monitor._calibrations) == sizes
+
+
+def offline_drift(*overrides: str) -> list[dict[str, object]]:
+    """The drift windows `eyed drift-report` computes from a run of the source (eyed.evaluate.run_drift)."""
+    from eyed.config import load_settings
+    from eyed.evaluate import run_drift
+
+    return run_drift(load_settings(None, ["source.split=train", "drift.window=40", *overrides]))
+
+
+def test_a_profile_serves_as_reference_and_priors_file_at_once(
+    clean_and_dark: tuple[Path, Path], tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """The README's workflow: profile with the correction off, then run with the same file as drift.reference
+    and as model.coarse_priors. The drift coarse column is the group with the most mass, which no priors
+    change, so the very frames profiled make a window identical to the profile; the prior-corrected labels
+    counted before moved with the priors, and reported drift on them."""
+    out = tmp_path / "reference.json"
+    args = ["--set", f"source.dataset={clean_and_dark[0]}", "--set", "source.split=train"]
+    args += ["--set", f"model.id={tiny_checkpoint}", "--set", f"model.onnx={tiny_onnx}"]
+    assert main(["profile", *args, "--set", "model.coarse_priors=none", "--output", str(out)]) == 0
+    model = [f"source.dataset={clean_and_dark[0]}", f"model.onnx={tiny_onnx}", f"drift.reference={out}"]
+    for priors in ("none", str(out), "builtin"):
+        (window,) = offline_drift(*model, f"model.coarse_priors={priors}")
+        metrics = window["metrics"]
+        assert isinstance(metrics, dict) and metrics["js_coarse"] == 0 and metrics["js_fine"] == 0, (priors, window)
+        assert window["status"] == "ok", (priors, window)
+
+
+def test_a_profile_made_under_other_preprocessing_is_refused_at_start(
+    tiny_dataset: Path, tiny_onnx: Path, reference: Path, endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The profile records model.small_input (fit by default); a daemon run with the other setting would see
+    other input statistics and fine classes. Exit 78 naming the setting, before the model loads, and from
+    check-config too, which reads the reference without the model."""
+    cfg = {"drift.reference": reference, "model.small_input": "checkpoint", "publish.wait_subscribers": 0}
+    proc = start_daemon(settings(tiny_dataset, tiny_onnx, endpoint, **cfg))
+    code, err = finish(proc)
+    assert code == EXIT_CONFIG, err
+    assert f"drift.reference {reference}: profiled with model.small_input = 'fit'" in err
+    assert "warm-up" not in err
+    assert (
+        main(["check-config", "--set", f"drift.reference={reference}", "--set", "model.small_input=checkpoint"])
+        == EXIT_CONFIG
+    )
+    assert "set model.small_input = 'fit'" in capsys.readouterr().err
+    assert main(["check-config", "--set", f"drift.reference={reference}"]) == 0
+
+
+def test_a_profile_of_a_model_with_other_preprocessing_is_refused_and_another_name_warned(
+    clean_and_dark: tuple[Path, Path],
+    reference: Path,
+    tiny_onnx: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The preprocessing spec (crop, mean, std) needs the model, so it is checked where the monitor is built.
+    Another model name is only a warning: an INT8 file of the profiled model carries its name, but a file
+    exported under another name may be the same model."""
+    from eyed.config import ConfigError, load_settings
+    from eyed.daemon import build_drift
+    from eyed.model.onnx_backend import OnnxClassifier
+
+    data = json.loads(reference.read_text())
+    assert data["schema"] == 3 and data["preprocess"]["small_input"] == "fit"
+    edited = tmp_path / "ref.json"
+    edited.write_text(
+        json.dumps(
+            {**data, "preprocess": {**data["preprocess"], "spec": {**data["preprocess"]["spec"], "crop": [64, 64]}}}
+        )
+    )
+    overrides = [f"source.dataset={clean_and_dark[0]}", "source.split=train", f"model.onnx={tiny_onnx}"]
+    cfg = load_settings(None, [*overrides, f"drift.reference={edited}"])
+    classifier = OnnxClassifier(cfg.model)
+    with pytest.raises(
+        ConfigError, match=rf"drift.reference {edited}: profiled with a model whose preprocessing .*'crop': \[64, 64\]"
+    ):
+        build_drift(cfg, classifier)
+    edited.write_text(json.dumps({**data, "model": "another-model"}))
+    with caplog.at_level("WARNING", logger="eyed.daemon"):
+        assert build_drift(cfg, classifier) is not None
+    assert f"profiled with model another-model, this run uses {classifier.name}" in caplog.text
+    caplog.clear()
+    cfg = load_settings(None, [*overrides, f"drift.reference={reference}"])
+    with caplog.at_level("WARNING", logger="eyed.daemon"):
+        assert build_drift(cfg, classifier) is not None
+    assert "profiled with model" not in caplog.text
+
+
+def test_an_older_profile_with_prior_corrected_coarse_counts_is_a_config_error(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A schema 2 profile of an ImageNet model counted coarse labels after its priors: exit 78, profile again."""
+    data = json.loads(reference.read_text())
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**data, "schema": 2}))
+    assert main(["check-config", "--set", f"drift.reference={old}"]) == EXIT_CONFIG
+    assert "run `eyed profile` again" in capsys.readouterr().err

@@ -10,7 +10,8 @@ Pure: no sockets, no clocks (the caller stamps payloads). Metrics, each comparin
 - ``psi_<stat>`` for every input statistic, over the reference's quantile bins (outer bins open).
 
 Thresholds are calibrated for the window size in use (see :func:`calibrate`), and ``drift`` needs
-``cfg.consecutive`` windows in a row over a drift threshold, so one odd window does not flap the status.
+``cfg.consecutive`` windows in a row over a drift threshold, so one odd window does not flap the status. A
+reference of fewer than two windows of frames calibrates on shorter windows (:func:`calibration_size`).
 
 A window is ``cfg.window`` frames, or, with ``cfg.window_s``, as many frames as arrive in that many seconds:
 then the frame count varies with the frame rate, and each window is judged with thresholds calibrated for a
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from eyed.config import MIN_WINDOW, DriftConfig
+from eyed.config import MAX_WINDOW, MIN_WINDOW, DriftConfig
 from eyed.drift.reference import (
     RESERVOIR,
     Histogram,
@@ -45,9 +46,11 @@ SCHEMA = 1
 # log(0) in the sum. 0.5 is the Jeffreys prior for counts.
 PSEUDO = 0.5
 BOOTSTRAP = 200
-# A window of drift.window_s seconds closes at this many frames however short its time (a fast replay at
-# fps 0): it bounds the buffer and a calibration's cost.
-MAX_WINDOW = 20_000
+# A reference learned without a profile keeps every frame up to a profile's largest reservoir (see
+# reference.profile_blocks), and blocks sampled as a profile's beyond: it bounds memory and calibration.
+LEARNED_RESERVOIR = 4 * RESERVOIR
+# Metrics that cannot exceed 1: a drift threshold scaled past that could never fire.
+BOUNDED = ("js", "ks")
 # Calibrated window sizes with drift.window_s: MIN_WINDOW x 2^(k/4). A window is judged as the grid size at or
 # below its frame count (it is at most 19% larger); a smaller window is noisier, so its thresholds err on the
 # side of fewer alarms.
@@ -104,8 +107,8 @@ def ks_statistic(reference_sorted: np.ndarray, sample: np.ndarray) -> float:
 
     Looked up at the sample's points only, not at the reference's: between two sample points the sample's CDF
     is flat and the reference's rises, so the distance peaks just after the first point or just before the
-    next. O(m log n) for a window of m against n reference values, so calibration (200 windows against a
-    reservoir of up to 20,000 rows) stays well under a second.
+    next. O(m log n) for a window of m against n reference values. (Calibration counts instead, see
+    :class:`HeldOut`.)
     """
     sample = np.sort(sample)
     n, m = reference_sorted.size, sample.size
@@ -138,42 +141,12 @@ class Baseline:
         hists = {name: ref.histograms[name] for name in INPUT_STATS if name in ref.histograms}
         return cls(coarse, ref.fine_ids, ref.fine_counts, hists, ks)
 
-    def without(self, rows: np.ndarray) -> Baseline:
-        """This baseline minus ``rows``, which are reservoir rows: what an independent window would be compared
-        with (the KS samples are the other reservoir rows)."""
-        coarse = None
-        if self.coarse_counts is not None:
-            own = class_counts(rows[:, COL["coarse"]].astype(np.int64), self.coarse_counts.size)
-            coarse = np.maximum(self.coarse_counts - own, 0)
-        fine = np.maximum(self.fine_counts - _fine_counts(rows, self.fine_ids), 0)
-        hists = {
-            name: Histogram(h.edges, np.maximum(h.counts - h.count(rows[:, COL[name]]), 0))
-            for name, h in self.histograms.items()
-        }
-        ks = {}
-        for name, ref_sorted in self.ks_sorted.items():
-            col = rows[:, COL[name]]
-            ks[name] = remove_sorted(ref_sorted, col[np.isfinite(col)])
-        return Baseline(coarse, self.fine_ids, fine, hists, ks)
-
     def metric_names(self) -> list[str]:
         names = ["js_coarse", "psi_coarse"] if self.coarse_counts is not None else []
         names += ["js_fine", "psi_fine"]
         names += [f"ks_{name}" for name in OUTPUT_STATS if name in self.ks_sorted]
         names += [f"psi_{name}" for name in INPUT_STATS if name in self.histograms]
         return names
-
-
-def remove_sorted(sorted_all: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``sorted_all`` without one occurrence of each of ``values``, all of which it holds; still sorted.
-
-    A copy without a sort: calibration does this 600 times against up to 20,000 rows.
-    """
-    v = np.sort(values)
-    first = np.searchsorted(sorted_all, v, side="left")
-    # The k-th copy of a value that occurs several times goes k places after the first.
-    rank = np.arange(v.size) - np.searchsorted(v, v, side="left")
-    return np.delete(sorted_all, first + rank)
 
 
 def _fine_counts(rows: np.ndarray, fine_ids: tuple[int, ...]) -> np.ndarray:
@@ -204,14 +177,111 @@ def window_metrics(rows: np.ndarray, base: Baseline) -> dict[str, float]:
     return out
 
 
+class HeldOut:
+    """The metrics of windows of reservoir rows, each against the reference *minus that window*: what an
+    independent in-domain window would be compared with (counts subtracted; KS against the other reservoir
+    rows). The same values :func:`window_metrics` gives against such a reduced baseline.
+
+    Each row's class, bin and rank are looked up once, so a window costs a count over its rows and a pass
+    over the reservoir's distinct values, with no sort: calibration does this 200 times, for windows of up to
+    half of a 20,000-row reservoir, on the inference thread when a window in seconds meets a new size.
+    """
+
+    def __init__(self, reservoir: np.ndarray, base: Baseline) -> None:
+        self.base = base
+        # Rows without a value (no coarse label, NaN motion) go to one extra slot past the last, cut off later.
+        self._coarse = None
+        if base.coarse_counts is not None:
+            coarse = reservoir[:, COL["coarse"]].astype(np.int64)
+            k = base.coarse_counts.size
+            self._coarse = np.where((coarse >= 0) & (coarse < k), coarse, k)
+        self._fine = fine_index(base.fine_ids, reservoir[:, COL["top1"]])
+        self._bins = {
+            name: _slots(reservoir[:, COL[name]], h.edges, h.counts.size) for name, h in base.histograms.items()
+        }
+        # KS: each row's value as an index into the column's distinct values, and how many rows hold each.
+        self._ranks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, ref_sorted in base.ks_sorted.items():
+            distinct, counts = np.unique(ref_sorted, return_counts=True)
+            self._ranks[name] = (_slots(reservoir[:, COL[name]], distinct, distinct.size), counts)
+
+    def metrics(self, rows: slice | np.ndarray) -> dict[str, float]:
+        """Every metric of the window of reservoir ``rows`` against the rest (same names as
+        :func:`window_metrics`)."""
+        base = self.base
+        out: dict[str, float] = {}
+        if base.coarse_counts is not None and self._coarse is not None:
+            own = _count(self._coarse[rows], base.coarse_counts.size)
+            if own.sum() > 0:
+                rest = np.maximum(base.coarse_counts - own, 0)
+                out["js_coarse"] = js_distance(rest, own)
+                out["psi_coarse"] = psi(rest, own)
+        own = _count(self._fine[rows], base.fine_counts.size)
+        rest = np.maximum(base.fine_counts - own, 0)
+        out["js_fine"] = js_distance(rest, own)
+        out["psi_fine"] = psi(rest, own)
+        for name, (ranks, counts) in self._ranks.items():
+            own = _count(ranks[rows], counts.size)
+            m = int(own.sum())
+            if 0 < m < counts.sum():
+                out[f"ks_{name}"] = _ks_of_counts(own, counts - own)
+        for name, hist in base.histograms.items():
+            own = _count(self._bins[name][rows], hist.counts.size)
+            if own.sum() > 0:
+                out[f"psi_{name}"] = psi(np.maximum(hist.counts - own, 0), own)
+        return out
+
+
+def _slots(values: np.ndarray, points: np.ndarray, size: int) -> np.ndarray:
+    """Where each finite value goes among the sorted ``points`` (a histogram's right-closed bins, or the index of
+    a value among them); ``size``, one past the last slot, for NaN and infinities."""
+    out = np.full(values.shape, size, dtype=np.int64)
+    finite = np.isfinite(values)
+    out[finite] = np.searchsorted(points, values[finite], side="left")
+    return out
+
+
+def _count(slots: np.ndarray, size: int) -> np.ndarray:
+    """How many of ``slots`` fall in each of 0..size-1 (the slot ``size`` stands for no value)."""
+    return np.bincount(slots, minlength=size + 1)[:size]
+
+
+def _ks_of_counts(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample KS statistic of two samples given as counts over the same sorted distinct values: their
+    empirical CDFs only step at those values, so the largest gap is at one of them."""
+    return float(np.max(np.abs(np.cumsum(a) / a.sum() - np.cumsum(b) / b.sum())))
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Per metric: (warn, drift) thresholds, and the mean and std of the metric on in-domain windows."""
+    """Per metric: (warn, drift) thresholds, and the mean and std of the metric on in-domain windows of
+    ``size`` frames (smaller than the windows judged when the reference is short, see
+    :func:`calibration_size`)."""
 
     thresholds: Mapping[str, tuple[float, float]]
     null_mean: Mapping[str, float]
     null_std: Mapping[str, float]
     rounds: int
+    size: int
+
+
+def calibration_size(window: int, rows: int) -> int:
+    """How many reservoir rows each calibration window of a reservoir of ``rows`` rows holds, to calibrate
+    windows of ``window`` frames: ``window`` itself when it is at most half the rows, else the largest grid size
+    (:func:`size_bucket`) that is. ValueError when not even the smallest window (MIN_WINDOW) is.
+
+    Why half: a calibration window is compared with the rest of the reference, as a live window is with all of
+    it; with less rest than window the comparison is far noisier than a live one (a reference of 251 frames left
+    1 frame beside a 250-frame window, and thresholds no window could cross). A window judged with thresholds
+    for a smaller one errs towards fewer alarms, as with the grid of :func:`size_bucket`.
+    """
+    half = rows // 2
+    if half < MIN_WINDOW:
+        raise ValueError(
+            f"the reference keeps {rows} frames, too few to calibrate drift thresholds: it needs {2 * MIN_WINDOW} "
+            f"at least (twice the shortest window, {MIN_WINDOW}); profile a longer stream"
+        )
+    return window if window <= half else size_bucket(half)
 
 
 def calibrate(
@@ -227,8 +297,9 @@ def calibrate(
 
     A window of a few hundred frames differs from the reference by sampling noise alone, and for sparse
     distributions (20 fine classes) that noise exceeds the textbook PSI / JS thresholds. So: draw ``rounds``
-    windows from the reference's reservoir and compare each with the reference *minus that window* (counts
-    subtracted; KS against the other reservoir rows), which is what an in-domain window would see.
+    windows from the reference's reservoir and compare each with the reference *minus that window*
+    (:class:`HeldOut`), which is what an in-domain window would see. The windows hold
+    :func:`calibration_size` rows: ``window``, or fewer when the reservoir has less than twice that.
 
     Each window is a run of consecutive stream frames, inside one of the reservoir's blocks (never across the
     gap between two blocks), not rows drawn at random: a camera's frames are correlated (a person walking
@@ -239,47 +310,47 @@ def calibrate(
 
     - warn = max(configured warn, mean + ``cfg.sigmas`` x std of the metric over those windows);
     - drift = max(configured drift, warn x configured drift / configured warn): the noise raises both levels by
-      the same factor, so a shift must still be as many times the warn level as the defaults ask.
+      the same factor, so a shift must still be as many times the warn level as the defaults ask. For JS and
+      KS, which cannot exceed 1, the scaled level stops halfway from warn to 1, so it can still fire.
 
     The defaults are floors: a large window on a steady reference keeps the textbook thresholds.
     """
-    w = window or cfg.window_frames
-    base = Baseline.of(reference)
-    res = reference.reservoir
-    n = res.shape[0]
+    n = reference.reservoir.shape[0]
+    size = calibration_size(window or cfg.window_frames, n)
+    held_out = HeldOut(reference.reservoir, Baseline.of(reference))
     rng = np.random.default_rng(seed)
-    starts = _window_starts(reference, w) if contiguous and n > w else None
-    samples: dict[str, list[float]] = {name: [] for name in base.metric_names()}
+    starts = _window_starts(reference, size) if contiguous else None
+    samples: dict[str, list[float]] = {name: [] for name in held_out.base.metric_names()}
     for _ in range(rounds):
-        if n > w:
-            if starts is not None:
-                start = starts(rng)
-                rows = res[start : start + w]
-            else:
-                rows = res[rng.choice(n, size=w, replace=False)]
-            metrics = window_metrics(rows, base.without(rows))
+        if starts is not None:
+            start = starts(rng)
+            rows: slice | np.ndarray = slice(start, start + size)
         else:
-            # Fewer reservoir rows than a window: resample with replacement against the whole reference.
-            metrics = window_metrics(res[rng.integers(0, n, size=w)], base)
-        for name, value in metrics.items():
+            rows = rng.choice(n, size=size, replace=False)
+        for name, value in held_out.metrics(rows).items():
             samples.setdefault(name, []).append(value)
-    if n <= w:
-        logger.warning("drift: the reference keeps %d frames, fewer than a window (%d): thresholds are rough", n, w)
     thresholds: dict[str, tuple[float, float]] = {}
     means: dict[str, float] = {}
     stds: dict[str, float] = {}
     for name, values in samples.items():
-        warn0, drift0 = _defaults(cfg, name)
         arr = np.asarray(values, dtype=np.float64)
         arr = arr[np.isfinite(arr)]
-        mean = float(arr.mean()) if arr.size else 0.0
-        std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-        warn = max(warn0, mean + cfg.sigmas * std)
-        drift = max(drift0, warn * drift0 / warn0)
-        thresholds[name] = (warn, drift)
-        means[name] = mean
-        stds[name] = std
-    return Calibration(thresholds, means, stds, rounds)
+        means[name] = float(arr.mean()) if arr.size else 0.0
+        stds[name] = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+        thresholds[name] = levels(cfg, name, means[name], stds[name])
+    return Calibration(thresholds, means, stds, rounds, size)
+
+
+def levels(cfg: DriftConfig, metric: str, mean: float, std: float) -> tuple[float, float]:
+    """(warn, drift) thresholds of ``metric`` whose in-domain windows have this mean and std (see
+    :func:`calibrate`)."""
+    warn0, drift0 = _defaults(cfg, metric)
+    warn = max(warn0, mean + cfg.sigmas * std)
+    scaled = warn * drift0 / warn0
+    if family(metric) in BOUNDED:
+        # Never below warn: a warn level at 1 already cannot fire, and drift must not undercut it.
+        scaled = min(scaled, max(warn, (warn + 1) / 2))
+    return warn, max(drift0, scaled)
 
 
 def _window_starts(reference: Reference, w: int) -> Callable[[np.random.Generator], int]:
@@ -380,9 +451,10 @@ class DriftMonitor:
     returns a :class:`WindowReport`.
 
     With ``reference=None`` the first ``cfg.learn_windows`` windows become the reference (status ``ok``,
-    ``learning=True``, no metrics) and the monitor then compares with that, reporting ``reference="self"``.
+    ``learning=True``, no metrics; more windows while they hold fewer than 2 x MIN_WINDOW frames, the least a
+    reference can be calibrated with) and the monitor then compares with that, reporting ``reference="self"``.
     ``coarse_classes`` names the extractor's coarse indices; needed only when learning, and checked against a
-    given reference.
+    given reference. ValueError for a reference it cannot use.
     """
 
     def __init__(
@@ -406,6 +478,8 @@ class DriftMonitor:
             )
         if reference is not None and labels is not None:
             check_fine_labels(reference, labels)
+        if reference is not None:
+            note_fixed_classes(cfg, reference)
         self._buf = np.empty((cfg.window_frames, len(FIELDS)), dtype=np.float64)
         self._fill = 0
         self._t0: float | None = None  # time of the window's first frame
@@ -414,6 +488,10 @@ class DriftMonitor:
         self._expected_fps = 0.0
         self._window = 0
         self._streak = 0
+        self._longest = 0  # frames in the longest window learned so far
+        self._warned_short = False
+        # Frames left out when an outage ended a window too short to judge (see update).
+        self.dropped = 0
         self._learner: ProfileBuilder | None = None
         self.reference: Reference | None = None
         self.calibration: Calibration | None = None
@@ -424,7 +502,7 @@ class DriftMonitor:
             self._learner = ProfileBuilder(
                 coarse_classes or (),
                 top_classes=cfg.top_classes,
-                # Set to every learned frame when the reference is built: one block, which any window fits.
+                # Both set from what was learned when the reference is built (learned_sample).
                 reservoir=RESERVOIR,
                 block=cfg.window_frames,
                 labels=labels,
@@ -443,11 +521,15 @@ class DriftMonitor:
         return self.calibration.thresholds if self.calibration is not None else {}
 
     def _use(self, reference: Reference) -> None:
+        # Refused here, not when a window in seconds first closes: every later size then calibrates.
+        calibration_size(MIN_WINDOW, reference.reservoir.shape[0])
         # Calibrated before anything is assigned: a failure leaves the monitor as it was.
         calibration = None
         if self.cfg.window_s is None:
-            calibration = calibrate(self.cfg, reference, self.cfg.window_frames, self.rounds, self.seed)
-        expected = {size: calibrate(self.cfg, reference, size, self.rounds, self.seed) for size in self._expected()}
+            calibration = self._calibrate(reference, self.cfg.window_frames)
+        expected: dict[int, Calibration] = {}
+        for size in self._expected():
+            expected[size] = self._calibrate(reference, size, expected.values())
         self.reference = reference
         self._base = Baseline.of(reference)
         self._calibrations = expected
@@ -474,15 +556,36 @@ class DriftMonitor:
         return sorted({size_bucket(min(max(m, MIN_WINDOW), MAX_WINDOW)) for m in (n - 1, n, n + 1)})
 
     def _calibrated(self, size: int) -> Calibration:
-        """With ``cfg.window_s``: the calibration for windows of ``size`` frames, computed on first use (0.05 to
-        0.13 s for a few hundred frames, on the inference thread: once per grid size, and a steady frame rate
-        meets one or two)."""
+        """With ``cfg.window_s``: the calibration for windows of ``size`` frames, computed on first use (about
+        0.05 s with a 5,000-row reservoir, 0.1 s with 20,000, whatever the size, on the inference thread: once
+        per grid size, and a steady frame rate meets one or two)."""
         cal = self._calibrations.get(size)
         if cal is None:
             assert self.reference is not None
-            cal = calibrate(self.cfg, self.reference, size, self.rounds, self.seed)
+            cal = self._calibrate(self.reference, size, self._calibrations.values())
             self._calibrations[size] = cal
             logger.info("drift: thresholds calibrated for windows of %d frames", size)
+        return cal
+
+    def _calibrate(self, reference: Reference, size: int, made: Iterable[Calibration] = ()) -> Calibration:
+        """Thresholds for windows of ``size`` frames; one of ``made`` when it was calibrated on the same windows
+        (sizes over half a short reference all calibrate on the largest size that fits)."""
+        rows = reference.reservoir.shape[0]
+        target = calibration_size(size, rows)
+        cal = next((c for c in made if c.size == target), None)
+        if cal is None:
+            cal = calibrate(self.cfg, reference, size, self.rounds, self.seed)
+        if cal.size < size and not self._warned_short:
+            self._warned_short = True
+            logger.warning(
+                "drift: the reference keeps %d frames, fewer than twice a window, so windows of %d frames are judged "
+                "with thresholds calibrated on windows of %d (each must leave as many frames to compare with): "
+                "milder drift goes unnoticed; %s",
+                rows,
+                size,
+                cal.size,
+                short_reference_advice(self.origin, rows, reference.frames),
+            )
         return cal
 
     def update(self, stats: FrameStats, t: float | None = None) -> WindowReport | None:
@@ -497,6 +600,9 @@ class DriftMonitor:
         gap = t is not None and self._t1 is not None and seconds is not None and t - self._t1 >= seconds
         if gap and self._fill >= MIN_WINDOW:
             report = self._finish()
+        elif gap:
+            # Too few to judge: kept, they would open a window that spans the outage.
+            self._drop_window()
         if self._fill == self._buf.shape[0]:
             # Only a window in seconds outgrows its first size (drift.window rows).
             grown = np.empty((min(2 * self._fill, MAX_WINDOW), len(FIELDS)), dtype=np.float64)
@@ -510,6 +616,16 @@ class DriftMonitor:
         if report is None and self._complete(t):
             report = self._finish()
         return report
+
+    def _drop_window(self) -> None:
+        """Leave the frames buffered so far out, and start a new window."""
+        logger.info(
+            "drift: an outage after %d frames of a window, fewer than %d: they are left out and a new window starts",
+            self._fill,
+            MIN_WINDOW,
+        )
+        self.dropped += self._fill
+        self._fill, self._t0, self._t1 = 0, None, None
 
     def _finish(self) -> WindowReport:
         """The report on the frames buffered so far, which then start over."""
@@ -535,16 +651,17 @@ class DriftMonitor:
             learner = self._learner
             assert learner is not None
             learner.add_rows(rows)
-            learned = self._window + 1 >= self.cfg.learn_windows
-            if learned:
-                learner.reservoir_size = max(RESERVOIR, learner.frames)
+            self._longest = max(self._longest, n)
+            # learn_windows = 1 with windows of fewer than 2 x MIN_WINDOW frames: one more window.
+            if self._window + 1 >= self.cfg.learn_windows and learner.frames >= 2 * MIN_WINDOW:
+                learner.reservoir_size, learner.block = learned_sample(learner.frames, self._longest)
                 self._use(learner.build())
                 self._learner = None
                 logger.info(
                     "drift: no reference profile given; learned one from the first %d frames (%d windows): "
                     "later windows are compared with it",
                     learner.frames,
-                    self.cfg.learn_windows,
+                    self._window + 1,
                 )
             return WindowReport(self._window, n, span, "ok", {}, (), {}, "self", True, summary)
         metrics = window_metrics(rows, self._base)
@@ -573,6 +690,42 @@ class DriftMonitor:
             False,
             summary,
         )
+
+
+def learned_sample(frames: int, longest: int) -> tuple[int, int]:
+    """(reservoir rows, frames per block) of a reference learned from ``frames`` frames in windows of up to
+    ``longest`` frames: every frame, in one block, up to a profile's largest reservoir; beyond that, blocks as
+    a profile keeps them (a window long, at most RESERVOIR frames, four blocks at least), so memory and the
+    time calibration takes on the inference thread stay bounded however long the windows."""
+    if frames <= LEARNED_RESERVOIR:
+        return frames, frames
+    block = min(RESERVOIR, longest)
+    return min(LEARNED_RESERVOIR, max(RESERVOIR, 4 * block)), block
+
+
+def note_fixed_classes(cfg: DriftConfig, reference: Reference) -> None:
+    """Log that ``drift.top_classes`` does not apply to a reference file, which fixes the fine classes."""
+    held = len(reference.fine_ids)
+    if cfg.top_classes == held:
+        return
+    # A warning only for a value someone set: the default differs from files of streams with fewer classes.
+    level = logging.WARNING if "top_classes" in cfg.model_fields_set else logging.INFO
+    logger.log(
+        level,
+        "drift: drift.top_classes (%d) does not apply to a reference file: it compares the %d fine classes it "
+        "was profiled with",
+        cfg.top_classes,
+        held,
+    )
+
+
+def short_reference_advice(origin: Literal["file", "self"], rows: int, frames: int) -> str:
+    """What makes a reference long enough for its windows: it keeps every frame, or a sample of them."""
+    if origin == "self":
+        return "raise drift.learn_windows" if rows == frames else "use shorter windows"
+    if rows == frames:
+        return "profile a longer stream"
+    return "run 'eyed profile' with the window used here, or use shorter windows"
 
 
 def _over(metrics: Mapping[str, float], thresholds: Mapping[str, tuple[float, float]], level: int) -> tuple[str, ...]:

@@ -5,6 +5,11 @@ stream's own quantiles), the predicted-class distributions (coarse labels; the m
 "other"), a sample of the per-frame rows in blocks of consecutive frames (so thresholds can be calibrated later
 on windows like the live ones, see :func:`sample_blocks`), and re-estimated coarse-label priors. Written as
 JSON under a top-level ``"priors"`` key too, the profile file is also a priors file for ``model.coarse_priors``.
+
+The coarse labels counted are the plain group sums (:class:`eyed.drift.stats.StatsExtractor`), which no
+``model.coarse_priors`` changes, so a profile serves under any priors, its own included. The preprocessing
+a profile was made under is recorded, as input statistics and fine classes shift with it: the daemon
+refuses a profile made under other preprocessing (:func:`check_small_input`, :func:`check_preprocess_spec`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from eyed.config import DEFAULT_WINDOW, MIN_WINDOW, DriftConfig
 from eyed.drift.stats import FIELDS, NUMERIC_STATS, FrameStats
 from eyed.model.labels import CoarseMapper, estimate_priors
 
-# Schema 2 stores where the sample's blocks lie in the stream; schema 1 files are still read (see
-# reference_from_dict).
-SCHEMA = 2
+# Schema 2 stores where the sample's blocks lie in the stream; schema 3 counts coarse labels as plain group
+# sums and records the preprocessing. Schemas 1 and 2 are still read when their coarse counts mean the same
+# (see reference_from_dict).
+SCHEMA = 3
 KIND = "eyed-drift-reference"
 BINS = 10
 RESERVOIR = 5000
@@ -34,6 +40,8 @@ RESERVOIR = 5000
 BLOCK = DEFAULT_WINDOW
 # Six significant digits keep the reservoir a few hundred kB; the statistics are not that precise anyway.
 DIGITS = 6
+# What the coarse counts count (schema 3), for people reading the file.
+COARSE_LABEL = "the group with the most probability mass, without prior correction (the same under any priors)"
 
 
 @dataclass(frozen=True)
@@ -58,11 +66,22 @@ def hist_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def quantile_edges(values: np.ndarray, bins: int = BINS) -> np.ndarray:
-    """Inner bin edges at the ``bins``-quantiles of the finite ``values`` (ties merged); empty if none."""
+    """Inner bin edges at the ``bins``-quantiles of the finite ``values`` (ties merged), plus one just below
+    their minimum and one at their maximum; empty if none.
+
+    The outer two give a value below or above everything in the reference a bin of its own, empty in the
+    reference: without them a statistic that is constant in the reference (a still scene without sensor noise)
+    has a single edge, and a window at half the light falls into the same bin as the reference, PSI 0.
+    Profiles written before these edges keep the edges they hold.
+    """
     values = values[np.isfinite(values)]
     if values.size == 0:
         return np.zeros(0)
-    return np.unique(np.quantile(values, np.arange(1, bins) / bins))
+    # Below the most negative float is -inf, which no profile may hold as an edge: left out below.
+    with np.errstate(over="ignore"):
+        below = np.nextafter(values.min(), -np.inf)
+    edges = np.concatenate([[below], np.quantile(values, np.arange(1, bins) / bins), [values.max()]])
+    return np.unique(edges[np.isfinite(edges)])
 
 
 def fine_index(fine_ids: Sequence[int], top1: np.ndarray) -> np.ndarray:
@@ -100,6 +119,9 @@ class Reference:
     # (first frame, length) of each run of consecutive stream frames in the reservoir, in order; the lengths
     # add up to its rows. None: a schema 1 profile whose rows were drawn one by one from a longer stream.
     blocks: tuple[tuple[int, int], ...] | None = None
+    # {"small_input": model.small_input, "spec": the classifier's PreprocessSpec as a dict}, see
+    # preprocess_record; None when unknown (a learned reference, a profile from before schema 3).
+    preprocess: Mapping[str, Any] | None = None
 
     def fine_index(self, top1: np.ndarray) -> np.ndarray:
         """Index into ``fine_counts`` of each top-1 class id (``len(fine_ids)`` = other)."""
@@ -128,7 +150,11 @@ class Reference:
             "model": self.model,
             "source": self.source,
             "created": self.created,
-            "coarse": {"classes": list(self.coarse_classes), "counts": _ints(self.coarse_counts)},
+            "coarse": {
+                "classes": list(self.coarse_classes),
+                "counts": _ints(self.coarse_counts),
+                "label": COARSE_LABEL,
+            },
             "fine": {
                 "ids": list(self.fine_ids),
                 "labels": list(self.fine_labels),
@@ -145,6 +171,8 @@ class Reference:
         }
         if self.blocks is not None:
             data["reservoir"]["blocks"] = [[int(start), int(length)] for start, length in self.blocks]
+        if self.preprocess is not None:
+            data["preprocess"] = _plain(self.preprocess)
         if self.priors is not None:
             data["priors_method"] = (
                 "mean coarse group mass over this stream, refined so each class wins the argmax equally often "
@@ -186,27 +214,39 @@ def load_reference(path: Path) -> Reference:
 
 
 def reference_from_dict(data: Any) -> Reference:
-    """Validate and convert the JSON form; ValueError names the first problem."""
+    """Validate and convert the JSON form; ValueError names the first problem and the field it is in.
+
+    Every number a metric reads is checked (finite edges, counts that are whole and not negative, class
+    indices in range): a bad one would not fail loudly later, it would leave a metric unable to fire.
+    """
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     if data.get("kind") != KIND:
         raise ValueError(f"not a drift reference (kind {data.get('kind')!r}, expected {KIND!r})")
     schema = data.get("schema")
-    if schema not in (1, SCHEMA):
+    if schema not in (1, 2, SCHEMA):
         raise ValueError(f"unsupported schema {schema!r} (this eyed reads schemas 1 to {SCHEMA})")
+    if schema < SCHEMA and data.get("priors") is not None:
+        # Such a profile was made with an ImageNet model's mapping (a profile holds priors only then), and its
+        # coarse counts are labels after the prior correction in force when it was made: compared with group
+        # sums they would report drift on in-domain frames.
+        raise ValueError(
+            f"a schema {schema} profile from an older eyed, whose coarse counts depend on the model.coarse_priors "
+            "it was made with; drift now counts coarse labels the same under any priors: run `eyed profile` again"
+        )
     missing = [key for key in ("frames", "coarse", "fine", "histograms", "reservoir") if key not in data]
     if missing:
         raise ValueError(f"missing key {missing[0]!r}")
     with _section("coarse"):
         coarse_classes = tuple(str(c) for c in data["coarse"]["classes"])
-        coarse_counts = np.asarray(data["coarse"]["counts"], dtype=np.int64)
+        coarse_counts = _counts(data["coarse"]["counts"])  # all 0: no frame had a coarse label
         if coarse_counts.shape != (len(coarse_classes),):
             raise ValueError("counts and classes differ in length")
     with _section("fine"):
         fine = data["fine"]
-        fine_ids = tuple(int(i) for i in fine["ids"])
+        fine_ids = _class_ids(fine["ids"])
         fine_labels = tuple(str(s) for s in fine.get("labels", [""] * len(fine_ids)))
-        fine_counts = np.asarray(fine["counts"], dtype=np.int64)
+        fine_counts = _counts(fine["counts"], positive_sum=True)
         if fine_counts.shape != (len(fine_ids) + 1,) or len(fine_labels) != len(fine_ids):
             raise ValueError("needs one count per id plus 'other', and one label per id")
     histograms = {}
@@ -215,8 +255,10 @@ def reference_from_dict(data: Any) -> Reference:
             if name not in NUMERIC_STATS:
                 raise ValueError("unknown statistic")
             edges = np.asarray(h["edges"], dtype=np.float64)
-            counts = np.asarray(h["counts"], dtype=np.int64)
-            if edges.ndim != 1 or counts.shape != (edges.size + 1,) or np.any(np.diff(edges) <= 0):
+            if edges.ndim != 1 or not np.all(np.isfinite(edges)):
+                raise ValueError("edges must be a list of finite numbers")
+            counts = _counts(h["counts"], positive_sum=True)
+            if counts.shape != (edges.size + 1,) or np.any(np.diff(edges) <= 0):
                 raise ValueError("needs increasing edges and one more count than edges")
             histograms[name] = Histogram(edges, counts)
     with _section("reservoir"):
@@ -230,8 +272,12 @@ def reference_from_dict(data: Any) -> Reference:
         if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1 or arrays[0].size == 0:
             raise ValueError("empty, or columns of different lengths")
         reservoir = np.column_stack(arrays)
+        _check_class_column("top1", arrays[FIELDS.index("top1")], 0, None)
+        _check_class_column("coarse", arrays[FIELDS.index("coarse")], -1, len(coarse_classes) - 1)
     with _section("metadata"):
-        frames = int(data["frames"])
+        frames = data["frames"]
+        if not _is_int(frames) or frames < 1:
+            raise ValueError(f"frames must be a whole number of at least 1, not {frames!r}")
         if frames < reservoir.shape[0]:
             raise ValueError("frames is smaller than the reservoir")
     blocks: tuple[tuple[int, int], ...] | None
@@ -246,9 +292,14 @@ def reference_from_dict(data: Any) -> Reference:
     priors = None
     if data.get("priors") is not None:
         with _section("priors"):
-            priors = {str(c): float(v) for c, v in data["priors"].items()}
-            if not all(v > 0 for v in priors.values()):
-                raise ValueError("priors must be positive")
+            values = dict(data["priors"])
+            if not all(_is_number(v) and math.isfinite(v) and v > 0 for v in values.values()):
+                raise ValueError("priors must be positive finite numbers")
+            priors = {str(c): float(v) for c, v in values.items()}
+    preprocess = None
+    if data.get("preprocess") is not None:
+        with _section("preprocess"):
+            preprocess = _preprocess(data["preprocess"])
     with _section("metadata"):
         return Reference(
             frames=frames,
@@ -264,6 +315,7 @@ def reference_from_dict(data: Any) -> Reference:
             reservoir=reservoir,
             priors=priors,
             blocks=blocks,
+            preprocess=preprocess,
         )
 
 
@@ -277,6 +329,98 @@ def _check_blocks(blocks: Sequence[tuple[int, int]], rows: int, frames: int) -> 
         raise ValueError("a block ends after the last frame")
     if sum(length for _, length in blocks) != rows:
         raise ValueError("the block lengths do not add up to the reservoir's rows")
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (json gives bool for true/false, which int would take)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _counts(values: Any, *, positive_sum: bool = False) -> np.ndarray:
+    """Counts as a profile stores them: whole numbers, none negative, adding up to more than 0 if asked."""
+    if not isinstance(values, list) or not all(_is_int(v) for v in values):
+        raise ValueError("counts must be a list of whole numbers")
+    counts = np.asarray(values, dtype=np.int64)
+    if np.any(counts < 0):
+        raise ValueError(f"counts must not be negative (found {int(counts.min())})")
+    if positive_sum and counts.sum() <= 0:
+        raise ValueError("counts add up to 0")
+    return counts
+
+
+def _class_ids(values: Any) -> tuple[int, ...]:
+    """Fine class ids: distinct whole numbers, none negative."""
+    if not isinstance(values, list) or not all(_is_int(v) and v >= 0 for v in values):
+        raise ValueError("ids must be a list of class ids (whole numbers, none negative)")
+    if len(set(values)) != len(values):
+        raise ValueError(f"ids must be distinct, {sorted({v for v in values if values.count(v) > 1})} repeat")
+    return tuple(values)
+
+
+def _check_class_column(name: str, values: np.ndarray, low: int, high: int | None) -> None:
+    """A reservoir column of class indices: whole numbers from ``low`` to ``high`` (no upper bound if None)."""
+    ok = np.isfinite(values) & (values == np.floor(values)) & (values >= low)
+    if high is not None:
+        ok &= values <= high
+    if not ok.all():
+        row = int(np.argmin(ok))
+        value = "null" if math.isnan(values[row]) else f"{values[row]:g}"
+        allowed = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        raise ValueError(f"column {name}: row {row} is {value}, needs a whole number {allowed}")
+
+
+def _preprocess(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict) or not isinstance(data.get("small_input"), str):
+        raise ValueError('needs an object with "small_input" (a string) and "spec"')
+    spec = data.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        raise ValueError('"spec" must be an object or null')
+    return {"small_input": data["small_input"], "spec": spec}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (lists for tuples), so a recorded value compares with a live one."""
+    return json.loads(json.dumps(value))
+
+
+def preprocess_spec(classifier: object) -> dict[str, Any] | None:
+    """The preprocessing spec a classifier runs (its ``prepare.spec``, eyed.model.preprocess.PreprocessSpec) as
+    a dict; None for a classifier that does not say."""
+    spec = getattr(getattr(classifier, "prepare", None), "spec", None)
+    to_dict = getattr(spec, "to_dict", None)
+    return _plain(to_dict()) if callable(to_dict) else None
+
+
+def preprocess_record(small_input: str, spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a profile records of the preprocessing it was made under: ``model.small_input`` and the
+    classifier's preprocessing spec (size, crop, mean, std; None when the classifier does not say)."""
+    return {"small_input": small_input, "spec": None if spec is None else _plain(dict(spec))}
+
+
+def check_small_input(reference: Reference, small_input: str) -> None:
+    """ValueError naming ``model.small_input`` when the reference was profiled under another setting: it
+    changes the model's input for frames smaller than the crop, and with it the fine classes and confidences."""
+    made = reference.preprocess.get("small_input") if reference.preprocess is not None else None
+    if made is not None and made != small_input:
+        raise ValueError(
+            f"profiled with model.small_input = {made!r}, this configuration has {small_input!r}: set "
+            f"model.small_input = {made!r}, or run `eyed profile` again with {small_input!r}"
+        )
+
+
+def check_preprocess_spec(reference: Reference, spec: Mapping[str, Any], model: str) -> None:
+    """ValueError when the reference was profiled with a model that prepares its input differently (other
+    size, crop, mean or std): its class and confidence distributions do not hold for this one."""
+    made = reference.preprocess.get("spec") if reference.preprocess is not None else None
+    if made is not None and _plain(made) != _plain(dict(spec)):
+        raise ValueError(
+            f"profiled with a model whose preprocessing is {_plain(made)}, while {model} (model.id / model.onnx) "
+            f"has {_plain(dict(spec))}: run `eyed profile` again with this model"
+        )
 
 
 def sample_blocks(frames: int, size: int, block: int, rng: np.random.Generator) -> tuple[tuple[int, int], ...]:
@@ -334,7 +478,7 @@ def _section(name: str) -> Iterator[None]:
         yield
     except KeyError as exc:
         raise ValueError(f"{name}: missing key {exc}") from None
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # Overflow: an int past int64
         raise ValueError(f"{name}: {exc}") from None
 
 
@@ -361,6 +505,7 @@ class ProfileBuilder:
         model: str = "",
         source: str = "",
         seed: int = 0,
+        preprocess: Mapping[str, Any] | None = None,
     ) -> None:
         if mapper is not None and coarse_classes and tuple(coarse_classes) != mapper.classes:
             raise ValueError("coarse_classes and the mapper's classes differ")
@@ -374,6 +519,7 @@ class ProfileBuilder:
         self.model = model
         self.source = source
         self.seed = seed
+        self.preprocess = preprocess  # see preprocess_record
         self._rows = np.empty((1024, len(FIELDS)), dtype=np.float64)
         self._n = 0
         self._masses: list[np.ndarray] = []
@@ -453,4 +599,5 @@ class ProfileBuilder:
             reservoir=rows[keep],
             priors=priors,
             blocks=blocks,
+            preprocess=self.preprocess,
         )

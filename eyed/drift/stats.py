@@ -14,6 +14,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from eyed.model.labels import CoarseMapper
 from eyed.types import Prediction
 
 SMALL = 64
@@ -85,11 +86,22 @@ def output_stats(pred: Prediction) -> tuple[float, float, float]:
 
 
 class StatsExtractor:
-    """Turns (frame, prediction) into :class:`FrameStats`; keeps the previous frame's small grey copy."""
+    """Turns (frame, prediction) into :class:`FrameStats`; keeps the previous frame's small grey copy.
 
-    def __init__(self, coarse_classes: Sequence[str] = (), size: int = SMALL) -> None:
-        self.coarse_classes = tuple(coarse_classes)
+    With ``mapper`` (the model's coarse mapper), the coarse column is the group with the most probability mass,
+    before any prior correction: the prediction's own coarse label depends on ``model.coarse_priors``, so
+    counts of it made under one priors file would not compare with counts made under another (nor with a
+    profile that is itself the priors file). Without one, it is the index of the prediction's coarse label.
+    """
+
+    def __init__(
+        self, coarse_classes: Sequence[str] = (), size: int = SMALL, *, mapper: CoarseMapper | None = None
+    ) -> None:
+        if mapper is not None and coarse_classes and tuple(coarse_classes) != mapper.classes:
+            raise ValueError("coarse_classes and the mapper's classes differ")
+        self.coarse_classes = tuple(coarse_classes) if coarse_classes else (mapper.classes if mapper else ())
         self.size = size
+        self._membership = mapper.membership if mapper is not None else None
         self._coarse_index = {c: i for i, c in enumerate(self.coarse_classes)}
         self._previous: np.ndarray | None = None
 
@@ -99,7 +111,7 @@ class StatsExtractor:
 
     def __call__(self, image: np.ndarray, pred: Prediction) -> FrameStats:
         confidence, margin, entropy = output_stats(pred)
-        coarse = -1 if pred.coarse is None else self._coarse_index.get(pred.coarse.label, -1)
+        coarse = self._coarse(pred)
         grey = small_grey(image, self.size)
         mean, std = cv2.meanStdDev(grey)
         _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
@@ -122,3 +134,15 @@ class StatsExtractor:
             clipped=1.0 - inside / grey.size,
             motion=motion,
         )
+
+    def _coarse(self, pred: Prediction) -> int:
+        if self._membership is not None:
+            return group_sum_index(pred.probs, self._membership)
+        return -1 if pred.coarse is None else self._coarse_index.get(pred.coarse.label, -1)
+
+
+def group_sum_index(probs: np.ndarray, membership: np.ndarray) -> int:
+    """Index of the coarse group with the most probability mass (plain sums, no priors); -1 when no group has any."""
+    masses = probs @ membership
+    best = int(masses.argmax())
+    return best if masses[best] > 0 else -1

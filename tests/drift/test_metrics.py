@@ -9,8 +9,10 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
-from eyed.drift.monitor import js_distance, ks_statistic, psi, remove_sorted
-from eyed.drift.reference import hist_counts, quantile_edges
+from eyed.drift.monitor import Baseline, HeldOut, js_distance, ks_statistic, psi, window_metrics
+from eyed.drift.reference import Histogram, ProfileBuilder, class_counts, fine_index, hist_counts, quantile_edges
+from eyed.drift.stats import FIELDS
+from tests.drift import COARSE, synthetic_stats
 
 
 def test_psi_of_identical_distributions_is_zero_and_a_known_value() -> None:
@@ -75,23 +77,61 @@ def test_ks_statistic_of_disjoint_samples_is_one() -> None:
 def test_quantile_bins_are_right_closed_with_open_outer_bins() -> None:
     values = np.concatenate([np.zeros(700), np.linspace(0.01, 1, 300)])  # a point mass at 0 (no clipping)
     edges = quantile_edges(values, 10)
-    assert edges[0] == 0.0 and np.all(np.diff(edges) > 0)  # tied quantiles merged
+    assert edges[0] < 0.0 and edges[1] == 0.0 and edges[-1] == 1.0 and np.all(np.diff(edges) > 0)  # ties merged
     counts = hist_counts(values, edges)
-    assert counts[0] == 700 and counts.sum() == 1000
+    assert counts[0] == 0 and counts[1] == 700 and counts[-1] == 0 and counts.sum() == 1000
     outside = hist_counts(np.array([-5.0, 99.0, np.nan]), edges)
     assert outside[0] == 1 and outside[-1] == 1 and outside.sum() == 2  # NaN left out
+
+
+@pytest.mark.parametrize("constant", [0.0, 90.0, 1e6])
+def test_values_beyond_a_constant_reference_have_bins_of_their_own(constant: float) -> None:
+    """A still scene without sensor noise: one value, one quantile. Lower and higher values must not share
+    its bin, or a window at half the light has the reference's distribution."""
+    edges = quantile_edges(np.full(500, constant))
+    assert hist_counts(np.full(500, constant), edges).tolist() == [0, 500, 0]
+    assert hist_counts(np.array([constant / 2 - 1, constant, constant * 2 + 1]), edges).tolist() == [1, 1, 1]
+    assert np.isfinite(quantile_edges(np.array([-np.finfo(np.float64).max, 0.0]))).all()
 
 
 def test_quantile_edges_of_no_data() -> None:
     assert quantile_edges(np.array([np.nan])).size == 0
 
 
-def test_remove_sorted_takes_one_copy_of_each_value_out() -> None:
-    rng = np.random.default_rng(3)
-    for _ in range(100):
-        all_values = rng.integers(0, 8, int(rng.integers(1, 60))).astype(np.float64)
-        taken = rng.choice(all_values, size=int(rng.integers(0, all_values.size + 1)), replace=False)
-        rest = list(all_values)
-        for v in taken:
-            rest.remove(v)
-        assert remove_sorted(np.sort(all_values), taken).tolist() == sorted(rest)
+def test_held_out_metrics_equal_a_window_against_the_rest_of_the_reference() -> None:
+    """Calibration counts each window's rows against the reference minus that window without rebuilding the
+    reference: the metrics must be those of the plain computation, ties, NaN and unlabelled rows included."""
+    rows = [
+        s._replace(confidence=round(s.confidence, 1), coarse=-1 if i % 7 == 0 else s.coarse)
+        for i, s in enumerate(synthetic_stats(600, seed=5))
+    ]
+    builder = ProfileBuilder(COARSE, top_classes=8)
+    builder.add_many(rows)
+    ref = builder.build()
+    base = Baseline.of(ref)
+    held_out = HeldOut(ref.reservoir, base)
+    rng = np.random.default_rng(0)
+    windows: list[slice | np.ndarray] = [slice(0, 40), slice(100, 400), rng.choice(600, 50, replace=False)]
+    for window in windows:
+        inside = np.zeros(ref.reservoir.shape[0], dtype=bool)
+        inside[window] = True
+        expected = window_metrics(ref.reservoir[inside], rest_of(base, ref.reservoir[inside], ref.reservoir[~inside]))
+        got = held_out.metrics(window)
+        assert got.keys() == expected.keys()
+        assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def rest_of(base: Baseline, window: np.ndarray, rest: np.ndarray) -> Baseline:
+    """``base`` without the ``window`` rows, computed the plain way (``rest`` holds the other reservoir rows)."""
+    col = {name: i for i, name in enumerate(FIELDS)}
+    assert base.coarse_counts is not None
+    coarse = base.coarse_counts - class_counts(window[:, col["coarse"]].astype(np.int64), base.coarse_counts.size)
+    fine = base.fine_counts - np.bincount(
+        fine_index(base.fine_ids, window[:, col["top1"]]), minlength=len(base.fine_ids) + 1
+    )
+    hists = {name: Histogram(h.edges, h.counts - h.count(window[:, col[name]])) for name, h in base.histograms.items()}
+    ks = {}
+    for name in base.ks_sorted:
+        values = rest[:, col[name]]
+        ks[name] = np.sort(values[np.isfinite(values)])
+    return Baseline(coarse, base.fine_ids, fine, hists, ks)

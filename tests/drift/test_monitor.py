@@ -6,11 +6,13 @@ import dataclasses
 import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from eyed.config import DriftConfig
+from eyed.cli import EXIT_CONFIG, main
+from eyed.config import MAX_WINDOW, ConfigError, DriftConfig, load_settings
 from eyed.drift import monitor as monitor_module
 from eyed.drift.monitor import (
     Calibration,
@@ -19,11 +21,14 @@ from eyed.drift.monitor import (
     _window_starts,
     calibrate,
     format_window,
+    learned_sample,
+    levels,
     size_bucket,
     window_payload,
 )
-from eyed.drift.reference import ProfileBuilder, Reference
+from eyed.drift.reference import ProfileBuilder, Reference, reference_from_dict
 from eyed.drift.stats import FrameStats
+from tests.daemon_helpers import finish, start_daemon
 from tests.drift import COARSE, scene_stream, synthetic_stats
 
 ALL_METRICS = {
@@ -444,17 +449,17 @@ def test_a_failed_calibration_leaves_the_monitor_learning(monkeypatch: pytest.Mo
     def failing(*args: object, **kwargs: object) -> Calibration:
         raise MemoryError("no room")
 
-    monitor = DriftMonitor(DriftConfig(window=20, learn_windows=1), None, coarse_classes=COARSE)
+    monitor = DriftMonitor(DriftConfig(window=20, learn_windows=2), None, coarse_classes=COARSE)
     monkeypatch.setattr(monitor_module, "calibrate", failing)
     with pytest.raises(MemoryError):
-        feed(monitor, synthetic_stats(20, seed=30))
+        feed(monitor, synthetic_stats(40, seed=30))
     assert monitor.learning and monitor.reference is None and monitor.calibration is None
     # Windows in seconds with a rate known in advance: the sizes for that rate are calibrated with the
     # learned reference, and their failure leaves the monitor learning too.
-    timed = DriftMonitor(DriftConfig(window_s=1.0, learn_windows=1), None, coarse_classes=COARSE)
+    timed = DriftMonitor(DriftConfig(window_s=1.0, learn_windows=2), None, coarse_classes=COARSE)
     timed.expect_rate(32.0)
     with pytest.raises(MemoryError):
-        feed_timed(timed, synthetic_stats(40, seed=30), [i / 32 for i in range(40)])
+        feed_timed(timed, synthetic_stats(80, seed=30), [i / 32 for i in range(80)])
     assert timed.learning and timed.reference is None
 
 
@@ -493,3 +498,194 @@ def test_learning_keeps_every_frame_of_long_windows_in_one_block() -> None:
     feed_timed(monitor, synthetic_stats(6405, seed=31), [i / 32 for i in range(6405)])
     assert monitor.reference is not None and monitor.reference.frames == 6404
     assert monitor.reference.blocks == ((0, 6404),)
+
+
+def built(rows: list[FrameStats]) -> Reference:
+    builder = ProfileBuilder(COARSE, top_classes=20)
+    builder.add_many(rows)
+    return builder.build()
+
+
+def test_a_reference_of_one_window_calibrates_on_windows_of_half_its_frames(caplog: pytest.LogCaptureFixture) -> None:
+    """A reference of one window of frames (a short `eyed profile`): calibration windows of a whole window
+    would be compared with nothing left, or with the same frames. Windows of half the reference leave as
+    many frames beside them; the thresholds they give are looser than a full window needs, so clean windows
+    stay clean (101 of 120 warned before), and a window judged with them says so in the log, once."""
+    cfg = DriftConfig(window=250)
+    with caplog.at_level(logging.WARNING, logger="eyed.drift.monitor"):
+        monitor = DriftMonitor(cfg, built(synthetic_stats(250, seed=1)))
+        reports = feed(monitor, synthetic_stats(250 * 40, seed=101))
+    statuses = [r.status for r in reports]
+    assert statuses.count("drift") == 0 and statuses.count("warn") <= 0.2 * len(statuses), statuses.count("warn")
+    assert monitor.calibration is not None and monitor.calibration.size == size_bucket(125) == 113
+    short = [r.message for r in caplog.records if "fewer than twice a window" in r.message]
+    assert len(short) == 1
+    assert "windows of 250 frames are judged with thresholds calibrated on windows of 113" in short[0]
+    assert "profile a longer stream" in short[0]
+
+
+@pytest.mark.parametrize("frames", [251, 260])
+def test_a_reference_just_over_one_window_still_sees_a_darkening(frames: int) -> None:
+    """With one frame more than a window, the rest of the reference beside a calibration window was 1 frame:
+    thresholds beyond any value (KS drift 1.05, PSI 13.9) and an obvious darkening stayed ok."""
+    monitor = DriftMonitor(DriftConfig(window=250), built(synthetic_stats(frames, seed=1)))
+    assert all(drift < 1 for name, (_, drift) in monitor.thresholds.items() if name.startswith(("js", "ks")))
+    feed(monitor, synthetic_stats(500, seed=7))
+    dark = feed(monitor, synthetic_stats(750, seed=8, brightness=40.0, sharpness=100.0))
+    assert [r.status for r in dark] == ["warn", "drift", "drift"]
+
+
+def test_learning_a_single_window_raises_no_false_alarms() -> None:
+    """drift.learn_windows = 1: the learned reference is one window long (95 of 120 clean windows warned)."""
+    monitor = DriftMonitor(DriftConfig(window=250, learn_windows=1), None, coarse_classes=COARSE)
+    reports = [r for r in feed(monitor, synthetic_stats(250 * 41, seed=3)) if not r.learning]
+    statuses = [r.status for r in reports]
+    assert len(statuses) == 40 and statuses.count("drift") == 0 and statuses.count("warn") <= 8
+
+
+def test_learning_goes_on_until_a_reference_can_be_calibrated() -> None:
+    """One window of 20 frames is too short to calibrate on (twice the shortest window is the least): the
+    next window is learned too."""
+    monitor = DriftMonitor(DriftConfig(window=20, learn_windows=1), None, coarse_classes=COARSE)
+    reports = feed(monitor, synthetic_stats(60, seed=4))
+    assert [r.learning for r in reports] == [True, True, False]
+    assert monitor.reference is not None and monitor.reference.frames == 40
+
+
+@pytest.mark.parametrize("cfg", [DriftConfig(window=20), DriftConfig(window_s=10.0)])
+def test_a_reference_too_short_for_the_shortest_window_is_refused(cfg: DriftConfig) -> None:
+    with pytest.raises(ValueError, match=r"keeps 39 frames, too few .* 40 at least .* profile a longer stream"):
+        DriftMonitor(cfg, built(synthetic_stats(39, seed=5)))
+    DriftMonitor(cfg, built(synthetic_stats(40, seed=5)))
+
+
+def test_windows_in_seconds_longer_than_half_the_reference_are_judged_as_the_largest_that_fits(
+    calibrated_sizes: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A window in seconds meets its sizes at run time: one over half of a 100-frame reference gets the
+    thresholds of the largest grid size that fits (48), computed once for every such size; smaller windows
+    keep their own. Nothing is refused mid-run."""
+    ref = built(synthetic_stats(100, seed=6))
+    cfg = DriftConfig(window_s=2.0)
+    monitor = DriftMonitor(cfg, ref)
+    # 32 fps (65-frame windows), 64 fps (129) and 8 fps (17 -> 20 frames) in turn.
+    times = [i / 32 for i in range(130)]
+    times += [times[-1] + i / 64 for i in range(1, 259)]
+    times += [times[-1] + i / 8 for i in range(1, 41)]
+    with caplog.at_level(logging.WARNING, logger="eyed.drift.monitor"):
+        reports = feed_timed(monitor, synthetic_stats(len(times), seed=7), times)
+    assert [r.n for r in reports] == [65, 65, 129, 129, 20, 20]
+    assert calibrated_sizes == [size_bucket(65), 20]  # 129 frames took the calibration on 48 already made
+    assert set(monitor._calibrations) == {size_bucket(65), size_bucket(129), 20}
+    assert monitor._calibrations[size_bucket(129)] is monitor._calibrations[size_bucket(65)]
+    assert monitor._calibrations[size_bucket(65)].size == size_bucket(50) == 48
+    assert reports[0].thresholds == calibrate(cfg, ref, 48, 20).thresholds
+    assert sum("fewer than twice a window" in r.message for r in caplog.records) == 1
+
+
+def test_drift_window_is_bounded_like_a_window_in_seconds() -> None:
+    """drift.window = 1,000,000 took two minutes to calibrate at start-up and 80 MB of window buffer."""
+    assert load_settings(None, [f"drift.window={MAX_WINDOW}"]).drift.window == MAX_WINDOW
+    with pytest.raises(ConfigError, match=r"drift\.window\b.*20000"):
+        load_settings(None, [f"drift.window={MAX_WINDOW + 1}"])
+
+
+def test_a_learned_reference_keeps_blocks_of_its_frames_as_a_profile_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long learned windows kept every frame (864,000 rows for hour-long windows) and calibration took tens of
+    seconds on the inference thread. Beyond a profile's largest reservoir (shrunk to 300 rows here), the
+    learned frames are sampled in blocks of a window, as `eyed profile` samples a stream."""
+    assert learned_sample(20_000, 20_000) == (20_000, 20_000)  # every frame, up to the largest reservoir
+    assert learned_sample(80_000, 20_000) == (20_000, 5_000)  # 4 windows of 20,000: 4 blocks of 5,000
+    assert learned_sample(25_000, 250) == (5_000, 250)  # 100 windows of 250: a profile's 5,000 rows
+    monkeypatch.setattr(monitor_module, "LEARNED_RESERVOIR", 300)
+    monitor = DriftMonitor(DriftConfig(window=100, learn_windows=4), None, coarse_classes=COARSE)
+    feed(monitor, synthetic_stats(400, seed=8))
+    ref = monitor.reference
+    assert ref is not None and ref.frames == 400 and ref.reservoir.shape[0] == 300
+    assert ref.blocks is not None and all(length % 100 == 0 for _, length in ref.blocks)
+
+
+def test_a_gap_before_a_window_can_close_starts_a_new_window(
+    reference: Reference, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five frames, an hour offline, then frames again: the five are left out and counted, rather than open a
+    window that spans the outage (it closed with span_s = 3607.8 for window_s = 10)."""
+    monitor = DriftMonitor(DriftConfig(window_s=10.0), reference)
+    times = [float(i) for i in range(5)] + [3604 + i / 5 for i in range(100)]
+    with caplog.at_level(logging.INFO, logger="eyed.drift.monitor"):
+        reports = feed_timed(monitor, synthetic_stats(105, seed=9), times)
+    assert [r.n for r in reports] == [51]
+    assert reports[0].span_s is not None and reports[0].span_s < 20
+    assert monitor.dropped == 5
+    assert any("outage after 5 frames" in r.message for r in caplog.records)
+
+
+def still_scene(n: int, scale: float = 1.0) -> list[FrameStats]:
+    """A still scene without sensor noise: every input statistic is the same in every frame."""
+    return [
+        s._replace(brightness=113.0 * scale, contrast=48.0 * scale, sharpness=900.0 * scale**2, motion=0.0)
+        for s in synthetic_stats(n, seed=10)
+    ]
+
+
+def test_a_constant_statistic_in_the_reference_still_sees_a_change() -> None:
+    """The scene at half the light: with one histogram edge at the reference's only value, lower values fell
+    into its bin and every input PSI was 0."""
+    monitor = DriftMonitor(DriftConfig(window=100), built(still_scene(1000)))
+    reports = feed(monitor, still_scene(200, scale=0.5))
+    assert [r.status for r in reports] == ["warn", "drift"]
+    assert {"psi_brightness", "psi_contrast", "psi_sharpness"} <= set(reports[0].fired)
+
+
+def test_an_older_profile_keeps_the_histogram_edges_it_holds() -> None:
+    """Profiles written before the outer edges load with the edges they hold, and judge as before."""
+    data = built(still_scene(1000)).to_dict()
+    data["histograms"]["brightness"] = {"edges": [113.0], "counts": [1000, 0]}
+    old = reference_from_dict(json.loads(json.dumps(data)))
+    assert old.histograms["brightness"].edges.tolist() == [113.0]
+    report = feed(DriftMonitor(DriftConfig(window=100), old), still_scene(100, scale=0.5))[0]
+    assert report.metrics["psi_brightness"] == 0.0  # the old single bin: lower light unseen, as before
+
+
+def test_bounded_metrics_keep_reachable_drift_thresholds(reference: Reference) -> None:
+    """JS distance and KS statistic are at most 1. For 20-frame windows warn x drift / warn put js_fine's
+    drift threshold at 1.14: it could never fire. It now stops halfway from warn to 1."""
+    cal = calibrate(DriftConfig(window_s=10.0), reference, 20)
+    for name, (warn, drift) in cal.thresholds.items():
+        if name.startswith(("js", "ks")):
+            assert warn <= drift <= (warn + 1) / 2 < 1, name
+    cfg = DriftConfig(js_warn=0.1, js_drift=0.9)
+    assert levels(cfg, "js_fine", 0.5, 0.05) == pytest.approx((0.65, 0.9))  # a configured floor is kept
+    assert levels(cfg, "js_fine", 0.2, 0.05) == pytest.approx((0.35, 0.9))
+    assert levels(cfg, "psi_fine", 0.5, 0.1) == pytest.approx((0.8, 2.0))  # PSI is unbounded: scaled as before
+    assert levels(DriftConfig(), "ks_margin", 0.6, 0.2) == pytest.approx((1.2, 1.2))  # never below warn
+    with pytest.raises(ConfigError, match=r"drift\.js_drift"):  # as drift.ks_*: a JS distance is at most 1
+        load_settings(None, ["drift.js_drift=1.5"])
+
+
+def test_top_classes_of_a_reference_file_are_its_own(reference: Reference, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="eyed.drift.monitor"):
+        monitor = DriftMonitor(DriftConfig(top_classes=3), reference)
+    assert monitor._base is not None and len(monitor._base.fine_ids) == 20
+    warned = [r for r in caplog.records if "drift.top_classes (3) does not apply" in r.message]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="eyed.drift.monitor"):
+        DriftMonitor(DriftConfig(), reference)  # the default, and the file's 20 classes
+    assert not any("top_classes" in r.message for r in caplog.records)
+
+
+def test_daemon_refuses_a_reference_too_short_to_calibrate(
+    tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, base: dict[str, object]
+) -> None:
+    """A profile of the 11 readable frames of a tiny dataset: a configuration error (exit 78) at start,
+    naming drift.reference and what to do."""
+    out = tmp_path / "short.json"
+    args = ["--set", f"source.dataset={tiny_dataset}", "--set", "source.split=train"]
+    args += ["--set", f"model.id={tiny_checkpoint}", "--set", f"model.onnx={tiny_onnx}"]
+    assert main(["profile", *args, "--output", str(out)]) == 0
+    code, err = finish(start_daemon({**base, "drift.reference": out, "drift.window": 20}))
+    assert code == EXIT_CONFIG
+    assert f"drift.reference {out}: the reference keeps" in err and "profile a longer stream" in err
+    # check-config says so too, without loading the model.
+    assert main(["check-config", *args, "--set", f"drift.reference={out}"]) == EXIT_CONFIG

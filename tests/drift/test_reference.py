@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,12 +16,19 @@ from eyed.drift.reference import (
     FIELDS,
     NUMERIC_STATS,
     RESERVOIR,
+    SCHEMA,
     ProfileBuilder,
     Reference,
+    check_preprocess_spec,
+    check_small_input,
     load_reference,
+    preprocess_record,
     profile_blocks,
 )
+from eyed.drift.stats import StatsExtractor
 from eyed.model.labels import build_mapper, load_priors
+from eyed.model.postprocess import Postprocessor, softmax
+from eyed.model.preprocess import PreprocessSpec
 from tests.conftest import imagenet_like_labels
 from tests.drift import COARSE, synthetic_stats
 
@@ -36,7 +46,7 @@ def test_profile_holds_histograms_class_distributions_and_a_reservoir() -> None:
     assert set(ref.histograms) == set(NUMERIC_STATS)
     for h in ref.histograms.values():
         assert h.counts.sum() in (3000, 2999)  # motion has no value for the first frame
-        assert len(h.counts) <= 10
+        assert len(h.counts) <= 12  # 10 quantile bins, and one below and one above the values seen
     assert ref.coarse_counts.sum() == 3000 and len(ref.coarse_counts) == len(COARSE)
     assert len(ref.fine_ids) == 20 and ref.fine_counts.sum() == 3000
     # The most frequent classes, most frequent first; everything else is "other".
@@ -131,7 +141,7 @@ def test_empty_stream_is_an_error() -> None:
         (lambda d: d["histograms"]["brightness"].update(edges=[3.0, 1.0]), "histograms.brightness"),
         (lambda d: d["reservoir"]["columns"].pop("sharpness"), "missing columns sharpness"),
         (lambda d: d["reservoir"]["columns"].update(top1=[1, 2]), "reservoir: empty, or columns of different"),
-        (lambda d: d["fine"].update(ids="abc"), "fine: invalid literal"),
+        (lambda d: d["fine"].update(ids="abc"), "fine: ids must be a list of class ids"),
         (lambda d: d["reservoir"].pop("blocks"), "reservoir.blocks: missing key 'blocks'"),
         (lambda d: d["reservoir"].update(blocks=[[0, 100], [50, 150]]), "reservoir.blocks: needs non-empty"),
         (lambda d: d["reservoir"].update(blocks=[[0, 100], [300, 0]]), "reservoir.blocks: needs non-empty"),
@@ -164,7 +174,7 @@ def test_a_schema_1_profile_still_loads(tmp_path: Path, frames: int, blocks: obj
     assert np.allclose(back.reservoir, ref.reservoir, rtol=1e-5, equal_nan=True)
     # Written back as it was read: schema 1, without blocks.
     again = back.to_dict()
-    assert again["schema"] == (2 if blocks else 1) and ("blocks" in again["reservoir"]) == bool(blocks)
+    assert again["schema"] == (SCHEMA if blocks else 1) and ("blocks" in again["reservoir"]) == bool(blocks)
 
 
 def test_not_json_and_missing_file(tmp_path: Path) -> None:
@@ -209,3 +219,134 @@ def test_a_builder_with_a_mapper_needs_probabilities() -> None:
     assert mapper is not None
     with pytest.raises(ValueError, match="probabilities"):
         ProfileBuilder(mapper=mapper).add(synthetic_stats(1)[0])
+
+
+def _column(name: str, change: Callable[[Any], Any]) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        d["reservoir"]["columns"][name] = [change(v) for v in d["reservoir"]["columns"][name]]
+
+    return mutate
+
+
+def _set(*path: Any, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        # Python's json reads NaN and Infinity: edges the quantile bins cannot use (PSI thresholds of 11 and 28).
+        (
+            _set("histograms", "brightness", "edges", 0, value=math.nan),
+            "histograms.brightness: edges must be a list of finite",
+        ),
+        (_set("histograms", "brightness", "edges", -1, value=math.inf), "histograms.brightness: edges must be"),
+        (_set("histograms", "brightness", "edges", 0, value=None), "histograms.brightness: edges must be"),
+        (
+            _set("histograms", "brightness", "counts", 0, value=-(10**9)),
+            "histograms.brightness: counts must not be negative",
+        ),
+        (_set("histograms", "contrast", "counts", 1, value=2.5), "histograms.contrast: counts must be a list of whole"),
+        (
+            _set("histograms", "contrast", "counts", 1, value=True),
+            "histograms.contrast: counts must be a list of whole",
+        ),
+        (
+            lambda d: d["histograms"]["motion"].update(counts=[0] * len(d["histograms"]["motion"]["counts"])),
+            "histograms.motion: counts add up to 0",
+        ),
+        # A negative coarse count silently removed the coarse metrics.
+        (_set("coarse", "counts", 0, value=-5000), "coarse: counts must not be negative"),
+        (_set("coarse", "counts", 0, value=10**30), "coarse: "),
+        (lambda d: d["fine"].update(counts=[0] * len(d["fine"]["counts"])), "fine: counts add up to 0"),
+        (lambda d: d["fine"]["ids"].__setitem__(1, d["fine"]["ids"][0]), r"fine: ids must be distinct, \[\d+\] repeat"),
+        (_set("fine", "ids", 0, value=-1), "fine: ids must be a list of class ids"),
+        (_set("fine", "ids", 0, value=1.5), "fine: ids must be a list of class ids"),
+        # A null top1 column made js_fine thresholds 0.82 / 1.64.
+        (_column("top1", lambda v: None), "reservoir: column top1: row 0 is null, needs a whole number of 0 or more"),
+        (_column("top1", lambda v: v + 0.5), "reservoir: column top1: row 0 is .*, needs a whole number"),
+        (_column("coarse", lambda v: 99), "reservoir: column coarse: row 0 is 99, needs a whole number from -1 to 9"),
+        (_column("coarse", lambda v: -2), "reservoir: column coarse: row 0 is -2"),
+        (_set("priors", value=dict.fromkeys(COARSE, math.nan)), "priors: priors must be positive finite numbers"),
+        (_set("priors", value=dict.fromkeys(COARSE, math.inf)), "priors: priors must be positive finite numbers"),
+        (_set("priors", value=dict.fromkeys(COARSE, "0.1")), "priors: priors must be positive finite numbers"),
+        (_set("frames", value=1500.5), "metadata: frames must be a whole number"),
+        (_set("preprocess", value="fit"), "preprocess: needs an object"),
+    ],
+)
+def test_numbers_a_metric_reads_are_checked(tmp_path: Path, mutate: Any, message: str) -> None:
+    """Each of these loaded before and left a metric unable to fire (or NaN); now the file is refused, naming
+    the field, so the daemon and check-config exit 78."""
+    data = built(1500).to_dict()
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        load_reference(path)
+
+
+def test_a_profile_without_coarse_labels_still_loads(tmp_path: Path) -> None:
+    """Coarse counts of 0 (no frame had a coarse label) are not an error: the monitor leaves those metrics out."""
+    builder = ProfileBuilder(COARSE)
+    builder.add_many([s._replace(coarse=-1) for s in synthetic_stats(300)])
+    back = load_reference(builder.build().write(tmp_path / "ref.json"))
+    assert back.coarse_counts.sum() == 0
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_an_older_profile_with_prior_corrected_coarse_counts_is_refused(tmp_path: Path, schema: int) -> None:
+    """A profile with priors was made with an ImageNet model's mapping, and before schema 3 its coarse counts
+    were labels after the prior correction then in force: compared with group sums they would report drift on
+    in-domain frames. Without priors (no mapping, or a model trained on the coarse classes) they were group
+    sums already, and the file still loads."""
+    data = built(500).to_dict()
+    data["schema"] = schema
+    if schema == 1:
+        del data["reservoir"]["blocks"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**data, "priors": dict.fromkeys(COARSE, 0.1)}))
+    with pytest.raises(ValueError, match=f"schema {schema} profile .*model.coarse_priors.*run `eyed profile` again"):
+        load_reference(path)
+    path.write_text(json.dumps(data))
+    assert load_reference(path).frames == 500
+
+
+def test_the_coarse_column_is_the_same_under_any_priors() -> None:
+    """The prediction's own coarse label changes with model.coarse_priors; the drift column (the group with
+    the most mass) does not, so one profile serves as reference under any priors, its own included."""
+    labels = imagenet_like_labels()
+    plain = build_mapper(labels, "cifar10", "none")
+    shipped = build_mapper(labels, "cifar10", "builtin")
+    assert plain is not None and shipped is not None
+    skewed = shipped.with_priors(np.linspace(0.01, 0.3, len(COARSE), dtype=np.float32))
+    logits = np.random.default_rng(0).normal(0.0, 3.0, size=(300, len(labels))).astype(np.float32)
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    columns, own_labels = [], []
+    for mapper in (plain, shipped, skewed):
+        preds = Postprocessor(labels, 5, mapper)(logits)
+        extractor = StatsExtractor(mapper=mapper)
+        columns.append([extractor(image, p).coarse for p in preds])
+        own_labels.append([p.coarse.label if p.coarse else None for p in preds])
+    assert columns[0] == columns[1] == columns[2] == plain.masses(softmax(logits)).argmax(axis=1).tolist()
+    assert own_labels[0] != own_labels[2]  # what the column counted before: it moved with the priors
+
+
+def test_the_profile_records_its_preprocessing_and_the_checks_refuse_other(tmp_path: Path) -> None:
+    spec = PreprocessSpec.from_hf({}).to_dict()  # tuples; JSON gives lists back
+    ref = built(500, preprocess=preprocess_record("fit", spec))
+    back = load_reference(ref.write(tmp_path / "ref.json"))
+    assert back.preprocess == {"small_input": "fit", "spec": json.loads(json.dumps(spec))}
+    check_small_input(back, "fit")
+    check_preprocess_spec(back, spec, "m")
+    with pytest.raises(ValueError, match=r"model\.small_input = 'fit', this configuration has 'checkpoint'"):
+        check_small_input(back, "checkpoint")
+    with pytest.raises(ValueError, match=r"while other\.onnx .* run `eyed profile` again with this model"):
+        check_preprocess_spec(back, {**spec, "crop": (160, 160)}, "other.onnx")
+    # A reference that does not say (learned from the stream, or a profile from before schema 3) passes.
+    check_small_input(built(100), "checkpoint")
+    check_preprocess_spec(built(100), spec, "m")

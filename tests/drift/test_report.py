@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from eyed.config import DriftConfig
 from eyed.drift.monitor import DriftMonitor, window_payload
 from eyed.drift.reference import ProfileBuilder, Reference
-from eyed.drift.report import draw_report, read_drift_events, report_title
+from eyed.drift.report import draw_report, read_drift_events, report_title, run_positions, split_runs
 from tests.drift import COARSE, synthetic_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +54,7 @@ def test_reads_drift_events_from_subscribe_output(tmp_path: Path) -> None:
 
 def test_a_broken_line_names_its_number(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
-    path.write_text('{"type": "drift"}\n{oops\n')
+    path.write_text('{"type": "drift", "window": 0}\n{oops\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2"):
         read_drift_events(path)
 
@@ -82,3 +83,70 @@ def test_title_gives_the_range_of_window_sizes() -> None:
     assert "10 windows of 100 frames, reference file; ok " in report_title(events, None)
     timed = [{**e, "n": n} for e, n in zip(events, [95, 101, 98] * 4, strict=False)]
     assert "windows of 95-101 frames" in report_title(timed, None)
+
+
+def two_runs() -> list[dict[str, Any]]:
+    """What `eyed subscribe --json` records across a daemon restart: window numbers (and seq) start again at 0;
+    the second run sees the scene darken."""
+    first = [e for e in payloads("cam", learn=False) if e["window"] < 6]
+    second = payloads("cam", learn=False)
+    return first + second
+
+
+def test_runs_after_a_restart_are_charted_one_after_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not sorted by window number, which lays the runs over one another (zig-zag lines, overlapping bands)."""
+    from eyed.drift import report
+
+    events = read_drift_events(record(tmp_path / "d.jsonl", two_runs()))
+    runs = split_runs(events)
+    assert [len(r) for r in runs] == [6, 10] and [e for r in runs for e in r] == events
+    xs = run_positions(runs)
+    assert xs[0] == list(range(6)) and xs[1] == list(range(7, 17))  # a gap of one between runs
+
+    figures: list[Any] = []
+    real_save = report.save_figure
+
+    def keep_figure(fig: Any, path: Path, **kwargs: Any) -> Path:
+        figures.append(fig)
+        return real_save(fig, path, **kwargs)
+
+    monkeypatch.setattr(report, "save_figure", keep_figure)
+    with caplog.at_level("INFO", logger="eyed.drift.report"):
+        draw_report(events, tmp_path / "d.png")
+    assert "16 windows in 2 runs" in caplog.text
+    (fig,) = figures
+    ax = fig.axes[0]
+    assert "in 2 runs" in fig._suptitle.get_text()
+    for line in ax.get_lines():
+        line_xs = list(line.get_xdata())
+        if len(set(line_xs)) > 1:  # not the dotted vertical line between runs
+            assert line_xs == sorted(set(line_xs)), line_xs  # left to right, one point per window
+    # Status bands of one run never cover another's windows: each x is in one band at most.
+    spans = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
+    for x in [x for run in xs for x in run]:
+        assert sum(lo < x < hi for lo, hi in spans) <= 1
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ({"source": "cam", "status": "ok"}, "a drift event without a window number"),
+        ({"window": "3", "status": "ok"}, "window '3' is not a number"),
+        ({"window": -1}, "window -1 is not a number"),
+        ({"window": 0, "n": 2.5}, "n 2.5 is not a whole number"),
+        ({"window": 0, "metrics": {"psi_x": "0.3"}}, "metrics.psi_x is '0.3', not a number"),
+        ({"window": 0, "metrics": [1]}, "metrics is not an object"),
+        ({"window": 0, "thresholds": {"psi_x": 0.1}}, "thresholds.psi_x is 0.1, not a number pair"),
+    ],
+)
+def test_a_drift_event_the_chart_cannot_read_names_its_line(
+    tmp_path: Path, event: dict[str, Any], message: str
+) -> None:
+    """Not a KeyError traceback from deep in the chart: the file and line, as for a line that is not JSON."""
+    good = payloads("cam", learn=True)[0]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"topic": "drift.cam", **good}) + "\n" + json.dumps({"topic": "drift.cam", **event}))
+    with pytest.raises(ValueError, match=f"d.jsonl:2: {re.escape(message)}"):
+        read_drift_events(path)
