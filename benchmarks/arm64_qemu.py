@@ -297,7 +297,9 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: chroot and bind mounts")
-    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared")).resolve()
+    from assets import shared_folder
+
+    shared = shared_folder()
     data = shared / "data" / "cifar10"
     if not data.is_dir():
         raise SystemExit(f"no CIFAR-10 shards in {data}: set EYED_SHARED")

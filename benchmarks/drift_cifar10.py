@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -385,7 +384,9 @@ def _shift_summary(stream: Stream) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_shared = os.environ.get("EYED_SHARED", str(Path(__file__).resolve().parent.parent.parent / "shared"))
+    from assets import shared_folder  # here: the tests import this module as benchmarks.drift_cifar10
+
+    default_shared = shared_folder()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shared", type=Path, default=Path(default_shared), help="real assets folder (../shared)")
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/eyed").expanduser(), help="ONNX export cache")

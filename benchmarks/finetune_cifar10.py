@@ -13,11 +13,12 @@ The backbone features are cached under the model cache, so a second run only ret
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from assets import shared_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.limit > 45000:
         raise SystemExit("--limit above 45000 would train on the held-out images")
-    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared")).resolve()
+    shared = shared_folder()
     config = [
         "--set", f"source.dataset={shared / 'data' / 'cifar10'}",
         "--set", "source.split=train",

@@ -27,6 +27,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from assets import shared_folder  # noqa: E402
+
 from tests.fake_hub import FakeHub, cifar10_repo  # noqa: E402 (the checkout's tests, beside this script)
 
 # name: (latency per request in s, bytes/s; None: as fast as loopback goes)
@@ -96,7 +98,7 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=580.0, help="the consumer's frames/s; 0: no consumer")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    shared = Path(os.environ.get("EYED_SHARED", ROOT.parent / "shared"))
+    shared = shared_folder()
     shard = shared / "data" / "cifar10" / "train-00000-of-00005.parquet"
     if not shard.exists():
         raise SystemExit(f"no {shard}: set EYED_SHARED")

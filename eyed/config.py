@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -95,6 +95,11 @@ class SourceConfig(Section):
             raise ValueError(f"source.url is required when source.kind is '{self.kind}'")
         if self.kind == "rtsp" and self.url and not self.url.startswith(("rtsp://", "rtsps://")):
             raise ValueError("source.url must start with rtsp:// when source.kind is 'rtsp'")
+        if self.kind == "rtsp" and self.url:
+            try:
+                urlsplit(self.url).port  # noqa: B018 (parsed for its errors: an unclosed [, a port not a number)
+            except ValueError as exc:
+                raise ValueError(f"source.url is not a valid URL: {exc}") from None
         if self.kind == "webcam" and self.device is None:
             raise ValueError("source.device is required when source.kind is 'webcam' (e.g. 0 or /dev/video0)")
         if self.reconnect_initial_s > self.reconnect_max_s:
@@ -111,50 +116,47 @@ class SourceConfig(Section):
             raw = f"webcam-{Path(str(self.device)).name}"
         elif self.kind == "file":
             raw = Path(str(self.url)).stem
-        else:  # rtsp: host, port and path; never the user, password or query (cameras take tokens there)
-            parts = urlsplit(str(self.url))
-            port = f":{parts.port}" if _port(parts) is not None else ""
-            raw = f"rtsp/{parts.hostname or ''}{port}{parts.path}"
+        else:  # rtsp: host, port, path and query, without the user info or secret items
+            raw = "rtsp/" + _id_part(str(self.url))
         return re.sub(r"[^A-Za-z0-9_\-]+", "-", raw).strip("-") or self.kind
 
 
-def _port(parts: SplitResult) -> int | None:
-    try:
-        return parts.port
-    except ValueError:  # not a number: left out of names rather than fail
-        return None
+# name=value items of a URL's query, or of its path: some cameras (XMEye) take
+# /user=admin&password=...&channel=1 there.
+URL_ITEM = re.compile(r"([^/&;?#=]+)=([^/&;?#]*)")
+# Names of items whose values are secrets: passwords, tokens, keys, signed URLs' sig/signature.
+SECRET_NAME = re.compile(r"pass|pwd|token|secret|key|auth|sig|credential", re.IGNORECASE)
+# Left out of a source's id altogether (it is in every topic): secrets, and who logs in.
+ID_LEFT_OUT = re.compile(f"{SECRET_NAME.pattern}|user|login|account", re.IGNORECASE)
+# user:password@ wherever it appears, a URL with a mistyped scheme (rtsp//...) too; up to the last @ before
+# the path, as a password may hold an @.
+USER_PASSWORD = re.compile(r"([^\s/:@]*):[^\s/]*@")
 
 
-# Query parameters whose values are secrets: cameras that take credentials in the URL use these names
-# (?user=admin&password=..., ?token=..., signed URLs' sig/signature).
-SECRET_QUERY = re.compile(r"pass|pwd|token|secret|key|auth|sig|credential", re.IGNORECASE)
+def _id_part(url: str) -> str:
+    """Host, port, path and query of ``url``, as written (a camera's host name keeps its case), without the
+    user info, the fragment or items :data:`ID_LEFT_OUT` names. Not urlsplit: it refuses a malformed URL."""
+    head = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:/*", url)
+    rest = url[head.end() :] if head else url
+    netloc = re.match(r"[^/?#]*", rest)
+    assert netloc is not None  # matches the empty string at least
+    tail = rest[netloc.end() :].split("#", 1)[0]
+    return netloc[0].rpartition("@")[2] + URL_ITEM.sub(lambda m: "" if ID_LEFT_OUT.search(m[1]) else m[0], tail)
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password and secret query values replaced by ``***``, for messages and printouts.
+    """``url`` with its password and the values of secret items (``password=``, ``token=``, ..., in the query
+    or the path) replaced by ``***``, for messages and printouts. Works on malformed URLs too.
 
     The user name stays: "wrong user" is a common mistake, and it is not a secret on its own.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # malformed (an unclosed IPv6 bracket): hide everything between "//" and an "@"
-        return re.sub(r"(?<=//)[^/@]*@", "***@", url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    query = "&".join(
-        f"{name}={'***' if SECRET_QUERY.search(name) else value}" if sep else name
-        for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
-    )
-    if netloc == parts.netloc and query == parts.query:
-        return url  # as written: urlunsplit would drop the empty host of ipc:///path
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    url = USER_PASSWORD.sub(r"\1:***@", url)
+    return URL_ITEM.sub(lambda m: f"{m[1]}=***" if SECRET_NAME.search(m[1]) else m[0], url)
 
 
 def _redacted(value: Any) -> Any:
-    """A configuration value as it may be shown: URLs in it redacted (:func:`redact_url`)."""
-    if isinstance(value, str) and "://" in value:
+    """A configuration value as it may be shown: the secrets of URLs in it hidden (:func:`redact_url`)."""
+    if isinstance(value, str):
         return redact_url(value)
     if isinstance(value, dict):
         return {k: _redacted(v) for k, v in value.items()}

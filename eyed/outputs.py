@@ -85,18 +85,19 @@ def staged(path: Path) -> Iterator[Path]:
 
 @contextmanager
 def staged_folder(folder: Path, last: str) -> Iterator[Path]:
-    """A temporary folder beside ``folder`` to write a set of files in; when the block ends without an error
+    """A temporary folder inside ``folder`` to write a set of files in; when the block ends without an error
     they move into ``folder``, ``last`` after all others, and the temporary folder is removed either way.
 
-    ``last`` names the file that says the set is complete: it is removed from ``folder`` before the others
-    move in, so a crash while they move (renames on one filesystem, a few milliseconds) leaves a folder
-    without it, never a complete-looking mix of two runs. Other files already in ``folder`` are left alone:
-    it may be a folder the user keeps other things in.
+    Inside, not beside: ``folder`` may be a mount point or sit in a folder eyed cannot write to (a volume, a
+    USB stick, /var/lib/eyed/models), where only ``folder`` itself is known to be writable
+    (:func:`check_writable`) and only a rename within it is sure to work. ``last`` names the file that says
+    the set is complete: it is removed from ``folder`` before the others move in, so a crash while they move
+    (renames, a few milliseconds) leaves a folder without it, never a complete-looking mix of two runs. Other
+    files already in ``folder`` are left alone: it may be a folder the user keeps other things in.
     """
-    folder = folder.resolve() if folder.is_symlink() else folder
-    tmp = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.tmp")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".eyed-staging-{secrets.token_hex(6)}"
         tmp.mkdir()
     except OSError as exc:
         raise _failed(folder, exc) from exc

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 import eyed.bench
@@ -427,3 +428,22 @@ def test_hub_link_reads_as_many_records_as_the_readme_says(script: Callable[[str
     said = re.search(r"benchmarks/hub_link\.py` replays ([\d,]+) records", readme)
     assert said is not None and int(said[1].replace(",", "")) == hub_link.ROWS
     assert f"[--rows {hub_link.ROWS}]" in (hub_link.__doc__ or "")
+
+
+def test_a_lost_event_is_an_error_unless_publish_hwm_could_have_dropped_it(
+    tiny_onnx: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Counted against one round's events, not the run's: the run's 10,200 events against the default hwm of
+    10,000 turned every loss into a warning that blamed hwm."""
+    images = [np.zeros((8, 8, 3), dtype=np.uint8)] * 200
+    for hwm, lost_is_error in ((10_000, True), (100, False)):
+        settings = load_settings(None, [f"publish.hwm={hwm}"])
+        classifier = OnnxClassifier(settings.model.model_copy(update={"onnx": tiny_onnx}))
+        path = eyed.bench.DaemonPath(classifier, images, True, settings=settings)
+        path._labels = 10_200
+        if lost_is_error:
+            with pytest.raises(RuntimeError, match="received 10199 of 10200"):
+                path._missed(10_199)
+        else:
+            path._missed(10_199)
+            assert "publish.hwm 100 dropped the rest" in caplog.text

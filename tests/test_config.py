@@ -664,10 +664,37 @@ def test_camera_fields_are_checked(kwargs: dict[str, object], message: str) -> N
 def test_rtsp_source_id_never_contains_credentials() -> None:
     cfg = SourceConfig(kind="rtsp", url="rtsp://admin:hunter2@cam.local/live")
     assert "hunter2" not in cfg.resolved_id() and "admin" not in cfg.resolved_id()
-    # Cameras that take them in the query: the id (every topic, event and log line) is host, port and path.
-    query = SourceConfig(kind="rtsp", url="rtsp://10.0.0.5:554/cam/realmonitor?channel=1&user=admin&password=hunter2")
-    assert query.resolved_id() == "rtsp-10-0-0-5-554-cam-realmonitor"
-    assert SourceConfig(kind="rtsp", url="rtsp://10.0.0.5/live?token=abc123#x").resolved_id() == "rtsp-10-0-0-5-live"
+    # Cameras that take them in the query or the path: the id (every topic, event and log line) keeps the
+    # other items, which tell an NVR's channels apart, and the host as written.
+    ids = [
+        (
+            "rtsp://10.0.0.5:554/cam/realmonitor?channel=1&user=admin&password=hunter2",
+            "rtsp-10-0-0-5-554-cam-realmonitor-channel-1",
+        ),
+        (
+            "rtsp://10.0.0.5:554/cam/realmonitor?channel=2&subtype=0",
+            "rtsp-10-0-0-5-554-cam-realmonitor-channel-2-subtype-0",
+        ),
+        (
+            "rtsp://10.0.0.5/live?token=abc123#x",
+            "rtsp-10-0-0-5-live",
+        ),
+        (
+            "rtsp://192.168.1.10/user=admin&password=hunter2&channel=1&stream=0.sdp?",
+            "rtsp-192-168-1-10-channel-1-stream-0-sdp",
+        ),
+        (
+            "rtsp://u:p@ss@Garage-Cam.local/stream1",
+            "rtsp-Garage-Cam-local-stream1",
+        ),
+    ]
+    assert [(url, SourceConfig(kind="rtsp", url=url).resolved_id()) for url, _ in ids] == ids
+
+
+def test_an_rtsp_url_that_cannot_be_parsed_is_a_config_error() -> None:
+    for url in ("rtsp://admin:hunter2@[fe80::1/live", "rtsp://cam.local:abc/live"):
+        with pytest.raises(ValueError, match=r"source\.url is not a valid URL"):
+            SourceConfig(kind="rtsp", url=url)
 
 
 SECRET_URL = "rtsp://admin:hunter2@10.0.0.5:554/live?channel=1&password=hunter2&token=abc123"
@@ -678,6 +705,16 @@ def test_redact_url_hides_the_password_and_secret_query_values() -> None:
     assert redacted == "rtsp://admin:***@10.0.0.5:554/live?channel=1&password=***&token=***"
     assert redact_url("rtsp://cam.local/live") == "rtsp://cam.local/live"
     assert redact_url("rtsp://user@cam.local/live?a") == "rtsp://user@cam.local/live?a"
+    # In the path (XMEye cameras), in a password holding an @, behind a mistyped scheme, in a malformed URL.
+    assert (
+        redact_url("rtsp://cam/user=admin&password=hunter2&channel=1") == "rtsp://cam/user=admin&password=***&channel=1"
+    )
+    assert redact_url("rtsp://admin:p@ss@cam/live") == "rtsp://admin:***@cam/live"
+    assert redact_url("rtsp//admin:hunter2@cam/live") == "rtsp//admin:***@cam/live"
+    assert redact_url("rtsp://admin:hunter2@[fe80::1/live") == "rtsp://admin:***@[fe80::1/live"
+    # Endpoints and paths without secrets stay as written.
+    for text in ("ipc:///run/eyed/events.sock", "ipc://@eyed-events", "tcp://*:5556", "tcp://[::1]:5556", "/data/x"):
+        assert redact_url(text) == text
 
 
 def test_an_invalid_source_section_does_not_print_the_camera_password(

@@ -76,7 +76,7 @@ def test_a_staged_folder_moves_in_whole_with_its_last_file_last(tmp_path: Path) 
     for name, text in (("model.onnx", "old"), ("done.json", "old"), ("notes.txt", "the user's")):
         (out / name).write_text(text)
     with pytest.raises(RuntimeError), staged_folder(out, last="done.json") as tmp:
-        assert tmp.parent == tmp_path and tmp != out
+        assert tmp.parent == out  # inside: a rename within the folder works on any mount
         (tmp / "model.onnx").write_text("half")
         raise RuntimeError("the export failed")
     assert {p.name: p.read_text() for p in out.iterdir()} == {
@@ -84,7 +84,7 @@ def test_a_staged_folder_moves_in_whole_with_its_last_file_last(tmp_path: Path) 
         "done.json": "old",
         "notes.txt": "the user's",
     }
-    assert os.listdir(tmp_path) == ["ft"]  # no temporary folder left
+    assert os.listdir(tmp_path) == ["ft"] and len(os.listdir(out)) == 3  # no temporary folder left
     moved: list[str] = []
     real_replace = Path.replace
 
@@ -107,3 +107,14 @@ def test_a_staged_folder_moves_in_whole_with_its_last_file_last(tmp_path: Path) 
         "notes.txt": "the user's",
     }
     assert sorted(os.listdir(tmp_path)) == ["ft"]
+
+
+def test_a_staged_folder_can_be_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--output . names a folder with no name of its own: staging beside it failed after the whole run."""
+    (tmp_path / "done.json").write_text("old")
+    monkeypatch.chdir(tmp_path)
+    with staged_folder(Path("."), last="done.json") as tmp:
+        (tmp / "done.json").write_text("new")
+        (tmp / "model.onnx").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["done.json", "model.onnx"]
+    assert (tmp_path / "done.json").read_text() == "new"
