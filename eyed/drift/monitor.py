@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,6 +57,12 @@ BOUNDED = ("js", "ks")
 # below its frame count (it is at most 19% larger); a smaller window is noisier, so its thresholds err on the
 # side of fewer alarms.
 BUCKET_STEPS = 4
+
+# With drift.window_s, a pause between two frames is an outage (the window ends before it) only when it is
+# window_s or more and also this many times the stream's usual interval, the median of its last INTERVALS: a
+# source that sends a frame every window_s seconds or slower pauses that long between every two frames.
+OUTAGE_FACTOR = 5
+INTERVALS = 15
 
 Status = Literal["ok", "warn", "drift"]
 COL = {name: i for i, name in enumerate(FIELDS)}
@@ -492,6 +500,8 @@ class DriftMonitor:
         self._warned_short = False
         # Frames left out when an outage ended a window too short to judge (see update).
         self.dropped = 0
+        self._last_t: float | None = None  # time of the last frame, of whichever window
+        self._intervals: deque[float] = deque(maxlen=INTERVALS)  # the last intervals between frames
         self._learner: ProfileBuilder | None = None
         self.reference: Reference | None = None
         self.calibration: Calibration | None = None
@@ -597,7 +607,11 @@ class DriftMonitor:
         report = None
         # A gap as long as a window (the camera was offline): the window ends before it rather than judge the
         # scene before the outage together with the first frame after it.
-        gap = t is not None and self._t1 is not None and seconds is not None and t - self._t1 >= seconds
+        gap = t is not None and seconds is not None and self._fill > 0 and self._outage(t, seconds)
+        if t is not None:
+            if self._last_t is not None:
+                self._intervals.append(t - self._last_t)
+            self._last_t = t
         if gap and self._fill >= MIN_WINDOW:
             report = self._finish()
         elif gap:
@@ -616,6 +630,13 @@ class DriftMonitor:
         if report is None and self._complete(t):
             report = self._finish()
         return report
+
+    def _outage(self, t: float, seconds: float) -> bool:
+        """Whether the pause before a frame at ``t`` is an outage (:data:`OUTAGE_FACTOR`)."""
+        if not self._intervals:  # the stream's first frame alone: nothing says what its pauses are like
+            return False
+        assert self._last_t is not None
+        return t - self._last_t >= max(seconds, OUTAGE_FACTOR * statistics.median(self._intervals))
 
     def _drop_window(self) -> None:
         """Leave the frames buffered so far out, and start a new window."""

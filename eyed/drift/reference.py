@@ -250,7 +250,9 @@ def reference_from_dict(data: Any) -> Reference:
         if fine_counts.shape != (len(fine_ids) + 1,) or len(fine_labels) != len(fine_ids):
             raise ValueError("needs one count per id plus 'other', and one label per id")
     histograms = {}
-    for name, h in dict(data["histograms"]).items():
+    if not isinstance(data["histograms"], dict):
+        raise ValueError("histograms: not an object of statistic: histogram")
+    for name, h in data["histograms"].items():
         with _section(f"histograms.{name}"):
             if name not in NUMERIC_STATS:
                 raise ValueError("unknown statistic")
@@ -276,7 +278,7 @@ def reference_from_dict(data: Any) -> Reference:
         _check_class_column("coarse", arrays[FIELDS.index("coarse")], -1, len(coarse_classes) - 1)
     with _section("metadata"):
         frames = data["frames"]
-        if not _is_int(frames) or frames < 1:
+        if not is_int(frames) or frames < 1:
             raise ValueError(f"frames must be a whole number of at least 1, not {frames!r}")
         if frames < reservoir.shape[0]:
             raise ValueError("frames is smaller than the reservoir")
@@ -331,7 +333,7 @@ def _check_blocks(blocks: Sequence[tuple[int, int]], rows: int, frames: int) -> 
         raise ValueError("the block lengths do not add up to the reservoir's rows")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """A JSON integer (json gives bool for true/false, which int would take)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -342,7 +344,7 @@ def _is_number(value: Any) -> bool:
 
 def _counts(values: Any, *, positive_sum: bool = False) -> np.ndarray:
     """Counts as a profile stores them: whole numbers, none negative, adding up to more than 0 if asked."""
-    if not isinstance(values, list) or not all(_is_int(v) for v in values):
+    if not isinstance(values, list) or not all(is_int(v) for v in values):
         raise ValueError("counts must be a list of whole numbers")
     counts = np.asarray(values, dtype=np.int64)
     if np.any(counts < 0):
@@ -354,7 +356,7 @@ def _counts(values: Any, *, positive_sum: bool = False) -> np.ndarray:
 
 def _class_ids(values: Any) -> tuple[int, ...]:
     """Fine class ids: distinct whole numbers, none negative."""
-    if not isinstance(values, list) or not all(_is_int(v) and v >= 0 for v in values):
+    if not isinstance(values, list) or not all(is_int(v) and v >= 0 for v in values):
         raise ValueError("ids must be a list of class ids (whole numbers, none negative)")
     if len(set(values)) != len(values):
         raise ValueError(f"ids must be distinct, {sorted({v for v in values if values.count(v) > 1})} repeat")

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from eyed.drift.reference import Reference
+from eyed.drift.reference import Reference, is_int
 from eyed.outputs import pyplot, save_figure
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def drift_event_problem(event: dict[str, Any]) -> str | None:
     if not isinstance(window, int) or isinstance(window, bool) or window < 0:
         return "a drift event without a window number" if window is None else f"window {window!r} is not a number"
     for key in ("n", "seq"):
-        if event.get(key) is not None and not _is_int(event[key]):
+        if event.get(key) is not None and not is_int(event[key]):
             return f"{key} {event[key]!r} is not a whole number"
     for key in ("metrics", "summary", "thresholds"):
         values = event.get(key, {})
@@ -63,10 +63,6 @@ def drift_event_problem(event: dict[str, Any]) -> str | None:
             if not readable:
                 return f"{key}.{name} is {value!r}, not a number" + (" pair" if key == "thresholds" else "")
     return None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

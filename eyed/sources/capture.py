@@ -412,7 +412,7 @@ class CaptureSource:
                 self._connected(backoff)
             self._last_frame_t = now  # a frame passed over below is still news from the camera
             if not (self._consuming and throttle.due(now)):
-                continue  # never decoded into a picture: the work a lower source.fps saves
+                continue  # grabbed only, never converted to a picture: the work a lower source.fps saves
             image = self._retrieve(cap)
             if image is None:
                 return

@@ -620,6 +620,22 @@ def test_a_gap_before_a_window_can_close_starts_a_new_window(
     assert any("outage after 5 frames" in r.message for r in caplog.records)
 
 
+def test_a_source_slower_than_a_window_in_seconds_still_gets_windows(reference: Reference) -> None:
+    """A frame every 5 s (or slower) against window_s = 5: each pause is the stream's usual one, not an
+    outage; taken for one, every frame was dropped and no window ever closed."""
+    rng = np.random.default_rng(3)
+    for spacing in (5.0, 12.0):
+        monitor = DriftMonitor(DriftConfig(window_s=5.0), reference)
+        times = list(np.cumsum(rng.uniform(0.9, 1.1, 100) * spacing))
+        reports = feed_timed(monitor, synthetic_stats(100, seed=11), times)
+        assert [r.n for r in reports] == [20] * 5 and monitor.dropped == 0, spacing
+    # The same stream, offline for an hour after 5 frames of a window: that is an outage.
+    monitor = DriftMonitor(DriftConfig(window_s=5.0), reference)
+    times = [5.0 * i for i in range(45)] + [3800 + 5.0 * i for i in range(40)]
+    reports = feed_timed(monitor, synthetic_stats(85, seed=12), times)
+    assert [r.n for r in reports] == [20, 20, 20, 20] and monitor.dropped == 5
+
+
 def still_scene(n: int, scale: float = 1.0) -> list[FrameStats]:
     """A still scene without sensor noise: every input statistic is the same in every frame."""
     return [

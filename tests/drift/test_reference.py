@@ -261,6 +261,8 @@ def _set(*path: Any, value: Any) -> Callable[[dict[str, Any]], None]:
             "histograms.motion: counts add up to 0",
         ),
         # A negative coarse count silently removed the coarse metrics.
+        (lambda d: d.update(histograms=None), "histograms: not an object"),
+        (lambda d: d.update(histograms=[1]), "histograms: not an object"),
         (_set("coarse", "counts", 0, value=-5000), "coarse: counts must not be negative"),
         (_set("coarse", "counts", 0, value=10**30), "coarse: "),
         (lambda d: d["fine"].update(counts=[0] * len(d["fine"]["counts"])), "fine: counts add up to 0"),
