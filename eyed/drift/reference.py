@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -295,7 +295,7 @@ def reference_from_dict(data: Any) -> Reference:
     if data.get("priors") is not None:
         with _section("priors"):
             values = dict(data["priors"])
-            if not all(_is_number(v) and math.isfinite(v) and v > 0 for v in values.values()):
+            if not all(is_number(v) and math.isfinite(v) and v > 0 for v in values.values()):
                 raise ValueError("priors must be positive finite numbers")
             priors = {str(c): float(v) for c, v in values.items()}
     preprocess = None
@@ -333,12 +333,13 @@ def _check_blocks(blocks: Sequence[tuple[int, int]], rows: int, frames: int) -> 
         raise ValueError("the block lengths do not add up to the reservoir's rows")
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """A JSON integer (json gives bool for true/false, which int would take)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A JSON number (not true/false)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

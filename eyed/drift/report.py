@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from eyed.drift.reference import Reference, is_int
+from eyed.drift.reference import Reference, is_int, is_number
 from eyed.outputs import pyplot, save_figure
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def drift_event_problem(event: dict[str, Any]) -> str | None:
     """What the chart cannot read in one drift event (None when nothing): its window number, sizes, and the
     numbers under metrics, summary and thresholds."""
     window = event.get("window")
-    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+    if not is_int(window) or window < 0:
         return "a drift event without a window number" if window is None else f"window {window!r} is not a number"
     for key in ("n", "seq"):
         if event.get(key) is not None and not is_int(event[key]):
@@ -67,7 +67,7 @@ def drift_event_problem(event: dict[str, Any]) -> str | None:
 
 def _is_number(value: Any) -> bool:
     """A number, or null (what a payload holds for a value that is not finite)."""
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    return value is None or is_number(value)
 
 
 def _is_drift(event: dict[str, Any]) -> bool:

@@ -101,7 +101,7 @@ class StatsExtractor:
             raise ValueError("coarse_classes and the mapper's classes differ")
         self.coarse_classes = tuple(coarse_classes) if coarse_classes else (mapper.classes if mapper else ())
         self.size = size
-        self._membership = mapper.membership if mapper is not None else None
+        self._mapper = mapper
         self._coarse_index = {c: i for i, c in enumerate(self.coarse_classes)}
         self._previous: np.ndarray | None = None
 
@@ -136,13 +136,10 @@ class StatsExtractor:
         )
 
     def _coarse(self, pred: Prediction) -> int:
-        if self._membership is not None:
-            return group_sum_index(pred.probs, self._membership)
+        """The coarse group with the most probability mass (no priors; -1 when none has any), or without a mapper
+        the index of the prediction's coarse label."""
+        if self._mapper is not None:
+            masses = self._mapper.masses(pred.probs)
+            best = int(masses.argmax())
+            return best if masses[best] > 0 else -1
         return -1 if pred.coarse is None else self._coarse_index.get(pred.coarse.label, -1)
-
-
-def group_sum_index(probs: np.ndarray, membership: np.ndarray) -> int:
-    """Index of the coarse group with the most probability mass (plain sums, no priors); -1 when no group has any."""
-    masses = probs @ membership
-    best = int(masses.argmax())
-    return best if masses[best] > 0 else -1
