@@ -71,6 +71,7 @@ class Health:
     skipped: int
     uptime_s: float
     reconnects: int = 0
+    reconnect_attempts: int = 0
     last_frame_age_s: float | None = None
 
 
@@ -90,6 +91,7 @@ def health_event(ctx: EventContext, seq: int, ts: float, health: Health) -> dict
         "skipped": health.skipped,
         "uptime_s": round(health.uptime_s, 3),
         "reconnects": health.reconnects,
+        "reconnect_attempts": health.reconnect_attempts,
         "last_frame_age_s": None if health.last_frame_age_s is None else round(health.last_frame_age_s, 3),
         "model": ctx.model,
         "backend": ctx.backend,

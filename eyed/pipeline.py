@@ -377,6 +377,7 @@ class Pipeline:
             skipped=self.source.skipped,
             uptime_s=time.monotonic() - c.started,
             reconnects=live.reconnects if live else 0,
+            reconnect_attempts=live.reconnect_attempts if live else 0,
             last_frame_age_s=live.last_frame_age_s() if live else None,
         )
 
@@ -385,7 +386,7 @@ class Pipeline:
         self.publisher.send(self._health_topic, health_event(self.ctx, self._health_seq, time.time(), h))
         self._health_seq += 1
         logger.info(
-            "health source=%s state=%s frames=%d fps=%.1f dropped=%d errors=%d skipped=%d reconnects=%d",
+            "health source=%s state=%s frames=%d fps=%.1f dropped=%d errors=%d skipped=%d reconnects=%d attempts=%d",
             self.ctx.source,
             h.state,
             h.frames,
@@ -394,4 +395,5 @@ class Pipeline:
             h.errors,
             h.skipped,
             h.reconnects,
+            h.reconnect_attempts,
         )

@@ -92,6 +92,7 @@ class LiveSource(Protocol):
     skipped: int
     dropped: int  # frames overwritten before the pipeline took them
     reconnects: int
+    reconnect_attempts: int  # opens tried after the first, successful or not
 
     @property
     def state(self) -> str:
