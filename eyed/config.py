@@ -335,6 +335,9 @@ MIN_WINDOW = 20
 MAX_WINDOW = 20_000
 # Frames per drift window when neither drift.window nor drift.window_s is set.
 DEFAULT_WINDOW = 250
+# The most frames a reference learned without a profile is made from: the monitor holds every one of them until
+# learning ends (80 bytes a frame: 8 MB), and calibrates on the inference thread then.
+MAX_LEARNED = 5 * MAX_WINDOW
 
 
 class DriftConfig(Section):
@@ -359,7 +362,13 @@ class DriftConfig(Section):
         f"this long after its start, once it holds at least {MIN_WINDOW} frames (at most {MAX_WINDOW}).",
     )
     consecutive: int = Field(2, ge=1, description="Windows over a drift threshold in a row before status 'drift'.")
-    learn_windows: int = Field(4, ge=1, description="Without a reference: windows that become the reference.")
+    learn_windows: int = Field(
+        4,
+        ge=1,
+        le=MAX_LEARNED // MIN_WINDOW,
+        description=f"Without a reference: windows that become the reference (learning ends sooner once it holds "
+        f"{MAX_LEARNED} frames).",
+    )
     top_classes: int = Field(
         20,
         ge=1,
@@ -387,6 +396,13 @@ class DriftConfig(Section):
                 raise ValueError(f"drift.{name}_warn is larger than drift.{name}_drift")
         if self.window is not None and self.window_s is not None:
             raise ValueError("set drift.window (frames) or drift.window_s (seconds), not both")
+        learned = self.learn_windows * self.window_frames
+        if self.reference is None and self.window_s is None and learned > MAX_LEARNED:
+            raise ValueError(
+                f"drift.learn_windows x drift.window is {learned} frames, more than the {MAX_LEARNED} a reference "
+                "learned at start is made from: lower one of them, or make a profile with 'eyed profile' and set "
+                "drift.reference"
+            )
         return self
 
     @property

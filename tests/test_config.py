@@ -384,6 +384,20 @@ def test_a_drift_window_in_frames_or_in_seconds_not_both(tmp_path: Path) -> None
         load_settings(write_toml(tmp_path, "[drift]\nwindow = 500\nwindow_s = 10\n"))
 
 
+def test_a_learned_reference_is_bounded_in_frames(tmp_path: Path) -> None:
+    """The monitor keeps every frame it learns from until learning ends: learn_windows x window frames."""
+    assert load_settings(None, ["drift.window=20000", "drift.learn_windows=5"]).drift.learn_windows == 5
+    with pytest.raises(ConfigError, match=r"drift.learn_windows x drift.window is 120000 frames, more than the 100000"):
+        load_settings(None, ["drift.window=20000", "drift.learn_windows=6"])
+    with pytest.raises(ConfigError, match=re.escape("drift.learn_windows")):
+        load_settings(None, ["drift.window_s=10", "drift.learn_windows=1000000"])
+    # Learned frames only: with a reference file, learn_windows is not used.
+    ref = tmp_path / "ref.json"
+    ref.write_text("{}")
+    settings = load_settings(None, [f"drift.reference={ref}", "drift.window=20000", "drift.learn_windows=6"])
+    assert settings.drift.learn_windows == 6
+
+
 def test_a_list_option_takes_a_json_array_on_the_command_line() -> None:
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert load_settings(None, [f"model.providers={json.dumps(providers)}"]).model.providers == providers

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from eyed.config import MAX_WINDOW, MIN_WINDOW, DriftConfig
+from eyed.config import MAX_LEARNED, MAX_WINDOW, MIN_WINDOW, DriftConfig
 from eyed.drift.reference import (
     RESERVOIR,
     Histogram,
@@ -671,10 +671,21 @@ class DriftMonitor:
         if self._base is None:
             learner = self._learner
             assert learner is not None
-            learner.add_rows(rows)
+            # Windows in seconds on a fast source can hold up to MAX_WINDOW frames each: what the learner
+            # keeps stays bounded all the same.
+            learner.add_rows(rows[: MAX_LEARNED - learner.frames])
             self._longest = max(self._longest, n)
+            full = learner.frames >= MAX_LEARNED
+            if full and self._window + 1 < self.cfg.learn_windows:
+                logger.info(
+                    "drift: learning ends after %d windows, not drift.learn_windows=%d: they hold the %d frames a "
+                    "learned reference is made from",
+                    self._window + 1,
+                    self.cfg.learn_windows,
+                    MAX_LEARNED,
+                )
             # learn_windows = 1 with windows of fewer than 2 x MIN_WINDOW frames: one more window.
-            if self._window + 1 >= self.cfg.learn_windows and learner.frames >= 2 * MIN_WINDOW:
+            if (full or self._window + 1 >= self.cfg.learn_windows) and learner.frames >= 2 * MIN_WINDOW:
                 learner.reservoir_size, learner.block = learned_sample(learner.frames, self._longest)
                 self._use(learner.build())
                 self._learner = None

@@ -500,6 +500,21 @@ def test_learning_keeps_every_frame_of_long_windows_in_one_block() -> None:
     assert monitor.reference.blocks == ((0, 6404),)
 
 
+def test_learning_ends_once_it_holds_the_most_frames_a_learned_reference_is_made_from(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Windows in seconds hold up to MAX_WINDOW frames each on a fast source, and the monitor keeps every
+    learned frame until learning ends: drift.learn_windows of them had no bound."""
+    monkeypatch.setattr(monitor_module, "MAX_LEARNED", 300)
+    monitor = DriftMonitor(DriftConfig(window_s=1.0, learn_windows=10), None, coarse_classes=COARSE)
+    with caplog.at_level(logging.INFO, logger="eyed.drift.monitor"):
+        reports = feed_timed(monitor, synthetic_stats(900, seed=29), [i / 128 for i in range(900)])
+    # 129-frame windows: the third brings the learner to 300 frames (it takes 42 of its 129).
+    assert [r.learning for r in reports][:4] == [True, True, True, False]
+    assert monitor.reference is not None and monitor.reference.frames == 300
+    assert any("learning ends after 3 windows, not drift.learn_windows=10" in r.message for r in caplog.records)
+
+
 def built(rows: list[FrameStats]) -> Reference:
     builder = ProfileBuilder(COARSE, top_classes=20)
     builder.add_many(rows)
