@@ -70,9 +70,11 @@ def run_priors(settings: Settings, output: Path) -> np.ndarray:
             if n == 0:  # the empty stream it cannot estimate from
                 raise no_frames(settings.source) from None
             raise
+        # What ran: the model id recorded in model.onnx when that is set, not model.id.
+        model_name = runner.classifier.name
     meta = {
         "space": settings.model.coarse,
-        "model": settings.model.id,
+        "model": model_name,
         "dataset": settings.source.dataset,
         "split": settings.source.split,
         "skip": settings.source.skip,
@@ -159,7 +161,9 @@ class _Scorer:
         # A model trained on the coarse classes (eyed finetune) has an identity mapping: its labels are native.
         native = self.mapper is None or self.mapper.native
         space = "native" if native else "coarse"
-        name = f"{model.onnx or model.id} ({self.runner.classifier.backend})"
+        backend = self.runner.classifier.backend
+        # The torch backend runs model.id whatever model.onnx says.
+        name = f"{model.onnx if model.onnx and backend == 'onnx' else model.id} ({backend})"
         fps = self.frames / max(self.seconds, 1e-9)
         src = self.settings.source
         lines = [f"model {name}, {space} labels, {len(y)} frames from {describe(src)} (skip {src.skip})"]
@@ -172,10 +176,11 @@ class _Scorer:
             lines.append(f"{self.unknown} frames had a truth outside the label space and were not scored")
         lines.append(f"{self.runner.workers} frame(s) at once, {fps:.1f} frames/s (resizing and inference)")
         return {
-            "model": model.id,
-            "onnx": str(model.onnx) if model.onnx else None,
+            # What ran: the model id recorded in model.onnx when that is set, not model.id.
+            "model": self.runner.classifier.name,
+            "onnx": str(model.onnx) if model.onnx and backend == "onnx" else None,
             "name": name,
-            "backend": self.runner.classifier.backend,
+            "backend": backend,
             "space": space,
             "frames": len(y),
             "accuracy": acc["corrected"],
@@ -204,7 +209,8 @@ def run_eval(
     with contextlib.ExitStack() as stack:
         scorers = [_Scorer(stack.enter_context(OfflineRunner(v)), v) for v in variants]
         with open_recorded(settings.source) as src:  # one pass at full speed
-            for batch in _batches(progress(src.frames(), "frames", settings.source.limit), BATCH):
+            frames = _labelled(progress(src.frames(), "frames", settings.source.limit), settings)
+            for batch in _batches(frames, BATCH):
                 for scorer in scorers:
                     scorer.add(batch)
         reports = [scorer.report() for scorer in scorers]
@@ -220,16 +226,43 @@ def run_eval(
     return {**main, "vs": others, "text": "\n".join(text)}
 
 
+def _labelled(frames: Iterator[Frame], settings: Settings) -> Iterator[Frame]:
+    """``frames``, until one without a label: ConfigError then, at once, rather than after reading an unlabelled
+    source to its end."""
+    for n, frame in enumerate(frames):
+        if frame.truth is None:
+            raise ConfigError(
+                f"eyed eval needs a labelled source: frame {n + 1} of {describe(settings.source)} has no label "
+                "(source.label_column names the column, when it is not found by itself)"
+            )
+        yield frame
+
+
 def apply_overrides(settings: Settings, overrides: list[str]) -> Settings:
-    """A copy of ``settings`` with ``section.field=value`` overrides, validated like the command line's."""
+    """A copy of ``settings`` with ``section.field=value`` overrides, validated like the command line's.
+
+    A variant is another model on the same frames, so only ``model.*`` options may change. One that sets
+    ``model.id`` without ``model.onnx`` is that checkpoint: a ``model.onnx`` of the configuration (which the
+    onnx backend would run instead) is cleared.
+    """
     from eyed.config import ConfigError, parse_override
 
     data = settings.model_dump()
+    fields: set[str] = set()
     for text in overrides:
         path, value = parse_override(text)
         if len(path) != 2 or path[0] not in data or path[1] not in data[path[0]]:
             raise ConfigError(f"--vs {text}: unknown option {'.'.join(path)}")
+        if path[0] != "model":
+            raise ConfigError(
+                f"--vs {text}: a variant can change model.* options only; every variant is scored on the frames "
+                f"of the configuration's own source ({describe(settings.source)}), so evaluate another "
+                f"{'.'.join(path)} with a run of its own (--set {'.'.join(path)}=...)"
+            )
         data[path[0]][path[1]] = value
+        fields.add(path[1])
+    if "id" in fields and "onnx" not in fields:
+        data["model"]["onnx"] = None
     try:
         return Settings.model_validate(data)
     except ValueError as exc:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from eyed.bench import pool_rounds, summarise
 from eyed.cli import main
 from eyed.model.labels import load_priors
+from eyed.types import Frame
 from tests.conftest import synthetic_images, write_parquet_dataset
 
 
@@ -117,6 +121,50 @@ def test_eval_compares_variants_on_the_same_frames(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_variant_checkpoint_is_run_instead_of_model_onnx(
+    overrides: list[str], tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--vs model.id=DIR with model.onnx configured scored model.onnx again (+0.00 points), even for a folder
+    that does not exist: the variant is that checkpoint, exported into the cache."""
+    cache = ["--set", f"model.cache_dir={tmp_path / 'cache'}"]
+    missing = tmp_path / "no-such-checkpoint"
+    assert main(["eval", *overrides, *cache, "--vs", f"model.id={missing}"]) == 69
+    assert f"model.id {missing}: no such folder" in capsys.readouterr().err
+    other = shutil.copytree(tiny_checkpoint, tmp_path / "other")
+    assert main(["eval", *overrides, *cache, "--vs", f"model.id={other}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    [variant] = report["vs"]
+    assert (variant["model"], variant["onnx"], variant["name"]) == (str(other), None, f"{other} (onnx)")
+    assert report["onnx"] is not None and report["name"].startswith(report["onnx"])
+    assert list((tmp_path / "cache" / "onnx").glob("other-*.onnx"))  # exported, as the daemon would
+    # Both given: the variant is that file, whatever checkpoint it names.
+    assert main(["eval", *overrides, "--vs", f"model.id={other},model.onnx={report['onnx']}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["vs"][0]["onnx"] == report["onnx"]
+
+
+@pytest.mark.parametrize("option", ["source.dataset", "source.skip", "drift.window"])
+def test_a_variant_cannot_change_the_source_or_anything_but_the_model(
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """--vs source.dataset=... was scored on the configuration's own frames, under a header naming the other
+    dataset."""
+    value = tmp_path if option == "source.dataset" else 3
+    assert main(["eval", *overrides, "--vs", f"{option}={value}"]) == 78
+    assert f"--vs {option}={value}: a variant can change model.* options only" in capsys.readouterr().err
+
+
+def test_eval_and_priors_record_the_model_that_ran(
+    overrides: list[str], tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With model.onnx set, model.id is not what ran: the file's own model id is recorded."""
+    elsewhere = [*overrides, "--set", "model.id=some/other-model"]
+    assert main(["eval", *elsewhere, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(tiny_checkpoint)
+    out = tmp_path / "priors.json"
+    assert main(["priors", *elsewhere, "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["model"] == str(tiny_checkpoint)
+
+
 def test_eval_rejects_an_unknown_variant_option(overrides: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", *overrides, "--vs", "model.nope=1"]) == 78
     assert "model.nope" in capsys.readouterr().err
@@ -149,9 +197,31 @@ def test_eval_says_what_is_missing(overrides: list[str], tmp_path: Path, capsys:
     assert main(["eval", *overrides, "--skip", "100"]) == 69
     dataset = overrides[1].removeprefix("source.dataset=")
     assert capsys.readouterr().err.strip() == f"eyed: no frames from {dataset}:train from record 100 on"
-    unlabelled = write_parquet_dataset(tmp_path / "unlabelled", synthetic_images(3), [None, None, None])  # type: ignore[list-item]
+    # Labels, but none among the model's classes (CIFAR-10's, and no coarse mapping): said after the run.
+    assert main(["eval", *overrides, "--set", "model.coarse=none"]) == 78
+    assert "needs a labelled source: none of the 11 frames" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unlabelled_source_at_its_first_frame(
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to read (and classify) the whole source before saying it needs labels."""
+    import eyed.evaluate
+
+    read = 0
+    bar = eyed.evaluate.progress
+
+    def counted(frames: Iterable[Frame], *args: Any, **kwargs: Any) -> Iterator[Frame]:
+        nonlocal read
+        for frame in bar(frames, *args, **kwargs):
+            read += 1
+            yield frame
+
+    monkeypatch.setattr(eyed.evaluate, "progress", counted)
+    unlabelled = write_parquet_dataset(tmp_path / "unlabelled", synthetic_images(40), [None] * 40)  # type: ignore[list-item]
     assert main(["eval", *overrides, "--set", f"source.dataset={unlabelled}"]) == 78
-    assert "needs a labelled source: none of the 3 frames" in capsys.readouterr().err
+    assert f"needs a labelled source: frame 1 of {unlabelled}:train has no label" in capsys.readouterr().err
+    assert read == 1
 
 
 def test_priors_need_a_model_with_a_coarse_mapping(

@@ -7,7 +7,10 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from eyed.model.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +54,59 @@ def resolve_checkpoint(model_id: str) -> Path:
             raise ModelLoadError(f"model.id {model_id}: no such folder (and not a valid hub id)") from exc
         if kind == "RepositoryNotFoundError":
             raise ModelLoadError(f"model.id {model_id}: no such folder here, and no such model on the hub") from exc
+        # An id with a slash may be a relative folder that is not there (a typo, or a service whose working
+        # folder is not the one the path was written for): say so, or the advice below is what the user did.
+        missing = f", and there is no folder {local.resolve()}" if "/" in model_id else ""
         raise ModelLoadError(
-            f"cannot reach the hub for {model_id} ({kind}): set model.id to a local checkpoint folder"
+            f"cannot reach the hub for {model_id} ({kind}){missing}: set model.id to a local checkpoint folder"
         ) from exc
 
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_checkpoint(folder: Path, model_id: str) -> tuple[list[str], PreprocessSpec]:
+    """The labels (config.json's id2label) and preprocessing (preprocessor_config.json) of the checkpoint in
+    ``folder``; ModelLoadError "cannot load ``model_id``: ..." when a file is missing, unreadable or malformed,
+    or asks for preprocessing eyed does not reproduce."""
+    # Here, not at the top: eyed.model.preprocess imports ModelLoadError from this module.
+    from eyed.model.preprocess import PreprocessSpec, UnsupportedPreprocessing
+
+    try:
+        config = read_json(folder / "config.json")
+        labels = labels_of(config)
+        processor = folder / "preprocessor_config.json"
+        if not processor.is_file():
+            raise ModelLoadError(f"no preprocessor_config.json in {folder}")
+        spec = PreprocessSpec.from_hf(read_json(processor), config.get("model_type"))
+    except UnsupportedPreprocessing as exc:
+        raise ModelLoadError(f"cannot load {model_id}: preprocessor_config.json: {exc}") from exc
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"cannot load {model_id}: {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Unreadable or not JSON, or JSON of another shape than transformers writes.
+        raise ModelLoadError(f"cannot load {model_id}: {_reason(exc)}") from exc
+    return labels, spec
+
+
+def load_weights(folder: Path, model_id: str) -> Any:
+    """``AutoModelForImageClassification`` from ``folder`` in eval mode; ModelLoadError "cannot load
+    ``model_id``: ..." when transformers cannot (no weights file, a truncated one, an unknown model type)."""
+    from transformers import AutoModelForImageClassification
+
+    try:
+        return AutoModelForImageClassification.from_pretrained(folder).eval()
+    except Exception as exc:  # safetensors, OSError, ValueError...: all mean this folder cannot be run
+        raise ModelLoadError(f"cannot load {model_id}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message (transformers' run to paragraphs), or its kind."""
+    lines = str(exc).strip().splitlines()
+    if isinstance(exc, KeyError) or not lines:
+        return f"{type(exc).__name__}: {exc}"
+    return lines[0]
 
 
 def labels_of(config: dict[str, Any]) -> list[str]:

@@ -7,19 +7,24 @@ neither torch nor transformers at run time.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import io
 import json
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import numpy as np
 
 from eyed.model.checkpoint import (
     TORCH_INSTALL,
     ModelLoadError,
     fingerprint,
-    labels_of,
-    read_json,
+    load_weights,
+    read_checkpoint,
     resolve_checkpoint,
 )
 from eyed.model.preprocess import PreprocessSpec
@@ -55,18 +60,15 @@ def export_onnx(model_id: str, output: Path, *, features: bool = False, name: st
     """
     try:
         import torch
-        from transformers import AutoModelForImageClassification
+        import transformers  # noqa: F401
     except ImportError as exc:
         raise ModelLoadError(
             f"exporting to ONNX needs the torch extra ({TORCH_INSTALL}); or export on a workstation with "
             "`eyed export` and set model.onnx"
         ) from exc
     folder = resolve_checkpoint(model_id)
-
-    config = read_json(folder / "config.json")
-    labels = labels_of(config)
-    spec = PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json"))
-    model = PixelsToLogits(AutoModelForImageClassification.from_pretrained(folder).eval(), spec, features)
+    labels, spec = read_checkpoint(folder, model_id)
+    model = PixelsToLogits(load_weights(folder, model_id), spec, features)
     output_name = FEATURES_NAME if features else OUTPUT_NAME
     dummy = torch.zeros(1, *spec.crop, 3, dtype=torch.uint8)
     # Written under a temporary name and renamed, so a crash never leaves a half-written file in the cache.
@@ -178,6 +180,24 @@ def append_postprocessing(proto: Any) -> None:
     )
 
 
+def check_class_count(session: Any, labels: list[str], path: Path, input_shape: tuple[int, ...]) -> None:
+    """ModelLoadError naming ``path`` when its graph's classes and its eyed.labels metadata differ in number:
+    the coarse mapping would fail at the first frame, and without one every label would be another class's.
+
+    The class dimension of an exported graph is fixed; where it is not, one black frame finds it.
+    """
+    dims = {o.name: o.shape for o in session.get_outputs()}
+    known = {d[-1] for name in (OUTPUT_NAME, PROBS_NAME) if (d := dims.get(name)) and isinstance(d[-1], int)}
+    if not known:
+        feeds = {INPUT_NAME: np.zeros((1, *input_shape), dtype=np.uint8), K_NAME: np.array([1], dtype=np.int64)}
+        known = {int(session.run([PROBS_NAME], feeds)[0].shape[-1])}
+    if known != {len(labels)}:
+        raise ModelLoadError(
+            f"{path}: the graph has {' / '.join(map(str, sorted(known)))} classes but its eyed.labels metadata "
+            f"names {len(labels)}: the file was altered or mislabelled; export it again with `eyed export`"
+        )
+
+
 def _slug(model_id: str) -> str:
     local = Path(model_id).expanduser()
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", local.name if local.is_dir() else model_id)
@@ -188,29 +208,39 @@ def cached_export_path(model_id: str, cache_dir: Path) -> Path:
 
     A folder is known by its files (:func:`fingerprint`); a hub id by the commit its snapshot comes from, so
     a new revision pushed to the hub gets a new export, as the torch backend loads it. Resolving a hub id asks
-    the hub (or, offline, takes huggingface_hub's cached snapshot): :class:`ModelLoadError` if neither can.
+    the hub (or, offline, takes huggingface_hub's cached snapshot): :class:`ModelLoadError` if neither can,
+    or if the checkpoint cannot be read.
     """
+    return _cached_export(model_id, cache_dir)[0]
+
+
+def _cached_export(model_id: str, cache_dir: Path) -> tuple[Path, list[str], PreprocessSpec]:
+    """:func:`cached_export_path`, and the labels and preprocessing an export of the checkpoint now holds."""
     folder = resolve_checkpoint(model_id)
+    labels, spec = read_checkpoint(folder, model_id)
     local = Path(model_id).expanduser()
     # A hub snapshot's folder is named after its commit: the same revision downloaded again is the same model.
     key = fingerprint(folder) if local.is_dir() or folder.parent.name != "snapshots" else folder.name[:12]
-    processor = folder / "preprocessor_config.json"
-    if processor.is_file() and PreprocessSpec.from_hf(read_json(processor)).resize_to is not None:
+    if spec.resize_to is not None:
         # Exports made before eyed read a size of height and width as transformers does cut off the frame's
         # sides (their metadata has no resize_to): such a checkpoint gets a name of its own.
         key = hashlib.sha256(f"{key}:resize_to".encode()).hexdigest()[:12]
-    return cache_dir.expanduser() / "onnx" / f"{_slug(model_id)}-{key}-v{FORMAT}.onnx"
+    return cache_dir.expanduser() / "onnx" / f"{_slug(model_id)}-{key}-v{FORMAT}.onnx", labels, spec
 
 
 def ensure_onnx(model_id: str, cache_dir: Path) -> Path:
     """The cached ONNX export of ``model_id``, exporting it on first use.
+
+    A cached export whose labels or preprocessing are not what the checkpoint gives now is made again: the
+    checkpoint's files are the same (its name says so), but an older eyed read them otherwise (crop_pct and
+    resample were once ignored).
 
     If a hub id cannot be resolved (no network and no snapshot in huggingface_hub's cache, or an install
     without the hub client), the newest export of that id in the cache is used, with a warning: it may be of
     an older revision.
     """
     try:
-        path = cached_export_path(model_id, cache_dir)
+        path, labels, spec = _cached_export(model_id, cache_dir)
     except ModelLoadError as exc:
         # Exports of this id, by commit (and as named before they were: "hub"), not its INT8 versions.
         name = re.compile(rf"{re.escape(_slug(model_id))}-([0-9a-f]{{12}}|hub)-v{FORMAT}\.onnx")
@@ -222,6 +252,87 @@ def ensure_onnx(model_id: str, cache_dir: Path) -> Path:
         logger.warning("%s; using the export made before, %s (perhaps of an older revision)", exc, earlier[-1])
         return earlier[-1]
     if path.is_file():
-        logger.info("using cached export %s", path)
-        return path
+        differs = _differs(path, labels, spec)
+        if not differs:
+            logger.info("using cached export %s", path)
+            return path
+        if not all(importlib.util.find_spec(name) for name in ("torch", "transformers")):
+            # A device without the torch extra runs exports made elsewhere: one that serves beats none.
+            logger.warning(
+                "cached export %s has other %s than %s gives now, and cannot be made again without the torch "
+                "extra: using it as it is; export it again where torch is installed",
+                path,
+                differs,
+                model_id,
+            )
+            return path
+        logger.info("cached export %s has other %s than %s gives now: exporting it again", path, differs, model_id)
     return export_onnx(model_id, path)
+
+
+def _differs(path: Path, labels: list[str], spec: PreprocessSpec) -> str:
+    """What of the labels and preprocessing stored in the export ``path`` differs from ``labels`` and ``spec``
+    ("" when nothing does). Specs are compared as read back, so settings added to PreprocessSpec since the
+    file was written compare at their defaults."""
+    try:
+        meta = stored_metadata(path)
+        stored_labels = json.loads(meta[META_LABELS])
+        stored_spec = PreprocessSpec.from_dict(json.loads(meta[META_PREPROCESS]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "metadata (none readable)"
+    parts = [("labels", stored_labels == labels), ("preprocessing", stored_spec == spec)]
+    return " and ".join(what for what, same in parts if not same)
+
+
+# ModelProto's metadata_props (repeated StringStringEntryProto, fields key = 1 and value = 2).
+_METADATA_FIELD = 14
+
+
+def stored_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata_props, read by skipping over the other top-level protobuf fields.
+
+    Neither imports onnx nor parses the graph: at each start from the export cache that would cost about
+    0.13 s (against a first event 0.3-0.5 s after start) and the parsed graph's memory. ValueError for a file
+    that is not a protobuf message.
+    """
+    meta: dict[str, str] = {}
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        while fh.tell() < size:
+            field, wire = divmod(_varint(fh), 8)
+            if wire == 0:
+                _varint(fh)
+            elif wire in (1, 5):
+                fh.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+            elif wire == 2:
+                length = _varint(fh)
+                if field == _METADATA_FIELD:
+                    entry = io.BytesIO(fh.read(length))
+                    strings: dict[int, str] = {}
+                    while entry.tell() < length:
+                        key_field, key_wire = divmod(_varint(entry), 8)
+                        if key_wire != 2:
+                            raise ValueError("malformed metadata entry")
+                        strings[key_field] = entry.read(_varint(entry)).decode("utf-8")
+                    meta[strings.get(1, "")] = strings.get(2, "")
+                else:
+                    fh.seek(length, os.SEEK_CUR)
+            else:
+                raise ValueError(f"{path}: not an ONNX file (protobuf wire type {wire})")
+        if fh.tell() != size:
+            raise ValueError(f"{path}: truncated")
+    return meta
+
+
+def _varint(fh: BinaryIO) -> int:
+    value = shift = 0
+    while True:
+        byte = fh.read(1)
+        if not byte:
+            raise ValueError("truncated protobuf")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed protobuf varint")

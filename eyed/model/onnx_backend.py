@@ -23,6 +23,7 @@ from eyed.model.export import (
     PROBS_NAME,
     TOP_IDS_NAME,
     TOP_SCORES_NAME,
+    check_class_count,
     ensure_onnx,
 )
 from eyed.model.labels import build_mapper
@@ -55,13 +56,11 @@ def session_options(cfg: ModelConfig) -> Any:
     return so
 
 
-def open_session(path: Path, cfg: ModelConfig) -> Any:
-    """An InferenceSession for ``path`` with ``cfg``'s options and providers; ModelLoadError on failure."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ModelLoadError("the onnx backend needs onnxruntime (pip install 'eyed[onnx]')") from exc
-    providers = cfg.providers
+def check_providers(providers: list[str]) -> None:
+    """ConfigError unless this onnxruntime build has every one of ``providers`` (``eyed check-config`` asks
+    too); needs onnxruntime importable."""
+    import onnxruntime as ort
+
     missing = [p for p in providers if p not in ort.get_available_providers()]
     if missing:
         # A configuration problem, not a passing one: a restart would not install the provider.
@@ -69,8 +68,17 @@ def open_session(path: Path, cfg: ModelConfig) -> Any:
             f"model.providers: {', '.join(missing)} not available in this onnxruntime build "
             f"(available: {', '.join(ort.get_available_providers())})"
         )
+
+
+def open_session(path: Path, cfg: ModelConfig) -> Any:
+    """An InferenceSession for ``path`` with ``cfg``'s options and providers; ModelLoadError on failure."""
     try:
-        return ort.InferenceSession(str(path), session_options(cfg), providers=providers)
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelLoadError("the onnx backend needs onnxruntime (pip install 'eyed[onnx]')") from exc
+    check_providers(cfg.providers)
+    try:
+        return ort.InferenceSession(str(path), session_options(cfg), providers=cfg.providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
         raise ModelLoadError(f"cannot load ONNX model {path}: {exc}") from exc
 
@@ -105,6 +113,7 @@ class OnnxClassifier:
         self.name = meta.get(META_MODEL_ID, self.path.stem)
         self.prepare = Preprocessor(PreprocessSpec.from_dict(json.loads(meta[META_PREPROCESS])), cfg.small_input)
         self.input_shape = self.prepare.shape
+        check_class_count(self.session, labels, self.path, self.input_shape)
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
         self._input = INPUT_NAME
         # Fed with every run (onnxruntime reads numpy inputs in place): how many classes TopK returns.

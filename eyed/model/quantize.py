@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 META_QUANTIZATION = "eyed.quantization"
 # Bumped when the quantisation method changes, so that cached INT8 files (eyed bench) are made again.
-METHOD_VERSION = "6"
+METHOD_VERSION = "7"  # 7: a short last calibration batch is left out (calibration_frames)
 CALIBRATION_BATCH = 8
 # ``--float-stem``: MobileNetV2's stem (the first three convolutions, at 112x112) stays float. In 8 bits the
 # stem's depthwise output (32 channels on one per-tensor uint8 range) is the noisiest step of the model, so a
@@ -96,6 +96,13 @@ def _prepared(settings: Settings, prepare: Any, limit: int) -> Prepared:
     if not truths:
         raise no_frames(src)
     return Prepared(tensors[: len(truths)], truths, records)
+
+
+def calibration_frames(frames: int) -> int:
+    """How many of ``frames`` calibration frames are used: whole batches of CALIBRATION_BATCH, when there is at
+    least one. The moving average weighs each batch's min and max alike, so a short last batch (1 frame of 9)
+    would count as much as a full one."""
+    return frames - frames % CALIBRATION_BATCH if frames >= CALIBRATION_BATCH else frames
 
 
 def float_nodes(model: Any, leading_convs: int = 0) -> list[str]:
@@ -481,6 +488,8 @@ def quantize_int8(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    calibration = calibration[: calibration_frames(len(calibration))]
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             starts = range(0, len(calibration), CALIBRATION_BATCH)
@@ -613,6 +622,9 @@ def export_int8(
     # source too short for both fails here, before the quantisation's minutes.
     frames = _prepared(settings, fp32.prepare, calibration + check)
     cal = frames.tensors[:calibration]
+    used = calibration_frames(len(cal))
+    if used < len(cal):
+        logger.info("calibrating on %d of the %d frames: whole batches of %d only", used, len(cal), CALIBRATION_BATCH)
     if check > 0 and len(frames.truths) <= calibration:
         raise SourceError(
             f"{describe(src)}: {len(frames.truths)} frame(s) from record {src.skip} on leave none for "
@@ -653,7 +665,7 @@ def export_int8(
                 "dataset": src.dataset,
                 "split": src.split,
                 "skip": src.skip,
-                "frames": len(cal),
+                "frames": used,
                 "small_input": settings.model.small_input,
             },
             "seconds": round(seconds, 1),

@@ -7,10 +7,10 @@ import logging
 import numpy as np
 
 from eyed.config import ModelConfig
-from eyed.model.checkpoint import TORCH_INSTALL, ModelLoadError, labels_of, read_json, resolve_checkpoint
+from eyed.model.checkpoint import TORCH_INSTALL, ModelLoadError, load_weights, read_checkpoint, resolve_checkpoint
 from eyed.model.labels import build_mapper
 from eyed.model.postprocess import Postprocessor
-from eyed.model.preprocess import Preprocessor, PreprocessSpec
+from eyed.model.preprocess import Preprocessor
 from eyed.types import Prediction
 
 logger = logging.getLogger(__name__)
@@ -25,21 +25,17 @@ class TorchClassifier:
         folder = resolve_checkpoint(cfg.id)
         try:
             import torch
-            from transformers import AutoModelForImageClassification
+            import transformers  # noqa: F401
         except ImportError as exc:
             raise ModelLoadError(f"the torch backend needs the torch extra ({TORCH_INSTALL})") from exc
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self._torch = torch
-        try:
-            self.model = AutoModelForImageClassification.from_pretrained(folder).eval()
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load {cfg.id} with transformers: {exc}") from exc
-        labels = labels_of(read_json(folder / "config.json"))
+        # The small files first: a missing preprocessor_config.json is said before the weights load.
+        labels, spec = read_checkpoint(folder, cfg.id)
+        self.model = load_weights(folder, cfg.id)
         self.name = cfg.id
-        self.prepare = Preprocessor(
-            PreprocessSpec.from_hf(read_json(folder / "preprocessor_config.json")), cfg.small_input
-        )
+        self.prepare = Preprocessor(spec, cfg.small_input)
         self.input_shape = self.prepare.shape
         self.post = Postprocessor(labels, cfg.topk, build_mapper(labels, cfg.coarse, cfg.coarse_priors))
 

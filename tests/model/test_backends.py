@@ -222,12 +222,107 @@ def test_hub_id_offline(backend: Backend, tmp_path: Path) -> None:
     assert "local checkpoint" in str(info.value)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_relative_folder_that_is_not_there_is_said_offline(
+    backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's own models/cifar10-head, run where it was not made (a service's other working folder): the
+    advice to "set model.id to a local checkpoint folder" alone is what the user did."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        load_classifier(ModelConfig(id="models/cifar10-head", backend=backend, cache_dir=tmp_path / "cache"))
+    message = str(info.value)
+    assert message.startswith("cannot reach the hub for models/cifar10-head (")
+    folder = tmp_path.resolve() / "models" / "cifar10-head"
+    assert message.endswith(f", and there is no folder {folder}: set model.id to a local checkpoint folder")
+
+
 @pytest.mark.parametrize("model_id", ["models/mobilenet_v2/", "shared/models/mobilenet_v2"])
 def test_a_missing_folder_that_is_no_hub_id_either(model_id: str) -> None:
     """Ids the hub client refuses outright (a trailing slash, two slashes) were meant as folders: not "cannot
     reach the hub"."""
     with pytest.raises(ModelLoadError, match=f"model.id {model_id}: no such folder \\(and not a valid hub id\\)"):
         load_classifier(ModelConfig(id=model_id, backend="torch"))
+
+
+def _broken_copy(checkpoint: Path, folder: Path, damage: str) -> Path:
+    ckpt = shutil.copytree(checkpoint, folder)
+    weights = ckpt / "model.safetensors"
+    processor = ckpt / "preprocessor_config.json"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "no weights":
+        weights.unlink()
+    elif damage == "no preprocessor_config.json":
+        processor.unlink()
+    elif damage == "preprocessor_config.json not JSON":
+        processor.write_text('{"size": ')
+    elif damage == "config.json not JSON":
+        (ckpt / "config.json").write_text("")
+    return ckpt
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncated weights", ""),  # safetensors' own words
+        ("no weights", "no file named model.safetensors"),
+        ("no preprocessor_config.json", "no preprocessor_config.json in "),
+        ("preprocessor_config.json not JSON", "Expecting value"),
+        ("config.json not JSON", "Expecting value"),
+    ],
+)
+def test_a_broken_checkpoint_is_a_model_load_error(
+    tiny_checkpoint: Path, tmp_path: Path, backend: Backend, damage: str, reason: str
+) -> None:
+    """The export (the default onnx path) read the checkpoint unguarded: a traceback and exit 1 instead of a
+    message and 69; the torch backend guarded only the weights."""
+    ckpt = _broken_copy(tiny_checkpoint, tmp_path / "ckpt", damage)
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelLoadError) as info:
+        load_classifier(ModelConfig(id=str(ckpt), backend=backend, cache_dir=cache))
+    message = str(info.value)
+    assert message.startswith(f"cannot load {ckpt}: ") and reason in message
+    assert "\n" not in message
+    assert not list(cache.glob("onnx/*"))  # no export, not even part of one
+
+
+def _relabelled(onnx_file: Path, path: Path, labels: list[str], symbolic: bool) -> Path:
+    """A copy of ``onnx_file`` whose eyed.labels metadata is ``labels``; with ``symbolic``, the class dimension
+    of its outputs is not fixed in the graph."""
+    import onnx
+
+    from eyed.model.export import META_LABELS, OUTPUT_NAME, PROBS_NAME
+
+    proto = onnx.load(str(onnx_file))
+    for prop in proto.metadata_props:
+        if prop.key == META_LABELS:
+            prop.value = json.dumps(labels)
+    if symbolic:
+        for out in proto.graph.output:
+            if out.name in (OUTPUT_NAME, PROBS_NAME):
+                out.type.tensor_type.shape.dim[1].dim_param = "classes"
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("coarse", ["cifar10", "none"])
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_labels_that_do_not_match_the_graph_are_refused_at_load(
+    tiny_onnx: Path, tmp_path: Path, coarse: str, symbolic: bool
+) -> None:
+    """One label short: with the coarse mapping it failed at the first frame (exit 1), without one every event
+    named the class before the one the model meant."""
+    labels = imagenet_like_labels()
+    path = _relabelled(tiny_onnx, tmp_path / "shifted.onnx", labels[1:], symbolic)
+    expected = f"{path}: the graph has {len(labels)} classes but its eyed.labels metadata names {len(labels) - 1}"
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
+        load_classifier(ModelConfig(onnx=path, coarse=coarse))
+    # The same file with its own labels loads, fixed dimension or not.
+    same = _relabelled(tiny_onnx, tmp_path / "same.onnx", labels, symbolic)
+    clf = load_classifier(ModelConfig(onnx=same, coarse=coarse))
+    assert len(clf.predict(batch_of(clf, synthetic_images(1)))[0].probs) == len(labels)
 
 
 @pytest.mark.parametrize("content", [None, '{"priors": {"cat": 1.0}}'])
@@ -280,6 +375,84 @@ def test_cached_export_path_follows_the_checkpoint(tiny_checkpoint: Path, tmp_pa
     after = cached_export_path(str(ckpt), cache)
     assert after != before
     assert after.parent == before.parent == cache / "onnx"
+
+
+@pytest.mark.parametrize("stale", ["preprocessing", "labels"])
+def test_a_cached_export_that_the_checkpoint_no_longer_gives_is_made_again(
+    tiny_checkpoint: Path, tmp_path: Path, stale: str
+) -> None:
+    """An export cached by an eyed that ignored crop_pct and resample has the name today's would have (the
+    checkpoint's files are the same), but not its preprocessing: it is made again, not reused."""
+    import onnx
+
+    from eyed.model.export import META_LABELS, META_PREPROCESS
+    from eyed.model.preprocess import PreprocessSpec
+
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    processor = json.loads((ckpt / "preprocessor_config.json").read_text())
+    convnext = {"image_processor_type": "ConvNextImageProcessor", "crop_pct": 0.875, "resample": 3}
+    processor.update(convnext, size={"shortest_edge": 32}, do_center_crop=False)
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(processor))
+    cache = tmp_path / "cache"
+    path = ensure_onnx(str(ckpt), cache)
+    spec = load_classifier(ModelConfig(onnx=path)).prepare.spec  # type: ignore[attr-defined]
+    assert (spec.shortest_edge, spec.crop, spec.resample) == (36, (32, 32), "bicubic")
+    # What the eyed before wrote into the same file: resized to 32, bilinear (or, say, other labels).
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == META_PREPROCESS and stale == "preprocessing":
+            prop.value = json.dumps(PreprocessSpec(32, (32, 32), 1 / 255, (0.5,) * 3, (0.5,) * 3).to_dict())
+        if prop.key == META_LABELS and stale == "labels":
+            prop.value = json.dumps([f"old {label}" for label in imagenet_like_labels()])
+    onnx.save(proto, str(path))
+    os.utime(path, ns=(1, 1))
+    assert ensure_onnx(str(ckpt), cache) == path and path.stat().st_mtime_ns != 1
+    again = load_classifier(ModelConfig(onnx=path))
+    assert again.prepare.spec == spec and again.post.labels == imagenet_like_labels()  # type: ignore[attr-defined]
+    # Now current: reused as it is.
+    made = path.stat().st_mtime_ns
+    assert ensure_onnx(str(ckpt), cache) == path and path.stat().st_mtime_ns == made
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_stale_cached_export_serves_where_it_cannot_be_made_again(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device without the torch extra runs the export made elsewhere, stale or not, with a warning."""
+    import importlib.util
+
+    import onnx
+
+    from eyed.model.export import META_LABELS
+
+    cache = tmp_path / "cache"
+    path = ensure_onnx(str(tiny_checkpoint), cache)
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == META_LABELS:
+            prop.value = json.dumps([f"old {label}" for label in imagenet_like_labels()])
+    onnx.save(proto, str(path))
+    made = path.stat().st_mtime_ns
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    assert ensure_onnx(str(tiny_checkpoint), cache) == path and path.stat().st_mtime_ns == made
+    assert "cannot be made again without the torch extra" in caplog.text
+
+
+def test_stored_metadata_reads_what_onnx_reads(tiny_onnx: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from eyed.model.export import stored_metadata
+
+    assert stored_metadata(tiny_onnx) == {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props}
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ValueError):
+        stored_metadata(junk)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(tiny_onnx.read_bytes()[:-10])
+    with pytest.raises(ValueError):
+        stored_metadata(cut)
 
 
 def test_a_fixed_size_processor_gets_an_export_of_its_own(tiny_checkpoint: Path, tmp_path: Path) -> None:

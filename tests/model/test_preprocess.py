@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from eyed.model.preprocess import Preprocessor, PreprocessSpec
+from eyed.model.preprocess import Preprocessor, PreprocessSpec, UnsupportedPreprocessing
 from tests.conftest import synthetic_images
 
 # The real MobileNetV2 checkpoint's preprocessor_config.json.
@@ -310,3 +311,163 @@ def test_textured_frames_are_close_to_transformers(real_model: Path, hf_processo
     levels = np.abs(tensor(Preprocessor(spec, "checkpoint"), image) - expected) * 127.5  # [-1, 1] back to 0-255
     assert levels.mean() < 4.5
     assert levels.max() < 40
+
+
+# Other image processors' settings: crop_pct, resample, do_resize (transformers' PIL processors as reference)
+
+CONVNEXT: dict[str, Any] = {
+    "image_processor_type": "ConvNextImageProcessor",
+    "crop_pct": 0.875,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "size": {"shortest_edge": 224},
+}
+POOLFORMER: dict[str, Any] = {
+    "image_processor_type": "PoolFormerImageProcessor",
+    "crop_pct": 0.9,
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "size": {"shortest_edge": 224},
+}
+LEVIT: dict[str, Any] = {
+    "image_processor_type": "LevitImageProcessor",
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "size": {"shortest_edge": 224},
+}
+
+
+def transformers_pixels(processor: str, cfg: dict[str, Any], image: np.ndarray) -> np.ndarray:
+    """What transformers' image processor (its PIL version, as without torchvision) makes of ``image``."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    cls = getattr(transformers, f"{processor}Pil", None) or getattr(transformers, processor)
+    settings = {k: v for k, v in cfg.items() if k != "image_processor_type"}
+    return cls(**settings)(Image.fromarray(image), return_tensors="np")["pixel_values"][0]
+
+
+def grey_levels(out: np.ndarray, expected: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Per-pixel differences of two normalised tensors, back in 0-255 grey levels."""
+    return np.abs(out - expected) * np.asarray(spec.std)[:, None, None] / spec.rescale
+
+
+@pytest.mark.parametrize(
+    ("processor", "cfg"),
+    [
+        ("ConvNextImageProcessor", CONVNEXT),  # below 384: shortest edge to 224 / 0.875 = 256, centre 224 square
+        ("ConvNextImageProcessor", {**CONVNEXT, "size": {"shortest_edge": 384}}),  # from 384 on: warped to 384
+        ("PoolFormerImageProcessor", POOLFORMER),  # shortest edge to 224 / 0.9 = 248, then the crop
+        ("LevitImageProcessor", LEVIT),  # shortest edge to 224 * 256 / 224
+        ("MobileNetV2ImageProcessor", {**HF_CONFIG, "resample": 3}),  # bicubic
+        ("MobileNetV2ImageProcessor", {**HF_CONFIG, "resample": 0}),  # nearest
+    ],
+)
+@pytest.mark.parametrize("size", [(480, 640), (1000, 333), (32, 32), (120, 90)])
+def test_other_processors_match_transformers(processor: str, cfg: dict[str, Any], size: tuple[int, int]) -> None:
+    """crop_pct and resample were ignored: a ConvNeXt-style crop_pct of 0.875 put the input a mean of 107 grey
+    levels from what transformers makes of the same frame."""
+    image = smooth_image(*size, seed=size[0] + size[1])
+    expected = transformers_pixels(processor, cfg, image)
+    spec = PreprocessSpec.from_hf(cfg)
+    out = tensor(Preprocessor(spec, "checkpoint"), image)
+    assert out.shape == expected.shape
+    levels = grey_levels(out, expected, spec)
+    # Nearest picks the very pixels PIL picks; bicubic's kernels differ a little (OpenCV's a = -0.75, PIL's
+    # -0.5), and shrinking averages with INTER_AREA where PIL filters.
+    assert levels.mean() < (0.01 if cfg["resample"] == 0 else 0.8), levels.mean()
+
+
+@pytest.mark.parametrize("size", [(32, 32), (100, 150)])
+def test_bicubic_enlarges_with_a_bicubic_kernel(size: tuple[int, int]) -> None:
+    """On smooth pictures bilinear and bicubic hardly differ; on texture, enlarged, they do. OpenCV's bicubic
+    kernel (a = -0.75) is not PIL's (-0.5), so some difference remains, but far less than bilinear's."""
+    image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
+    cfg = {**HF_CONFIG, "resample": 3}
+    expected = transformers_pixels("MobileNetV2ImageProcessor", cfg, image)
+    spec = PreprocessSpec.from_hf(cfg)
+    assert spec.resample == "bicubic"
+    levels = grey_levels(tensor(Preprocessor(spec, "checkpoint"), image), expected, spec).mean()
+    bilinear = PreprocessSpec.from_hf(HF_CONFIG)
+    as_bilinear = grey_levels(tensor(Preprocessor(bilinear, "checkpoint"), image), expected, bilinear).mean()
+    assert levels < 5 and as_bilinear > 2 * levels, (levels, as_bilinear)
+
+
+def test_convnext_crop_pct_is_a_resize_and_a_square_crop() -> None:
+    spec = PreprocessSpec.from_hf(CONVNEXT)
+    assert (spec.shortest_edge, spec.crop, spec.resize_to, spec.resample) == (256, (224, 224), None, "bicubic")
+    warped = PreprocessSpec.from_hf({**CONVNEXT, "size": {"shortest_edge": 384}})
+    assert (warped.resize_to, warped.crop) == ((384, 384), (384, 384))
+    # An older config: no image_processor_type, a feature_extractor_type and an int size; or neither type, and
+    # config.json's model_type (as AutoImageProcessor picks the processor).
+    old = {k: v for k, v in CONVNEXT.items() if k != "image_processor_type"}
+    assert PreprocessSpec.from_hf({**old, "feature_extractor_type": "ConvNextFeatureExtractor", "size": 224}) == spec
+    assert PreprocessSpec.from_hf(old, "resnet") == spec
+
+
+@pytest.mark.parametrize("size", [(480, 640), (100, 150), (224, 224), (300, 200)])
+def test_without_resize_the_frame_is_centre_cropped_as_it_is(size: tuple[int, int]) -> None:
+    """do_resize = false: the frame's own pixels, centre-cropped, and padded with black where it is smaller than
+    the crop, as transformers does (it used to be resized all the same)."""
+    cfg = {**HF_CONFIG, "do_resize": False}
+    image = smooth_image(*size, seed=size[0])
+    expected = transformers_pixels("MobileNetV2ImageProcessor", cfg, image)
+    spec = PreprocessSpec.from_hf(cfg)
+    assert not spec.resize
+    out = tensor(Preprocessor(spec, "checkpoint"), image)
+    assert out.shape == expected.shape == (3, 224, 224)
+    assert grey_levels(out, expected, spec).max() < 0.01
+
+
+@pytest.mark.parametrize(
+    ("cfg", "setting"),
+    [
+        ({**HF_CONFIG, "resample": 1}, "resample = 1 (LANCZOS)"),
+        ({**HF_CONFIG, "resample": 5}, "resample = 5 (HAMMING)"),
+        ({**HF_CONFIG, "crop_pct": 0.9}, "crop_pct = 0.9"),  # MobileNetV2's processor has no crop_pct
+        ({**CONVNEXT, "image_processor_type": None}, "crop_pct = 0.875"),  # whose meaning is not known
+        ({**HF_CONFIG, "do_resize": False, "do_center_crop": False}, "do_resize = false"),
+        ({**HF_CONFIG, "do_flip_channel_order": True}, "do_flip_channel_order"),
+        ({**HF_CONFIG, "size": {"shortest_edge": 256, "longest_edge": 512}}, "size.longest_edge"),
+        ({**CONVNEXT, "do_center_crop": True, "crop_size": {"height": 200, "width": 200}}, "do_center_crop"),
+    ],
+)
+def test_settings_eyed_cannot_reproduce_are_refused(cfg: dict[str, Any], setting: str) -> None:
+    with pytest.raises(UnsupportedPreprocessing, match=re.escape(setting)):
+        PreprocessSpec.from_hf(cfg)
+
+
+def test_the_shipped_checkpoints_spec_is_stored_as_before() -> None:
+    """Settings at their defaults stay out of the stored spec: exports' metadata and drift profiles made before
+    resample and do_resize were read compare equal to today's."""
+    spec = PreprocessSpec.from_hf(HF_CONFIG)
+    assert spec.to_dict() == {
+        "shortest_edge": 256,
+        "crop": (224, 224),
+        "rescale": HF_CONFIG["rescale_factor"],
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "resize_to": None,
+    }
+    other = PreprocessSpec.from_hf({**HF_CONFIG, "resample": 0, "do_resize": False})
+    assert other.to_dict()["resample"] == "nearest" and other.to_dict()["resize"] is False
+    assert PreprocessSpec.from_dict(json.loads(json.dumps(other.to_dict()))) == other

@@ -517,3 +517,30 @@ def test_every_calibration_batch_counts(tiny_onnx: Path, tmp_path: Path) -> None
     b = _activation_scales(quantize_int8(tiny_onnx, tmp_path / "b.onnx", bright))
     assert a.keys() == b.keys() and len(a) > 5
     assert sum(not np.isclose(a[k], b[k], rtol=1e-4) for k in a) > len(a) // 2
+
+
+def test_a_short_last_calibration_batch_is_left_out(tiny_onnx: Path, tmp_path: Path) -> None:
+    """The moving average weighs every batch's min and max alike: a ninth frame alone in its batch counted as
+    much as the eight before it together. It is left out when there is a full batch."""
+    from eyed.model.quantize import CALIBRATION_BATCH, calibration_frames
+
+    assert [calibration_frames(n) for n in (1, 6, 8, 9, 15, 16, 300)] == [1, 6, 8, 8, 8, 16, 296]
+    fp32 = OnnxClassifier(ModelConfig(onnx=tiny_onnx))
+    frames = np.stack([fp32.prepare(img) for img in synthetic_images(CALIBRATION_BATCH, seed=6)])
+    outlier = np.full((1, *frames.shape[1:]), 255, dtype=np.uint8)  # a white frame stretches every range
+    full = _activation_scales(quantize_int8(tiny_onnx, tmp_path / "full.onnx", frames))
+    longer = _activation_scales(quantize_int8(tiny_onnx, tmp_path / "longer.onnx", np.concatenate([frames, outlier])))
+    assert full == longer
+
+
+def test_the_calibration_record_counts_the_frames_used(
+    tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    # (The later --calibration and --check win over _export_int8's.)
+    out = _export_int8(
+        tmp_path / "m8.onnx", tiny_dataset, tiny_checkpoint, tiny_onnx, "--calibration", "9", "--check", "2"
+    )
+    record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}[META_QUANTIZATION])
+    # 9 frames read (records 0-9, the 6th corrupt), 8 used; the check's frames still come after all 9.
+    assert record["calibration"]["frames"] == 8
+    assert record["check"]["skip"] == 10 and record["check"]["frames"] == 2
