@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 logger = logging.getLogger(__name__)
 
+# A CURVE key in a certificate file: 32 bytes, written as 40 Z85 characters.
+KEY_BYTES = 32
+KEY_CHARS = 40
+# Refused handshakes are logged at most this often per reason; a subscriber with the wrong server key retries
+# ten times a second, and a log line for each would bury everything else.
+REFUSED_LOG_EVERY_S = 60.0
+
 
 class CurveError(Exception):
-    """A key file is missing or unreadable."""
+    """A key file is missing, unreadable or holds no valid key."""
 
 
 def create_keys(folder: Path, name: str) -> tuple[Path, Path]:
@@ -40,15 +51,73 @@ def create_keys(folder: Path, name: str) -> tuple[Path, Path]:
     return public, secret
 
 
+def _check_key(path: Path, what: str, key: bytes) -> None:
+    """CurveError unless ``key`` is 40 Z85 characters that decode to 32 bytes. libzmq would refuse anything
+    else only when the key is set on a socket (EINVAL), and an allow-list entry not at all: it would just
+    never match."""
+    if not key:
+        raise CurveError(f"{path}: the {what} is empty")
+    try:
+        valid = len(key) == KEY_CHARS and len(z85.decode(key)) == KEY_BYTES
+    except Exception:  # z85.decode: KeyError for a character outside Z85, struct.error for an overflow
+        valid = False
+    if not valid:
+        # A secret key, even a broken one, is never echoed into a log.
+        shown = f" {key.decode('ascii', 'replace')!r}" if what == "public key" else ""
+        why = f"{len(key)} characters" if len(key) != KEY_CHARS else "not valid Z85"
+        raise CurveError(
+            f"{path}: the {what}{shown} is not a CURVE key, which is {KEY_CHARS} Z85 characters: {why} "
+            "(a truncated or hand-edited copy?)"
+        )
+
+
 def load_keys(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
-    """(public, secret) from a certificate file; CurveError naming the file when it is unusable."""
+    """(public, secret) from a certificate file; CurveError naming the file when it is unusable.
+
+    With ``secret``, the file must hold a secret key too, and the public key must be the secret key's own."""
     try:
         public, secret_key = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise CurveError(f"{path}: cannot read a ZeroMQ certificate: {exc}") from exc
-    if secret and secret_key is None:
+    except Exception as exc:
+        # pyzmq's parser raises whatever it happens to hit (IndexError for a key line without "="). A bad file
+        # is the configuration's fault all the same: never a crash, nor, on SIGHUP, the end of a running daemon.
+        raise CurveError(
+            f'{path}: cannot read a ZeroMQ certificate (key lines read `public-key = "..."`): '
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    _check_key(path, "public key", public)
+    if not secret:
+        return public, secret_key
+    if secret_key is None:
         raise CurveError(f"{path}: holds no secret key (give the NAME.key_secret file written by `eyed keys`)")
+    _check_key(path, "secret key", secret_key)
+    try:
+        own_public = zmq.curve_public(secret_key)
+    except zmq.ZMQError as exc:  # checked above, so it should not; but never anything but a CurveError
+        raise CurveError(f"{path}: ZeroMQ refuses the secret key: {exc}") from exc
+    if own_public != public:
+        # Subscribers hold the public key: one that is not the secret's own makes every handshake fail.
+        raise CurveError(f"{path}: the public key is not the secret key's own (a file pieced together?)")
     return public, secret_key
+
+
+def _warn_if_exposed(path: Path) -> None:
+    """A warning when others than the daemon's user can read its secret key: whoever reads it can pose as the
+    daemon to every subscriber. Not an error: a group-readable key may be on purpose."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return  # load_keys has just read it; a race with a rename is not worth an error here
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        who = " and ".join(w for w, bit in (("its group", stat.S_IRGRP), ("others", stat.S_IROTH)) if mode & bit)
+        logger.warning(
+            "CURVE: the secret key %s is readable by %s (mode %04o): whoever reads it can pose as this daemon; "
+            "chmod 600 it",
+            path,
+            who,
+            mode,
+        )
 
 
 def _client_folder(clients: Path) -> Path:
@@ -58,29 +127,77 @@ def _client_folder(clients: Path) -> Path:
 
 
 def read_clients(clients: Path) -> frozenset[bytes]:
-    """The public keys in an allow-list folder; CurveError when the folder or any key in it cannot be read."""
+    """The public keys in an allow-list folder: every ``*.key`` in it but hidden files, as pyzmq's
+    ``load_certificates`` picks them. CurveError naming the file when the folder, or any key in it, cannot be
+    read or is not a valid key: pyzmq would drop an empty key silently and take a truncated one."""
     try:
-        return frozenset(zmq.auth.load_certificates(clients))
-    except (OSError, ValueError) as exc:
+        names = sorted(n for n in os.listdir(clients) if n.endswith(".key") and not n.startswith("."))
+    except OSError as exc:  # an unreadable folder is not an empty one
         raise CurveError(f"{clients}: cannot read the client keys: {exc}") from exc
+    keys = set()
+    for name in names:
+        try:
+            public, _ = load_keys(clients / name, secret=False)
+        except CurveError as exc:
+            raise CurveError(f"cannot read the client keys: {exc}") from exc
+        keys.add(public)
+    return frozenset(keys)
 
 
 def check_server_keys(secret_key: Path, clients: Path) -> int:
     """What :class:`CurveServer` reads when it starts, with no thread or socket (``eyed check-config``): the
     number of allowed keys, or CurveError with the message the daemon would give."""
     load_keys(secret_key, secret=True)
+    _warn_if_exposed(secret_key)
     return len(read_clients(_client_folder(clients)))
+
+
+class RefusalLog:
+    """Refused handshakes at WARNING, at most once per ``every_s`` per reason, with a count of those left out
+    since. pyzmq logs denials at DEBUG only, so an operator whose subscriber has the wrong key saw nothing.
+    Called from the authenticator's thread and the publisher's: hence the lock."""
+
+    def __init__(self, every_s: float = REFUSED_LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def refused(self, reason: str, detail: str = "") -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(reason, 0.0):
+                self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+                return
+            self._next[reason] = now + self.every_s
+            suppressed = self._suppressed.pop(reason, 0)
+        more = f" ({suppressed} more refused for this reason since the last such warning)" if suppressed else ""
+        logger.warning("CURVE: refused a subscriber: %s%s%s", reason, detail, more)
+
+    def flush(self) -> None:
+        """Log the refusals left out since their reason's last warning, now rather than with the next one (which,
+        for what only the wait for subscribers sees, never comes)."""
+        with self._lock:
+            pending, self._suppressed = self._suppressed, {}
+        for reason, count in pending.items():
+            logger.warning("CURVE: refused %d more subscriber(s) since the last warning: %s", count, reason)
 
 
 class _AllowList:
     """The keys the authenticator asks about (pyzmq's ``configure_curve_callback`` protocol). Replacing the set
     is atomic, so a reload never leaves the authenticator thread with half a list."""
 
-    def __init__(self) -> None:
+    def __init__(self, clients: Path, refusals: RefusalLog) -> None:
         self.keys: frozenset[bytes] = frozenset()
+        self.clients = clients
+        self.refusals = refusals
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
+        if key in self.keys:
+            return True
+        # A public key is no secret: naming it tells the operator which file to add to the folder.
+        self.refusals.refused(f"its public key is not in {self.clients}", f": {key.decode('ascii', 'replace')}")
+        return False
 
 
 class CurveServer:
@@ -88,15 +205,21 @@ class CurveServer:
 
     def __init__(self, context: zmq.Context[Any], secret_key: Path, clients: Path) -> None:
         self.public, self.secret = load_keys(secret_key, secret=True)
+        _warn_if_exposed(secret_key)
         self.clients = _client_folder(clients)
-        self._allowed = _AllowList()
+        self.refusals = RefusalLog()
+        self._allowed = _AllowList(clients, self.refusals)
         self._auth = ThreadAuthenticator(context)
 
     def start(self) -> CurveServer:
         """Start the authenticator thread with the allow-list as it is now (CurveError when it is unreadable)."""
         self.reload()
         self._auth.start()
-        self._auth.configure_curve_callback(domain="*", credentials_provider=self._allowed)
+        try:
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self._allowed)
+        except BaseException:
+            self._auth.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -124,16 +247,23 @@ class CurveServer:
         return len(keys)
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
-        """Before bind: the socket's own keys, and the server role."""
-        sock.curve_secretkey = self.secret
-        sock.curve_publickey = self.public
-        sock.curve_server = True
+        """Before bind: the socket's own keys, and the server role. CurveError should libzmq refuse them (the
+        keys were checked when read, so it should not)."""
+        try:
+            sock.curve_secretkey = self.secret
+            sock.curve_publickey = self.public
+            sock.curve_server = True
+        except zmq.ZMQError as exc:
+            raise CurveError(f"the daemon's key pair: ZeroMQ refuses it: {exc}") from exc
 
 
 def apply_client(sock: zmq.Socket[Any], secret_key: Path, server_key: Path) -> None:
     """Before connect: a subscriber's own key pair and the daemon's public key."""
     public, secret = load_keys(secret_key, secret=True)
     server_public, _ = load_keys(server_key, secret=False)
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_serverkey = server_public
+    try:
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_serverkey = server_public
+    except zmq.ZMQError as exc:
+        raise CurveError(f"{secret_key} / {server_key}: ZeroMQ refuses the keys: {exc}") from exc

@@ -323,9 +323,11 @@ class Pipeline:
             latency_ms = (time.perf_counter() - frame.t_in) * 1000.0
             try:
                 self.publisher.send(self._label_topic, label_event(self.ctx, self._seq, frame, pred, latency_ms))
-            except ValueError:  # NaN or infinite scores (a broken model output): JSON cannot carry them
+            except ValueError as exc:
+                # A payload JSON cannot carry (NaN or infinite scores from a broken model output, a value orjson
+                # refuses): it costs this event, not the worker. encode() says which.
                 self.counters.errors += 1
-                logger.error("frame %d: the model gave non-finite scores; no event", frame.index)
+                logger.error("frame %d: no label event: %s", frame.index, exc)
                 continue
             self._seq += 1
             # Counted per event sent, so frames + errors is every frame read, as for the failures above.

@@ -40,6 +40,24 @@ HANDSHAKE_FAILED = (
 MAX_INBOUND_BYTES = 4096
 # How often, at most, subscriptions to new topics are read and dropped once nobody waits for them.
 DISCARD_EVERY_S = 1.0
+# Subscription messages ZeroMQ takes in from one peer at a time. It moves them into a queue of its own, with no
+# limit, whenever this socket is used; with the default (1000), a client subscribing and unsubscribing without
+# pause grew that queue by megabytes a second, faster than the drains below read it. A subscriber that sends
+# more (a few dozen topics at once) is only slowed down: the rest follow as the queue is read.
+INBOUND_HWM = 16
+# What one read of pending (un)subscriptions may take, at most: a client that subscribes and unsubscribes
+# without pause must not keep the publishing thread reading them (an unbounded read held one send for as long as
+# such a flood lasted, labels and heartbeats with it). What is left is read at the next send.
+DRAIN_MAX_MESSAGES = 1000
+DRAIN_BUDGET_S = 0.001
+# How often, at most, a drain cut short by its budget is logged.
+DRAIN_WARN_EVERY_S = 60.0
+# Handshake failures the monitor reports while the wait for subscribers watches (CURVE on), by their ZMTP
+# error code. A refused key is logged by the allow-list itself (EVENT_HANDSHAKE_FAILED_AUTH).
+_HANDSHAKE_FAILURES: dict[int, str] = {
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its handshake does not decrypt (a wrong server key?)",
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it does not use CURVE",
+}
 
 
 class PublishError(Exception):
@@ -98,10 +116,66 @@ def encode(payload: dict[str, Any]) -> bytes:
     caches right after an inference), a few percent of an INT8 frame; orjson with the check below costs a
     few. orjson itself would write a non-finite float as null, hence the check. numpy scalars are accepted
     (and checked) like Python floats and ints.
+
+    Text that is not valid UTF-8 (a class folder's name in Latin-1, which Python reads with surrogates) goes out
+    with U+FFFD in place of what cannot be encoded: the event still says what it should, bar a character.
+    Anything else JSON cannot carry raises ValueError, like a non-finite number: a TypeError from orjson would
+    end the publishing thread instead of costing one event.
     """
     if not _finite(payload):
         raise ValueError("event payload holds a NaN or infinite number, which JSON cannot carry")
-    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    try:
+        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError as exc:
+        error = exc
+    # Only now: valid payloads, every one of them, pay nothing for the repair.
+    repaired = _valid_text(payload)
+    if repaired is not payload:
+        try:
+            return orjson.dumps(repaired, option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError as exc:
+            error = exc
+    raise ValueError(f"event payload cannot be encoded as JSON: {error}") from error
+
+
+# Texts already reported as repaired, so that a class name seen in every frame is logged once; bounded, so that
+# texts that differ every time cannot grow it for ever.
+_REPAIRED: set[str] = set()
+_REPAIRED_MAX = 256
+
+
+def _valid_text(value: Any) -> Any:
+    """``value`` with every string (dict keys too) made valid UTF-8; the very object when nothing changed."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _repair(value)
+        return value
+    if isinstance(value, dict):
+        items = [(_valid_text(k), _valid_text(v)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True)):
+            return value
+        return dict(items)
+    if isinstance(value, list | tuple):
+        parts = [_valid_text(v) for v in value]
+        if all(p is v for p, v in zip(parts, value, strict=True)):
+            return value
+        return parts
+    return value
+
+
+def _repair(text: str) -> str:
+    try:
+        # Surrogates that stand for bytes (surrogateescape, as Python reads file names): the bytes again, so a
+        # UTF-8 name read under a C locale comes back whole, and one U+FFFD for each byte that is not UTF-8.
+        repaired = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # other lone surrogates
+        repaired = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    if text not in _REPAIRED and len(_REPAIRED) < _REPAIRED_MAX:
+        _REPAIRED.add(text)
+        logger.warning("event text %r is not valid UTF-8: sent as %r", text, repaired)
+    return repaired
 
 
 # Types that hold no float.
@@ -147,37 +221,56 @@ class Publisher:
         self.endpoint = cfg.endpoint
         self._curve: CurveServer | None = None
         self._next_discard = 0.0
+        self._backlog = False  # the last drain was cut short by its budget
+        self._drains_cut = 0  # drains cut short since the last warning about it
+        self._next_drain_warning = 0.0
         self._waiting = False  # in wait_for_subscribers (whose tick may send health events)
 
     def __enter__(self: _P) -> _P:
         self._curve = self._start_curve()
-        sock = self.context.socket(zmq.XPUB)
-        if self._curve is not None:
-            self._curve.apply(sock)
-        sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
-        sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
-        # Every subscription message reaches us, duplicates included, so counting them counts subscribers
-        # (until the wait for them is over).
-        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        if endpoint_ipv6(self.cfg.endpoint):
-            sock.setsockopt(zmq.IPV6, 1)
-        # Watch handshakes from before bind, so a subscriber that connects before anyone waits still counts.
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
-        )
         try:
-            check_ipc_free(self.cfg.endpoint)
-            sock.bind(self.cfg.endpoint)
-        except (zmq.ZMQError, PublishError) as exc:
-            self._close(sock)
+            sock = self._bind()
+        except BaseException:
+            # Nothing may outlive a failed start: the authenticator is a thread on this context.
             self._stop_curve()
-            raise (bind_error(self.cfg.endpoint, exc) if isinstance(exc, zmq.ZMQError) else exc) from exc
+            if self._own_context:
+                self.context.term()
+            raise
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.cfg.endpoint
         self._set_ipc_mode()
         logger.info("publishing on %s", self.endpoint)
         return self
+
+    def _bind(self) -> zmq.Socket[Any]:
+        """The XPUB socket, set up and bound; closed again if anything fails."""
+        sock = self.context.socket(zmq.XPUB)
+        try:
+            if self._curve is not None:
+                with _curve_config_errors():
+                    self._curve.apply(sock)
+            sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
+            sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
+            sock.setsockopt(zmq.RCVHWM, INBOUND_HWM)
+            # Every subscription message reaches us, duplicates included, so counting them counts subscribers
+            # (until the wait for them is over).
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            if endpoint_ipv6(self.cfg.endpoint):
+                sock.setsockopt(zmq.IPV6, 1)
+            # Watch handshakes from before bind, so a subscriber that connects before anyone waits still counts.
+            self._monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+            )
+            check_ipc_free(self.cfg.endpoint)
+            try:
+                sock.bind(self.cfg.endpoint)
+            except zmq.ZMQError as exc:
+                raise bind_error(self.cfg.endpoint, exc) from exc
+        except BaseException:
+            self._close(sock)
+            raise
+        return sock
 
     def _set_ipc_mode(self) -> None:
         """Give an ipc:// socket file ``publish.ipc_mode``. It is created with the process's umask (the unit's
@@ -239,16 +332,22 @@ class Publisher:
         if self._monitor is not None and not self._waiting:  # an event before any wait: nobody will wait
             self._stop_watching(self.socket)
         if not self._waiting and (now := time.monotonic()) >= self._next_discard:
-            self._next_discard = now + DISCARD_EVERY_S
             self.drain_subscriptions()
+            # A drain cut short by its budget goes on at the next send: left for a second, a flood would pile
+            # up in ZeroMQ's queue of subscription messages, which has no limit.
+            self._next_discard = now if self._backlog else now + DISCARD_EVERY_S
         # XPUB without XPUB_NODROP never raises EAGAIN: a full queue drops per subscriber instead.
         self.socket.send_multipart([topic.encode("utf-8"), encode(payload)], flags=zmq.NOBLOCK)
         self.sent += 1
 
     def _drain_monitor(self) -> None:
         assert self._monitor is not None
-        while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)["event"]
+        # Bounded like drain_subscriptions: a burst of connections must not keep the wait from its ticks.
+        for _ in range(DRAIN_MAX_MESSAGES):
+            if not self._monitor.poll(0):
+                break
+            message = recv_monitor_message(self._monitor)
+            event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.peers += 1
             elif event & HANDSHAKE_FAILED:
@@ -256,24 +355,65 @@ class Publisher:
                 # a disconnect that is not a peer leaving; the monitor does not say which connection an event
                 # is about, so the next disconnect is set against it. Only handshakes that succeeded count.
                 self._failed_pending += 1
+                self._handshake_failed(event, message["value"])
             elif event == zmq.EVENT_DISCONNECTED:
                 if self._failed_pending:
                     self._failed_pending -= 1
                 else:
                     self.peers -= 1
 
+    def _handshake_failed(self, event: int, value: int) -> None:
+        """Log a subscriber CURVE turned away before its key was checked (rate-limited). Only while the wait for
+        subscribers watches: a monitor kept for this afterwards would block ZeroMQ's I/O thread once full."""
+        if self._curve is None or event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # AUTH: the allow-list logs it
+            return
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            reason = _HANDSHAKE_FAILURES.get(value, f"ZMTP protocol error {value:#x}")
+        else:
+            # NO_DETAIL: the connection went before the handshake was through. A subscriber without CURVE is
+            # either this or a mechanism mismatch, depending on which side sees the other's greeting first.
+            reason = "a connection closed during its handshake (a subscriber without CURVE? a port scan?)"
+        self._curve.refusals.refused(reason)
+
     def drain_subscriptions(self) -> int:
-        """Read pending (un)subscription messages; returns the net count of new subscriptions."""
+        """Read pending (un)subscription messages; returns the net count of new subscriptions.
+
+        At most DRAIN_MAX_MESSAGES of them or DRAIN_BUDGET_S per call: the rest waits for the next call."""
         assert self.socket is not None
         net = 0
-        while self.socket.poll(0, zmq.POLLIN):
-            msg = self.socket.recv()
+        deadline = time.monotonic() + DRAIN_BUDGET_S
+        self._backlog = True
+        for n in range(DRAIN_MAX_MESSAGES):
+            try:
+                # recv, not poll then recv: one call per message, and every poll makes ZeroMQ take in more from
+                # the peers (a flood's backlog grew faster that way).
+                msg = self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                self._backlog = False
+                break
             if msg[:1] == b"\x01":
                 net += 1
             elif msg[:1] == b"\x00":
                 net -= 1
+            if n % 32 == 31 and time.monotonic() >= deadline:
+                break
         self.subscriptions += net
+        if self._backlog:
+            self._drain_cut_short()
         return net
+
+    def _drain_cut_short(self) -> None:
+        self._drains_cut += 1
+        now = time.monotonic()
+        if now < self._next_drain_warning:
+            return
+        self._next_drain_warning = now + DRAIN_WARN_EVERY_S
+        logger.warning(
+            "subscription messages come in faster than they are read (%d read(s) cut short since the last such "
+            "warning): a subscriber (un)subscribing without pause? Events still go out",
+            self._drains_cut,
+        )
+        self._drains_cut = 0
 
     def wait_for_subscribers(
         self, count: int, timeout_s: float, stop: Any = None, tick: Callable[[], None] | None = None
@@ -292,6 +432,8 @@ class Publisher:
         finally:
             self._waiting = False
             self._stop_watching(self.socket)
+            if self._curve is not None:
+                self._curve.refusals.flush()
 
     def _wait(self, count: int, timeout_s: float, stop: Any, tick: Callable[[], None] | None) -> None:
         if count <= 0:

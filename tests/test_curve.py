@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import signal
 import stat
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from zmq.auth.thread import AuthenticationThread
 
+from eyed import curve
 from eyed.cli import EXIT_CONFIG, EXIT_OK, main
 from eyed.config import ConfigError, PublishConfig
-from eyed.curve import CurveError, create_keys
+from eyed.curve import CurveError, RefusalLog, create_keys, load_keys
 from eyed.daemon import reload_now
-from eyed.publisher import Publisher, PublishError
+from eyed.publisher import Publisher, PublishError, check_curve
 from eyed.sdnotify import Notifier
 from eyed.subscriber import Subscriber
 from tests.daemon_helpers import NotifyListener, finish, start_daemon
@@ -111,8 +117,23 @@ def _receives(pub: Publisher, curve: tuple[Path, Path]) -> bool:
         return False
 
 
+# Client key files pyzmq's reader takes (or chokes on) but no subscriber could ever use: each is an error naming
+# the file, never a crash (the colon made pyzmq raise IndexError, which killed the daemon on SIGHUP), and never
+# a key dropped (empty) or let in (truncated) in silence.
+BROKEN_CLIENT_KEYS = {
+    "not a certificate": "not a certificate\n",
+    "colon, no =": 'metadata\ncurve\n    public-key: "ix*g]c+TBGC)k}wE*s+4dH<55/ueFVxHWS>xye8["\n',
+    # pyzmq splits at the "=" inside the key and took "HWS>xye8[" for one.
+    "colon, = in the key": 'metadata\ncurve\n    public-key: "ix*g]c+TBGC)k}wE*s+4dH<55/ueFV=HWS>xye8["\n',
+    "empty key": 'metadata\ncurve\n    public-key = ""\n',
+    "truncated key": 'metadata\ncurve\n    public-key = "ix*g]c+TBGC)k}wE*s+4dH<55/ueFV=HW"\n',
+    "not z85": 'metadata\ncurve\n    public-key = "ix*g]c+TBGC)k}wE*s+4dH<55/ueFV=HWS>xye8~"\n',
+}
+
+
+@pytest.mark.parametrize("broken_key", BROKEN_CLIENT_KEYS.values(), ids=BROKEN_CLIENT_KEYS.keys())
 def test_a_broken_allow_list_on_reload_keeps_the_previous_one(
-    keys: dict[str, Path], endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    keys: dict[str, Path], endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, broken_key: str
 ) -> None:
     """SIGHUP with an unreadable key in the folder: an error in the log, READY=1 all the same, and the keys read
     before still let their subscribers in. A good folder read later takes effect, removals included."""
@@ -123,12 +144,13 @@ def test_a_broken_allow_list_on_reload_keeps_the_previous_one(
         with Publisher(cfg) as pub, Notifier({"NOTIFY_SOCKET": str(listener.path)}) as notifier:
             assert _receives(pub, allowed)
             broken = keys["clients"] / "broken.key"
-            broken.write_text("not a certificate\n")
+            broken.write_text(broken_key)
             reload = threading.Event()
             reload.set()
             with caplog.at_level(logging.ERROR, logger="eyed.daemon"):
                 reload_now(reload, notifier, pub)
             assert "cannot read the client keys" in caplog.text and "previous allow-list stays in force" in caplog.text
+            assert str(broken) in caplog.text
             listener.wait_for("READY=1", 5, after=listener.wait_for("RELOADING=1", 5))
             assert not reload.is_set()
             assert _receives(pub, allowed)
@@ -233,3 +255,180 @@ def test_daemon_exits_78_on_a_missing_client_folder(
     code, err = finish(start_daemon(settings))
     assert code == EXIT_CONFIG, err
     assert "publish.curve_clients" in err and "no such folder" in err
+
+
+def _authenticators() -> int:
+    return sum(isinstance(t, AuthenticationThread) for t in threading.enumerate())
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _other_public(tmp_path: Path) -> str:
+    public, _ = load_keys(create_keys(tmp_path / "other", "other")[0], secret=False)
+    return public.decode()
+
+
+# Ways to spoil the daemon's own NAME.key_secret: (what, how). Each used to pass check-config, then fail `run` with
+# a ZMQError traceback (exit 1) or, for the colon, an IndexError.
+BROKEN_SECRETS: dict[str, Callable[[Path, Path], object]] = {
+    "two characters too many": lambda p, tmp: _edit(p, 'secret-key = "', 'secret-key = "~~'),
+    "empty secret": lambda p, tmp: p.write_text(
+        p.read_text().split("secret-key")[0] + 'secret-key = ""\n'  # the public key stays
+    ),
+    "colon, no =": lambda p, tmp: p.write_text(re.sub(r"secret-key = .*", 'secret-key: "abc"', p.read_text())),
+    "a public key not its own": lambda p, tmp: _edit(p, load_keys(p, secret=False)[0].decode(), _other_public(tmp)),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "case"),
+    [("client", case) for case in BROKEN_CLIENT_KEYS] + [("secret", case) for case in BROKEN_SECRETS],
+    ids=lambda value: str(value),
+)
+def test_unusable_key_files_are_config_errors_naming_the_file(
+    kind: str, case: str, keys: dict[str, Path], endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config, check_curve and the publisher's start all refuse the file (exit 78, which systemd does not
+    restart), name it, never echo a secret key, and leave no authenticator thread behind."""
+    secret_key = keys["server_secret"]
+    secret = load_keys(secret_key, secret=True)[1]
+    assert secret is not None
+    if kind == "client":
+        bad = keys["clients"] / "broken.key"
+        bad.write_text(BROKEN_CLIENT_KEYS[case])
+    else:
+        bad = secret_key
+        BROKEN_SECRETS[case](bad, tmp_path)
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=secret_key, curve_clients=keys["clients"])
+    before = _authenticators()
+    with pytest.raises(ConfigError) as started, Publisher(cfg):
+        pass
+    assert str(bad) in str(started.value) and secret.decode() not in str(started.value)
+    assert _authenticators() == before
+    with pytest.raises(ConfigError, match=str(bad)):
+        check_curve(cfg)
+    settings = {"publish.curve_secret_key": secret_key, "publish.curve_clients": keys["clients"]}
+    code = main(["check-config", *(arg for k, v in settings.items() for arg in ("--set", f"{k}={v}"))])
+    assert code == EXIT_CONFIG
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_a_key_pair_zeromq_refuses_is_a_config_error_and_stops_the_authenticator(
+    keys: dict[str, Path], endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a key get past the checks as read, libzmq's EINVAL when it is set on the socket is still exit 78,
+    and the authenticator thread, started by then, is stopped."""
+    public, _ = load_keys(keys["server_secret"], secret=True)
+    monkeypatch.setattr(curve, "load_keys", lambda path, secret: (public, b"~" * 40))  # ~ is not Z85
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
+    before = _authenticators()
+    with pytest.raises(ConfigError, match="ZeroMQ refuses"), Publisher(cfg):
+        pass
+    assert _authenticators() == before
+
+
+def test_daemon_exits_78_on_a_malformed_client_key(base: dict[str, object], keys: dict[str, Path]) -> None:
+    (keys["clients"] / "broken.key").write_text(BROKEN_CLIENT_KEYS["colon, no ="])
+    settings = {
+        **base,
+        "publish.curve_secret_key": str(keys["server_secret"]),
+        "publish.curve_clients": str(keys["clients"]),
+    }
+    code, err = finish(start_daemon(settings))
+    assert code == EXIT_CONFIG, err
+    assert str(keys["clients"] / "broken.key") in err and "Traceback" not in err
+
+
+def test_a_secret_key_others_can_read_is_warned_about_once(
+    keys: dict[str, Path], endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
+    keys["server_secret"].chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="eyed.curve"), Publisher(cfg) as pub:
+        pub.reload_clients()  # a SIGHUP reads the allow-list only: no second warning
+    warnings = [r for r in caplog.records if "readable by" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert str(keys["server_secret"]) in warnings[0].getMessage() and "its group and others" in warnings[0].getMessage()
+    caplog.clear()
+    keys["server_secret"].chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="eyed.curve"), Publisher(cfg):
+        pass
+    assert "readable by" not in caplog.text
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_refused_key_is_logged_at_warning_once_a_minute(
+    keys: dict[str, Path], endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the wait for subscribers too (no monitor then): the allow-list names the key it turned away, once,
+    and counts the next ones instead of logging each."""
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
+    stranger = load_keys(keys["stranger_secret"], secret=False)[0].decode()
+    with caplog.at_level(logging.WARNING, logger="eyed.curve"), Publisher(cfg) as pub:
+        pub.send("label.cam", {"seq": 0})  # the first event ends what the wait watches
+        assert pub._curve is not None
+        refusals = pub._curve.refusals
+        for attempt in range(3):
+            with Subscriber(pub.endpoint, ("label.",), (keys["stranger_secret"], keys["server_pub"])):
+                # Refused: the first one logged, the others counted.
+                _wait_until(functools.partial(_refused, caplog, stranger, refusals, attempt))
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.WARNING
+    assert stranger in refused[0].getMessage() and str(keys["clients"]) in refused[0].getMessage()
+
+
+def _refused(caplog: pytest.LogCaptureFixture, key: str, refusals: RefusalLog, suppressed: int) -> bool:
+    """Whether ``key``'s refusal is in the log and ``suppressed`` later ones have been counted."""
+    return key in caplog.text and sum(refusals._suppressed.values()) == suppressed
+
+
+def test_the_wait_logs_subscribers_turned_away_before_the_key_check(
+    keys: dict[str, Path], endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong server key or no CURVE at all fails before any key is checked; only the wait's monitor sees it.
+    The wrong server key's client retries ten times a second: one line, and a count when the wait ends."""
+    fake_server, _ = create_keys(tmp_path / "fake", "fake")
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
+    with (
+        caplog.at_level(logging.WARNING, logger="eyed.curve"),
+        Publisher(cfg) as pub,
+        Subscriber(pub.endpoint, ("label.",), (keys["allowed_secret"], fake_server)),
+        Subscriber(pub.endpoint, ("label.",)),
+        pytest.raises(PublishError),
+    ):
+        pub.wait_for_subscribers(1, 2)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    wrong_key = [m for m in messages if "wrong server key" in m]
+    assert len([m for m in wrong_key if "refused a subscriber" in m]) == 1
+    assert any(re.search(r"refused \d+ more subscriber", m) for m in wrong_key)
+    # The subscriber without CURVE: a mechanism mismatch, or the connection closed first, whichever side reads
+    # the other's greeting first.
+    assert any("does not use CURVE" in m or "without CURVE" in m for m in messages), messages
+
+
+def test_refusals_are_logged_once_per_reason_and_interval(caplog: pytest.LogCaptureFixture) -> None:
+    log = RefusalLog(every_s=0.3)
+    with caplog.at_level(logging.WARNING, logger="eyed.curve"):
+        for _ in range(3):
+            log.refused("reason a", ": key1")
+        log.refused("reason b")
+        time.sleep(0.4)
+        log.refused("reason a", ": key2")
+        log.refused("reason a", ": key3")
+        log.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "CURVE: refused a subscriber: reason a: key1",
+        "CURVE: refused a subscriber: reason b",
+        "CURVE: refused a subscriber: reason a: key2 (2 more refused for this reason since the last such warning)",
+        "CURVE: refused 1 more subscriber(s) since the last warning: reason a",
+    ]

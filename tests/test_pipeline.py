@@ -328,6 +328,31 @@ def test_non_finite_scores_are_skipped_and_counted(tiny_onnx: Path, tmp_path: Pa
     assert events[-1]["errors"] == 1 and events[-1]["frames"] == 3 and events[-1]["state"] == "finished"
 
 
+def test_text_that_is_not_utf8_goes_out_repaired(tiny_onnx: Path, tmp_path: Path) -> None:
+    """An image folder's class name in Latin-1 ("caf\\xe9", which Python reads with a surrogate) made the encoder
+    raise a TypeError that ended the worker (exit 1, errors still 0). The frame's event goes out, with U+FFFD."""
+    truth = b"caf\xe9".decode("utf-8", "surrogateescape")
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(synthetic_images(3), [truth, "plain", truth]))
+    labels = [e for e in events if e["type"] == "label"]
+    assert [e["truth"] for e in labels] == ["caf\ufffd", "plain", "caf\ufffd"]
+    assert events[-1]["errors"] == 0 and events[-1]["frames"] == 3 and events[-1]["state"] == "finished"
+
+
+def test_an_event_json_cannot_carry_costs_that_event_only(
+    tiny_onnx: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the encoder refuses is a ValueError: counted in errors and logged as what it is (not as the
+    model's non-finite scores), and the next frames go on."""
+    truths: list[Any] = [None, 2**70, None, None]  # an integer JSON (orjson) cannot carry
+    with caplog.at_level("ERROR", logger="eyed.pipeline"):
+        events = run_pipeline(tiny_onnx, tmp_path, MemorySource(synthetic_images(4), truths))
+    labels = [e for e in events if e["type"] == "label"]
+    assert [e["frame"] for e in labels] == [0, 2, 3]
+    assert [e["seq"] for e in labels] == [0, 1, 2]
+    assert events[-1]["errors"] == 1 and events[-1]["frames"] == 3 and events[-1]["state"] == "finished"
+    assert "frame 1: no label event" in caplog.text and "64-bit" in caplog.text and "non-finite" not in caplog.text
+
+
 class SlowlyPacedSource(MemorySource):
     """Endless, paced as a replay is at a low source.fps: by a real Pacer, stopped by the pipeline's ``stop``."""
 

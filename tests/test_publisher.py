@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import numpy as np
 import pytest
 import zmq
 
+from eyed import publisher as publisher_module
 from eyed.config import ConfigError, PublishConfig
-from eyed.publisher import MAX_INBOUND_BYTES, Publisher, PublishError, check_ipc_free, encode
+from eyed.publisher import INBOUND_HWM, MAX_INBOUND_BYTES, Publisher, PublishError, check_ipc_free, encode
 from eyed.subscriber import Subscriber
 from tests.conftest import ROOT
 
@@ -232,6 +234,41 @@ def test_encode_refuses_non_finite_numbers(bad: float, where: Any) -> None:
         encode(where(bad))
 
 
+def test_encode_repairs_text_that_is_not_utf8(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A class folder named in Latin-1 ("caf\\xe9") reaches Python with a surrogate; orjson refuses it with a
+    TypeError, which ended the publishing thread. Now it goes out with U+FFFD, logged once per text."""
+    monkeypatch.setattr(publisher_module, "_REPAIRED", set())  # whatever other tests repaired before
+    label = b"caf\xe9".decode("utf-8", "surrogateescape")
+    payload = {"label": label, "topk": [{"label": label, "score": 0.5}], "truth": label, "coarse": None}
+    with caplog.at_level("WARNING", logger="eyed.publisher"):
+        sent = [encode(payload) for _ in range(3)]
+    expected = {"label": "caf\ufffd", "topk": [{"label": "caf\ufffd", "score": 0.5}], "truth": "caf\ufffd"}
+    assert sent[0] == encode({**expected, "coarse": None})
+    assert len([r for r in caplog.records if "not valid UTF-8" in r.getMessage()]) == 1
+    # A UTF-8 name read as ASCII (a C locale) comes back whole; any other lone surrogate is replaced.
+    assert encode({"a": "caf\u00e9".encode().decode("ascii", "surrogateescape"), "b": "x\ud800"}) == (
+        '{"a":"caf\u00e9","b":"x\ufffd"}'.encode()
+    )
+    assert encode({"caf\udce9": 1}) == '{"caf\ufffd":1}'.encode()  # keys too
+
+
+@pytest.mark.parametrize("bad", [{"n": 2**70}, {"obj": object()}, {1: "int key"}, {"rows": [{"x": {1, 2}}]}])
+def test_encode_raises_value_error_for_what_json_cannot_carry(bad: dict[Any, Any]) -> None:
+    """ValueError, like a NaN: the pipeline counts the event in ``errors`` and goes on (a TypeError killed it)."""
+    with pytest.raises(ValueError, match="cannot be encoded as JSON"):
+        encode(bad)
+
+
+def test_send_delivers_repaired_text(endpoint: str) -> None:
+    with publisher(endpoint) as pub, Subscriber(endpoint, ("label.",)) as sub:
+        await_subscriptions(pub)
+        pub.send("label.cam", {"label": "caf\udce9", "seq": 0})
+        assert sub.receive(5) == ("label.cam", {"label": "caf\ufffd", "seq": 0})
+    assert pub.sent == 1
+
+
 def test_send_refuses_nan_and_counts_nothing(endpoint: str) -> None:
     with publisher(endpoint) as pub:
         with pytest.raises(ValueError):
@@ -430,3 +467,99 @@ def test_a_socket_file_held_by_a_process_that_never_accepts_counts_as_in_use(tmp
         finally:
             for filler in fillers:
                 filler.close()
+
+
+FLOOD = r"""
+import sys, time, zmq
+sock = zmq.Context().socket(zmq.XSUB)
+sock.connect(sys.argv[1])
+end = time.monotonic() + float(sys.argv[2])
+print("flooding", flush=True)
+while time.monotonic() < end:
+    sock.send(b"\x01label.flood")
+    sock.send(b"\x00label.flood")
+sock.close(linger=0)
+"""
+
+
+@contextlib.contextmanager
+def flooding(pub: Publisher, seconds: float = 30) -> Iterator[subprocess.Popen[str]]:
+    """A client, in a process of its own, that subscribes to one topic and unsubscribes without pause (the
+    subscription set never grows: every message still reaches the XPUB socket's reader)."""
+    assert pub.socket is not None
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOD, pub.endpoint, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "flooding"
+        assert pub.socket.poll(10_000, zmq.POLLIN), "the flood never arrived"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_subscription_flood_does_not_hold_up_sends(endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Reading subscriptions inline in send() had no bound: one send took as long as such a flood lasted, and
+    labels and heartbeats stopped. Each read now has a budget; the bound asserted is generous on purpose."""
+    with publisher(endpoint) as pub, Subscriber(endpoint, ("label.cam",)) as sub:
+        await_subscriptions(pub)
+        with caplog.at_level("WARNING", logger="eyed.publisher"), flooding(pub) as flood:
+            slowest = 0.0
+            for seq in range(15):  # 1.5 s: past DISCARD_EVERY_S, so more than one send reads subscriptions
+                start = time.monotonic()
+                pub.send("label.cam", {"seq": seq})
+                slowest = max(slowest, time.monotonic() - start)
+                time.sleep(0.1)
+            assert flood.poll() is None, "the flood is still on"
+            assert slowest < 0.5
+            assert [sub.receive(5)[1]["seq"] for _ in range(15)] == list(range(15))
+
+
+def test_a_drain_cut_short_is_logged_once_a_minute(
+    endpoint: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ZeroMQ taking in INBOUND_HWM messages per peer at a time, one flooder rarely fills a read's budget;
+    many would. A budget of two messages stands in for them: the rest is read at the next send."""
+    monkeypatch.setattr(publisher_module, "DRAIN_MAX_MESSAGES", 2)
+    with publisher(endpoint) as pub, Subscriber(endpoint, ("label.cam",)) as sub:
+        await_subscriptions(pub)
+        with caplog.at_level("WARNING", logger="eyed.publisher"), flooding(pub):
+            for seq in range(10):
+                pub.send("label.cam", {"seq": seq})
+                time.sleep(0.02)
+            assert [sub.receive(5)[1]["seq"] for _ in range(10)] == list(range(10))
+    warnings = [r for r in caplog.records if "faster than they are read" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_the_wait_for_subscribers_keeps_ticking_through_a_flood(endpoint: str) -> None:
+    """The wait reads subscriptions too: a flood must not keep it from its ticks (the daemon's watchdog pings),
+    its stop event or its deadline."""
+    with publisher(endpoint) as pub, flooding(pub) as flood:
+        stop = threading.Event()
+        ticks: list[float] = []
+
+        def tick() -> None:
+            ticks.append(time.monotonic())
+            if len(ticks) == 5:
+                stop.set()
+
+        start = time.monotonic()
+        pub.wait_for_subscribers(2, timeout_s=20, stop=stop, tick=tick)
+        assert time.monotonic() - start < 5 and flood.poll() is None
+        assert pub.peers == 1  # the flooder, a peer like any other
+
+
+def test_a_subscriber_with_many_topics_gets_every_one(endpoint: str) -> None:
+    """ZeroMQ takes in INBOUND_HWM subscription messages from a peer at a time: more are only slowed down."""
+    topics = tuple(f"label.cam{i}" for i in range(8 * INBOUND_HWM))
+    with publisher(endpoint) as pub, Subscriber(endpoint, topics) as sub:
+        pub.send("label.cam0", {"n": 0})  # no wait: what it watches is off
+        deadline = time.monotonic() + 10
+        while True:
+            assert time.monotonic() < deadline, "the last topic's subscription never came through"
+            pub.send(topics[-1], {"n": 1})
+            with contextlib.suppress(TimeoutError):
+                if sub.receive(0.1)[0] == topics[-1]:
+                    break
