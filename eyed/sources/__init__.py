@@ -41,8 +41,10 @@ def open_recorded(cfg: SourceConfig, *, paced: bool = False) -> Source:
 
 
 def describe(cfg: SourceConfig) -> str:
-    """What a recorded source reads, for messages."""
-    return f"{cfg.dataset}:{cfg.split}" if cfg.kind == "replay" else str(cfg.url)
+    """What a recorded source reads, for messages: a URL without its password or secret items."""
+    from eyed.config import redact_url
+
+    return f"{cfg.dataset}:{cfg.split}" if cfg.kind == "replay" else redact_url(str(cfg.url))
 
 
 def no_frames(cfg: SourceConfig, detail: str = "") -> SourceError:

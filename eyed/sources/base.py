@@ -11,8 +11,9 @@ from contextvars import ContextVar
 import cv2
 import numpy as np
 
-# Who hears of a Pacer's deliberate waits in this thread (the pipeline's worker reading the source): set by the
-# reader rather than passed to the source, as every source makes its own Pacer.
+# Who hears of a source's deliberate waits in this thread (the pipeline's worker reading the source): set by the
+# reader rather than passed to the source, as every source makes its own Pacer (and a replay's reader its own
+# pauses).
 _pace_listener: ContextVar[Callable[[float], float | None] | None] = ContextVar("pace_listener", default=None)
 
 
@@ -22,14 +23,38 @@ class SourceError(Exception):
 
 @contextlib.contextmanager
 def pace_listener(listener: Callable[[float], float | None]) -> Iterator[None]:
-    """While entered, a :class:`Pacer` about to sleep in this thread first calls ``listener`` with the monotonic
-    time its sleep ends: a watchdog can count a slow pace (one frame a minute) as progress, not as a hang. The
-    listener may return an earlier time to be called again at (a heartbeat due during the sleep)."""
+    """While entered, a :class:`Pacer` about to sleep in this thread, or a source about to wait on purpose
+    (:func:`wait_announced`: a hub replay waiting for the network to come back), first calls ``listener`` with
+    the monotonic time its wait ends: a watchdog can count a slow pace (one frame a minute) or an outage waited
+    out as progress, not as a hang. The listener may return an earlier time to be called again at (a heartbeat
+    due during the sleep)."""
     token = _pace_listener.set(listener)
     try:
         yield
     finally:
         _pace_listener.reset(token)
+
+
+def announce_wait(until: float) -> float | None:
+    """Tell the thread's :func:`pace_listener`, if any, that this thread waits on purpose until ``until``
+    (monotonic); what it returns: when to call again, or None."""
+    listener = _pace_listener.get()
+    return listener(until) if listener is not None else None
+
+
+def wait_announced(until: float, stop: threading.Event) -> bool:
+    """Sleep until ``until`` (monotonic), announced to the thread's :func:`pace_listener` (again whenever it
+    asks to be called earlier); False at once when ``stop`` is set. A source's deliberate waits (a pace, a
+    pause for a network to come back) go through here, so that the daemon's watchdog counts them as alive."""
+    now = time.monotonic()
+    while now < until:
+        wake = until
+        if (sooner := announce_wait(until)) is not None:
+            wake = min(wake, sooner)
+        if stop.wait(max(0.0, wake - now)):
+            return False
+        now = time.monotonic()
+    return not stop.is_set()
 
 
 class Pacer:
@@ -50,14 +75,8 @@ class Pacer:
             return not self.stop.is_set()
         now = time.monotonic()
         if self._next > now:
-            listener = _pace_listener.get()
-            while now < self._next:
-                wake = self._next
-                if listener is not None and (sooner := listener(self._next)) is not None:
-                    wake = min(wake, sooner)
-                if self.stop.wait(max(0.0, wake - now)):
-                    return False
-                now = time.monotonic()
+            if not wait_announced(self._next, self.stop):
+                return False
             now = self._next
         # Schedule from the ideal time, not from now, so a late frame does not shift every later one;
         # but a frame later than its slot starts a new schedule instead of bursting to catch up.

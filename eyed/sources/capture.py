@@ -17,6 +17,7 @@ import os
 import random
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from eyed.config import SourceConfig
+from eyed.config import SourceConfig, redact_url
 from eyed.sources.base import Pacer, SourceError, to_rgb
 from eyed.types import Frame
 
@@ -271,6 +272,9 @@ class CaptureSource:
         self.cfg = cfg
         self.id = cfg.resolved_id()
         self.live = cfg.kind != "file"
+        # source.url as messages show it: a camera's URL often holds a password or a token, and an error message
+        # goes to the journal at every restart.
+        self.shown_url = redact_url(str(cfg.url))
         self.skipped = 0  # frames that could not be converted (zero-size, unsupported layout)
         self.dropped = 0  # frames replaced by a newer one while the pipeline was taking frames
         self.reconnects = 0  # times the camera came back: a new connection's first frame, after an earlier one's
@@ -299,14 +303,14 @@ class CaptureSource:
     def __enter__(self) -> CaptureSource:
         if self.cfg.kind == "file":
             if not os.path.isfile(str(self.cfg.url)):
-                raise SourceError(f"source.url {self.cfg.url}: no such file")
+                raise SourceError(f"source.url {self.shown_url}: no such file")
             # Opened once here too, so a file that is not a video fails at start-up (exit 69), not later as a
             # pipeline failure.
             cap = self._open(self.cfg)
             readable = cap.isOpened()
             cap.release()
             if not readable:
-                raise SourceError(f"source.url {self.cfg.url}: OpenCV cannot read this file")
+                raise SourceError(f"source.url {self.shown_url}: OpenCV cannot read this file")
         if self.live:
             self._start_capture()
         return self
@@ -366,10 +370,12 @@ class CaptureSource:
             first = False
             try:
                 self._connect_and_read(gen, backoff)
-            except Exception:
+            except Exception as exc:
                 # Whatever a driver or a conversion throws, only stop may end the retries: a thread that died
-                # here would leave the source offline for ever.
-                logger.exception("source %s: capture failed unexpectedly", self.id)
+                # here would leave the source offline for ever. Its traceback is logged redacted, as a driver's
+                # message may quote the URL.
+                trace = redact_url("".join(traceback.format_exception(exc))).rstrip()
+                logger.error("source %s: capture failed unexpectedly\n%s", self.id, trace)
             if not self._current(gen):
                 break
             self._set_state("offline")
@@ -396,7 +402,7 @@ class CaptureSource:
             with gen.blocking("open", self.cfg.open_timeout_s):
                 return self._open(self.cfg)
         except Exception as exc:  # an OpenCV build without the backend, a bad device path
-            logger.warning("source %s: cannot open: %s", self.id, exc)
+            logger.warning("source %s: cannot open: %s", self.id, redact_url(str(exc)))  # it may quote the URL
             return None
 
     def _read_loop(self, cap: Any, gen: Generation, backoff: Backoff) -> None:
@@ -430,7 +436,7 @@ class CaptureSource:
                 ok = cap.grab()
         except cv2.error as exc:  # a driver assertion (V4L2 has some): as good as a lost stream
             if self._current(gen):
-                logger.warning("source %s: read failed: %s", self.id, exc)
+                logger.warning("source %s: read failed: %s", self.id, redact_url(str(exc)))
             return False
         if not self._current(gen):
             return False
@@ -461,7 +467,7 @@ class CaptureSource:
         try:
             ok, image = cap.retrieve()
         except cv2.error as exc:
-            logger.warning("source %s: read failed: %s", self.id, exc)
+            logger.warning("source %s: read failed: %s", self.id, redact_url(str(exc)))
             return None
         if not ok or image is None:
             logger.warning("source %s: read failed (no picture for the frame read)", self.id)
@@ -574,7 +580,7 @@ class CaptureSource:
             cap = self._open(self.cfg)
             if not cap.isOpened():
                 cap.release()
-                raise SourceError(f"source.url {self.cfg.url}: OpenCV cannot read this file")
+                raise SourceError(f"source.url {self.shown_url}: OpenCV cannot read this file")
             produced = 0
             try:
                 self._set_state("live")

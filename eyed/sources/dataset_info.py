@@ -52,7 +52,26 @@ class DatasetInfoError(Exception):
     """datasets could not read the folder (a ValueError or ImportError in the child is raised as such)."""
 
 
-RAISED_AS: dict[str, type[Exception]] = {"ValueError": ValueError, "ImportError": ImportError}
+class UnknownSplit(ValueError):
+    """The dataset has no split of that name: ``source.split`` is wrong, which no restart mends."""
+
+
+RAISED_AS: dict[str, type[Exception]] = {
+    "ValueError": ValueError,
+    "ImportError": ImportError,
+    "UnknownSplit": UnknownSplit,
+}
+
+
+def check_split(builder: Any, split: str) -> None:
+    """UnknownSplit unless ``split`` is one of the splits ``builder`` (datasets') found data files for; nothing
+    where it found none (datasets then has its say when the split is read)."""
+    data_files = getattr(builder.config, "data_files", None)
+    if not data_files:
+        return
+    splits = [str(name) for name in data_files]
+    if split not in splits:
+        raise UnknownSplit(f"no split {split!r} (it has {', '.join(splits)})")
 
 
 @dataclass(frozen=True)
@@ -135,7 +154,7 @@ def parquet_files(builder: Any, split: str) -> list[str] | None:
     """The files of ``split`` when ``builder`` is datasets' parquet builder on local files or on a hub
     repository's (``hf://`` URLs pinned to a commit); None otherwise.
 
-    Image folders, csv and other remote storage stay with datasets' streaming. ValueError for a split the
+    Image folders, csv and other remote storage stay with datasets' streaming. UnknownSplit for a split the
     dataset lacks.
     """
     try:
@@ -144,9 +163,8 @@ def parquet_files(builder: Any, split: str) -> list[str] | None:
         return None
     if not isinstance(builder.config, ParquetConfig) or not builder.config.data_files:
         return None
+    check_split(builder, split)
     splits = {str(name): files for name, files in builder.config.data_files.items()}
-    if split not in splits:
-        raise ValueError(f"Bad split: {split}. Available splits: {list(splits)}")
     files = [str(f) for f in splits[split]]
     if files and (all(is_hub_file(f) for f in files) or all(Path(f).is_file() for f in files)):
         return files
@@ -189,6 +207,7 @@ def scan(dataset: str, split: str, listing: Listing) -> ParquetSplit | LocalImag
 
     keep_torch_out()
     builder = load_dataset_builder(dataset)
+    check_split(builder, split)
     files = parquet_files(builder, split)
     if files is None:
         if not Path(dataset).is_dir():  # a hub dataset of images: datasets decodes those itself, so it streams them
@@ -221,8 +240,8 @@ class SplitQuery:
     """:func:`scan`, started now and answered by :meth:`result`: in a child process unless datasets is already
     imported here (then it costs nothing more), so that the child's seconds overlap the caller's own start-up.
 
-    Errors come back as ValueError (an unknown split, a shard that is not parquet), ImportError (no datasets)
-    or DatasetInfoError.
+    Errors come back as UnknownSplit (a ValueError), ValueError (a shard that is not parquet), ImportError (no
+    datasets) or DatasetInfoError.
     """
 
     def __init__(self, dataset: str, split: str) -> None:
@@ -339,7 +358,10 @@ def main(argv: list[str]) -> int:
     try:
         answer = answer_of(scan(dataset, split, listing))
     except (ValueError, ImportError) as exc:
-        kind = "ValueError" if isinstance(exc, ValueError) else "ImportError"
+        if isinstance(exc, UnknownSplit):
+            kind = "UnknownSplit"
+        else:
+            kind = "ValueError" if isinstance(exc, ValueError) else "ImportError"
         answer = {"error": kind, "message": str(exc)}
     except Exception as exc:
         answer = {"error": type(exc).__name__, "message": f"{type(exc).__name__}: {exc}"}

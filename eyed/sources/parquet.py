@@ -11,6 +11,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from eyed.sources.base import announce_wait, wait_announced
+
 logger = logging.getLogger(__name__)
 
 PAGE_BUFFER_BYTES = 1 << 20
@@ -36,6 +38,13 @@ HUB_RESUME_WAITS_S = (5.0, 10.0, 20.0, 40.0, 60.0)
 TRANSPORT_MODULES = {"httpx", "httpcore", "httpx2", "httpcore2", "huggingface_hub"}
 # How often a reader waiting for the network looks whether the replay is being stopped.
 STOP_POLL_S = 0.05
+# How long a request is waited for as a deliberate wait, announced to the daemon's watchdog (pace_listener): longer
+# than huggingface_hub's retries take on a stalled network (83 s, above). A request held longer is taken as hung,
+# and the watchdog may act on it.
+HUB_REQUEST_ANNOUNCED_S = 100.0
+# How far ahead each announcement of a request's wait reaches: it is made again at every look for a stop, so a
+# request that ends early leaves the watchdog at most this much overstated.
+HUB_REQUEST_ANNOUNCE_AHEAD_S = 1.0
 
 
 class ReadingStopped(Exception):
@@ -65,8 +74,8 @@ def interrupted(exc: Exception) -> bool:
 
 
 def _sleep(seconds: float) -> bool:
-    time.sleep(seconds)
-    return True
+    # Announced as a replay's own pause is (ReplaySource._pause), though no one stops it.
+    return wait_announced(time.monotonic() + seconds, threading.Event())
 
 
 @dataclass
@@ -138,8 +147,17 @@ class HubFile:
         return in_background(request, "eyed-hub-request", start)
 
     def _wait(self, job: Background) -> Any:
-        """What ``job`` returned; what it raised is raised here."""
-        return wait_for(job, lambda: not self._pause(0), ReadingStopped("the replay is being stopped"))
+        """What ``job`` returned; what it raised is raised here. The wait is announced to the thread's pace
+        listener for up to HUB_REQUEST_ANNOUNCED_S: huggingface_hub retrying through an outage holds a request
+        for up to 83 s, longer than a daemon's watchdog (WatchdogSec=30) would wait for a frame."""
+        announced_until = time.monotonic() + HUB_REQUEST_ANNOUNCED_S
+
+        def stopped() -> bool:
+            if (now := time.monotonic()) < announced_until:
+                announce_wait(min(announced_until, now + HUB_REQUEST_ANNOUNCE_AHEAD_S))
+            return not self._pause(0)
+
+        return wait_for(job, stopped, ReadingStopped("the replay is being stopped"))
 
     def _fetch(self, start: int, end: int) -> Background:
         def request() -> bytes:
@@ -248,9 +266,10 @@ class ParquetRows:
     passed over by the files' row counts, unread. A file that cannot be read (or lacks a column) goes to
     ``on_error`` and the rows go on with the next file. Files may be local paths or a hub dataset's ``hf://``
     files, which are streamed (no shard is downloaded whole or written to disk) and read on from the row reached
-    when the network fails for a while (HUB_RESUME_WAITS_S). ``pause(seconds)`` waits before that; False from
-    it (the replay is being stopped) ends the rows there, and so does False from ``pause(0)``, asked before
-    each file.
+    when the network fails for a while (HUB_RESUME_WAITS_S). ``pause(seconds)`` waits before that (announced
+    to the thread's pace listener, as :func:`~eyed.sources.base.wait_announced` does, so a daemon's watchdog
+    sees a wait, not a hang); False from it (the replay is being stopped) ends the rows there, and so does False
+    from ``pause(0)``, asked before each file.
     """
 
     def __init__(

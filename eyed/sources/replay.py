@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -22,9 +23,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from eyed.config import SourceConfig
-from eyed.sources.base import Pacer, SourceError, to_rgb
-from eyed.sources.dataset_info import DatasetInfoError, LocalImages, SplitQuery, keep_torch_out
+from eyed.config import ConfigError, SourceConfig
+from eyed.sources.base import Pacer, SourceError, to_rgb, wait_announced
+from eyed.sources.dataset_info import (
+    DatasetInfoError,
+    LocalImages,
+    SplitQuery,
+    UnknownSplit,
+    check_split,
+    keep_torch_out,
+)
 from eyed.sources.parquet import ParquetRows, in_background, prepare_hub_reading, wait_for
 from eyed.types import Frame, StartUp
 
@@ -40,6 +48,17 @@ READER_FAILURES_IN_A_ROW = 10
 READER_RETRY_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Threads datasets decodes images with once a pass is read on after a failure: its own default.
 DATASETS_DECODE_THREADS = 32
+# The truth an event carries is a class name, a class index or a short string: a label, never a column's
+# contents. Longer strings (a caption, an encoded file) are cut to this many characters.
+MAX_TRUTH_CHARS = 200
+# datasets' Value dtypes a label column may have (integers and strings); a ClassLabel is one too. Any other
+# feature (Image, Audio, binary, a struct, a list...) could carry pixels or anything else into every event.
+LABEL_DTYPES = re.compile(r"u?int(8|16|32|64)|(large_)?string")
+# How OpenCV decodes a replayed image: 3 channels (grey and alpha dropped as to_rgb would drop them), 16-bit and
+# float kept for to_rgb to scale, and the EXIF Orientation applied, as datasets (PIL) and transformers apply it:
+# IMREAD_UNCHANGED ignores it, and a phone's photo would be classified (and fine-tuned on) on its side. The same
+# pixels as IMREAD_UNCHANGED and to_rgb for every PNG (all 50,000 of CIFAR-10's, byte for byte).
+IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
 
 
 def decode_image(value: Any) -> np.ndarray | None:
@@ -66,7 +85,12 @@ def decode_image(value: Any) -> np.ndarray | None:
     if not data:
         return None
     # imdecode returns None (it does not raise) on bytes that are not a supported image.
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buffer, IMREAD_FLAGS)
+    if img is None:
+        # What OpenCV cannot turn into 3 channels as it decodes (a one-channel float or 32-bit TIFF) it still
+        # decodes as it is, without orientation; to_rgb scales it.
+        img = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         return None
     return to_rgb(img)
@@ -153,6 +177,27 @@ def _type(spec: Any) -> str | None:
     return spec.get("_type") if isinstance(spec, dict) else None
 
 
+def not_a_label(spec: Any) -> str | None:
+    """What a column of feature ``spec`` (a ``Features.to_dict()`` entry) holds when it cannot be a label: "Image",
+    "Value(binary)", "a struct", "a list"...; None for a ClassLabel, an integer or a string, or an unknown type
+    (None: no features to go by; what reaches :meth:`ReplaySource._truth` is checked there)."""
+    if spec is None:
+        return None
+    if isinstance(spec, list):  # datasets' shorthand for a list of its one element's feature
+        return "a list"
+    if not isinstance(spec, dict):
+        return repr(spec)
+    kind = _type(spec)
+    if kind is None:  # a dict of features: a struct
+        return "a struct"
+    if kind == "ClassLabel":
+        return None
+    if kind == "Value":
+        dtype = str(spec.get("dtype"))
+        return None if LABEL_DTYPES.fullmatch(dtype) else f"Value({dtype})"
+    return str(kind)
+
+
 class ReplaySource:
     """Streams ``source.dataset`` / ``source.split``; a corrupt record is skipped and counted."""
 
@@ -175,6 +220,7 @@ class ReplaySource:
         self._image_col = ""
         self._label_col: str | None = None
         self._names: list[str] | None = None
+        self._warned_truth = False  # about a label column whose values are not labels (logged once)
         self._open_frames: weakref.WeakSet[Generator[Frame, None, None]] = weakref.WeakSet()
         # The stop of the pass being read, which also cuts short a wait to read a hub shard again.
         self._reading_stop = threading.Event()
@@ -224,7 +270,9 @@ class ReplaySource:
                 features = ds.features.to_dict() if ds.features else {}
         except ImportError as exc:
             raise SourceError(f"the replay source needs the replay extra (pip install 'eyed[replay]'): {exc}") from exc
-        except ValueError as exc:  # unknown split, a first shard that is not parquet, and the like
+        except UnknownSplit as exc:  # the dataset was read: the field is wrong, and a restart cannot mend it
+            raise ConfigError(f"source.split {self.cfg.split}: source.dataset {name} has {exc}") from None
+        except ValueError as exc:  # a first shard that is not parquet, and the like
             raise SourceError(f"source.dataset {name}: {exc}") from exc
         except Exception as exc:  # offline hub, missing repo: the same advice for both
             if local is not None:
@@ -239,7 +287,16 @@ class ReplaySource:
         self._label_col = self.cfg.label_column or self._detect_label(features)
         keep = [c for c in (self._image_col, self._label_col) if c]
         if features and (missing := [c for c in keep if c not in features]):
-            raise SourceError(f"source.dataset {name}: no column {missing[0]!r} (it has {', '.join(features)})")
+            field = "source.image_column" if missing[0] == self._image_col else "source.label_column"
+            raise ConfigError(
+                f"{field} {missing[0]}: source.dataset {name} has no such column (it has {', '.join(features)})"
+            )
+        if self._label_col and (kind := not_a_label(features.get(self._label_col))):
+            # Its values would go out as the truth of every label event: an image column's would carry the frame.
+            raise ConfigError(
+                f"source.label_column {self._label_col}: its feature is {kind}, not a label (a ClassLabel, an "
+                "integer or a string)"
+            )
         if self._label_col and _type(features.get(self._label_col)) == "ClassLabel":
             self._names = list(features[self._label_col]["names"])
         logger.info(
@@ -277,15 +334,24 @@ class ReplaySource:
         keep_torch_out()
         split = self.cfg.split
         stop = self._startup.stop if self._startup is not None else threading.Event()
-        # What load_dataset(streaming=True) does. Asked in a thread of its own: on a stalled network
-        # huggingface_hub retries for minutes, and a daemon told to stop meanwhile cannot wait for that.
-        job = in_background(lambda: load_dataset_builder(name).as_streaming_dataset(split=split), "eyed-replay-open")
+
+        def open_split() -> Any:
+            # What load_dataset(streaming=True) does, with an unknown split told apart from other failures.
+            builder = load_dataset_builder(name)
+            check_split(builder, split)
+            return builder.as_streaming_dataset(split=split)
+
+        # Asked in a thread of its own: on a stalled network huggingface_hub retries for minutes, and a daemon
+        # told to stop meanwhile cannot wait for that.
+        job = in_background(open_split, "eyed-replay-open")
         # DatasetInfoError, as a stop while the child process describes the dataset gives.
         return wait_for(job, stop.is_set, DatasetInfoError(f"stopped while waiting for datasets to load {name}"))
 
     def _pause(self, seconds: float) -> bool:
-        """Wait ``seconds`` before reading a hub shard again; False if the replay was stopped meanwhile."""
-        return not self._reading_stop.wait(seconds)
+        """Wait ``seconds`` before reading a hub shard again; False if the replay was stopped meanwhile. Announced
+        to the thread's pace listener: a daemon waiting out a network outage (up to a minute at a time) is not
+        hung, and its watchdog must not kill it for that."""
+        return wait_announced(time.monotonic() + seconds, self._reading_stop)
 
     def _unreadable(self, path: str, exc: Exception) -> None:
         self.skipped += 1
@@ -302,14 +368,16 @@ class ReplaySource:
                 return col
         if not features:
             return candidates[0]
-        raise SourceError(f"no {what} column in {list(features)}: set source.image_column")
+        raise ConfigError(f"source.image_column: no {what} column among {', '.join(features)}: set it")
 
     @staticmethod
     def _detect_label(features: dict[str, Any]) -> str | None:
+        """A ClassLabel column, else the first of LABEL_COLUMNS that can be a label: a segmentation dataset's
+        "label" is a mask (an Image), whose bytes must not go out as the truth."""
         for col, spec in features.items():
             if _type(spec) == "ClassLabel":
                 return str(col)
-        return next((c for c in LABEL_COLUMNS if c in features), None)
+        return next((c for c in LABEL_COLUMNS if c in features and not not_a_label(features[c])), None)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -317,14 +385,28 @@ class ReplaySource:
         return self._names
 
     def _truth(self, record: dict[str, Any]) -> str | None:
+        """The record's label as an event carries it: a class name, an integer, or a string of at most
+        MAX_TRUTH_CHARS; None for anything else (bytes, a dict, a list: a column that is no label, whose type
+        the dataset's features did not tell), so that no event carries a column's contents."""
         if not self._label_col:
             return None
         value = record.get(self._label_col)
         if value is None:
             return None
-        if self._names is not None and isinstance(value, (int, np.integer)) and 0 <= value < len(self._names):
-            return self._names[int(value)]
-        return str(value)
+        if isinstance(value, (int, np.integer)):
+            if self._names is not None and 0 <= value < len(self._names):
+                return self._names[int(value)]
+            return str(int(value))
+        if isinstance(value, str):
+            return value[:MAX_TRUTH_CHARS]
+        if not self._warned_truth:
+            self._warned_truth = True
+            logger.warning(
+                "source.label_column %s holds %s values, not labels: events carry no truth",
+                self._label_col,
+                type(value).__name__,
+            )
+        return None
 
     def _records(self) -> Iterator[dict[str, Any]]:
         """Records of one pass. A record the reader itself cannot parse is counted and read on after, where the

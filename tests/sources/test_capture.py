@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from eyed.config import SourceConfig
-from eyed.sources import SourceError
+from eyed.sources import SourceError, describe, no_frames
 from eyed.sources.capture import (
     FILE_END_FAILURES,
     MAX_ABANDONED,
@@ -214,6 +214,68 @@ def test_a_file_that_is_not_a_video_fails_at_start(tmp_path: Path) -> None:
 def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no such file"):
         CaptureSource(SourceConfig(kind="file", url=str(tmp_path / "none.mp4"))).__enter__()
+
+
+# A camera's URL as users write them: a password, and a token in the query.
+SECRET_URL = "rtsp://admin:hunter2@cam.local/live?token=s3cr3t"
+SECRETS = ("hunter2", "s3cr3t")
+
+
+def shows_no_secret(text: str) -> bool:
+    return not any(secret in text for secret in SECRETS)
+
+
+def test_file_errors_show_the_url_without_its_secrets(tmp_path: Path) -> None:
+    """kind=file given a camera's URL by mistake: the error, printed to the journal at every restart, keeps the
+    user name and host (what one checks) and hides the password and the token."""
+    with pytest.raises(SourceError, match="no such file") as missing:
+        CaptureSource(SourceConfig(kind="file", url=SECRET_URL)).__enter__()
+    assert shows_no_secret(str(missing.value))
+    assert "rtsp://admin:***@cam.local/live?token=***" in str(missing.value)
+    # A file that is there but is not a video, whose path holds a secret item (as some cameras' URLs do).
+    garbage = tmp_path / "password=hunter2" / "s.mp4"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(SourceError, match="cannot read this file") as unreadable:
+        CaptureSource(SourceConfig(kind="file", url=str(garbage))).__enter__()
+    assert shows_no_secret(str(unreadable.value)) and "password=***" in str(unreadable.value)
+    # The file gone unreadable between the start and a pass: frames() opens it again.
+    src = CaptureSource(SourceConfig(kind="file", url=SECRET_URL), opener=lambda _cfg: ClosedCapture())
+    with pytest.raises(SourceError, match="cannot read this file") as later:
+        next(iter(src.frames()))
+    assert shows_no_secret(str(later.value))
+    # What the offline commands say of a recorded source that gave no frames.
+    assert shows_no_secret(describe(SourceConfig(kind="file", url=SECRET_URL)))
+    assert shows_no_secret(str(no_frames(SourceConfig(kind="file", url=SECRET_URL))))
+
+
+class QuotingCapture:
+    """A driver binding whose failures quote the URL it was given, as a library's messages may."""
+
+    def isOpened(self) -> bool:
+        return True
+
+    def grab(self) -> bool:
+        raise RuntimeError(f"driver failed reading {SECRET_URL}")
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("failure", ["open", "read"])
+def test_camera_log_lines_show_the_url_without_its_secrets(failure: str, caplog: pytest.LogCaptureFixture) -> None:
+    def opener(cfg: SourceConfig) -> Any:
+        if failure == "open":
+            raise OSError(f"cannot open {cfg.url}")
+        return QuotingCapture()
+
+    cfg = SourceConfig(kind="rtsp", url=SECRET_URL, reconnect_initial_s=0.01, reconnect_max_s=0.02)
+    with caplog.at_level(logging.DEBUG, logger="eyed.sources.capture"), CaptureSource(cfg, opener=opener) as src:
+        assert retried_for(src, 2) >= 2
+    quoted = "cannot open: cannot open" if failure == "open" else "capture failed unexpectedly"
+    assert quoted in caplog.text
+    assert "rtsp://admin:***@cam.local/live?token=***" in caplog.text  # the URL is still there to read
+    assert shows_no_secret(caplog.text)
 
 
 class FakeDriver:

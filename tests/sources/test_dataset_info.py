@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from eyed.config import SourceConfig
+from eyed.config import ConfigError, SourceConfig
 from eyed.sources import dataset_info
 from eyed.sources.base import SourceError
 from eyed.sources.replay import ReplaySource
@@ -70,9 +70,9 @@ def test_a_folder_that_is_neither_is_left_to_datasets(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("in_child")
 def test_errors_come_back_from_the_child(tiny_dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Bad split: validation"):
+    with pytest.raises(dataset_info.UnknownSplit, match=r"no split 'validation' \(it has train\)"):
         dataset_info.SplitQuery(str(tiny_dataset), "validation").result()
-    with pytest.raises(SourceError, match=r"source.dataset .*Bad split: validation"):
+    with pytest.raises(ConfigError, match=r"^source\.split validation: source\.dataset .* has no split 'validation'"):
         ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="validation")).__enter__()
     (tmp_path / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(SourceError, match=r"source.dataset .*"):
@@ -203,7 +203,7 @@ def test_a_child_that_prints_nothing_is_a_clear_error(tiny_dataset: Path, monkey
 
 REPLAY_WITHOUT_DATASETS = """
 import json, sys
-from eyed.config import SourceConfig
+from eyed.config import ConfigError, SourceConfig
 from eyed.sources.replay import ReplaySource
 from eyed.types import StartUp
 with ReplaySource(SourceConfig(dataset=sys.argv[1], split="train", loop=False)) as src:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from eyed.sources import parquet as parquet_module
+from eyed.sources.base import pace_listener
 from eyed.sources.parquet import MAX_BATCH_ROWS, ParquetRows, batch_rows
 
 
@@ -105,12 +107,14 @@ def test_a_shard_failing_midway_leaves_the_next_one_its_own_skip(
 
 class HubBytes:
     """What huggingface_hub's file system gives HubFile (by monkeypatch): one file's bytes, by range request.
-    A request from an offset in ``lost_at`` fails as a lost connection; ``ignore_range`` sends the whole file."""
+    A request from an offset in ``lost_at`` fails as a lost connection; ``ignore_range`` sends the whole file;
+    each request takes ``delay_s``."""
 
     def __init__(self, content: bytes) -> None:
         self.content = content
         self.lost_at: set[int] = set()
         self.ignore_range = False
+        self.delay_s = 0.0
         self.asked: list[tuple[int, int]] = []
 
     def open(self, path: str, mode: str, cache_type: str) -> HubBytes.File:
@@ -125,6 +129,7 @@ class HubBytes:
 
         def _fetch_range(self, start: int, end: int) -> bytes:
             self.hub.asked.append((start, end))
+            time.sleep(self.hub.delay_s)
             if start in self.hub.lost_at:
                 raise ConnectionError(f"lost at {start}")
             return self.hub.content if self.hub.ignore_range else self.hub.content[start:end]
@@ -178,3 +183,18 @@ def test_a_hub_answer_that_ignored_the_range_is_an_error(hub_bytes: HubBytes) ->
     hub_bytes.ignore_range = True
     with parquet_module.HubFile("hf://datasets/x/y/f.parquet") as f, pytest.raises(OSError, match="sent 25600"):
         f.read(100)
+
+
+def test_a_hub_request_waited_for_is_announced(hub_bytes: HubBytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub retries a request through an outage for up to 83 s, longer than a daemon's watchdog waits:
+    the wait is announced to the thread's pace listener, a little ahead each time, for HUB_REQUEST_ANNOUNCED_S
+    (after which a request is taken as hung)."""
+    monkeypatch.setattr(parquet_module, "HUB_REQUEST_ANNOUNCED_S", 0.4)
+    hub_bytes.delay_s = 0.8
+    heard: list[float] = []
+    with parquet_module.HubFile("hf://datasets/x/y/f.parquet") as f, pace_listener(heard.append):
+        asked = time.monotonic()
+        assert f.read(100) == hub_bytes.content[:100]
+    assert heard, "a request waited for was not announced"
+    assert all(asked < until <= asked + 0.4 + 0.1 for until in heard)  # never past the bound
+    assert heard == sorted(heard) and len(heard) < 0.4 / parquet_module.STOP_POLL_S + 2

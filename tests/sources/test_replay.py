@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -9,21 +10,25 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 
-from eyed.config import SourceConfig
+from eyed.config import ConfigError, SourceConfig
 from eyed.sources import SourceError, dataset_info, open_recorded, open_source
+from eyed.sources import parquet as parquet_module
 from eyed.sources import replay as replay_module
-from eyed.sources.base import Pacer, to_rgb
-from eyed.sources.replay import ReplaySource, decode_image
+from eyed.sources.base import Pacer, pace_listener, to_rgb
+from eyed.sources.replay import MAX_TRUTH_CHARS, ReplaySource, decode_image, not_a_label
 from eyed.types import Frame, StartUp
 from tests.conftest import CIFAR10, png, synthetic_images, write_parquet_dataset
+from tests.daemon_helpers import finish, start_daemon
 
 # tiny_dataset: 12 images, record i has label i % 10, record 5 is corrupt.
 GOOD = [i for i in range(12) if i != 5]
@@ -381,9 +386,22 @@ def test_an_unreadable_shard_is_counted_and_the_others_replay(tmp_path: Path) ->
     assert (src.skipped, src.reader_failures) == (2, 2)  # once per pass
 
 
-def test_a_column_the_dataset_lacks(tiny_dataset: Path) -> None:
-    with pytest.raises(SourceError, match="no column 'photo'"):
-        ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="train", image_column="photo")).__enter__()
+@pytest.mark.usefixtures("reader")
+@pytest.mark.parametrize("field", ["image_column", "label_column"])
+def test_a_column_the_dataset_lacks_is_a_configuration_error(tiny_dataset: Path, field: str) -> None:
+    """A restart cannot mend it (exit 78, not 69): the message names the field."""
+    cfg = SourceConfig(dataset=str(tiny_dataset), split="train", **{field: "photo"})
+    with pytest.raises(ConfigError, match=f"^source.{field} photo: .* has no such column \\(it has img, label\\)"):
+        ReplaySource(cfg).__enter__()
+
+
+def test_a_dataset_without_an_image_column_is_a_configuration_error(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a"], "label": [0]}), tmp_path / "train-00000-of-00001.parquet")
+    with pytest.raises(ConfigError, match=r"^source\.image_column: no image column among text, label"):
+        ReplaySource(SourceConfig(dataset=str(tmp_path), split="train")).__enter__()
 
 
 def test_missing_local_folder(tmp_path: Path) -> None:
@@ -391,9 +409,31 @@ def test_missing_local_folder(tmp_path: Path) -> None:
         ReplaySource(SourceConfig(dataset=str(tmp_path / "absent"))).__enter__()
 
 
-def test_unknown_split(tiny_dataset: Path) -> None:
-    with pytest.raises(SourceError, match=re.escape("source.dataset")):
+@pytest.mark.usefixtures("reader")
+def test_an_unknown_split_is_a_configuration_error(tiny_dataset: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("source.split validation: source.dataset ")) as refused:
         ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="validation")).__enter__()
+    assert str(refused.value).endswith("has no split 'validation' (it has train)")
+
+
+@pytest.mark.parametrize("layout", ["images", "csv"])
+def test_an_unknown_split_of_other_folders_is_a_configuration_error(tmp_path: Path, layout: str) -> None:
+    """An image folder (listed in the child process) and a csv folder (streamed by datasets, asked here)."""
+    if layout == "images":
+        image_folder(tmp_path, ["cat", "dog"])
+    else:
+        (tmp_path / "train.csv").write_text("image,label\na,0\n")
+    with pytest.raises(ConfigError, match=r"^source\.split nope: .*has no split 'nope' \(it has train\)"):
+        ReplaySource(SourceConfig(dataset=str(tmp_path), split="nope")).__enter__()
+
+
+@pytest.mark.parametrize("setting", ["source.split", "source.image_column"])
+def test_the_daemon_exits_78_on_a_wrong_split_or_column(base: dict[str, object], setting: str) -> None:
+    """Exit 78 (configuration), which the unit does not restart; 69 would be restarted for ever."""
+    proc = start_daemon({**base, "publish.wait_subscribers": 0, setting: "nope"})
+    code, stderr = finish(proc, timeout_s=60)
+    assert code == 78, stderr[-2000:]
+    assert f"eyed: {setting} nope: " in stderr
 
 
 def test_offline_hub_id(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -407,6 +447,149 @@ def test_offline_hub_id(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SourceError, match="local folder"):
         ReplaySource(SourceConfig(dataset="uoft-cs/cifar10")).__enter__()
+
+
+# Waiting for a hub to come back
+
+
+def read_as_hub_files(monkeypatch: pytest.MonkeyPatch, wait_s: float) -> list[float]:
+    """From now on, local shards are read as a hub dataset's are: a failed read is taken up again after
+    ``wait_s``. The first read fails (as on a network gone away) after 3 rows; returns the list of the times at
+    which reads failed."""
+    monkeypatch.setattr(parquet_module, "HUB_RESUME_WAITS_S", (wait_s,))
+    monkeypatch.setattr(parquet_module, "is_hub_file", lambda path: True)
+    monkeypatch.setattr(parquet_module, "opened_shard", lambda path, pause: contextlib.nullcontext(path))
+    file_rows = parquet_module.ParquetRows._file_rows
+    failed: list[float] = []
+
+    def failing_once(self: Any, path: str, to_skip: int, progress: Any) -> Generator[dict[str, Any], None, int]:
+        rows = file_rows(self, path, to_skip, progress)
+        while True:
+            if not failed and progress.read == 3:
+                failed.append(time.monotonic())
+                raise ConnectionError("simulated: network unreachable")
+            try:
+                row = next(rows)
+            except StopIteration as end:
+                left: int = end.value
+                return left
+            yield row
+
+    monkeypatch.setattr(parquet_module.ParquetRows, "_file_rows", failing_once)
+    return failed
+
+
+def test_a_wait_for_the_hub_to_come_back_is_announced(tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub replay waits up to a minute before reading on after the network failed (HUB_RESUME_WAITS_S). The wait
+    is announced to the thread's pace listener with its end, as a Pacer's sleep is: the daemon's watchdog
+    (WatchdogSec=30) then counts a daemon waiting out an outage as alive instead of killing it as hung."""
+    heard: list[float] = []
+    with ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="train")) as src, pace_listener(heard.append):
+        failed = read_as_hub_files(monkeypatch, 0.5)
+        truths = [f.truth for f in src.frames()]
+    assert truths == [CIFAR10[i % 10] for i in GOOD]  # read on from the row reached: nothing lost or twice
+    assert len(failed) == 1
+    assert len(heard) == 1, "the wait to read on was not announced"
+    assert failed[0] + 0.5 <= heard[0] < failed[0] + 1.5  # the time the wait ends
+
+
+def test_a_replays_pauses_are_announced_and_cut_short_by_a_stop(tiny_dataset: Path) -> None:
+    """The pauses after datasets' reader fails (READER_RETRY_S) go through the same wait."""
+    heard: list[float] = []
+    stop = threading.Event()
+    with ReplaySource(SourceConfig(dataset=str(tiny_dataset), split="train")) as src, pace_listener(heard.append):
+        frames = src.frames(stop)
+        next(frames)  # the pass under way: its stop is the pauses' stop
+        before = time.monotonic()
+        assert src._pause(0.2)
+        assert src._pause(0)  # no wait, nothing announced
+        threading.Timer(0.1, stop.set).start()
+        assert not src._pause(30)
+        assert time.monotonic() - before < 5
+    assert len(heard) == 2 and before + 0.2 <= heard[0] < before + 1 and heard[1] > before + 30
+
+
+# Labels: what an event's truth may carry
+
+
+def labelled_dataset(folder: Path, label: Any, values: list[Any]) -> Path:
+    """Images in ``image``, and a ``label`` column of feature ``label`` holding ``values``."""
+    from datasets import Dataset, Features, Image
+
+    images = synthetic_images(len(values), seed=21)
+    ds = Dataset.from_dict(
+        {"image": [{"bytes": png(img), "path": None} for img in images], "label": values},
+        features=Features({"image": Image(), "label": label}),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    return folder
+
+
+def masks(n: int) -> list[dict[str, Any]]:
+    return [{"bytes": png(m), "path": None} for m in synthetic_images(n, seed=22, size=8)]
+
+
+def refused_label_columns() -> dict[str, tuple[Any, list[Any]]]:
+    """Features no label column may have, each with two values: its contents would go out in every event."""
+    from datasets import Features, Image, List, Value
+
+    return {
+        "Image": (Image(), masks(2)),
+        "Value(binary)": (Value("binary"), [b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n"]),
+        "List": (List(Value("int64")), [[1, 2], [3]]),
+        "a struct": (Features({"mask": Image()}), [{"mask": m} for m in masks(2)]),
+        "Value(float32)": (Value("float32"), [0.5, 1.5]),
+    }
+
+
+@pytest.mark.usefixtures("reader")
+@pytest.mark.parametrize("kind", list(refused_label_columns()))
+def test_a_label_column_that_holds_no_labels_is_refused(tmp_path: Path, kind: str) -> None:
+    """source.label_column set to such a column (the image column by mistake, a segmentation dataset's mask) is a
+    configuration error (exit 78) rather than a daemon that sends the column's contents with every event."""
+    feature, values = refused_label_columns()[kind]
+    folder = labelled_dataset(tmp_path, feature, values)
+    with pytest.raises(ConfigError, match=f"^source.label_column label: its feature is {re.escape(kind)}, not a label"):
+        ReplaySource(SourceConfig(dataset=str(folder), split="train", label_column="label")).__enter__()
+    with pytest.raises(ConfigError, match=r"^source\.label_column image: its feature is Image, not a label"):
+        ReplaySource(SourceConfig(dataset=str(folder), split="train", label_column="image")).__enter__()
+
+
+@pytest.mark.usefixtures("reader")
+@pytest.mark.parametrize("kind", list(refused_label_columns()))
+def test_a_column_that_holds_no_labels_is_not_detected_as_one(tmp_path: Path, kind: str) -> None:
+    """A segmentation dataset calls its mask column "label": left unset, source.label_column finds no label and
+    the events carry no truth."""
+    feature, values = refused_label_columns()[kind]
+    frames, src = replay(labelled_dataset(tmp_path, feature, values))
+    assert len(frames) == 2 and src.skipped == 0
+    assert [f.truth for f in frames] == [None, None]
+
+
+def test_the_truth_is_a_label_or_nothing() -> None:
+    """What reaches the truth is checked again (a dataset whose features do not say what a column holds): a class
+    name, an integer, a string cut to MAX_TRUTH_CHARS; nothing else."""
+    src = ReplaySource(SourceConfig(dataset="/no/such/folder"))
+    src._label_col, src._names = "label", ["cat", "dog"]
+    assert [src._truth({"label": v}) for v in (1, np.int64(0), 7, "frog", None)] == ["dog", "cat", "7", "frog", None]
+    assert src._truth({"label": "x" * 5000}) == "x" * MAX_TRUTH_CHARS
+    image = {"bytes": png(synthetic_images(1)[0]), "path": None}
+    for value in (image, image["bytes"], bytearray(b"\x89PNG"), [1, 2], np.zeros(3), 0.5):
+        assert src._truth({"label": value}) is None
+
+
+def test_what_can_be_a_label() -> None:
+    for spec in ({"_type": "ClassLabel", "names": ["a"]}, {"_type": "Value", "dtype": "int64"}, None):
+        assert not_a_label(spec) is None
+    for dtype in ("uint8", "string", "large_string"):
+        assert not_a_label({"_type": "Value", "dtype": dtype}) is None
+    assert not_a_label({"_type": "Audio"}) == "Audio"
+    assert not_a_label({"_type": "Video"}) == "Video"
+    assert not_a_label({"_type": "Sequence", "feature": {"_type": "Value", "dtype": "int64"}}) == "Sequence"
+    assert not_a_label({"_type": "Value", "dtype": "large_binary"}) == "Value(large_binary)"
+    assert not_a_label([{"_type": "Value", "dtype": "int64"}]) == "a list"
+    assert not_a_label({"x": {"_type": "Value", "dtype": "int64"}}) == "a struct"
 
 
 # Decoding
@@ -496,6 +679,92 @@ def test_decode_from_path(tmp_path: Path) -> None:
     assert decoded is not None
     assert np.array_equal(decoded, rgb)
     assert decode_image({"bytes": None, "path": str(tmp_path / "missing.png")}) is None
+
+
+def photo_on_its_side() -> tuple[np.ndarray, bytes]:
+    """A landscape picture as a phone stores it when held upright: pixels on their side, EXIF Orientation 6
+    ("rotate 90 degrees clockwise to view"). A red block marks the stored top left corner."""
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[..., 2] = 200
+    stored[:10, :15] = (255, 0, 0)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(stored).save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    return stored, buffer.getvalue()
+
+
+def test_the_exif_orientation_is_applied_as_datasets_applies_it(tmp_path: Path) -> None:
+    """datasets (PIL) and transformers' loaders turn a photo upright; a replayed image folder must too, or a
+    phone's photos are classified, and fine-tuned on, on their side."""
+    _, jpeg = photo_on_its_side()
+    upright = np.asarray(PIL.ImageOps.exif_transpose(PIL.Image.open(io.BytesIO(jpeg))).convert("RGB"))
+    assert upright.shape == (60, 40, 3)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(jpeg)
+    for value in (jpeg, {"bytes": None, "path": str(path)}):
+        decoded = decode_image(value)
+        assert decoded is not None
+        assert decoded.shape == upright.shape
+        assert np.abs(decoded.astype(int) - upright).mean() < 2  # two JPEG decoders: close, not equal
+        corner = decoded[:10, -8:].astype(int)  # the marked corner, turned to the top right
+        assert (corner[..., 0] > 200).all() and (corner[..., 2] < 60).all()
+
+
+@pytest.mark.usefixtures("reader")
+def test_an_image_folder_of_photos_replays_upright(tmp_path: Path) -> None:
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "0.jpg").write_bytes(photo_on_its_side()[1])
+    frames, _ = replay(tmp_path)
+    assert [f.image.shape for f in frames] == [(60, 40, 3)]
+
+
+def unchanged(data: bytes) -> np.ndarray:
+    """``data`` decoded as eyed decoded it before it applied the EXIF orientation."""
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded is not None
+    return to_rgb(decoded)
+
+
+@pytest.mark.assets
+def test_cifar_decodes_as_it_did_before_orientation(real_cifar: Path) -> None:
+    """The flags that apply the orientation give the pixels IMREAD_UNCHANGED and to_rgb gave, byte for byte
+    (checked on all 50,000 images; the first 5,000 here)."""
+    import pyarrow.parquet as pq
+
+    shard = pq.ParquetFile(real_cifar / "train-00000-of-00005.parquet")
+    batch = next(shard.iter_batches(batch_size=5000, columns=["img"]))
+    for record in batch.column("img").to_pylist():
+        before = unchanged(record["bytes"])
+        now = decode_image(record)
+        assert now is not None and now.dtype == before.dtype and np.array_equal(now, before)
+
+
+def test_odd_files_decode_as_they_did_before_orientation() -> None:
+    """Grey, grey with alpha, palettes with transparency, RGBA, 16-bit, float and 32-bit integer TIFFs (which
+    OpenCV cannot decode to 3 channels: decoded as they are)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+
+    def pil(image: PIL.Image.Image, fmt: str, **kwargs: Any) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **kwargs)
+        return buffer.getvalue()
+
+    files = [
+        pil(PIL.Image.fromarray(rgb[..., 0]).convert("LA"), "PNG"),
+        pil(PIL.Image.fromarray(rgb).convert("P"), "PNG", transparency=0),
+        pil(PIL.Image.fromarray(rgb[..., 0] > 128), "PNG"),
+        pil(PIL.Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+        pil(PIL.Image.fromarray(rng.integers(0, 1 << 20, (8, 8), dtype=np.int32)), "TIFF"),
+        encode(".png", rng.integers(0, 65536, (8, 8, 4), dtype=np.uint16)),
+        encode(".tiff", rng.random((8, 8)).astype(np.float32)),
+        encode(".tiff", rng.random((8, 8, 3)).astype(np.float32)),
+    ]
+    for data in files:
+        before = unchanged(data)
+        now = decode_image(data)
+        assert now is not None and np.array_equal(now, before)
 
 
 @pytest.mark.parametrize(
