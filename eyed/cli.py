@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from eyed.config import ConfigError, Settings, dump_settings, load_settings
-from eyed.logs import setup_logging
+from eyed.logs import install_excepthooks, print_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,28 @@ def check_files(settings: Settings) -> list[str]:
 
     drift_reference(settings)
     _check_priors(settings)
+    notes = _check_providers(settings)
     key = settings.publish.curve_secret_key
     if key is not None and key.is_relative_to(CREDENTIALS_ROOT) and not key.exists():
         # Checked before the service's first start, the credential is not there yet; the daemon reads it then.
-        return ["publish.curve_secret_key is a systemd credential, there once the service runs: not read"]
+        return [*notes, "publish.curve_secret_key is a systemd credential, there once the service runs: not read"]
     clients = check_curve(settings.publish)
-    return [] if clients is None else [f"publish.curve_clients allows {clients} subscriber key(s)"]
+    return notes if clients is None else [*notes, f"publish.curve_clients allows {clients} subscriber key(s)"]
+
+
+def _check_providers(settings: Settings) -> list[str]:
+    """model.providers against the installed onnxruntime, by the rule `eyed run` applies (a missing provider is
+    exit 78 there too); notes for the user."""
+    if settings.model.backend != "onnx":
+        return []
+    try:
+        import onnxruntime  # noqa: F401 (only whether it imports)
+    except ImportError:
+        return ["onnxruntime is not installed here: model.providers not checked (`eyed run` needs it)"]
+    from eyed.model.onnx_backend import check_providers
+
+    check_providers(settings.model.providers)
+    return []
 
 
 def _check_priors(settings: Settings) -> None:
@@ -149,7 +165,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             try:
                 topic, payload = sub.receive(args.timeout)
             except TimeoutError as exc:
-                print(f"eyed subscribe: {exc}", file=sys.stderr)
+                print_error(f"eyed subscribe: {exc}")
                 return EXIT_FAILURE
             received += 1
             if args.json:
@@ -179,7 +195,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             print(_summary(name, payload), flush=True)
             if payload.get("state") == "live":
                 return EXIT_OK
-    print(f"eyed health: no live heartbeat on {endpoint} within {args.timeout:g} s", file=sys.stderr)
+    print_error(f"eyed health: no live heartbeat on {endpoint} within {args.timeout:g} s")
     return EXIT_FAILURE
 
 
@@ -283,10 +299,10 @@ def cmd_drift_report(args: argparse.Namespace) -> int:
         try:
             events = read_drift_events(args.events)
         except OSError as exc:
-            print(f"eyed drift-report: --events {args.events}: {exc.strerror or exc}", file=sys.stderr)
+            print_error(f"eyed drift-report: --events {args.events}: {exc.strerror or exc}")
             return EXIT_FAILURE
         except ValueError as exc:
-            print(f"eyed drift-report: {exc}", file=sys.stderr)
+            print_error(f"eyed drift-report: {exc}")
             return EXIT_FAILURE
     else:
         from eyed.evaluate import run_drift
@@ -295,12 +311,12 @@ def cmd_drift_report(args: argparse.Namespace) -> int:
         for event in events:
             print(json.dumps({"topic": f"drift.{event['source']}", **event}))
     if not events:
-        print(f"eyed drift-report: no drift windows in {args.events or 'the run'}", file=sys.stderr)
+        print_error(f"eyed drift-report: no drift windows in {args.events or 'the run'}")
         return EXIT_FAILURE
     try:
         print(draw_report(events, args.output, reference, source=args.source), file=sys.stderr)
     except ValueError as exc:  # several sources and no --source, or none with that name
-        print(f"eyed drift-report: {exc}", file=sys.stderr)
+        print_error(f"eyed drift-report: {exc}")
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -456,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Run as the program (a caller passing argv, such as a test, keeps its own hooks): before anything can fail,
+    # so that an uncaught exception is logged with a priority journald reads.
+    if argv is None:
+        install_excepthooks()
     from eyed.curve import CurveError
     from eyed.daemon import ShutdownTimeout
     from eyed.model import ModelLoadError
@@ -471,16 +491,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_writable(path, folder=folder)
         return int(args.func(args))
     except (ConfigError, CurveError) as exc:
-        print(f"eyed: {exc}", file=sys.stderr)
+        print_error(f"eyed: {exc}")
         return EXIT_CONFIG
     except (ModelLoadError, SourceError, PublishError, MissingExtra) as exc:
-        print(f"eyed: {exc}", file=sys.stderr)
+        print_error(f"eyed: {exc}")
         return EXIT_UNAVAILABLE
     except OutputError as exc:
-        print(f"eyed: {exc}", file=sys.stderr)
+        print_error(f"eyed: {exc}")
         return EXIT_CANTCREAT
     except ShutdownTimeout as exc:
-        print(f"eyed: {exc}", file=sys.stderr)
+        print_error(f"eyed: {exc}")
         return EXIT_SOFTWARE
     except KeyboardInterrupt:
         return 130

@@ -37,6 +37,14 @@ IPC_PATH_MAX = 107
 _INTERFACE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
+def default_cache_dir() -> Path:
+    """model.cache_dir's default: the folder systemd made for the service (CacheDirectory=, passed on as
+    $CACHE_DIRECTORY; the first, if it lists several), else the user's. A default, not an override, so that a
+    cache_dir in the TOML file wins (the unit used to set EYED_MODEL__CACHE_DIR, which beat the file)."""
+    folder = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    return Path(folder) if folder else Path("~/.cache/eyed")
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are checked on assignment too."""
 
@@ -115,7 +123,8 @@ class SourceConfig(Section):
         elif self.kind == "webcam":
             raw = f"webcam-{Path(str(self.device)).name}"
         elif self.kind == "file":
-            raw = Path(str(self.url)).stem
+            # A file can be a URL too (a stream FFmpeg reads, an rtsp:// given by mistake): no secrets in topics.
+            raw = Path(_id_part(str(self.url))).stem
         else:  # rtsp: host, port, path and query, without the user info or secret items
             raw = "rtsp/" + _id_part(str(self.url))
         return re.sub(r"[^A-Za-z0-9_\-]+", "-", raw).strip("-") or self.kind
@@ -173,7 +182,11 @@ class ModelConfig(Section):
     )
     backend: Literal["onnx", "torch"] = Field("onnx", description="Inference runtime.")
     onnx: Path | None = Field(None, description="Exported ONNX file; exported into cache_dir when unset.")
-    cache_dir: Path = Field(Path("~/.cache/eyed"), description="Where the daemon keeps ONNX files it exported itself.")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Where the daemon keeps ONNX files it exported itself (default: $CACHE_DIRECTORY, which "
+        "systemd sets from the unit's CacheDirectory=, else ~/.cache/eyed).",
+    )
     topk: int = Field(5, ge=1, le=100, description="Classes listed in each label event.")
     threads: int = Field(
         0,
@@ -246,6 +259,10 @@ def check_endpoint(endpoint: str) -> str:
         raise ValueError(f"nothing after {transport}://")
     if transport == "tcp":
         _check_tcp_address(address)
+    elif transport == "ipc" and address.startswith("*"):
+        # ZeroMQ binds a random path in a temporary folder for it, which only the log would reveal to subscribers,
+        # and publish.ipc_mode could not be applied to it.
+        raise ValueError("ipc://* (a random path ZeroMQ picks) cannot be subscribed to: give the socket's path")
     elif transport == "ipc" and len(address.encode()) > IPC_PATH_MAX:
         raise ValueError(f"the ipc path is longer than {IPC_PATH_MAX} bytes, the most a Unix socket address holds")
     return endpoint

@@ -26,7 +26,7 @@ from eyed.config import ConfigError, Settings
 from eyed.curve import CurveError
 from eyed.model import load_classifier
 from eyed.pipeline import DriftWatch, Pipeline
-from eyed.publisher import Publisher, PublishError
+from eyed.publisher import Publisher
 from eyed.sdnotify import Notifier
 from eyed.sources import SourceError, open_source
 from eyed.types import Classifier, StartUp
@@ -168,7 +168,8 @@ class Signals:
 @contextlib.contextmanager
 def signals_set(stop: threading.Event, reload: threading.Event | None = None) -> Iterator[Signals]:
     """Install handlers that only set flags, passed on to ``stop`` (SIGTERM/SIGINT) and ``reload`` (SIGHUP) by
-    :class:`Signals`; restore the old handlers afterwards. Off the main thread, nothing is installed."""
+    :class:`Signals`; restore the old handlers afterwards (SIGTERM and SIGINT: ignored instead, once stopping).
+    Off the main thread, nothing is installed."""
     signals = Signals(stop, reload)
     if threading.current_thread() is not threading.main_thread():
         try:
@@ -177,14 +178,20 @@ def signals_set(stop: threading.Event, reload: threading.Event | None = None) ->
             signals.close()
         return
     signals.start()
-    old = {s: signal.signal(s, signals.on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.signal(s, signals.on_stop) for s in stop_signals}
     if reload is not None:
         old[signal.SIGHUP] = signal.signal(signal.SIGHUP, signals.on_reload)
     try:
         yield signals
     finally:
+        # Once a stop has been asked for (or the source has ended), the daemon is on its way out: a second stop
+        # signal (systemd's, after a first one; a second Ctrl-C) must not then kill the interpreter's teardown by
+        # the default action, turning exit 0 into death by signal. Left ignored instead; systemd's SIGKILL after
+        # TimeoutStopSec still ends a teardown that hangs.
+        stopping = signals.stop_requested or stop.is_set()
         for s, h in old.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if stopping and s in stop_signals else h)
         signals.close()
 
 
@@ -199,6 +206,15 @@ def reload_now(reload: threading.Event, notifier: Notifier, publisher: Publisher
     except CurveError as exc:
         # A failed reload must not take the service down: keep running with the list read before.
         logger.error("SIGHUP: %s; the previous allow-list stays in force", exc)
+    except Exception as exc:
+        # Nor may one that fails in a way nobody foresaw (pyzmq's certificate parser raises IndexError on a
+        # malformed line): the list is replaced only once read whole, so the previous one is still in force.
+        logger.error(
+            "SIGHUP: reading the allow-list failed (%s: %s); the previous allow-list stays in force",
+            type(exc).__name__,
+            exc,
+            exc_info=True,
+        )
     else:
         if allowed is None:
             logger.info("SIGHUP: nothing to reload without CURVE; restart the daemon to apply other settings")
@@ -206,6 +222,55 @@ def reload_now(reload: threading.Event, notifier: Notifier, publisher: Publisher
             logger.info("SIGHUP: CURVE allow-list read again, %d key(s); other settings need a restart", allowed)
     finally:
         notifier.notify("READY=1")
+
+
+class PipelineShutdown:
+    """Stops the pipeline and waits for its threads, once, bounded by ``daemon.shutdown_timeout_s``; entered on
+    :func:`run`'s ExitStack after the publisher, the classifier and the source, so that on every way out of
+    ``run`` (LIFO) the inference workers have ended before what they use closes.
+
+    Without it, an exception escaping the main loop closed the publisher and the ONNX session under running
+    workers: they failed on a closed object (onnxruntime could abort the process), and neither STOPPING=1 nor
+    the last health event went out.
+    """
+
+    def __init__(self, pipeline: Pipeline, notifier: Notifier, stop: threading.Event, timeout_s: float) -> None:
+        self.pipeline, self.notifier, self.stop, self.timeout_s = pipeline, notifier, stop, timeout_s
+        self.started = False
+        self.ended: bool | None = None  # whether the threads ended, once __call__ has waited for them
+
+    def start(self) -> None:
+        self.pipeline.start()
+        self.started = True
+
+    def __call__(self) -> bool:
+        """STOPPING=1, set ``stop`` and wait for the threads; whether they ended in time. Only the first call
+        does it: the main thread's own shutdown makes the one on the way out a no-op."""
+        if self.ended is None:
+            self.notifier.notify("STOPPING=1", "STATUS=stopping")
+            if self.started and not self.pipeline.done.is_set():
+                logger.info("stopping")
+            self.stop.set()
+            self.ended = self.pipeline.join(self.timeout_s) if self.started else True
+        return self.ended
+
+    def __enter__(self) -> PipelineShutdown:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self.ended is not None or (exc is None and not self.started):
+            return  # stopped already, or an early return that has said how it ended
+        if not self.started:
+            # Failed before the first frame: subscribers hear how it ended (the publisher's linger delivers it).
+            try:
+                self.pipeline.announce("failed")
+            except Exception:
+                logger.exception("could not announce the failure")
+        if not self():
+            logger.error(
+                "inference still running %g s after a failure in the main thread: closing what it uses anyway",
+                self.timeout_s,
+            )
 
 
 class Supervisor:
@@ -399,6 +464,8 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             stop=stop,
             drift=drift,
         )
+        # From here on, every way out of run() (an exception from the main loop too) ends the workers first.
+        shutdown = stack.enter_context(PipelineShutdown(pipeline, notifier, stop, settings.daemon.shutdown_timeout_s))
         supervisor = Supervisor(notifier, pipeline, settings.publish.heartbeat_s)
         # Ready: the model is loaded and warm, the endpoint is bound. Waiting for subscribers comes after, so a
         # unit's start-up timeout never depends on when clients show up.
@@ -411,20 +478,17 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
             # Subscribers already there hear that the daemon is up and what it waits for.
             pipeline.announce("waiting")
 
-        try:
-            publisher.wait_for_subscribers(
-                settings.publish.wait_subscribers,
-                settings.publish.wait_timeout_s,
-                stop=stop,
-                tick=waiting_tick,
-            )
-        except PublishError:
-            pipeline.announce("failed")  # the publisher's linger delivers it
-            raise
+        # A failure here (PublishError: the wait timed out) is announced by PipelineShutdown on the way out.
+        publisher.wait_for_subscribers(
+            settings.publish.wait_subscribers,
+            settings.publish.wait_timeout_s,
+            stop=stop,
+            tick=waiting_tick,
+        )
         if stop.is_set():
             pipeline.announce("stopped")
             return stopped_early(notifier)
-        pipeline.start()
+        shutdown.start()
         logger.info(
             "running: source=%s model=%s%s backend=%s spinning=%s workers=%d threads=%s batch=%d",
             source.id,
@@ -440,10 +504,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         while not stop.wait(supervisor.tick_s):
             reload_now(reload, notifier, publisher)
             supervisor.tick()
-        notifier.notify("STOPPING=1", "STATUS=stopping")
-        if not pipeline.done.is_set():
-            logger.info("stopping")
-        if not pipeline.join(settings.daemon.shutdown_timeout_s):
+        if not shutdown():
             raise ShutdownTimeout(f"pipeline still running after {settings.daemon.shutdown_timeout_s:g} s")
         if pipeline.failure is not None:
             # Already logged with its traceback where it happened; a non-zero exit lets systemd restart us.

@@ -107,3 +107,75 @@ def test_check_config_is_what_run_says(tmp_path: Path, base: dict[str, object]) 
     assert check.returncode == code == EXIT_CONFIG, (check.stderr, err)
     message = "drift.reference " + str(tmp_path / "missing.json")
     assert message in check.stderr and message in err
+
+
+def test_check_config_refuses_providers_run_refuses(base: dict[str, object]) -> None:
+    """An execution provider this onnxruntime lacks: `eyed run` exits 78, so `eyed check-config` (which
+    install.sh runs) must say so first, with the same message."""
+    settings = {**base, "model.providers": '["NoSuchExecutionProvider", "CPUExecutionProvider"]'}
+    check = eyed("check-config", settings=settings)
+    code, err = finish(start_daemon({**settings, "publish.wait_subscribers": 0}))
+    assert check.returncode == code == EXIT_CONFIG, (check.stderr, err)
+    message = "model.providers: NoSuchExecutionProvider not available in this onnxruntime build"
+    assert message in check.stderr and message in err
+    # The torch backend has no providers to check; nor does a configuration naming only what is there.
+    torch = {k: v for k, v in settings.items() if k != "model.onnx"}
+    assert eyed("check-config", settings={**torch, "model.backend": "torch"}).returncode == EXIT_OK
+    assert eyed("check-config", settings=base).returncode == EXIT_OK
+
+
+def journald(*args: str, settings: dict[str, object] | None = None, script: str | None = None) -> tuple[int, str]:
+    """`eyed ARGS` (or a Python ``script``) with stderr as systemd hands it to journald: JOURNAL_STREAM set."""
+    argv = [sys.executable, "-c", script] if script is not None else [sys.executable, "-m", "eyed", *args]
+    result = subprocess.run(
+        argv,
+        env=daemon_env(settings or {}, JOURNAL_STREAM="8:12345"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, result.stderr
+
+
+def test_fatal_errors_carry_the_err_priority_under_journald(base: dict[str, object], tmp_path: Path) -> None:
+    """`journalctl -p err` must show why the service stopped: every line of the error, a multi-line one too,
+    is prefixed <3>, and no line goes out without a priority."""
+    code, err = journald("run", settings={**base, "source.limit": -1})
+    assert code == EXIT_CONFIG, err
+    lines = err.splitlines()
+    assert lines[0] == "<3>eyed: invalid configuration:", err
+    assert all(line.startswith("<3>") for line in lines) and any("source.limit" in line for line in lines), err
+    # After logging is set up: the log lines have theirs, the fatal error err.
+    code, err = journald("run", settings={**base, "source.split": "nope"})
+    assert code not in (0, 1), err
+    lines = err.splitlines()
+    assert all(line.startswith("<") for line in lines), err
+    assert lines[-1].startswith("<3>eyed: ") and "nope" in lines[-1], err
+
+
+UNCAUGHT = """
+import sys
+import eyed.cli
+
+
+def broken(args):
+    raise RuntimeError("nobody saw this coming")
+
+
+eyed.cli.cmd_check_config = broken
+sys.argv = ["eyed", "check-config"]
+sys.exit(eyed.cli.main())
+"""
+
+
+def test_an_uncaught_exception_is_logged_with_a_priority() -> None:
+    """A bug's traceback goes through logging at CRITICAL: under journald each of its lines is <2>, not the
+    default (info) priority the interpreter's own hook leaves it at."""
+    code, err = journald(script=UNCAUGHT)
+    assert code == EXIT_FAILURE, err
+    lines = err.splitlines()
+    assert lines[0] == "<2>eyed: uncaught exception: nobody saw this coming", err
+    assert all(line.startswith("<2>") for line in lines), err
+    assert "<2>Traceback (most recent call last):" in lines and "RuntimeError: nobody saw this coming" in err

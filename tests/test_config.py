@@ -310,6 +310,7 @@ def test_available_cores_follows_the_affinity_mask(monkeypatch: pytest.MonkeyPat
         ("tcp://eth0;x:5556", "host 'eth0;x'"),
         ("tcp://", "nothing after tcp://"),
         ("ipc://", "nothing after ipc://"),
+        ("ipc://*", "ipc://* (a random path ZeroMQ picks)"),
         (f"ipc:///run/{'x' * 110}.sock", "longer than 107 bytes"),
         ("http://x", "expected tcp://HOST:PORT"),
         ("127.0.0.1:5556", "expected tcp://HOST:PORT"),
@@ -344,6 +345,42 @@ def test_a_malformed_endpoint_is_a_config_error(endpoint: str, problem: str) -> 
 )
 def test_well_formed_endpoints_pass(endpoint: str) -> None:
     assert load_settings(None, [f"publish.endpoint={endpoint}"]).publish.endpoint == endpoint
+
+
+def test_model_cache_dir_defaults_to_the_units_cache_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """systemd passes the unit's CacheDirectory= on as $CACHE_DIRECTORY: that is model.cache_dir's default, which
+    a cache_dir in the TOML file still beats (the unit's EYED_MODEL__CACHE_DIR used to beat the file), and
+    `eyed check-config` shows the value in effect."""
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    assert load_settings().model.cache_dir == Path("~/.cache/eyed")
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/eyed")
+    assert load_settings().model.cache_dir == Path("/var/cache/eyed")
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/eyed:/var/cache/other")  # several: the first
+    assert load_settings().model.cache_dir == Path("/var/cache/eyed")
+    config = write_toml(tmp_path, f'[model]\ncache_dir = "{tmp_path / "mine"}"\n')
+    assert load_settings(config).model.cache_dir == tmp_path / "mine"
+    monkeypatch.setenv("EYED_MODEL__CACHE_DIR", str(tmp_path / "env"))  # the environment beats the file, as ever
+    assert load_settings(config).model.cache_dir == tmp_path / "env"
+    monkeypatch.delenv("EYED_MODEL__CACHE_DIR")
+    assert main(["check-config"]) == EXIT_OK
+    assert tomllib.loads(capsys.readouterr().out)["model"]["cache_dir"] == "/var/cache/eyed"
+    assert main(["check-config", "--config", str(config)]) == EXIT_OK
+    assert tomllib.loads(capsys.readouterr().out)["model"]["cache_dir"] == str(tmp_path / "mine")
+
+
+def test_check_config_refuses_an_execution_provider_onnxruntime_lacks(capsys: pytest.CaptureFixture[str]) -> None:
+    """`eyed run` exits 78 for it: check-config says so before the service starts."""
+    pytest.importorskip("onnxruntime")
+    code, err = check_config({"model.providers": '["CUDAExecutionProvider", "CPUExecutionProvider"]'}, capsys)
+    if code == EXIT_OK:  # an onnxruntime with CUDA: nothing to refuse here
+        import onnxruntime
+
+        assert "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        return
+    assert code == EXIT_CONFIG
+    assert "model.providers: CUDAExecutionProvider not available in this onnxruntime build" in err
 
 
 def test_shutdown_fits_in_the_units_stop_timeout(tmp_path: Path) -> None:
@@ -703,6 +740,20 @@ def test_rtsp_source_id_never_contains_credentials() -> None:
         ),
     ]
     assert [(url, SourceConfig(kind="rtsp", url=url).resolved_id()) for url, _ in ids] == ids
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("rtsp://admin:hunter2@cam.local/live?token=s3cr3t", "live"),
+        ("https://me:pw@videos.example/shelf.mp4?sig=abc", "shelf"),
+        ("/videos/password=x/shelf.mp4", "shelf"),
+    ],
+)
+def test_a_file_source_id_never_contains_credentials(url: str, expected: str) -> None:
+    """kind = file takes a URL too (an rtsp:// given by mistake, a stream FFmpeg reads): its secrets went into
+    the id, so into every topic and log line."""
+    assert SourceConfig(kind="file", url=url).resolved_id() == expected
 
 
 def test_an_rtsp_url_that_cannot_be_parsed_is_a_config_error() -> None:

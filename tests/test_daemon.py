@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +17,7 @@ from eyed.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
 from eyed.config import available_cores, load_settings
 from eyed.subscriber import Subscriber
 from tests.conftest import BUSY_DATASETS, CIFAR10, fake_datasets_package
-from tests.daemon_helpers import collect, finish, start_daemon
+from tests.daemon_helpers import NotifyListener, collect, finish, start_daemon
 from tests.fake_hub import FakeHub, cifar10_repo
 
 
@@ -104,6 +108,11 @@ import os, signal, threading, time
 from eyed.daemon import signals_set
 stop, reload = threading.Event(), threading.Event()
 before = signal.getsignal(signal.SIGTERM)
+before_hup = signal.getsignal(signal.SIGHUP)
+with signals_set(threading.Event(), threading.Event()):
+    pass
+# No stop came: the old handlers are back as they were.
+print(signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGHUP) is before_hup)
 with signals_set(stop, reload) as signals:
     # The locks Event.set takes, held as the main thread holds stop's inside stop.wait(): a handler that took one
     # would wait for it here for good.
@@ -115,13 +124,16 @@ with signals_set(stop, reload) as signals:
             time.sleep(0.01)
         handled = signals.stop_requested and signals.reload_requested
     print(handled, stop.wait(5), reload.wait(5), signal.getsignal(signal.SIGTERM) is not before)
-print(signal.getsignal(signal.SIGTERM) is before)
+# After a stop, the stop signals stay ignored (a second one must not kill the teardown); SIGHUP is restored.
+ignored = (signal.SIG_IGN, signal.SIG_IGN, before_hup)
+print(tuple(signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) == ignored)
 """
 
 
 def test_signal_handlers_take_no_lock() -> None:
     """A signal lands while the main thread holds the locks of ``stop`` and ``reload``: the handlers only set
-    flags, the events are set once the locks are free, and the old handlers come back afterwards."""
+    flags, the events are set once the locks are free, and the old handlers come back afterwards (the stop
+    signals' as ignored, once a stop came)."""
     import sys
 
     try:
@@ -130,7 +142,7 @@ def test_signal_handlers_take_no_lock() -> None:
         ).stdout.split()
     except subprocess.TimeoutExpired:
         pytest.fail("a signal handler deadlocked the main thread on a lock it held")
-    assert out == ["True", "True", "True", "True", "True"]
+    assert out == ["True"] * 6
 
 
 SLOW_EXPORT = """
@@ -160,7 +172,7 @@ def test_sigterm_during_a_first_start_export_exits_at_once_leaving_no_file(
     TimeoutStopSec would SIGKILL), and the half-written export must not stay in the cache."""
     import sys
 
-    from tests.daemon_helpers import NotifyListener, daemon_env
+    from tests.daemon_helpers import daemon_env
 
     settings = {k: v for k, v in base.items() if k != "model.onnx"}
     settings.update({"model.id": tiny_checkpoint, "model.cache_dir": tmp_path / "cache"})
@@ -464,3 +476,222 @@ def test_a_freed_large_block_goes_back_to_the_system() -> None:
 
 def test_a_users_malloc_setting_wins() -> None:
     assert freed_block_probe("pin", MALLOC_MMAP_THRESHOLD_=str(1 << 20))[0] is False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_that_keep_coming_still_exit_0(
+    base: dict[str, object], tmp_path: Path, signum: signal.Signals
+) -> None:
+    """systemd (or a user pressing Ctrl-C again) may send another stop signal while the first one's shutdown
+    runs, or during the interpreter's teardown after it: the exit stays 0, not death by that signal (-15) or
+    130. Signals every 20 ms until the process is gone, so every stage of the shutdown gets some."""
+    listener = NotifyListener(tmp_path / "notify.sock")
+    settings = {**base, "publish.wait_subscribers": 0, "source.loop": True, "source.fps": 50}
+    proc = start_daemon(settings, NOTIFY_SOCKET=str(listener.path))
+    try:
+        listener.wait_for("READY=1", 60)
+        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signum)
+            time.sleep(0.02)
+        code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        listener.close()
+    assert code == 0, err
+    assert "done:" in err and "Traceback" not in err
+
+
+def curve_allow_list(tmp_path: Path) -> tuple[dict[str, str], Path, tuple[Path, Path]]:
+    """CURVE settings for the daemon, its allow-list folder, and an allowed subscriber's (secret, server) keys."""
+    from eyed.curve import create_keys
+
+    server_pub, server_secret = create_keys(tmp_path / "server", "eyed")
+    allowed_pub, allowed_secret = create_keys(tmp_path / "allowed", "dashboard")
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    (clients / allowed_pub.name).write_bytes(allowed_pub.read_bytes())
+    settings = {"publish.curve_secret_key": str(server_secret), "publish.curve_clients": str(clients)}
+    return settings, clients, (allowed_secret, server_pub)
+
+
+RELOAD_RAISES = """
+import sys
+import eyed.publisher
+
+
+def broken_reload(self):
+    raise IndexError("list index out of range")  # what pyzmq's certificate parser raised on a malformed line
+
+
+eyed.publisher.Publisher.reload_clients = broken_reload
+from eyed.cli import main
+
+sys.exit(main(["run"]))
+"""
+
+
+@pytest.mark.parametrize("failure", ["malformed key file", "reload raises IndexError"])
+def test_a_reload_that_fails_keeps_the_daemon_running(
+    base: dict[str, object], endpoint: str, tmp_path: Path, failure: str
+) -> None:
+    """SIGHUP, and reading the allow-list fails: with a key file whose ``public-key`` line has no '=' (pyzmq's
+    parser raised IndexError on it, where other damage is a ValueError), or with a reload that raises something
+    no one foresaw. An error in the log, READY=1, events still going out, and SIGTERM still a clean exit 0:
+    it used to take the daemon down mid-inference."""
+    import sys
+
+    from tests.daemon_helpers import daemon_env
+
+    listener = NotifyListener(tmp_path / "notify.sock")
+    settings = {**base, "publish.wait_subscribers": 0, "source.loop": True, "source.fps": 20}
+    if failure == "malformed key file":
+        curve, clients, allowed = curve_allow_list(tmp_path)
+        settings.update(curve)
+        argv = [sys.executable, "-m", "eyed", "run"]
+    else:
+        allowed = None
+        argv = [sys.executable, "-c", RELOAD_RAISES]
+    proc = subprocess.Popen(
+        argv,
+        env=daemon_env(settings, NOTIFY_SOCKET=str(listener.path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        listener.wait_for("READY=1", 60)
+        if failure == "malformed key file":
+            (clients / "bad.key").write_text('metadata\ncurve\n    public-key: "x"\n')
+        proc.send_signal(signal.SIGHUP)
+        listener.wait_for("READY=1", 10, after=listener.wait_for("RELOADING=1", 10))
+        time.sleep(1.0)
+        assert proc.poll() is None, finish(proc)[1]
+        with Subscriber(endpoint, ("label.",), allowed) as sub:
+            seqs = [sub.receive(20)[1]["seq"] for _ in range(3)]
+        assert seqs == list(range(seqs[0], seqs[0] + 3))
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc)
+        listener.wait_for("STOPPING=1", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        listener.close()
+    assert code == 0, err
+    assert "SIGHUP: " in err and "the previous allow-list stays in force" in err
+
+
+def test_reload_now_survives_any_exception(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever a reload raises, not only CurveError, is logged as an error and READY=1 still follows."""
+    from eyed.daemon import reload_now
+    from eyed.sdnotify import Notifier
+
+    class BrokenPublisher:
+        def reload_clients(self) -> int | None:
+            raise RuntimeError("nobody saw this coming")
+
+    listener = NotifyListener(tmp_path / "notify.sock")
+    try:
+        with Notifier({"NOTIFY_SOCKET": str(listener.path)}) as notifier:
+            reload = threading.Event()
+            reload.set()
+            with caplog.at_level(logging.ERROR, logger="eyed.daemon"):
+                reload_now(reload, notifier, BrokenPublisher())  # type: ignore[arg-type]
+            listener.wait_for("READY=1", 5, after=listener.wait_for("RELOADING=1", 5))
+    finally:
+        listener.close()
+    assert "RuntimeError: nobody saw this coming" in caplog.text
+    assert "previous allow-list stays in force" in caplog.text
+    assert not reload.is_set()
+
+
+def inference_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("eyed-infer") and t.is_alive()]
+
+
+def test_an_exception_in_the_main_loop_ends_the_workers_before_closing_what_they_use(
+    tiny_dataset: Path, tiny_onnx: Path, endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever escapes the main thread's loop (here from the supervisor's tick) unwinds run()'s ExitStack:
+    the inference workers are stopped and joined first, with STOPPING=1 and a last health event, and only then
+    do the publisher and the model close. Closed under running workers, they made the workers fail, and
+    onnxruntime could abort the process."""
+    import eyed.daemon
+    from eyed.config import load_settings
+    from eyed.publisher import Publisher
+
+    closed: list[tuple[str, list[str]]] = []
+
+    class RecordingPublisher(Publisher):
+        def __exit__(self, *exc: Any) -> None:
+            closed.append(("publisher", inference_threads()))
+            super().__exit__(*exc)
+
+    real_load = eyed.daemon.load_classifier
+
+    def load(cfg: Any) -> Any:
+        classifier = real_load(cfg)
+        real_close = classifier.close
+
+        def close() -> None:
+            closed.append(("classifier", inference_threads()))
+            real_close()
+
+        monkeypatch.setattr(classifier, "close", close)
+        return classifier
+
+    ticks = [0]
+
+    def failing_tick(self: Any, waiting: bool = False) -> None:
+        ticks[0] += 1
+        if ticks[0] == 3:
+            raise RuntimeError("tick failed")
+
+    monkeypatch.setattr(eyed.daemon, "Publisher", RecordingPublisher)
+    monkeypatch.setattr(eyed.daemon, "load_classifier", load)
+    monkeypatch.setattr(eyed.daemon.Supervisor, "tick", failing_tick)
+    monkeypatch.setattr(eyed.daemon.Supervisor, "tick_s", 0.2)
+    listener = NotifyListener(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+    settings = load_settings(
+        None,
+        [
+            f"source.dataset={tiny_dataset}",
+            "source.split=train",
+            "source.loop=true",
+            "source.id=tiny",
+            f"model.onnx={tiny_onnx}",
+            "model.workers=2",
+            f"publish.endpoint={endpoint}",
+            "publish.heartbeat_s=0.2",
+        ],
+    )
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            eyed.daemon.run(settings)
+        except BaseException as exc:
+            raised.append(exc)
+
+    try:
+        with Subscriber(endpoint, ("health.",)) as sub:
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            thread.join(30)
+            assert not thread.is_alive()
+            states = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    states.append(sub.receive(0.5)[1]["state"])
+        assert [str(e) for e in raised] == ["tick failed"]
+        assert closed == [("publisher", []), ("classifier", [])]
+        assert "live" in states and states[-1] == "stopped", states
+        listener.wait_for("STOPPING=1", 5)
+    finally:
+        listener.close()

@@ -55,6 +55,72 @@ def test_unit_has_what_a_notify_service_needs() -> None:
     assert d["RuntimeDirectory"] == ["eyed"] and "MemoryMax" in d
 
 
+def sections() -> dict[str, dict[str, list[str]]]:
+    """The unit's directives by section: a [Unit] key in [Service] is ignored by systemd, with a warning."""
+    out: dict[str, dict[str, list[str]]] = {}
+    current = out.setdefault("", {})
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            current = out.setdefault(line[1:-1], {})
+        elif line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            current.setdefault(key, []).append(value)
+    return out
+
+
+def test_a_daemon_failing_at_start_is_not_restarted_for_ever() -> None:
+    """Exit 69 at once (a dataset path typo): systemd's default start limit, 5 starts in 10 s, is never reached
+    with RestartSec=5, so the unit would restart every 5 s for good. The unit's own limit is reached within
+    its interval, and then the unit shows as failed."""
+    unit, service = sections()["Unit"], sections()["Service"]
+    interval = int(unit["StartLimitIntervalSec"][0])
+    burst = int(unit["StartLimitBurst"][0])
+    restart_s = float(service["RestartSec"][0])
+    assert (burst, interval) == (10, 300)
+    assert burst * restart_s < interval  # a start that fails at once hits the limit
+    assert "StartLimitIntervalSec" not in service and "StartLimitBurst" not in service
+
+
+def test_tasks_max_leaves_room_for_a_many_core_box() -> None:
+    """onnxruntime's pools (per worker, per core), OpenCV's and FFmpeg's threads and captures abandoned by a
+    stuck camera all count against TasksMax: 64 was too few on 16 cores."""
+    assert int(directives()["TasksMax"][0]) >= 256
+
+
+def unit_environment() -> dict[str, str]:
+    """What the unit's Environment= lines set."""
+    env: dict[str, str] = {}
+    for line in directives().get("Environment", []):
+        for item in line.split():
+            key, _, value = item.partition("=")
+            env[key] = value
+    return env
+
+
+def test_model_cache_dir_in_the_config_file_wins_under_the_unit(tmp_path: Path) -> None:
+    """Under the unit (its Environment=, and $CACHE_DIRECTORY as systemd sets it from CacheDirectory=), the
+    cache is /var/cache/eyed unless eyed.toml says otherwise; an EYED_MODEL__CACHE_DIR in the unit used to beat
+    the file without a word."""
+    service = sections()["Service"]
+    assert service["CacheDirectory"] == ["eyed"]
+    assert not [k for k in unit_environment() if k.startswith("EYED_")]
+    env = daemon_env({}, **unit_environment(), CACHE_DIRECTORY="/var/cache/eyed")
+
+    def cache_dir(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "eyed", "check-config", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        line = next(x for x in result.stdout.splitlines() if x.startswith("cache_dir = "))
+        return line.partition(" = ")[2].strip('"')
+
+    assert cache_dir() == "/var/cache/eyed"
+    config = tmp_path / "eyed.toml"
+    config.write_text(f'[model]\ncache_dir = "{tmp_path / "models"}"\n')
+    assert cache_dir("--config", str(config)) == str(tmp_path / "models")
+
+
 def unit_with_real_binary(tmp_path: Path) -> Path:
     """systemd-analyze verify checks that ExecStart exists: point it at this checkout's eyed."""
     eyed = Path(sys.executable).with_name("eyed")
