@@ -123,13 +123,17 @@ class SourceConfig(Section):
         elif self.kind == "webcam":
             raw = f"webcam-{Path(str(self.device)).name}"
         elif self.kind == "file":
+            url = str(self.url)
             # A file can be a URL too (a stream FFmpeg reads, an rtsp:// given by mistake): no secrets in topics.
-            raw = Path(_id_part(str(self.url))).stem
+            # A plain path keeps the name it always had ('#', ':' and '@' are just characters in it).
+            raw = Path(_id_part(url) if URL_SCHEME.match(url) else url).stem
         else:  # rtsp: host, port, path and query, without the user info or secret items
             raw = "rtsp/" + _id_part(str(self.url))
         return re.sub(r"[^A-Za-z0-9_\-]+", "-", raw).strip("-") or self.kind
 
 
+# A URL's scheme and "//", as opposed to a file's path.
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 # name=value items of a URL's query, or of its path: some cameras (XMEye) take
 # /user=admin&password=...&channel=1 there.
 URL_ITEM = re.compile(r"([^/&;?#=]+)=([^/&;?#]*)")
@@ -353,7 +357,8 @@ MAX_WINDOW = 20_000
 # Frames per drift window when neither drift.window nor drift.window_s is set.
 DEFAULT_WINDOW = 250
 # The most frames a reference learned without a profile is made from: the monitor holds every one of them until
-# learning ends (80 bytes a frame: 8 MB), and calibrates on the inference thread then.
+# learning ends (80 bytes a frame: 8 MB, up to twice that while its buffer grows), and calibrates on the
+# inference thread then.
 MAX_LEARNED = 5 * MAX_WINDOW
 
 
@@ -414,7 +419,7 @@ class DriftConfig(Section):
         if self.window is not None and self.window_s is not None:
             raise ValueError("set drift.window (frames) or drift.window_s (seconds), not both")
         learned = self.learn_windows * self.window_frames
-        if self.reference is None and self.window_s is None and learned > MAX_LEARNED:
+        if self.active() and self.reference is None and self.window_s is None and learned > MAX_LEARNED:
             raise ValueError(
                 f"drift.learn_windows x drift.window is {learned} frames, more than the {MAX_LEARNED} a reference "
                 "learned at start is made from: lower one of them, or make a profile with 'eyed profile' and set "

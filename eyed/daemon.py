@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -422,8 +423,26 @@ def stopped_early(notifier: Notifier) -> int:
     return 0
 
 
+def note_cache_outside_unit(settings: Settings) -> None:
+    """Warn when the service's cache folder ($CACHE_DIRECTORY) is set but model.cache_dir, from the file, lies
+    outside it: under ProtectSystem=strict such a folder is read-only, and a first export would fail (configs
+    saved from `eyed check-config` before the unit stopped overriding cache_dir hold ~/.cache/eyed)."""
+    unit = [Path(p) for p in os.environ.get("CACHE_DIRECTORY", "").split(":") if p]
+    if not unit or settings.model.onnx is not None:
+        return
+    cache = settings.model.cache_dir.expanduser().resolve()
+    if not any(cache.is_relative_to(folder.resolve()) for folder in unit):
+        logger.warning(
+            "model.cache_dir %s is outside the service's cache folder %s: under the unit it is read-only, so an "
+            "export would fail there; remove cache_dir from the configuration file to use the service's",
+            cache,
+            unit[0],
+        )
+
+
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
     """Run the daemon until the source finishes (exit 0) or a signal arrives (exit 0 after clean shutdown)."""
+    note_cache_outside_unit(settings)
     stop = stop or threading.Event()
     reload = threading.Event()
     # Before the model and the dataset make their large allocations.

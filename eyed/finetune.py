@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from eyed.config import ConfigError, Settings, SourceConfig
-from eyed.model.checkpoint import TORCH_INSTALL, ModelLoadError, files_fingerprint, fingerprint, resolve_checkpoint
+from eyed.model.checkpoint import (
+    TORCH_INSTALL,
+    ModelLoadError,
+    files_fingerprint,
+    fingerprint,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 from eyed.model.export import FEATURES_FORMAT, export_onnx
 from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
@@ -32,7 +39,9 @@ from eyed.sources.replay import local_dataset
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # what a cached .npz holds (2: skip counts, 3: unreadable); bump when that changes
+# What a cached .npz holds, or how its frames were read (2: skip counts, 3: unreadable, 4: image folders follow
+# EXIF orientation); bump when that changes.
+CACHE_FORMAT = 4
 # The order of the counts in a cached .npz. "unreadable": reads the dataset reader ended early (a shard it could
 # not read, the network gone); what came before it is kept, but never cached.
 SKIP_REASONS = ("corrupt", "unlabelled", "unknown_label", "unreadable")
@@ -112,11 +121,13 @@ def _dataset_identity(dataset: str) -> list[str]:
     return [str(local), dataset_fingerprint(local)] if local is not None else [dataset]
 
 
-def _cache_key(settings: Settings, src: SourceConfig, folder: Path, flip: bool) -> str:
+def _cache_key(settings: Settings, src: SourceConfig, folder: Path, flip: bool, spec: PreprocessSpec) -> str:
     """Everything that decides which frames are read, their labels and their features."""
     fields = ("split", "skip", "limit", "image_column", "label_column")  # loop and fps are always off
     parts = {
-        "backbone": [str(folder), fingerprint(folder), settings.model.small_input, FEATURES_FORMAT],
+        # The preprocessing as eyed reads it now: the checkpoint's files alone do not say (crop_pct and resample
+        # were once ignored).
+        "backbone": [str(folder), fingerprint(folder), settings.model.small_input, FEATURES_FORMAT, spec.to_dict()],
         "dataset": _dataset_identity(src.dataset),
         "source": {k: getattr(src, k) for k in fields},
         "flip": flip,
@@ -131,8 +142,10 @@ def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> 
     # validation images into training); they are set so here too, so that they do not change the cache key.
     src = settings.source.model_copy(update={"loop": False, "fps": 0.0})
     folder = resolve_checkpoint(settings.model.id)
+    # Read as export and the daemon read it (a setting eyed does not reproduce is refused here too).
+    _, spec = read_checkpoint(folder, settings.model.id)
     cache = settings.model.cache_dir.expanduser()
-    path = cache / "features" / f"{_cache_key(settings, src, folder, flip)}.npz"
+    path = cache / "features" / f"{_cache_key(settings, src, folder, flip, spec)}.npz"
     if path.is_file():
         logger.info("using cached features %s", path)
         return _load(path, flip)
@@ -140,7 +153,6 @@ def extract_features(settings: Settings, batch: int = 64, flip: bool = True) -> 
     if not backbone.is_file():
         export_onnx(str(folder), backbone, features=True)
     session = open_session(backbone, settings.model)
-    spec = PreprocessSpec.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
     features = _extract(src, session, Preprocessor(spec, settings.model.small_input), batch, flip)
     if features.skipped["unreadable"]:
         # Cached, a passing failure (a hub dataset over a flaky network) would shrink every later run too.

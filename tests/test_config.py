@@ -423,9 +423,12 @@ def test_a_drift_window_in_frames_or_in_seconds_not_both(tmp_path: Path) -> None
 
 def test_a_learned_reference_is_bounded_in_frames(tmp_path: Path) -> None:
     """The monitor keeps every frame it learns from until learning ends: learn_windows x window frames."""
-    assert load_settings(None, ["drift.window=20000", "drift.learn_windows=5"]).drift.learn_windows == 5
+    on = "drift.enabled=true"
+    assert load_settings(None, [on, "drift.window=20000", "drift.learn_windows=5"]).drift.learn_windows == 5
     with pytest.raises(ConfigError, match=r"drift.learn_windows x drift.window is 120000 frames, more than the 100000"):
-        load_settings(None, ["drift.window=20000", "drift.learn_windows=6"])
+        load_settings(None, [on, "drift.window=20000", "drift.learn_windows=6"])
+    # Nothing is learned with drift off: a configuration valid before stays valid.
+    assert load_settings(None, ["drift.window=20000", "drift.learn_windows=6"]).drift.learn_windows == 6
     with pytest.raises(ConfigError, match=re.escape("drift.learn_windows")):
         load_settings(None, ["drift.window_s=10", "drift.learn_windows=1000000"])
     # Learned frames only: with a reference file, learn_windows is not used.
@@ -748,6 +751,11 @@ def test_rtsp_source_id_never_contains_credentials() -> None:
         ("rtsp://admin:hunter2@cam.local/live?token=s3cr3t", "live"),
         ("https://me:pw@videos.example/shelf.mp4?sig=abc", "shelf"),
         ("/videos/password=x/shelf.mp4", "shelf"),
+        # Plain paths keep the ids they had: '#', ':' and '@' are characters of a file name there.
+        ("/data/cam#2.mp4", "cam-2"),
+        ("/data/run#3/video.mp4", "video"),
+        ("cam:front.mp4", "cam-front"),
+        ("me@cam.mp4", "me-cam"),
     ],
 )
 def test_a_file_source_id_never_contains_credentials(url: str, expected: str) -> None:

@@ -695,3 +695,22 @@ def test_an_exception_in_the_main_loop_ends_the_workers_before_closing_what_they
         listener.wait_for("STOPPING=1", 5)
     finally:
         listener.close()
+
+
+def test_a_cache_dir_outside_the_units_cache_folder_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The unit no longer overrides model.cache_dir: a file that sets it elsewhere would fail its first export
+    under ProtectSystem=strict, and says so at start instead of only failing."""
+    from eyed.config import load_settings
+    from eyed.daemon import note_cache_outside_unit
+
+    unit = tmp_path / "var-cache-eyed"
+    unit.mkdir()
+    monkeypatch.setenv("CACHE_DIRECTORY", str(unit))
+    with caplog.at_level(logging.WARNING, logger="eyed.daemon"):
+        note_cache_outside_unit(load_settings(None, []))  # the default: the unit's folder
+        note_cache_outside_unit(load_settings(None, [f"model.cache_dir={unit}/sub"]))
+        assert not caplog.records
+        note_cache_outside_unit(load_settings(None, ["model.cache_dir=~/.cache/eyed"]))
+    assert len(caplog.records) == 1 and "outside the service's cache folder" in caplog.records[0].message

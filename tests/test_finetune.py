@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -127,6 +128,19 @@ def test_finetune_is_deterministic_and_reuses_its_feature_cache(
     assert not np.array_equal(a["classifier.weight"], c["classifier.weight"])
     n = report["train_images"] + report["val_images"]
     assert not np.array_equal(ft.split(n, 0.1, 0)[1], ft.split(n, 0.1, 1)[1])
+
+
+def test_other_preprocessing_is_not_served_from_the_cache(coloured_dataset: Path, tiny_checkpoint: Path) -> None:
+    """The features depend on how frames are resized, which the checkpoint's files alone no longer say once eyed
+    follows resample (and crop_pct): the cache key holds the preprocessing as eyed reads it."""
+    from eyed.config import load_settings
+    from eyed.model.checkpoint import read_checkpoint
+
+    settings = load_settings(None, [f"model.id={tiny_checkpoint}", f"source.dataset={coloured_dataset}"])
+    _, spec = read_checkpoint(tiny_checkpoint, str(tiny_checkpoint))
+    bicubic = dataclasses.replace(spec, resample="bicubic")
+    keys = {ft._cache_key(settings, settings.source, tiny_checkpoint, True, s) for s in (spec, bicubic)}
+    assert len(keys) == 2
 
 
 def test_training_never_sees_a_validation_image(tmp_path: Path) -> None:

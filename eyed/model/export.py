@@ -214,9 +214,12 @@ def cached_export_path(model_id: str, cache_dir: Path) -> Path:
     return _cached_export(model_id, cache_dir)[0]
 
 
-def _cached_export(model_id: str, cache_dir: Path) -> tuple[Path, list[str], PreprocessSpec]:
-    """:func:`cached_export_path`, and the labels and preprocessing an export of the checkpoint now holds."""
-    folder = resolve_checkpoint(model_id)
+def _cached_export(
+    model_id: str, cache_dir: Path, folder: Path | None = None
+) -> tuple[Path, list[str], PreprocessSpec]:
+    """:func:`cached_export_path`, and the labels and preprocessing an export of the checkpoint now holds;
+    ``folder``: the checkpoint's, when resolved already."""
+    folder = folder or resolve_checkpoint(model_id)
     labels, spec = read_checkpoint(folder, model_id)
     local = Path(model_id).expanduser()
     # A hub snapshot's folder is named after its commit: the same revision downloaded again is the same model.
@@ -240,7 +243,7 @@ def ensure_onnx(model_id: str, cache_dir: Path) -> Path:
     an older revision.
     """
     try:
-        path, labels, spec = _cached_export(model_id, cache_dir)
+        folder = resolve_checkpoint(model_id)
     except ModelLoadError as exc:
         # Exports of this id, by commit (and as named before they were: "hub"), not its INT8 versions.
         name = re.compile(rf"{re.escape(_slug(model_id))}-([0-9a-f]{{12}}|hub)-v{FORMAT}\.onnx")
@@ -251,6 +254,9 @@ def ensure_onnx(model_id: str, cache_dir: Path) -> Path:
             raise
         logger.warning("%s; using the export made before, %s (perhaps of an older revision)", exc, earlier[-1])
         return earlier[-1]
+    # Outside the fallback above: a checkpoint that is there but cannot be read, or asks for preprocessing eyed
+    # does not reproduce, must not run on an export an older eyed made by ignoring that.
+    path, labels, spec = _cached_export(model_id, cache_dir, folder)
     if path.is_file():
         differs = _differs(path, labels, spec)
         if not differs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,3 +95,20 @@ def test_an_id_that_is_neither_a_folder_nor_on_the_hub_says_both(tiny_checkpoint
     expected = "models/mobilenet: no such folder here, and no such model on the hub"
     with FakeHub({("model", REPO): tiny_checkpoint}) as hub, pytest.raises(AssertionError, match=expected):
         load(tmp_path / "cache", tmp_path / "hf", hub, repo="models/mobilenet")
+
+
+def test_a_checkpoint_it_cannot_reproduce_is_refused_though_an_earlier_export_is_cached(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The fallback to the last export is for an id that cannot be resolved: a revision that resolves but asks
+    for preprocessing eyed does not reproduce ran on the export an older eyed made by ignoring that."""
+    repo = shutil.copytree(tiny_checkpoint, tmp_path / "repo")
+    cache, hf_home = tmp_path / "eyed-cache", tmp_path / "hf"
+    with FakeHub({("model", REPO): repo}) as hub:
+        load(cache, hf_home, hub)
+        processor = json.loads((repo / "preprocessor_config.json").read_text())
+        (repo / "preprocessor_config.json").write_text(json.dumps({**processor, "resample": 1}))  # LANCZOS
+        hub.push("model", REPO)
+        refused = re.escape("cannot load acme/tiny-classifier: preprocessor_config.json")
+        with pytest.raises(AssertionError, match=refused):
+            load(cache, hf_home, hub)
