@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,17 @@ def daemon_env(settings: dict[str, Any], **extra: str) -> dict[str, str]:
     return env
 
 
-def start_daemon(settings: dict[str, Any], *args: str, cwd: Path | None = None, **extra: str) -> subprocess.Popen[str]:
+def start_daemon(
+    settings: dict[str, Any],
+    *args: str,
+    cwd: Path | None = None,
+    command: Sequence[str] | None = None,
+    **extra: str,
+) -> subprocess.Popen[str]:
+    """``eyed run *args`` (or ``command``, a script that runs it its own way) with ``settings`` in its
+    environment."""
     return subprocess.Popen(
-        [sys.executable, "-m", "eyed", "run", *args],
+        [*(command or [sys.executable, "-m", "eyed", "run"]), *args],
         env=daemon_env(settings, **extra),
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -64,6 +74,18 @@ def finish(proc: subprocess.Popen[str], timeout_s: float = 30.0) -> tuple[int, s
         _, err = proc.communicate()
         raise AssertionError(f"daemon did not exit within {timeout_s} s; stderr:\n{err}") from None
     return proc.returncode, err
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[str], listener: NotifyListener) -> Iterator[subprocess.Popen[str]]:
+    """``proc``, killed if a failed assertion leaves it running, and ``listener`` closed, on the way out."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        listener.close()
 
 
 class NotifyListener:

@@ -17,7 +17,7 @@ from eyed.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
 from eyed.config import available_cores, load_settings
 from eyed.subscriber import Subscriber
 from tests.conftest import BUSY_DATASETS, CIFAR10, fake_datasets_package
-from tests.daemon_helpers import NotifyListener, collect, finish, start_daemon
+from tests.daemon_helpers import NotifyListener, collect, finish, reaped, start_daemon
 from tests.fake_hub import FakeHub, cifar10_repo
 
 
@@ -172,19 +172,11 @@ def test_sigterm_during_a_first_start_export_exits_at_once_leaving_no_file(
     TimeoutStopSec would SIGKILL), and the half-written export must not stay in the cache."""
     import sys
 
-    from tests.daemon_helpers import daemon_env
-
     settings = {k: v for k, v in base.items() if k != "model.onnx"}
     settings.update({"model.id": tiny_checkpoint, "model.cache_dir": tmp_path / "cache"})
     listener = NotifyListener(tmp_path / "notify.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_EXPORT],
-        env=daemon_env(settings, NOTIFY_SOCKET=str(listener.path)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    proc = start_daemon(settings, command=[sys.executable, "-c", SLOW_EXPORT], NOTIFY_SOCKET=str(listener.path))
+    with reaped(proc, listener):
         assert proc.stderr is not None
         lines: list[str] = []
         while not any("EXPORT WRITTEN" in line for line in lines):
@@ -202,11 +194,6 @@ def test_sigterm_during_a_first_start_export_exits_at_once_leaving_no_file(
         listener.wait_for("STOPPING=1", 5)
         assert "READY=1" not in listener.fields()
         assert list(exports.iterdir()) == []
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        listener.close()
 
 
 def proc_cmdlines() -> list[str]:
@@ -488,7 +475,7 @@ def test_stop_signals_that_keep_coming_still_exit_0(
     listener = NotifyListener(tmp_path / "notify.sock")
     settings = {**base, "publish.wait_subscribers": 0, "source.loop": True, "source.fps": 50}
     proc = start_daemon(settings, NOTIFY_SOCKET=str(listener.path))
-    try:
+    with reaped(proc, listener):
         listener.wait_for("READY=1", 60)
         time.sleep(0.3)
         deadline = time.monotonic() + 30
@@ -496,11 +483,6 @@ def test_stop_signals_that_keep_coming_still_exit_0(
             proc.send_signal(signum)
             time.sleep(0.02)
         code, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        listener.close()
     assert code == 0, err
     assert "done:" in err and "Traceback" not in err
 
@@ -544,25 +526,17 @@ def test_a_reload_that_fails_keeps_the_daemon_running(
     it used to take the daemon down mid-inference."""
     import sys
 
-    from tests.daemon_helpers import daemon_env
-
     listener = NotifyListener(tmp_path / "notify.sock")
     settings = {**base, "publish.wait_subscribers": 0, "source.loop": True, "source.fps": 20}
     if failure == "malformed key file":
         curve, clients, allowed = curve_allow_list(tmp_path)
         settings.update(curve)
-        argv = [sys.executable, "-m", "eyed", "run"]
+        argv = None  # eyed run
     else:
         allowed = None
         argv = [sys.executable, "-c", RELOAD_RAISES]
-    proc = subprocess.Popen(
-        argv,
-        env=daemon_env(settings, NOTIFY_SOCKET=str(listener.path)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    proc = start_daemon(settings, command=argv, NOTIFY_SOCKET=str(listener.path))
+    with reaped(proc, listener):
         listener.wait_for("READY=1", 60)
         if failure == "malformed key file":
             (clients / "bad.key").write_text('metadata\ncurve\n    public-key: "x"\n')
@@ -577,11 +551,6 @@ def test_a_reload_that_fails_keeps_the_daemon_running(
         proc.send_signal(signal.SIGTERM)
         code, err = finish(proc)
         listener.wait_for("STOPPING=1", 5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        listener.close()
     assert code == 0, err
     assert "SIGHUP: " in err and "the previous allow-list stays in force" in err
 

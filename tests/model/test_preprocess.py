@@ -315,9 +315,8 @@ def test_textured_frames_are_close_to_transformers(real_model: Path, hf_processo
 
 # Other image processors' settings: crop_pct, resample, do_resize (transformers' PIL processors as reference)
 
-CONVNEXT: dict[str, Any] = {
-    "image_processor_type": "ConvNextImageProcessor",
-    "crop_pct": 0.875,
+# What the three share: ImageNet's mean and std, bicubic resizing of the shortest edge to 224.
+IMAGENET_BICUBIC: dict[str, Any] = {
     "do_normalize": True,
     "do_rescale": True,
     "do_resize": True,
@@ -327,33 +326,15 @@ CONVNEXT: dict[str, Any] = {
     "rescale_factor": 1 / 255,
     "size": {"shortest_edge": 224},
 }
+CONVNEXT: dict[str, Any] = {**IMAGENET_BICUBIC, "image_processor_type": "ConvNextImageProcessor", "crop_pct": 0.875}
+CENTRE_CROP: dict[str, Any] = {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True}
 POOLFORMER: dict[str, Any] = {
+    **IMAGENET_BICUBIC,
+    **CENTRE_CROP,
     "image_processor_type": "PoolFormerImageProcessor",
     "crop_pct": 0.9,
-    "crop_size": {"height": 224, "width": 224},
-    "do_center_crop": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "resample": 3,
-    "rescale_factor": 1 / 255,
-    "size": {"shortest_edge": 224},
 }
-LEVIT: dict[str, Any] = {
-    "image_processor_type": "LevitImageProcessor",
-    "crop_size": {"height": 224, "width": 224},
-    "do_center_crop": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "resample": 3,
-    "rescale_factor": 1 / 255,
-    "size": {"shortest_edge": 224},
-}
+LEVIT: dict[str, Any] = {**IMAGENET_BICUBIC, **CENTRE_CROP, "image_processor_type": "LevitImageProcessor"}
 
 
 def transformers_pixels(processor: str, cfg: dict[str, Any], image: np.ndarray) -> np.ndarray:
