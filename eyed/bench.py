@@ -43,6 +43,7 @@ import numpy as np
 import eyed.config
 from eyed.config import ConfigError, ModelConfig, PublishConfig, Settings, resolved_threads
 from eyed.model import ModelLoadError, load_classifier
+from eyed.model.checkpoint import same_checkpoint
 from eyed.model.export import INPUT_NAME, K_NAME, META_MODEL_ID, OUTPUT_NAME
 from eyed.model.onnx_backend import OnnxClassifier, open_session
 from eyed.outputs import MissingExtra
@@ -388,14 +389,6 @@ class SeedLoop:
             self._classify(image)
             lat.append((time.perf_counter() - s) * 1000)
         return summarise(self.name, lat, time.perf_counter() - t0, self.per_call)
-
-
-def same_checkpoint(a: str, b: str) -> bool:
-    """Whether two model ids name the same checkpoint: one folder, however its path is written, or one hub id."""
-    local_a, local_b = Path(a).expanduser(), Path(b).expanduser()
-    if local_a.is_dir() and local_b.is_dir():
-        return local_a.resolve() == local_b.resolve()
-    return a == b
 
 
 def seed_loop(settings: Settings, fp32: OnnxClassifier, images: list[np.ndarray], rounds: int) -> SeedLoop | str:

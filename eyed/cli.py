@@ -6,16 +6,22 @@ Options live in config.py only; the CLI adds ``--config`` and ``--set section.fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from eyed.config import ConfigError, Settings, dump_settings, load_settings
+from eyed.config import ConfigError, Settings, connect_endpoint, dump_settings, load_settings
 from eyed.logs import install_excepthooks, print_error, setup_logging
+
+if TYPE_CHECKING:
+    from eyed.subscriber import Subscriber
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +64,18 @@ def seconds(text: str) -> float:
     return value
 
 
+def file_stem(text: str) -> str:
+    """An argparse type: a file name without a folder (``eyed keys --name``)."""
+    if not text or "/" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name (no folders: use --output for those)")
+    return text
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, args.set)
+    """The settings, built once per command."""
+    if getattr(args, "settings", None) is None:
+        args.settings = load_settings(args.config, args.set)
+    return args.settings
 
 
 # Where systemd hands the service its credentials (LoadCredential=): there only while the service runs.
@@ -158,9 +174,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from eyed.subscriber import Subscriber
 
-    endpoint = args.endpoint or _settings(args).publish.endpoint
+    endpoint = _connect_endpoint(args)
     received = 0
-    with Subscriber(endpoint, tuple(args.topic) or ("",), _curve(args)) as sub:
+    with Subscriber(endpoint, tuple(args.topic) or ("",), _curve(args)) as sub, _malformed_said(sub, "subscribe"):
         while args.count == 0 or received < args.count:
             try:
                 topic, payload = sub.receive(args.timeout)
@@ -180,10 +196,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     from eyed.events import health_topic
     from eyed.subscriber import Subscriber
 
-    endpoint = args.endpoint or _settings(args).publish.endpoint
+    endpoint = _connect_endpoint(args)
+    # Two heartbeats' time and a margin: one missed heartbeat (a slow frame) is not yet a dead daemon.
+    timeout = args.timeout if args.timeout is not None else 2 * _settings(args).publish.heartbeat_s + 2
     topic = health_topic(args.source) if args.source else "health."
-    deadline = time.monotonic() + args.timeout
-    with Subscriber(endpoint, (topic,), _curve(args)) as sub:
+    deadline = time.monotonic() + timeout
+    with Subscriber(endpoint, (topic,), _curve(args)) as sub, _malformed_said(sub, "health"):
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 name, payload = sub.receive(remaining)
@@ -195,8 +213,31 @@ def cmd_health(args: argparse.Namespace) -> int:
             print(_summary(name, payload), flush=True)
             if payload.get("state") == "live":
                 return EXIT_OK
-    print_error(f"eyed health: no live heartbeat on {endpoint} within {args.timeout:g} s")
+    print_error(f"eyed health: no live heartbeat on {endpoint} within {timeout:g} s")
     return EXIT_FAILURE
+
+
+def _connect_endpoint(args: argparse.Namespace) -> str:
+    """Where ``subscribe`` and ``health`` connect: --endpoint, or the one publish.endpoint binds."""
+    name, endpoint = ("--endpoint", args.endpoint) if args.endpoint else ("publish.endpoint", None)
+    endpoint = endpoint or _settings(args).publish.endpoint
+    try:
+        return connect_endpoint(endpoint)
+    except ValueError as exc:
+        raise ConfigError(f"{name} {endpoint}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _malformed_said(sub: Subscriber, command: str) -> Iterator[None]:
+    """Says, at the end, how many messages on the endpoint were not events (skipped) and what the first was."""
+    try:
+        yield
+    finally:
+        if sub.malformed:
+            print_error(
+                f"eyed {command}: skipped {sub.malformed} message(s) that were not eyed events, "
+                f"the first: {sub.first_malformed}"
+            )
 
 
 def _curve(args: argparse.Namespace) -> tuple[Path, Path] | None:
@@ -215,14 +256,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _summary(topic: str, p: dict[str, object]) -> str:
-    if p.get("type") == "label":
+def _summary(topic: str, p: dict[str, Any]) -> str:
+    """One line for an event; fields a payload lacks are left out (or ``?``), never a crash."""
+    kind = p.get("type")
+    if kind == "label":
         coarse = p.get("coarse")
-        extra = f" coarse={coarse['label']}:{coarse['score']:.2f}" if isinstance(coarse, dict) else ""
-        truth = f" truth={p['truth']}" if p.get("truth") else ""
-        return f"{topic} seq={p['seq']} {p['label']}:{p['score']:.2f}{extra}{truth} {p['latency_ms']}ms"
-    fields = " ".join(f"{k}={p[k]}" for k in ("state", "frames", "fps", "dropped", "errors") if k in p)
-    return f"{topic} {fields}"
+        extra = f" coarse={coarse.get('label')}:{_score(coarse.get('score'))}" if isinstance(coarse, dict) else ""
+        truth = f" truth={p['truth']}" if p.get("truth") is not None else ""
+        latency = f" {p['latency_ms']}ms" if "latency_ms" in p else ""
+        return f"{topic} seq={p.get('seq', '?')} {p.get('label', '?')}:{_score(p.get('score'))}{extra}{truth}{latency}"
+    keys = ("state", "frames", "fps", "dropped", "errors")
+    if kind == "drift":
+        keys = ("status", "window", "n", "fired", "learning")
+    return " ".join([topic, *(f"{k}={p[k]}" for k in keys if k in p)])
+
+
+def _score(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "?"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -246,12 +296,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from eyed.evaluate import run_eval
-    from eyed.outputs import pyplot
+    from eyed.outputs import figure_format
 
     settings = _settings(args)
     setup_logging("WARNING")
     if args.png is not None:
-        pyplot()  # a missing matplotlib is said before the run, not after it
+        figure_format(args.png)  # a missing matplotlib or an unknown format is said before the run, not after it
     vs = [[item for item in group.split(",") if item] for group in args.vs]
     report = run_eval(settings, skip=args.skip, vs=vs, png=args.png)
     print(json.dumps(report, indent=2) if args.json else report["text"])
@@ -281,11 +331,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_drift_report(args: argparse.Namespace) -> int:
     from eyed.drift.reference import load_reference
     from eyed.drift.report import draw_report, read_drift_events
-    from eyed.outputs import pyplot
+    from eyed.outputs import figure_format
 
     settings = _settings(args)
     setup_logging(settings.log.level)
-    pyplot()  # a missing matplotlib is said before a run of the source, not after it
+    figure_format(args.output)  # a missing matplotlib or an unknown format is said before a run, not after it
     reference_path = args.reference or settings.drift.reference
     reference = None
     if reference_path is not None:
@@ -391,25 +441,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="--int8: the CPU the file will run on (default: this machine's); tunes the first convolution's layout",
     )
     p = add("subscribe", cmd_subscribe, "print events from a running daemon")
-    p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
+    p.add_argument(
+        "--endpoint", help="default: where publish.endpoint is reached on this machine (tcp://*:P: the loopback)"
+    )
     p.add_argument("--topic", action="append", default=[], help="topic prefix (repeatable); default all")
     p.add_argument("--count", type=at_least(0), default=0, help="stop after this many events (0 = never)")
     p.add_argument("--timeout", type=seconds, default=30.0, help="give up after this many quiet seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     curve_arguments(p)
     p = add("health", cmd_health, "exit 0 if a live source's heartbeat arrives within --timeout, else 1")
-    p.add_argument("--endpoint", help="default: publish.endpoint from the configuration")
+    p.add_argument(
+        "--endpoint", help="default: where publish.endpoint is reached on this machine (tcp://*:P: the loopback)"
+    )
     p.add_argument("--source", help="only this source.id (default: any)")
     p.add_argument(
         "--timeout",
         type=seconds,
-        default=12.0,
-        help="seconds to wait (heartbeats come every publish.heartbeat_s, 5 s by default)",
+        help="seconds to wait (default: twice publish.heartbeat_s and 2 s: 12 s with heartbeats every 5 s)",
     )
     curve_arguments(p)
-    p = add("keys", cmd_keys, "write a CURVE key pair for the daemon or a subscriber")
+    p = add("keys", cmd_keys, "write a CURVE key pair for the daemon or a subscriber", {"output": True})
     p.add_argument("--output", type=Path, required=True, help="folder for NAME.key and NAME.key_secret")
-    p.add_argument("--name", default="eyed", help="file name stem (default: eyed)")
+    p.add_argument("--name", type=file_stem, default="eyed", help="file name stem (default: eyed)")
     p = add("bench", cmd_bench, "daemon path vs a bare onnxruntime loop vs the transformers loop, same frames")
     p.add_argument("--frames", type=at_least(1), default=200, help="frames decoded for the onnx measurements")
     p.add_argument("--passes", type=at_least(1), default=3, help="passes over the frames in each round")
@@ -443,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=3e-3)
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out from training for validation")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip augmentation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p = add(
         "profile",
         cmd_profile,
@@ -485,7 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        # Before the run: an output that cannot be written fails now, not after minutes of work.
+        # Before the run: an output that cannot be written fails now, not after minutes of work; but after the
+        # configuration is read, so that a run refused for it leaves no folders behind.
+        if args.writes:
+            _settings(args)
         for name, folder in args.writes.items():
             if (path := getattr(args, name)) is not None:
                 check_writable(path, folder=folder)
@@ -504,6 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SOFTWARE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `eyed subscribe | head -1`: the reader has what it wanted. Python would fail again flushing stdout at
+        # exit, unless stdout now goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ import json
 import math
 import os
 import re
+import socket
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -48,7 +50,27 @@ def default_cache_dir() -> Path:
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are checked on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Defaults validated too: a default path starting with ~ is expanded like a given one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # `--set model.onnx=` or EYED_MODEL__ONNX= is the only way to clear an option that the file sets;
+        # pydantic would read "" as the path "." (the working directory).
+        if value == "" and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if type(None) in get_args(annotation):
+                return None
+            if annotation is Path:
+                raise ValueError("empty: give a path")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _home(cls, value: Any) -> Any:
+        # A shell expands ~ only at the start of a word, never inside a TOML file or after --set key=.
+        return value.expanduser() if isinstance(value, Path) else value
 
 
 class SourceConfig(Section):
@@ -300,6 +322,44 @@ def _is_ip(text: str, version: int) -> bool:
         return False
 
 
+def connect_endpoint(endpoint: str) -> str:
+    """Where a subscriber on this machine reaches a PUB socket bound to ``endpoint``; ValueError when it cannot.
+
+    ``tcp://*:5556`` binds every address but is no address to connect to: the loopback is one of them. A
+    ZeroMQ bind also takes an interface name (``tcp://eth0:5556``), which a connect would look up as a host name.
+    """
+    check_endpoint(endpoint)
+    transport, _, address = endpoint.partition("://")
+    if transport == "inproc":
+        raise ValueError("an inproc:// endpoint is reachable only from inside the daemon's process")
+    if transport != "tcp":
+        return endpoint
+    host, _, port = address.rpartition(":")
+    if port == "*":
+        raise ValueError("port * is one the daemon picks at start (its log names it): give that port")
+    if host in ("*", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "[::]":
+        host = "[::1]"
+    elif not host.startswith("[") and not _is_ip(host, 4) and host in {name for _, name in socket.if_nameindex()}:
+        host = interface_ipv4(host)
+    return f"tcp://{host}:{port}"
+
+
+def interface_ipv4(name: str) -> str:
+    """The IPv4 address of network interface ``name``, as ZeroMQ binds it; ValueError when it has none."""
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915  # Linux's ioctl for an interface's address; ZeroMQ binds an interface's IPv4 one
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            answer = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+        except OSError as exc:
+            raise ValueError(f"interface {name} has no IPv4 address ({exc.strerror}): give the address") from None
+    return socket.inet_ntoa(answer[20:24])
+
+
 def endpoint_ipv6(endpoint: str) -> bool:
     """Whether a tcp endpoint names an IPv6 address, which a ZeroMQ socket reaches only with its IPV6 option on."""
     return endpoint.startswith("tcp://[")
@@ -311,7 +371,12 @@ class PublishConfig(Section):
         description="ZeroMQ endpoint the PUB socket binds: tcp://HOST:PORT (HOST an address, [IPv6], an interface "
         "or *; PORT 1-65535 or *), ipc://PATH or inproc://NAME.",
     )
-    wait_subscribers: int = Field(0, ge=0, description="Before the first frame, wait for this many subscribers.")
+    wait_subscribers: int = Field(
+        0,
+        ge=0,
+        description="Before the first frame, wait for this many subscribers to label or drift events (an `eyed "
+        "health` probe is not one).",
+    )
     wait_timeout_s: float = Field(30.0, gt=0, description="Give up waiting for subscribers after this long.")
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between health heartbeats.")
     hwm: int = Field(10000, ge=1, description="Messages queued per subscriber before dropping.")
@@ -417,7 +482,10 @@ class DriftConfig(Section):
             if getattr(self, f"{name}_warn") > getattr(self, f"{name}_drift"):
                 raise ValueError(f"drift.{name}_warn is larger than drift.{name}_drift")
         if self.window is not None and self.window_s is not None:
-            raise ValueError("set drift.window (frames) or drift.window_s (seconds), not both")
+            raise ValueError(
+                "set drift.window (frames) or drift.window_s (seconds), not both (an empty value clears the one "
+                "a file sets: --set drift.window=)"
+            )
         learned = self.learn_windows * self.window_frames
         if self.active() and self.reference is None and self.window_s is None and learned > MAX_LEARNED:
             raise ValueError(
@@ -603,8 +671,12 @@ def _nest(overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
         node = nested
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # --set source=5 and then --set source.limit=1
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: depth + 1])} is a section, not a value")
+        if isinstance(node.get(path[-1]), dict):  # --set source.limit=1 and then --set source=5
+            raise ConfigError(f"override {text!r}: {'.'.join(path)} is a section, not a value")
         node[path[-1]] = value
     return nested
 
@@ -621,6 +693,8 @@ def load_settings(config: Path | None = None, overrides: list[str] | None = None
         return Settings(**_nest(overrides or []))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    except SettingsError as exc:  # EYED_SOURCE='not json': a whole section from the environment must be JSON
+        raise ConfigError(f"environment: {exc} (an EYED_<SECTION> variable holds a JSON object)") from None
     except OSError as exc:  # e.g. a file only root may read, under the unit's DynamicUser
         raise ConfigError(f"--config {config}: cannot read it: {exc.strerror or exc}") from None
     except ValueError as exc:  # a TOML syntax error surfaces as ValueError (tomllib.TOMLDecodeError)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from eyed.config import ConfigError, Settings
+from eyed.config import MIN_WINDOW, ConfigError, Settings
 from eyed.model.labels import estimate_priors, save_priors
 from eyed.model.postprocess import softmax
 from eyed.offline import OfflineRunner
@@ -303,6 +303,7 @@ def run_profile(settings: Settings, output: Path) -> dict[str, Any]:
 
 def _profile(settings: Settings, runner: OfflineRunner, output: Path) -> dict[str, Any]:
     from eyed.drift import ProfileBuilder, StatsExtractor
+    from eyed.drift.monitor import calibration_size
     from eyed.drift.reference import preprocess_record, preprocess_spec, profile_blocks
 
     post = runner.classifier.post  # type: ignore[attr-defined]
@@ -342,6 +343,10 @@ def _profile(settings: Settings, runner: OfflineRunner, output: Path) -> dict[st
             (builder.frames - 1) / seconds if seconds > 0 else 0.0,
         )
     reference = builder.build()
+    try:  # what the daemon refuses to start with must not replace a reference it could use
+        calibration_size(MIN_WINDOW, reference.reservoir.shape[0])
+    except ValueError as exc:
+        raise ConfigError(f"{output} not written: {exc} (source.limit?)") from None
     with staged(output) as tmp:
         reference.write(tmp)
     logger.info("drift reference from %d frames written to %s", reference.frames, output)

@@ -104,6 +104,7 @@ def staged_folder(folder: Path, last: str) -> Iterator[Path]:
     try:
         try:
             yield tmp
+            _readable_by_umask(tmp)
             names = sorted(p.name for p in tmp.iterdir() if p.name != last)
             (folder / last).unlink(missing_ok=True)
             for name in [*names, last] if (tmp / last).exists() else names:
@@ -114,6 +115,19 @@ def staged_folder(folder: Path, last: str) -> Iterator[Path]:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _readable_by_umask(folder: Path) -> None:
+    """Give the files in ``folder`` the mode a new file gets: some writers (safetensors) make theirs 0600 and a
+    copy keeps a read-only source's mode, and a checkpoint copied where the service runs must be readable by its
+    user, as any other output is."""
+    probe = folder / f".eyed-mode-{secrets.token_hex(6)}"
+    probe.touch()  # as staged() does: the umask, read without os.umask's process-wide change
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def pyplot() -> Any:
@@ -128,12 +142,25 @@ def pyplot() -> Any:
     return plt
 
 
+def figure_format(path: Path) -> str:
+    """The format matplotlib writes ``path`` in: PNG unless its suffix names another one it knows; OutputError
+    for one it does not (said before a run, not after it: ``cm.txt``)."""
+    pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = path.suffix[1:].lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise OutputError(f"cannot write {path}: a chart is written as {', '.join(sorted(known))}, not {fmt!r}")
+    return fmt
+
+
 def save_figure(fig: Any, path: Path, dpi: int) -> Path:
     """Write a matplotlib figure to ``path`` (PNG unless its suffix names another format) and close it."""
     plt = pyplot()
     try:
         with staged(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or "png")
+            fig.savefig(tmp, dpi=dpi, format=figure_format(path))
     finally:
         plt.close(fig)
     return path

@@ -60,6 +60,11 @@ _HANDSHAKE_FAILURES: dict[int, str] = {
 }
 
 
+def wants_events(prefix: bytes) -> bool:
+    """Whether a subscription to topic ``prefix`` lets in label or drift events."""
+    return any(topic.startswith(prefix) or prefix.startswith(topic) for topic in (b"label.", b"drift."))
+
+
 class PublishError(Exception):
     """The publisher could not start (bind failed, subscribers never came)."""
 
@@ -218,6 +223,7 @@ class Publisher:
         self.peers = 0
         self._failed_pending = 0
         self.subscriptions = 0
+        self.event_subscriptions = 0
         self.endpoint = cfg.endpoint
         self._curve: CurveServer | None = None
         self._next_discard = 0.0
@@ -376,7 +382,9 @@ class Publisher:
         self._curve.refusals.refused(reason)
 
     def drain_subscriptions(self) -> int:
-        """Read pending (un)subscription messages; returns the net count of new subscriptions.
+        """Read pending (un)subscription messages; returns the net count of new subscriptions. Those that let in
+        label or drift events are also counted in ``event_subscriptions``: the wait for subscribers counts only
+        them (an ``eyed health`` probe, subscribed to heartbeats alone, is no reader a replay should wait for).
 
         At most DRAIN_MAX_MESSAGES of them or DRAIN_BUDGET_S per call: the rest waits for the next call."""
         assert self.socket is not None
@@ -391,10 +399,10 @@ class Publisher:
             except zmq.Again:
                 self._backlog = False
                 break
-            if msg[:1] == b"\x01":
-                net += 1
-            elif msg[:1] == b"\x00":
-                net -= 1
+            change = {b"\x01": 1, b"\x00": -1}.get(msg[:1], 0)
+            net += change
+            if wants_events(msg[1:]):
+                self.event_subscriptions += change
             if n % 32 == 31 and time.monotonic() >= deadline:
                 break
         self.subscriptions += net
@@ -447,7 +455,7 @@ class Publisher:
         while True:
             self._drain_monitor()
             self.drain_subscriptions()
-            if self.peers >= count and self.subscriptions >= count:
+            if self.peers >= count and self.event_subscriptions >= count:
                 break
             if stop is not None and stop.is_set():
                 return
@@ -456,7 +464,7 @@ class Publisher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishError(
-                    f"publish.wait_subscribers={count}: only {min(self.peers, self.subscriptions)} subscriber(s) "
+                    f"publish.wait_subscribers={count}: only {min(self.peers, self.event_subscriptions)} subscriber(s) "
                     f"on {self.endpoint} after publish.wait_timeout_s={timeout_s:g}"
                 )
             poller.poll(int(min(remaining, 0.2) * 1000))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,6 +22,8 @@ class Subscriber:
     """Connects to ``endpoint`` and receives ``(topic, payload)``; ``receive`` raises TimeoutError.
 
     ``curve`` = (this subscriber's NAME.key_secret, the daemon's public NAME.key) for a daemon with CURVE on.
+    A message that is not an event (not a topic and a JSON object: another program's publisher on the endpoint)
+    is skipped and counted in ``malformed``; ``first_malformed`` says what the first one was.
     """
 
     def __init__(self, endpoint: str, topics: tuple[str, ...] = ("",), curve: tuple[Path, Path] | None = None) -> None:
@@ -29,6 +32,8 @@ class Subscriber:
         self.curve = curve
         self.context: zmq.Context[Any] = zmq.Context()
         self.socket: zmq.Socket[Any] | None = None
+        self.malformed = 0
+        self.first_malformed: str | None = None
 
     def __enter__(self) -> Subscriber:
         sock = self.context.socket(zmq.SUB)
@@ -63,7 +68,25 @@ class Subscriber:
         # poll waits for ever on a negative timeout and overflows past MAX_TIMEOUT_S.
         if not (math.isfinite(timeout_s) and 0 <= timeout_s <= MAX_TIMEOUT_S):
             raise ValueError(f"timeout {timeout_s!r} s: expected 0 to {MAX_TIMEOUT_S} s")
-        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise TimeoutError(f"no event from {self.endpoint} within {timeout_s:g} s")
-        topic, payload = self.socket.recv_multipart()
-        return topic.decode("utf-8"), json.loads(payload)
+        deadline = time.monotonic() + timeout_s
+        while self.socket.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            parts = self.socket.recv_multipart()
+            event = parse_event(parts)
+            if isinstance(event, tuple):
+                return event
+            self.malformed += 1
+            self.first_malformed = self.first_malformed or event
+        raise TimeoutError(f"no event from {self.endpoint} within {timeout_s:g} s")
+
+
+def parse_event(parts: list[bytes]) -> tuple[str, dict[str, Any]] | str:
+    """(topic, payload) from one message, or what is wrong with it."""
+    if len(parts) != 2:
+        return f"a message of {len(parts)} parts, not 2 (topic, JSON)"
+    try:
+        topic, payload = parts[0].decode("utf-8"), json.loads(parts[1])
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both are
+        return f"a message that is not a topic and JSON ({exc})"
+    if not isinstance(payload, dict):
+        return f"topic {topic!r}: a payload that is not a JSON object"
+    return topic, payload

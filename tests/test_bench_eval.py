@@ -252,6 +252,12 @@ def test_an_output_that_cannot_be_written_fails_before_the_run(
         capsys.readouterr()
         assert main([command[0], *missing, *command[1:]]) == 73, command
         assert capsys.readouterr().err.startswith(f"eyed: cannot write {command[-1]}: "), command
+    # A chart in a format matplotlib cannot write is said before the run, too.
+    for command in (["eval", "--png", str(tmp_path / "cm.txt")], ["drift-report", "--output", str(tmp_path / "d.doc")]):
+        capsys.readouterr()
+        assert main([command[0], *missing, *command[1:]]) == 73, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"eyed: cannot write {command[-1]}: a chart is written as ") and "png" in err, err
     # A missing folder is made, as before.
     out = tmp_path / "new" / "folder" / "priors.json"
     assert main(["priors", *overrides, "--output", str(out)]) == 0 and out.is_file()

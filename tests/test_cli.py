@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -10,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from eyed.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser
+from eyed.cli import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _summary, build_parser
 from eyed.config import PublishConfig
 from eyed.publisher import Publisher
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.daemon_helpers import daemon_env, finish, start_daemon
 
 
@@ -33,26 +36,46 @@ def eyed(
     )
 
 
-@pytest.fixture
-def heartbeats(endpoint: str) -> Iterator[str]:
-    """A real publisher on ``endpoint`` on which only the source ``door2`` is alive, heartbeating every 0.1 s."""
+@contextlib.contextmanager
+def beating(bind: str, every_s: float = 0.1, junk: bool = False) -> Iterator[None]:
+    """A real publisher bound to ``bind`` on which only the source ``door2`` is alive, heartbeating every
+    ``every_s``; with ``junk``, each heartbeat follows messages that are not eyed events (another program's)."""
     stop = threading.Event()
+    ready = threading.Event()
 
     def beat() -> None:
-        with Publisher(PublishConfig(endpoint=endpoint, linger_ms=0)) as pub:
+        with Publisher(PublishConfig(endpoint=bind, linger_ms=0)) as pub:
             ready.set()
-            while not stop.wait(0.1):
+            while not stop.wait(every_s):
+                if junk:
+                    for parts in JUNK:
+                        pub.socket.send_multipart(parts)  # type: ignore[union-attr]
                 pub.send("health.door2", {"type": "health", "source": "door2", "state": "live", "frames": 10})
 
-    ready = threading.Event()
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
     assert ready.wait(10)
     try:
-        yield endpoint
+        yield
     finally:
         stop.set()
         thread.join(10)
+
+
+# Messages another publisher might send: one part, three, no JSON, JSON but no object, a topic not in UTF-8.
+JUNK = [
+    [b"health.x"],
+    [b"health.x", b"{}", b"{}"],
+    [b"health.x", b"not json"],
+    [b"health.x", b"[1, 2]"],
+    [b"health.\xff", b"{}"],
+]
+
+
+@pytest.fixture
+def heartbeats(endpoint: str) -> Iterator[str]:
+    with beating(endpoint):
+        yield endpoint
 
 
 def test_health_wants_the_exact_source(heartbeats: str) -> None:
@@ -179,3 +202,98 @@ def test_an_uncaught_exception_is_logged_with_a_priority() -> None:
     assert lines[0] == "<2>eyed: uncaught exception: nobody saw this coming", err
     assert all(line.startswith("<2>") for line in lines), err
     assert "<2>Traceback (most recent call last):" in lines and "RuntimeError: nobody saw this coming" in err
+
+
+@pytest.mark.parametrize("host", ["*", "0.0.0.0", "lo"])
+def test_health_reaches_where_the_configured_endpoint_binds(host: str) -> None:
+    """`eyed health --config /etc/eyed/eyed.toml` on the board: publish.endpoint is a bind address (tcp://*:P,
+    an interface), which subscribe and health reach through the loopback, not connect to as written."""
+    port = free_port()
+    with beating(f"tcp://{host}:{port}"):
+        result = eyed("health", "--timeout", "10", settings={"publish.endpoint": f"tcp://{host}:{port}"})
+        assert result.returncode == EXIT_OK, result.stderr
+        assert "health.door2 state=live" in result.stdout
+        events = eyed("subscribe", "--count", "1", "--json", settings={"publish.endpoint": f"tcp://{host}:{port}"})
+        assert events.returncode == EXIT_OK, events.stderr
+        assert json.loads(events.stdout)["topic"] == "health.door2"
+
+
+@pytest.mark.parametrize("endpoint", ["foo", "tcp://127.0.0.1", "ipc://", "tcp://127.0.0.1:*", "inproc://eyed"])
+@pytest.mark.parametrize("command", ["subscribe", "health"])
+def test_an_endpoint_no_subscriber_can_reach_is_a_config_error(endpoint: str, command: str) -> None:
+    for given in (["--endpoint", endpoint], ["--set", f"publish.endpoint={endpoint}"]):
+        result = eyed(command, *given, "--timeout", "1")
+        assert result.returncode == EXIT_CONFIG, result.stderr
+        assert result.stderr.startswith("eyed: ") and endpoint in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_messages_that_are_not_events_are_skipped_and_counted(endpoint: str) -> None:
+    with beating(endpoint, junk=True):
+        result = eyed("subscribe", "--endpoint", endpoint, "--count", "2", "--timeout", "10")
+        health = eyed("health", "--endpoint", endpoint, "--timeout", "10")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.splitlines() == ["health.door2 state=live frames=10"] * 2
+    assert "Traceback" not in result.stderr and "message(s) that were not eyed events" in result.stderr
+    assert health.returncode == EXIT_OK, health.stderr
+
+
+def test_a_reader_that_stops_reading_ends_subscribe_quietly(endpoint: str) -> None:
+    """`eyed subscribe | head -1`: the pipe closes under it, which is no error and no traceback."""
+    with beating(endpoint, every_s=0.01):
+        read, write = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eyed", "subscribe", "--endpoint", endpoint, "--timeout", "10"],
+            env=daemon_env({}),
+            cwd=ROOT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(write)
+        with os.fdopen(read) as reader:
+            assert reader.readline().startswith("health.door2")
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_OK, err
+    assert err == ""
+
+
+def test_health_waits_two_heartbeats_by_default() -> None:
+    """The default timeout follows publish.heartbeat_s: with heartbeats every 20 s, 12 s would report a live
+    daemon dead between two of them."""
+    port = free_port()
+    result = eyed("health", settings={"publish.endpoint": f"tcp://127.0.0.1:{port}", "publish.heartbeat_s": 0.5})
+    assert result.returncode == EXIT_FAILURE
+    assert f"no live heartbeat on tcp://127.0.0.1:{port} within 3 s" in result.stderr
+
+
+def test_summaries_show_what_each_event_carries() -> None:
+    label = {"type": "label", "seq": 3, "label": "cat", "score": 0.5, "truth": 0, "latency_ms": 2.5}
+    assert _summary("label.x", label) == "label.x seq=3 cat:0.50 truth=0 2.5ms"
+    drift = {"type": "drift", "status": "drift", "window": 7, "n": 250, "fired": ["psi"], "learning": False}
+    assert _summary("drift.x", drift) == "drift.x status=drift window=7 n=250 fired=['psi'] learning=False"
+    assert _summary("label.x", {"type": "label"}) == "label.x seq=? ?:?"
+
+
+def test_keys_refuses_an_output_it_cannot_write(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    for folder in ("/proc/nope", str(tmp_path / "file")):
+        result = eyed("keys", "--output", folder)
+        assert result.returncode == EXIT_CANTCREAT and "Traceback" not in result.stderr, result.stderr
+    result = eyed("keys", "--output", str(tmp_path), "--name", "x/y")
+    assert result.returncode == EXIT_USAGE and "not a file name" in result.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_a_refused_configuration_creates_no_output_folder(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "m.onnx"
+    result = eyed("export", "--output", str(out), settings={"source.limit": -1})
+    assert result.returncode == EXIT_CONFIG and "source.limit" in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("argv", [["finetune", "--output", "x", "--seed", "-1"]])
+def test_bad_numbers_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == EXIT_USAGE

@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 
 from eyed.cli import EXIT_CONFIG, EXIT_OK, main
-from eyed.config import ConfigError, Settings, SourceConfig, dump_settings, load_settings, redact_url
+from eyed.config import (
+    ConfigError,
+    Settings,
+    SourceConfig,
+    connect_endpoint,
+    dump_settings,
+    load_settings,
+    redact_url,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -354,7 +362,7 @@ def test_model_cache_dir_defaults_to_the_units_cache_directory(
     a cache_dir in the TOML file still beats (the unit's EYED_MODEL__CACHE_DIR used to beat the file), and
     `eyed check-config` shows the value in effect."""
     monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
-    assert load_settings().model.cache_dir == Path("~/.cache/eyed")
+    assert load_settings().model.cache_dir == Path("~/.cache/eyed").expanduser()
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/eyed")
     assert load_settings().model.cache_dir == Path("/var/cache/eyed")
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/eyed:/var/cache/other")  # several: the first
@@ -811,3 +819,78 @@ def test_check_config_prints_the_url_without_its_password(tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert 'url = "rtsp://admin:***@10.0.0.5:554/live?channel=1&password=***&token=***"' in out
     assert "hunter2" not in out
+
+
+# Clearing options, ~ and malformed overrides
+
+
+def test_an_empty_value_clears_an_option_the_file_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--set model.onnx=` is how to run model.id with a file that names an ONNX file; pydantic alone would read
+    "" as the path "." and the run would fail with "model.onnx .: no such file"."""
+    config = write_toml(tmp_path, '[model]\nonnx = "m.onnx"\n[drift]\nwindow = 200\n')
+    assert load_settings(config).model.onnx == Path("m.onnx")
+    cleared = load_settings(config, ["model.onnx=", "drift.window=", "drift.window_s=10"])
+    assert cleared.model.onnx is None
+    assert (cleared.drift.window, cleared.drift.window_s) == (None, 10.0)
+    monkeypatch.setenv("EYED_MODEL__ONNX", "")
+    assert load_settings(config).model.onnx is None
+    with pytest.raises(ConfigError, match=re.escape("--set drift.window=")):
+        load_settings(config, ["drift.window_s=10"])
+    # An option that cannot be unset is not silently the working directory.
+    with pytest.raises(ConfigError, match=r"model\.cache_dir: .*empty: give a path"):
+        load_settings(None, ["model.cache_dir="])
+
+
+def test_paths_may_start_with_a_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = write_toml(
+        tmp_path, '[model]\nonnx = "~/m.onnx"\n[publish]\ncurve_clients = "~/clients"\ncurve_secret_key = "~/k"\n'
+    )
+    settings = load_settings(config, ["model.cache_dir=~/cache"])
+    assert settings.model.onnx == tmp_path / "m.onnx"
+    assert settings.publish.curve_clients == tmp_path / "clients"
+    assert settings.publish.curve_secret_key == tmp_path / "k"
+    assert settings.model.cache_dir == tmp_path / "cache"
+    settings.drift.reference = Path("~/ref.json")  # assigned, as eyed drift-report does
+    assert settings.drift.reference == tmp_path / "ref.json"
+
+
+@pytest.mark.parametrize(
+    "overrides", [["source=5", "source.limit=1"], ["source.limit=1", "source=5"], ["source.limit.x=1"]]
+)
+def test_a_value_and_a_section_under_one_name_is_an_error(overrides: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"is a section, not a value|source\.limit"):
+        load_settings(None, overrides)
+
+
+def test_a_section_from_the_environment_that_is_not_json_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EYED_SOURCE", "notjson")
+    with pytest.raises(ConfigError) as info:
+        load_settings(None)
+    assert str(info.value).startswith("environment: ") and '"source"' in str(info.value)
+    assert "EYED_<SECTION>" in str(info.value) and "None" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("bound", "reached"),
+    [
+        ("tcp://*:5556", "tcp://127.0.0.1:5556"),
+        ("tcp://0.0.0.0:5556", "tcp://127.0.0.1:5556"),
+        ("tcp://[::]:5556", "tcp://[::1]:5556"),
+        ("tcp://lo:5556", "tcp://127.0.0.1:5556"),
+        ("tcp://10.1.2.3:5556", "tcp://10.1.2.3:5556"),
+        ("tcp://board.local:5556", "tcp://board.local:5556"),
+        ("ipc:///run/eyed/eyed.sock", "ipc:///run/eyed/eyed.sock"),
+    ],
+)
+def test_subscribers_reach_a_bind_address_through_this_machine(bound: str, reached: str) -> None:
+    assert connect_endpoint(bound) == reached
+
+
+@pytest.mark.parametrize(
+    ("bound", "why"),
+    [("tcp://*:*", "port \\*"), ("inproc://eyed", "inside the daemon"), ("tcp://x", "tcp://HOST:PORT")],
+)
+def test_no_subscriber_reaches_some_endpoints(bound: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        connect_endpoint(bound)

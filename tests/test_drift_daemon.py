@@ -37,6 +37,18 @@ def reference(clean_and_dark: tuple[Path, Path], tiny_checkpoint: Path, tiny_onn
     return out
 
 
+def test_a_profile_too_short_to_calibrate_is_refused_and_replaces_nothing(
+    reference: Path, clean_and_dark: tuple[Path, Path], tiny_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """39 frames: a reference the daemon refuses to start with (exit 78) must not overwrite a good one."""
+    good = reference.read_bytes()
+    args = ["--set", f"source.dataset={clean_and_dark[0]}", "--set", "source.split=train", "--set", "source.limit=39"]
+    assert main(["profile", *args, "--set", f"model.onnx={tiny_onnx}", "--output", str(reference)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"{reference} not written" in err and "too few to calibrate" in err, err
+    assert reference.read_bytes() == good
+
+
 def settings(dataset: Path, onnx: Path, endpoint: str, **extra: object) -> dict[str, object]:
     return {
         "source.dataset": dataset,

@@ -35,6 +35,25 @@ def test_a_staged_file_has_the_umask_s_mode(tmp_path: Path) -> None:
     assert (tmp_path / "sub" / "m.onnx").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_staged_folder_s_files_get_the_umask_s_mode(tmp_path: Path) -> None:
+    """safetensors writes its file 0600 and a copy keeps a read-only source's 0444: a fine-tuned checkpoint must
+    be as readable by the service's user as any other output."""
+    old = os.umask(0o022)
+    try:
+        with staged_folder(tmp_path / "head", last="report.json") as tmp:
+            for name, mode in (
+                ("model.safetensors", 0o600),
+                ("preprocessor_config.json", 0o444),
+                ("report.json", 0o640),
+            ):
+                (tmp / name).write_text(name)
+                (tmp / name).chmod(mode)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "head").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "preprocessor_config.json": 0o644, "report.json": 0o644}
+
+
 def test_a_full_disk_is_an_output_error(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=r"cannot write .*out\.json: No space left"), staged(tmp_path / "out.json"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -157,6 +157,19 @@ def test_wait_times_out(kind: str, endpoint: str, tmp_path: Path) -> None:
     assert "publish.wait_timeout_s" in str(info.value)
 
 
+def test_a_health_probe_is_no_subscriber_to_wait_for(endpoint: str) -> None:
+    """`eyed health` subscribes to heartbeats only: with publish.wait_subscribers=1 it must not set a replay
+    streaming its labels to nobody. A reader of labels (or of everything, or of drift) counts."""
+    with publisher(endpoint) as pub, Subscriber(endpoint, ("health.",)):
+        await_subscriptions(pub)
+        with pytest.raises(PublishError, match="only 0 subscriber"):
+            pub.wait_for_subscribers(1, timeout_s=0.5)
+    for topics in [("",), ("label.cam",), ("drift.",), ("l",)]:
+        with publisher(endpoint) as pub, Subscriber(endpoint, ("health.", *topics)):
+            pub.wait_for_subscribers(1, timeout_s=10)
+            assert pub.event_subscriptions == 1 and pub.subscriptions == 2
+
+
 def test_wait_for_zero_subscribers_returns_at_once(endpoint: str) -> None:
     with publisher(endpoint) as pub:
         pub.wait_for_subscribers(0, timeout_s=0.01)

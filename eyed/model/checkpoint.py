@@ -18,6 +18,14 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
 
 
+def same_checkpoint(a: str, b: str) -> bool:
+    """Whether two model ids name the same checkpoint: one folder, however its path is written, or one hub id."""
+    local_a, local_b = Path(a).expanduser(), Path(b).expanduser()
+    if local_a.is_dir() and local_b.is_dir():
+        return local_a.resolve() == local_b.resolve()
+    return a == b
+
+
 class ModelLoadError(Exception):
     """The model cannot be loaded; the message tells the user what to do."""
 
@@ -93,8 +101,13 @@ def read_checkpoint(folder: Path, model_id: str) -> tuple[list[str], PreprocessS
 def load_weights(folder: Path, model_id: str) -> Any:
     """``AutoModelForImageClassification`` from ``folder`` in eval mode; ModelLoadError "cannot load
     ``model_id``: ..." when transformers cannot (no weights file, a truncated one, an unknown model type)."""
-    from transformers import AutoModelForImageClassification
+    import sys
 
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():  # its "Loading weights" bar would be a line of carriage returns in the journal
+        hf_logging.disable_progress_bar()
     try:
         return AutoModelForImageClassification.from_pretrained(folder).eval()
     except Exception as exc:  # safetensors, OSError, ValueError...: all mean this folder cannot be run

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from eyed.config import ConfigError, ModelConfig
-from eyed.model.checkpoint import ModelLoadError
+from eyed.model.checkpoint import ModelLoadError, same_checkpoint
 from eyed.model.export import (
     FORMAT,
     INPUT_NAME,
@@ -111,6 +111,15 @@ class OnnxClassifier:
             )
         labels = json.loads(meta[META_LABELS])
         self.name = meta.get(META_MODEL_ID, self.path.stem)
+        if cfg.onnx is not None and "id" in cfg.model_fields_set and not same_checkpoint(self.name, cfg.id):
+            # A file that sets model.onnx and a --set model.id=DIR: model.id alone would look like it took effect.
+            logger.warning(
+                "model.onnx %s was exported from %s, not from model.id %s: running model.onnx (an empty "
+                "model.onnx, --set model.onnx=, runs model.id instead)",
+                path,
+                self.name,
+                cfg.id,
+            )
         self.prepare = Preprocessor(PreprocessSpec.from_dict(json.loads(meta[META_PREPROCESS])), cfg.small_input)
         self.input_shape = self.prepare.shape
         check_class_count(self.session, labels, self.path, self.input_shape)

@@ -65,6 +65,36 @@ def test_onnx_reads_labels_and_preprocessing_from_metadata(tiny_checkpoint: Path
     assert clf.name == str(tiny_checkpoint)  # the model id recorded at export
 
 
+def test_an_onnx_file_from_another_checkpoint_than_a_given_model_id_is_warned_about(
+    tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file that sets model.onnx and `--set model.id=DIR`: model.onnx runs, which must not go unsaid."""
+    other = shutil.copytree(tiny_checkpoint, tmp_path / "other")
+    warning = f"model.onnx {tiny_onnx} was exported from {tiny_checkpoint}, not from model.id {other}"
+    for model_id, warned in ((str(other), True), (str(tiny_checkpoint), False), (None, False)):
+        caplog.clear()
+        given = {"id": model_id} if model_id is not None else {}
+        load_classifier(ModelConfig(**given, onnx=tiny_onnx)).close()
+        assert (warning in caplog.text) == warned, (model_id, caplog.text)
+    # The same folder written another way is the same checkpoint.
+    caplog.clear()
+    relative = os.path.relpath(tiny_checkpoint)
+    load_classifier(ModelConfig(id=relative, onnx=tiny_onnx)).close()
+    assert "was exported from" not in caplog.text
+
+
+def test_loading_weights_draws_no_progress_bar_into_a_log(tiny_checkpoint: Path) -> None:
+    """Under systemd stderr is the journal: transformers' "Loading weights" bar would be a line of carriage
+    returns at each first-start export."""
+    from transformers.utils import logging as hf_logging
+
+    from eyed.model.checkpoint import load_weights
+
+    hf_logging.enable_progress_bar()
+    load_weights(tiny_checkpoint, str(tiny_checkpoint))  # pytest's stderr is no terminal
+    assert not hf_logging.is_progress_bar_enabled()
+
+
 def test_onnx_predict(onnx_classifier: Classifier) -> None:
     images = synthetic_images(4, seed=1, size=48)
     preds = onnx_classifier.predict(batch_of(onnx_classifier, images))
