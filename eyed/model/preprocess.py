@@ -31,6 +31,9 @@ class UnsupportedPreprocessing(ModelLoadError, ValueError):
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 INTERPOLATION = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 PIL_FILTERS = {1: "LANCZOS", 4: "BOX", 5: "HAMMING"}
+# An enlargement bigger than this (24 MB) is computed for the crop's pixels only (Preprocessor._sample_crop):
+# only a frame of extreme proportions gets there (a 200 x 4000 one is enlarged to 1.3 megapixels).
+MAX_RESIZED_PIXELS = 1 << 23
 # Image processors whose defaults differ from MobileNetV2's where a config leaves a setting out (configs written
 # by save_pretrained hold every setting, hand-written ones may not): ConvNeXt's (also ResNet's, RegNet's) and
 # PoolFormer's resize with bicubic and take crop_pct; ConvNeXt's does not centre crop after its own crop.
@@ -273,7 +276,28 @@ class Preprocessor:
             out = np.empty(self.shape, dtype=np.uint8)
         if (new_h, new_w) == (ch, cw):
             return cv2.resize(image, (cw, ch), dst=out, interpolation=interp)
+        if new_h * new_w > MAX_RESIZED_PIXELS and new_h >= ch and new_w >= cw and interp != cv2.INTER_AREA:
+            return self._sample_crop(image, new_h, new_w, interp, out)
         return centre_crop(cv2.resize(image, (new_w, new_h), interpolation=interp), self.spec.crop, out)
+
+    def _sample_crop(self, image: np.ndarray, new_h: int, new_w: int, interp: int, out: np.ndarray) -> np.ndarray:
+        """The centre crop of ``image`` enlarged to (new_h, new_w), computed for the crop's pixels only.
+
+        A frame far wider than tall (a 1 x 4000 strip in a dataset) would otherwise be enlarged whole first, to
+        256 x 1,024,000 pixels (786 MB). Each output pixel samples the frame where ``cv2.resize`` would
+        (pixel centres aligned, edges repeated): nearest exactly the same pixel, bilinear and bicubic within a
+        grey level or two (warpAffine places samples to 1/32 of a pixel).
+        """
+        h, w = image.shape[:2]
+        ch, cw = self.spec.crop
+        top, left = (new_h - ch) // 2, (new_w - cw) // 2
+        sy, sx = h / new_h, w / new_w
+        if interp == cv2.INTER_NEAREST_EXACT:
+            out[...] = image[_nearest(h, new_h, top, ch)[:, None], _nearest(w, new_w, left, cw)[None, :]]
+            return out
+        to_source = np.array([[sx, 0.0, (left + 0.5) * sx - 0.5], [0.0, sy, (top + 0.5) * sy - 0.5]])
+        flags = interp | cv2.WARP_INVERSE_MAP
+        return cv2.warpAffine(image, to_source, (cw, ch), dst=out, flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
     def _shrink(self, image: np.ndarray, new_h: int, new_w: int, out: np.ndarray | None) -> np.ndarray:
         """Shortest-edge downscale to (new_h, new_w) and centre crop, resizing only what the crop keeps.
@@ -309,6 +333,14 @@ class Preprocessor:
         x *= self._scale
         x -= self._shift
         return x
+
+
+def _nearest(size: int, new_size: int, start: int, count: int) -> np.ndarray:
+    """The source indices INTER_NEAREST_EXACT takes for outputs ``start`` to ``start + count`` when resizing
+    ``size`` pixels to ``new_size``: a ramp of indices resized by OpenCV itself, whose rounding differs between
+    its versions (a row of ``new_size`` integers, not a frame of them)."""
+    ramp = np.arange(size, dtype=np.int32).reshape(1, size)
+    return cv2.resize(ramp, (new_size, 1), interpolation=cv2.INTER_NEAREST_EXACT)[0, start : start + count]
 
 
 def centre_crop(image: np.ndarray, crop: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:

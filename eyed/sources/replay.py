@@ -84,16 +84,21 @@ def decode_image(value: Any) -> np.ndarray | None:
             return None
     if not data:
         return None
-    # imdecode returns None (it does not raise) on bytes that are not a supported image.
+    # imdecode returns None on bytes that are not a supported image, and raises for one whose header claims
+    # more pixels than OPENCV_IO_MAX_IMAGE_PIXELS (eyed/__init__.py): both are a record to skip.
     buffer = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buffer, IMREAD_FLAGS)
-    if img is None:
-        # What OpenCV cannot turn into 3 channels as it decodes (a one-channel float or 32-bit TIFF) it still
-        # decodes as it is, without orientation; to_rgb scales it.
-        img = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
+    try:
+        img = cv2.imdecode(buffer, IMREAD_FLAGS)
+        if img is None:
+            # What OpenCV cannot turn into 3 channels as it decodes (a one-channel float or 32-bit TIFF) it still
+            # decodes as it is, without orientation; to_rgb scales it.
+            img = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        if img is None or img.size == 0:
+            return None
+        return to_rgb(img)
+    except cv2.error as exc:
+        logger.debug("image not decoded: %s", str(exc).strip().splitlines()[-1])
         return None
-    return to_rgb(img)
 
 
 def pil_to_rgb(image: Any) -> np.ndarray:
@@ -198,6 +203,21 @@ def not_a_label(spec: Any) -> str | None:
     return str(kind)
 
 
+def not_an_image(spec: Any) -> str | None:
+    """What a column of feature ``spec`` holds when it cannot hold images (:func:`decode_image` reads an Image,
+    binary files or a struct of their bytes and path): "Value(string)" (file names, say), "ClassLabel"...; None
+    where it can, or with no features to go by."""
+    if spec is None or (isinstance(spec, dict) and _type(spec) is None):  # a struct may be {bytes, path}
+        return None
+    kind = _type(spec)
+    if kind == "Image":
+        return None
+    if kind == "Value":
+        dtype = str(spec.get("dtype"))
+        return None if dtype in ("binary", "large_binary") else f"Value({dtype})"
+    return "a list" if isinstance(spec, list) else str(kind)
+
+
 class ReplaySource:
     """Streams ``source.dataset`` / ``source.split``; a corrupt record is skipped and counted."""
 
@@ -290,6 +310,11 @@ class ReplaySource:
             field = "source.image_column" if missing[0] == self._image_col else "source.label_column"
             raise ConfigError(
                 f"{field} {missing[0]}: source.dataset {name} has no such column (it has {', '.join(features)})"
+            )
+        if self._image_col and (kind := not_an_image(features.get(self._image_col))):
+            raise ConfigError(
+                f"source.image_column {self._image_col}: its feature is {kind}, not an image (an Image, or binary "
+                "image files)"
             )
         if self._label_col and (kind := not_a_label(features.get(self._label_col))):
             # Its values would go out as the truth of every label event: an image column's would carry the frame.
@@ -471,6 +496,14 @@ class ReplaySource:
                     f"the dataset reader failed {READER_FAILURES_IN_A_ROW} times in a row; not looping over the "
                     "same first frames"
                 )
+            if self.delivered == 0:
+                # Not an end of the replay to report as done (exit 0, and the service stays down looking fine).
+                from eyed.sources import no_frames
+
+                skipped = (
+                    f" ({self.skipped} record(s) skipped: no image in {self._image_col!r})" if self.skipped else ""
+                )
+                raise no_frames(self.cfg, skipped)
             if not self.cfg.loop or produced_this_pass == 0:
                 return
             logger.info("replay reached the end after %d frames; looping", self.delivered)

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from eyed.model import preprocess as preprocess_module
 from eyed.model.preprocess import Preprocessor, PreprocessSpec, UnsupportedPreprocessing
 from tests.conftest import synthetic_images
 
@@ -452,3 +453,40 @@ def test_the_shipped_checkpoints_spec_is_stored_as_before() -> None:
     other = PreprocessSpec.from_hf({**HF_CONFIG, "resample": 0, "do_resize": False})
     assert other.to_dict()["resample"] == "nearest" and other.to_dict()["resize"] is False
     assert PreprocessSpec.from_dict(json.loads(json.dumps(other.to_dict()))) == other
+
+
+# Frames of extreme proportions
+
+
+@pytest.mark.parametrize("resample", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("shape", [(40, 300), (150, 90), (1, 4000), (3, 700), (4000, 2), (255, 2000)])
+def test_an_enlargement_computed_for_the_crop_alone_matches_the_whole_one(
+    resample: str, shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a frame of extreme proportions gets (below) is what any frame would: nearest picks the same pixels,
+    bilinear and bicubic within a grey level."""
+    rng = np.random.default_rng(0)
+    pre = Preprocessor(PreprocessSpec(256, (224, 224), 1 / 255, (0.5,) * 3, (0.5,) * 3, resample=resample))
+    for image in (smooth_image(*shape), rng.integers(0, 256, (*shape, 3), dtype=np.uint8)):
+        whole = pre(image).astype(int)
+        monkeypatch.setattr(preprocess_module, "MAX_RESIZED_PIXELS", 0)
+        sampled = pre(image).astype(int)
+        monkeypatch.undo()
+        assert np.abs(whole - sampled).max() <= (0 if resample == "nearest" else 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 20_000), (20_000, 2)])
+def test_a_strip_of_pixels_is_not_enlarged_whole(shape: tuple[int, int]) -> None:
+    """A 1 x 20,000 strip in a dataset: its shortest edge enlarged to 256 would take 3.9 GB, a small board's
+    whole memory, before the crop kept 224 x 224 of it."""
+    import tracemalloc
+
+    image = np.full((*shape, 3), 90, dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        out = Preprocessor(SPEC)(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (224, 224, 3) and (out == 90).all()
+    assert peak < 64 * 2**20, peak

@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from eyed.config import ConfigError, SourceConfig
@@ -783,6 +785,59 @@ def test_decode_garbage_is_none(value: object) -> None:
     assert decode_image(value) is None
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG (a few dozen bytes) whose header claims ``width`` x ``height`` pixels."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_claiming_too_many_pixels_is_a_record_to_skip(tmp_path: Path) -> None:
+    """OpenCV raises (not returns None) for a header over its pixel limit: one such record ended the replay
+    (exit 1, and a restart met it again)."""
+    assert decode_image({"bytes": png_header(100_000, 100_000), "path": None}) is None
+    images = synthetic_images(4)
+    dataset = write_parquet_dataset(tmp_path, images, [0, 1, 2, 3])
+    table = pq.read_table(next(dataset.rglob("*.parquet")))
+    rows = table.to_pylist()
+    rows[1]["img"] = {"bytes": png_header(100_000, 100_000), "path": None}
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), next(dataset.rglob("*.parquet")))
+    with ReplaySource(SourceConfig(dataset=str(dataset), split="train")) as src:
+        frames = list(src.frames())
+        assert [f.truth for f in frames] == [CIFAR10[0], CIFAR10[2], CIFAR10[3]] and src.skipped == 1
+
+
+def test_eyed_caps_the_pixels_an_image_may_claim() -> None:
+    """200 MB for a 10,000 x 10,000 image (OpenCV's own limit is 2**30 pixels, 3 GB): refused from its header,
+    before its memory is taken, in a process that imported eyed before OpenCV; the environment may allow more."""
+    script = (
+        "import sys, eyed.sources.replay, cv2, numpy as np\n"
+        "try:\n"
+        "    cv2.imdecode(np.frombuffer(sys.stdin.buffer.read(), np.uint8), cv2.IMREAD_COLOR)\n"
+        "except cv2.error as exc:\n"
+        "    sys.exit(3 if 'CV_IO_MAX_IMAGE_PIXELS' in str(exc) else 4)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    for allowed, code in ((None, 3), (1 << 30, 0)):  # 0: past the header check (then libpng finds no pixels)
+        extra = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(allowed)} if allowed else {}
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            input=png_header(10_000, 10_000),
+            env={**env, **extra},
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == code, result.stderr
+
+
 def test_to_rgb_shapes() -> None:
     assert to_rgb(np.zeros((5, 6), dtype=np.uint8)).shape == (5, 6, 3)
     assert to_rgb(np.zeros((5, 6, 1), dtype=np.uint8)).shape == (5, 6, 3)
@@ -804,3 +859,27 @@ def test_offline_commands_read_a_recorded_source_once(tiny_dataset: Path, paced:
         assert len(list(source.frames())) == 11  # 12 records, one corrupt
     with pytest.raises(SourceError, match="live camera"):
         open_recorded(SourceConfig(kind="webcam", device=0))
+
+
+def test_an_image_column_that_holds_no_images_is_refused(tmp_path: Path) -> None:
+    """File names in a column called image: every record was skipped, and the daemon ended as if done."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    features = Features({"image": Value("string"), "label": ClassLabel(names=CIFAR10)})
+    Dataset.from_dict({"image": ["a.png", "b.png"], "label": [0, 1]}, features=features).to_parquet(
+        str(tmp_path / "train-00000-of-00001.parquet")
+    )
+    with pytest.raises(ConfigError, match=r"source.image_column image: its feature is Value\(string\), not an image"):
+        replay(tmp_path)
+
+
+def test_a_replay_that_gives_no_frame_fails(tmp_path: Path, tiny_dataset: Path) -> None:
+    """Under systemd an exit 0 leaves the service down looking fine: a replay of nothing is a failure (69)."""
+    broken = write_parquet_dataset(tmp_path / "broken", synthetic_images(3), [0, 1, 2], corrupt=(0, 1, 2))
+    for dataset, extra, said in (
+        (broken, {}, "(3 record(s) skipped: no image in 'img')"),
+        (broken, {"loop": True}, "(3 record(s) skipped: no image in 'img')"),
+        (tiny_dataset, {"skip": 100, "loop": True}, "from record 100 on"),
+    ):
+        with pytest.raises(SourceError, match=re.escape(said)):
+            replay(dataset, **extra)
