@@ -52,6 +52,12 @@ FILE_MAX_CORRUPT_RUN = 100_000
 # A camera's frame this much of a period early still falls due (source.fps): a camera sending at just that rate
 # jitters around its slots, and a frame a little early must not wait for the next one.
 EARLY_FRACTION = 0.25
+# A connection starts the reconnect backoff over once it has given frames, with no gap of source.stall_s between
+# them, for stall_s and at least this long: live by the measure the state uses, for long enough that it was a
+# working stream. A camera that takes a session and closes it after a frame or a few (an NVR over its client limit,
+# an encoder that keeps crashing) is retried ever more slowly, as one that refuses the connection is, instead of
+# every reconnect_initial_s for ever.
+SETTLED_MIN_S = 5.0
 # Frozen-frame detection compares single grey pixels on a grid of about this many columns and rows. Not an
 # averaged thumbnail: averaging wipes out the sensor noise that tells a still scene from a repeated picture.
 FREEZE_GRID = (64, 48)
@@ -289,11 +295,12 @@ class CaptureSource:
         # handed over, so none can be counted as dropped or be old by the time the pipeline takes it.
         self._consuming = False
         self._was_live = False  # some connection has given a frame: the next one to do so is a reconnection
+        self._settle_s = max(cfg.stall_s, SETTLED_MIN_S)  # live this long, a connection resets the backoff
         self._last_frame_t: float | None = None
         self._frozen_since: float | None = None
         self._gen = Generation(0)  # the current capture thread's; number 0 has no thread
         # One for every capture thread, the watchdog's replacements included: a camera that keeps hanging is
-        # retried ever more slowly, as one that keeps failing is.
+        # retried ever more slowly, as one that keeps failing is. Reset by a connection that settled.
         self._backoff = Backoff(cfg.reconnect_initial_s, cfg.reconnect_max_s)
         self._at_cap = False  # MAX_ABANDONED reached (logged once)
         self._stop = threading.Event()
@@ -410,12 +417,19 @@ class CaptureSource:
         falls due (``source.fps``) is turned into a picture and handed over; the others are only grabbed."""
         throttle = Throttle(self.cfg.fps)
         previous: np.ndarray | None = None
-        connected = False
+        last: float | None = None  # this connection's last frame
+        live_since = 0.0  # since when its frames have come with no gap of stall_s
+        settled = False
         while self._grab(cap, gen):
             now = time.monotonic()
-            if not connected:
-                connected = True
-                self._connected(backoff)
+            if last is None:
+                self._connected()
+            if last is None or now - last > self.cfg.stall_s:
+                live_since = now
+            last = now
+            if not settled and now - live_since >= self._settle_s:
+                settled = True
+                self._settled(backoff, now - live_since)
             self._last_frame_t = now  # a frame passed over below is still news from the camera
             if not (self._consuming and throttle.due(now)):
                 continue  # grabbed only, never converted to a picture: the work a lower source.fps saves
@@ -474,14 +488,21 @@ class CaptureSource:
             return None
         return image
 
-    def _connected(self, backoff: Backoff) -> None:
-        """A connection's first frame: the camera is live, and back if an earlier connection was."""
-        backoff.reset()
+    def _connected(self) -> None:
+        """A connection's first frame: the camera is live, and back if an earlier connection was. The backoff is
+        left as it is until the connection has settled: one frame says little about a stream."""
         if self._was_live:
             self.reconnects += 1
             logger.info("source %s: reconnected (%d attempts to reconnect so far)", self.id, self.reconnect_attempts)
         self._was_live = True
         self._set_state("live")
+
+    def _settled(self, backoff: Backoff, live_s: float) -> None:
+        """The connection has been live for ``live_s`` (at least the settle time): the next reconnect, if any, is
+        tried after the initial delay again."""
+        if backoff.attempt:
+            logger.info("source %s: live for %.0f s; the reconnect backoff starts over", self.id, live_s)
+        backoff.reset()
 
     def _watch_freeze(self, previous: np.ndarray | None, rgb: np.ndarray, now: float) -> np.ndarray | None:
         """Notes since when the picture is frozen; returns what the next frame is to be compared with."""

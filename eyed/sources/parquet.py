@@ -242,19 +242,43 @@ def batch_rows(metadata: Any) -> int:
     return int(max(1, min(MAX_BATCH_ROWS, BATCH_BYTES // max(1.0, per_row))))
 
 
+class UnreadableRows(Exception):
+    """What :class:`ParquetRows` tells its ``on_error`` of: records of a file it could not read and passed over.
+
+    ``rows`` is how many records that cost (None if unknown: a file whose footer could not be read), ``group``
+    the row group they were in, or None when the rest of the file was given up. The failure itself is
+    ``__cause__``; the message is its message, after the row group's place in the file for a row group."""
+
+    def __init__(self, cause: Exception, rows: int | None, group: int | None = None, where: str = "") -> None:
+        super().__init__(f"{where}: {cause}" if where else str(cause))
+        self.rows, self.group = rows, group
+        self.__cause__ = cause
+
+
 @dataclass
 class FileProgress:
-    """How far the reading of one file got: the rows it gave, and its row count once its footer was read."""
+    """How far the reading of one file got: the rows it gave, the rows of row groups it could not read (passed
+    over), and its row count once its footer was read."""
 
     read: int = 0
     rows: int | None = None
+    lost: int = 0
+
+    @property
+    def passed(self) -> int:
+        """Rows behind, after those skipped: given, or lost with a row group that could not be read."""
+        return self.read + self.lost
 
     def skip_after(self, to_skip: int) -> int:
         """What is left of ``to_skip`` (rows still to pass over when this file began) for the next file, when
-        this one failed: nothing once it gave a row; else less its row count, where that is known."""
-        if self.read:
+        this one failed: nothing once it got past the skip; else less its row count, where that is known."""
+        if self.passed:
             return 0
         return max(0, to_skip - self.rows) if self.rows is not None else to_skip
+
+    def left(self, to_skip: int) -> int | None:
+        """Rows of the file after the first ``to_skip`` not yet passed: what giving it up costs (None: unknown)."""
+        return None if self.rows is None else max(0, self.rows - to_skip - self.passed)
 
 
 class ParquetRows:
@@ -300,7 +324,7 @@ class ParquetRows:
             except Exception as exc:  # a broken or foreign shard: reported, and the others still replay
                 if self.on_error is None:
                     raise
-                self.on_error(path, exc)
+                self.on_error(path, UnreadableRows(exc, progress.left(to_skip)))
                 to_skip = progress.skip_after(to_skip)
 
     def _resumed_rows(
@@ -312,7 +336,7 @@ class ParquetRows:
         waits = HUB_RESUME_WAITS_S if is_hub_file(path) else ()
         failures = 0
         while True:
-            rows = self._file_rows(path, to_skip + progress.read, progress)
+            rows = self._file_rows(path, to_skip + progress.passed, progress)
             while True:
                 try:
                     row = next(rows)
@@ -325,7 +349,7 @@ class ParquetRows:
                     if not interrupted(exc) or failures >= len(waits):
                         raise
                     wait, failures = waits[failures], failures + 1
-                    at = to_skip + progress.read
+                    at = to_skip + progress.passed
                     logger.warning("reading %s failed at row %d (%s); reading on in %g s", path, at, exc, wait)
                     if not self.pause(wait):
                         return None
@@ -348,20 +372,54 @@ class ParquetRows:
                 raise KeyError(f"no column {missing[0]!r}")
             if to_skip >= meta.num_rows:
                 return to_skip - meta.num_rows
-            groups: list[int] = []
-            for i in range(meta.num_row_groups):
-                rows = meta.row_group(i).num_rows
-                if not groups and to_skip >= rows:
+            size = batch_rows(meta)
+            first = 0  # the row group's first row in the file
+            for group in range(meta.num_row_groups):
+                rows = meta.row_group(group).num_rows
+                if to_skip >= rows:
                     to_skip -= rows
                 else:
-                    groups.append(i)
-            for batch in reader.iter_batches(
-                batch_size=batch_rows(meta), row_groups=groups, columns=self.columns, use_threads=False
-            ):
-                if to_skip >= batch.num_rows:
-                    to_skip -= batch.num_rows
-                    continue
-                if to_skip:
-                    batch, to_skip = batch.slice(to_skip), 0
-                yield from batch.to_pylist()
+                    yield from self._group_rows(path, reader, group, (first, rows), to_skip, size, progress)
+                    to_skip = 0
+                first += rows
         return 0
+
+    def _group_rows(
+        self, path: str, reader: Any, group: int, span: tuple[int, int], to_skip: int, size: int, progress: FileProgress
+    ) -> Generator[dict[str, Any], None, None]:
+        """Rows of row group ``group`` (``span``: its first row in the file, and its row count) after ``to_skip``,
+        ``size`` at a time. If the group cannot be read, the rows of it not yet given go to ``on_error`` (as
+        passed over) and the rows end there; unless there is no ``on_error``, the replay is being stopped or a
+        hub file's reading failed on the way (it is opened again where it was: ``_resumed_rows``)."""
+        first, rows = span
+        given = 0
+        skipping = to_skip
+        batches: Iterator[Any] | None = None
+        while True:
+            try:
+                if batches is None:
+                    batches = iter(
+                        reader.iter_batches(
+                            batch_size=size, row_groups=[group], columns=self.columns, use_threads=False
+                        )
+                    )
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                if skipping >= batch.num_rows:
+                    skipping -= batch.num_rows
+                    continue
+                if skipping:
+                    batch, skipping = batch.slice(skipping), 0
+                records = batch.to_pylist()
+            except Exception as exc:
+                if self.on_error is None or not self.pause(0) or (is_hub_file(path) and interrupted(exc)):
+                    raise
+                lost = rows - to_skip - given
+                progress.lost += lost
+                where = f"row group {group} (rows {first}-{first + rows - 1}), {lost} of its rows not read"
+                self.on_error(path, UnreadableRows(exc, lost, group, where))
+                return
+            for record in records:
+                given += 1
+                yield record

@@ -33,7 +33,7 @@ from eyed.sources.dataset_info import (
     check_split,
     keep_torch_out,
 )
-from eyed.sources.parquet import ParquetRows, in_background, prepare_hub_reading, wait_for
+from eyed.sources.parquet import ParquetRows, UnreadableRows, in_background, prepare_hub_reading, wait_for
 from eyed.types import Frame, StartUp
 
 logger = logging.getLogger(__name__)
@@ -379,9 +379,13 @@ class ReplaySource:
         return wait_announced(time.monotonic() + seconds, self._reading_stop)
 
     def _unreadable(self, path: str, exc: Exception) -> None:
-        self.skipped += 1
+        # A damaged row group costs its own records (parquet.UnreadableRows), each counted; a shard given up
+        # whole counts once, as the README says.
+        lost = exc.rows if isinstance(exc, UnreadableRows) and exc.group is not None else None
+        self.skipped += 1 if lost is None else lost
         self.reader_failures += 1
-        logger.error("cannot read %s, going on with the next shard: %s", path, exc)
+        then = "the next shard" if lost is None else "the next row group"
+        logger.error("cannot read %s, going on with %s: %s", path, then, exc)
 
     @staticmethod
     def _detect(features: dict[str, Any], candidates: tuple[str, ...], what: str) -> str:

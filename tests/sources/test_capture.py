@@ -868,3 +868,104 @@ def test_reconnects_count_the_times_the_camera_came_back_not_the_attempts() -> N
         assert src.state == "live"
         assert src.reconnects == 2
         assert src.reconnect_attempts == len(opened) - 1
+
+
+# -- connections that end early ----------------------------------------------------------------------------------
+class FakeClock:
+    """time.monotonic for the capture module: moved on only by the frames of a :class:`TimedConnection`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedConnection(FakeDriver):
+    """One connection: a frame after each of ``gaps`` (seconds on ``clock``), then the stream is lost."""
+
+    def __init__(self, clock: FakeClock, gaps: list[float]) -> None:
+        self.clock, self.gaps = clock, list(gaps)
+
+    def read(self) -> tuple[bool, Any]:
+        if not self.gaps:
+            return False, None
+        self.clock.now += self.gaps.pop(0)
+        return True, np.zeros((8, 8, 3), np.uint8)
+
+
+class NotedWaits(threading.Event):
+    """A source's stop event whose timed waits (the reconnect backoff between connections) are noted instead of
+    waited out, the first ``count`` of them; the next one is waited out (``blocked`` set), till the source stops."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.asked: list[float] = []
+        self.blocked = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None and len(self.asked) < self.count:
+            self.asked.append(timeout)
+            return self.is_set()
+        self.blocked.set()
+        return super().wait(timeout)
+
+
+def backoff_waits(
+    monkeypatch: pytest.MonkeyPatch, connections: list[list[float]], count: int, **cfg: Any
+) -> tuple[list[float], CaptureSource]:
+    """The first ``count`` waits a webcam source asks for before reconnecting, with the source (stopped): its
+    connections give frames at the gaps (fake seconds) of each of ``connections`` in turn, then one frame each."""
+    clock = FakeClock()
+    fake_time = types.SimpleNamespace(monotonic=clock, time=time.time, perf_counter=time.perf_counter)
+    monkeypatch.setattr("eyed.sources.capture.time", fake_time)
+    plan = list(connections)
+    src = CaptureSource(
+        SourceConfig(kind="webcam", device=0, **cfg),
+        opener=lambda _cfg: TimedConnection(clock, plan.pop(0) if plan else [0.0]),
+    )
+    waits = src._stop = NotedWaits(count)
+    with src:
+        assert waits.blocked.wait(10), f"only {len(waits.asked)} reconnects in 10 s"
+    return waits.asked, src
+
+
+def within_caps(waits: list[float], caps: list[float]) -> bool:
+    """Whether each wait is one Backoff gives at that cap (half of it fixed, half jitter)."""
+    return len(waits) == len(caps) and all(cap / 2 <= wait <= cap for wait, cap in zip(waits, caps, strict=True))
+
+
+def test_a_camera_that_drops_each_connection_after_a_frame_is_retried_ever_more_slowly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An NVR over its client limit takes the session, sends a keyframe and closes it. The backoff was reset at a
+    connection's first frame, so such a camera was retried every reconnect_initial_s for ever (49 connections and
+    300 log lines in 20 s): one frame does not make a connection that worked."""
+    with caplog.at_level(logging.WARNING, logger="eyed.sources.capture"):
+        waits, src = backoff_waits(monkeypatch, [], 9, reconnect_initial_s=0.5, reconnect_max_s=30)
+    assert within_caps(waits, [0.5, 1, 2, 4, 8, 16, 30, 30, 30]), waits
+    said = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert said[:9] == [f"source {src.id}: offline; retrying in {wait:.1f} s" for wait in waits]  # and the 10th
+    # Ten connections, each of which gave a frame: nine attempts to reconnect, and nine times back.
+    assert (src.reconnect_attempts, src.reconnects) == (9, 9)
+
+
+@pytest.mark.parametrize(
+    ("stall_s", "gaps", "settles"),
+    [
+        (10, [0.0] + [1.0] * 11, True),  # 11 s of frames: live for longer than stall_s
+        (10, [0.0] + [1.0] * 8, False),  # 8 s only
+        (10, [0.0] + [1.0] * 5 + [11.0] + [1.0] * 8, False),  # 22 s, but stalled 11 s on the way: 8 s since
+        (1, [0.0] + [0.5] * 8, False),  # 4 s: longer than stall_s, shorter than SETTLED_MIN_S
+        (1, [0.0] + [0.5] * 11, True),  # 5.5 s
+    ],
+    ids=["live", "short", "stalled", "short-of-the-floor", "past-the-floor"],
+)
+def test_a_connection_that_stays_live_starts_the_backoff_over(
+    monkeypatch: pytest.MonkeyPatch, stall_s: float, gaps: list[float], settles: bool
+) -> None:
+    """Two connections that end after a frame, then one with ``gaps`` between its frames, then two more that end
+    after a frame."""
+    waits, _ = backoff_waits(monkeypatch, [[0.0], [0.0], gaps], 5, stall_s=stall_s, reconnect_initial_s=0.5)
+    assert within_caps(waits, [0.5, 1, 0.5, 1, 2] if settles else [0.5, 1, 2, 4, 8]), waits

@@ -1,10 +1,14 @@
-"""Local parquet shards read a batch at a time: row order, skipping by row counts, unreadable shards."""
+"""Local parquet shards read a batch at a time: row order, skipping by row counts, unreadable shards and row
+groups."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +17,8 @@ import pytest
 
 from eyed.sources import parquet as parquet_module
 from eyed.sources.base import pace_listener
-from eyed.sources.parquet import MAX_BATCH_ROWS, ParquetRows, batch_rows
+from eyed.sources.parquet import MAX_BATCH_ROWS, ParquetRows, UnreadableRows, batch_rows
+from tests.conftest import synthetic_images, write_parquet_dataset
 
 
 def write_rows(path: Path, start: int, count: int, group_rows: int) -> str:
@@ -51,16 +56,17 @@ def test_an_unreadable_shard_is_reported_and_passed_over(shards: list[str], tmp_
     broken.write_bytes(b"PAR1 not a parquet file" * 10)
     other = tmp_path / "other.parquet"
     pq.write_table(pa.table({"m": [1, 2]}), other)  # no column n
-    failures: list[tuple[str, str]] = []
-    rows = ParquetRows(
-        [shards[0], str(broken), shards[1], str(other), shards[2]],
-        ["n"],
-        skip=2,
-        on_error=lambda path, exc: failures.append((path, type(exc).__name__)),
-    )
+    failures: list[tuple[str, str, int | None]] = []
+
+    def on_error(path: str, exc: Exception) -> None:
+        assert isinstance(exc, UnreadableRows) and exc.group is None
+        failures.append((path, type(exc.__cause__).__name__, exc.rows))
+
+    rows = ParquetRows([shards[0], str(broken), shards[1], str(other), shards[2]], ["n"], skip=2, on_error=on_error)
     # The skip is counted in readable files only: what an unreadable one holds is unknown.
     assert [r["n"] for r in rows] == list(range(2, 25))
-    assert failures == [(str(broken), "ArrowInvalid"), (str(other), "KeyError")]
+    # The records lost: unknown for a file whose footer cannot be read, all of them for one that lacks the column.
+    assert failures == [(str(broken), "ArrowInvalid", None), (str(other), "KeyError", 2)]
 
 
 def test_without_a_handler_an_unreadable_shard_raises(tmp_path: Path) -> None:
@@ -90,19 +96,136 @@ def corrupt_group(path: str, group: int) -> None:
         f.write(b"\xff" * chunk.total_compressed_size)
 
 
-@pytest.mark.parametrize("skip", [2, 5, 12])
-def test_a_shard_failing_midway_leaves_the_next_one_its_own_skip(
-    shards: list[str], skip: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A shard that fails once rows were given, or while rows were still being passed over, has used up what
-    it could of ``skip``: the next shard is not cut by the same rows again."""
+Failure = tuple[str, int | None, int | None]  # a file, its row group (None: the rest of the file), rows lost
+
+
+def collecting(failures: list[Failure]) -> Any:
+    """An ``on_error`` that notes what it is told in ``failures``."""
+
+    def on_error(path: str, exc: Exception) -> None:
+        assert isinstance(exc, UnreadableRows)
+        failures.append((path, exc.group, exc.rows))
+
+    return on_error
+
+
+def test_a_damaged_row_group_costs_its_own_records_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One damaged page header (the review's case: a CIFAR shard is one 10,000-record row group) used to end the
+    whole file, intact row groups after it too, and to count as one record. Batches are smaller than the row
+    groups here, as a CIFAR shard's 455-record batches are."""
+    monkeypatch.setattr(parquet_module, "batch_rows", lambda metadata: 3)
+    table = pa.table({"n": list(range(40)), "blob": [os.urandom(200) for _ in range(40)]})
+    damaged = tmp_path / "train-00000-of-00002.parquet"
+    pq.write_table(table, damaged, row_group_size=10, compression="none")
+    chunk = pq.ParquetFile(damaged).metadata.row_group(1).column(1)  # group 1's blob column
+    with open(damaged, "r+b") as f:
+        f.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
+        f.write(b"\xff" * 64)  # its page header
+    healthy = write_rows(tmp_path / "train-00001-of-00002.parquet", 40, 5, 5)
+    failures: list[Failure] = []
+    rows = ParquetRows([str(damaged), healthy], ["n", "blob"], on_error=collecting(failures))
+    got = list(rows)
+    assert [r["n"] for r in got] == [*range(0, 10), *range(20, 45)]  # every intact group, in order
+    assert [r["blob"] for r in got[:30]] == table["blob"].to_pylist()[:10] + table["blob"].to_pylist()[20:]
+    assert failures == [(str(damaged), 1, 10)]  # the damaged group's records, told once
+
+
+@pytest.mark.parametrize("skip", [0, 2, 5, 8, 9, 12])
+def test_a_damaged_row_group_and_the_skip(shards: list[str], skip: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records passed over by ``skip`` are not counted as lost with a damaged group, and a group the skip passes
+    over entirely is never read."""
     monkeypatch.setattr(parquet_module, "batch_rows", lambda metadata: 2)
     corrupt_group(shards[0], 1)  # rows 4-7
-    failures: list[str] = []
-    got = [r["n"] for r in ParquetRows(shards, ["n"], skip=skip, on_error=lambda p, e: failures.append(p))]
-    assert failures == ([shards[0]] if skip < 10 else [])
+    failures: list[Failure] = []
+    got = [r["n"] for r in ParquetRows(shards, ["n"], skip=skip, on_error=collecting(failures))]
+    assert got == [n for n in range(skip, 25) if not 4 <= n < 8]
+    lost = len(range(max(skip, 4), 8))
+    assert failures == ([(shards[0], 1, lost)] if lost else [])
+
+
+@contextlib.contextmanager
+def failing_group(
+    monkeypatch: pytest.MonkeyPatch, path: str, group: int, after: int, error: Exception
+) -> Iterator[None]:
+    """Reading row group ``group`` of ``path`` raises ``error`` after ``after`` batches, as a damaged page far
+    into the group, or a network gone away, would."""
+
+    class Failing(pq.ParquetFile):
+        def __init__(self, source: Any, **kwargs: Any) -> None:
+            super().__init__(source, **kwargs)
+            self.source = source
+
+        def iter_batches(self, **kwargs: Any) -> Iterator[Any]:
+            batches = super().iter_batches(**kwargs)
+            if self.source != path or kwargs.get("row_groups") != [group]:
+                return batches
+            return (b if i < after else raise_(error) for i, b in enumerate(batches))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pq, "ParquetFile", Failing)
+        yield
+
+
+def raise_(error: Exception) -> Any:
+    raise error
+
+
+def test_records_given_before_a_row_group_failed_are_not_counted_lost(
+    shards: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(parquet_module, "batch_rows", lambda metadata: 2)
+    failures: list[Failure] = []
+    with failing_group(monkeypatch, shards[1], 0, 1, OSError("Couldn't deserialize thrift")):  # rows 10-14
+        got = [r["n"] for r in ParquetRows(shards, ["n"], skip=3, on_error=collecting(failures))]
+    assert got == [n for n in range(3, 25) if not 12 <= n < 15]  # 10 and 11 came in the group's first batch
+    assert failures == [(shards[1], 0, 3)]
+
+
+@pytest.mark.parametrize("skip", [2, 5, 12])
+def test_a_shard_given_up_midway_leaves_the_next_one_its_own_skip(
+    shards: list[str], skip: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub shard whose reading still fails on the way after every wait (none here) is given up from there on,
+    its records left counted as lost. Having failed once rows were given, or while rows were still being passed
+    over, it has used up what it could of ``skip``: the next shard is not cut by the same rows again."""
+    monkeypatch.setattr(parquet_module, "batch_rows", lambda metadata: 2)
+    monkeypatch.setattr(parquet_module, "HUB_RESUME_WAITS_S", ())
+    monkeypatch.setattr(parquet_module, "is_hub_file", lambda path: True)
+    monkeypatch.setattr(parquet_module, "opened_shard", lambda path, pause: contextlib.nullcontext(path))
+    failures: list[Failure] = []
+    with failing_group(monkeypatch, shards[0], 1, 0, ConnectionError("network unreachable")):  # rows 4-7
+        got = [r["n"] for r in ParquetRows(shards, ["n"], skip=skip, on_error=collecting(failures))]
     assert [n for n in got if n >= 10] == list(range(max(skip, 10), 25))
-    assert all(skip <= n < 4 for n in got if n < 10)  # what the first shard gave before its broken group
+    assert [n for n in got if n < 10] == list(range(skip, 4))  # what the first shard gave before it was given up
+    assert failures == ([(shards[0], None, 10 - max(skip, 4))] if skip < 10 else [])
+
+
+def damaged_dataset(folder: Path) -> Path:
+    """12 CIFAR-like records in row groups of 4, group 1 (records 4-7) with its image column's page header
+    damaged."""
+    write_parquet_dataset(folder, synthetic_images(12), [i % 10 for i in range(12)], rows_per_group=4)
+    shard = next(folder.glob("*.parquet"))
+    meta = pq.ParquetFile(shard).metadata
+    images = meta.schema.to_arrow_schema().get_field_index("img")
+    chunk = meta.row_group(1).column(images)  # the struct's first leaf: img.bytes
+    with open(shard, "r+b") as f:
+        f.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
+        f.write(b"\xff" * 64)
+    return folder
+
+
+def test_a_replay_counts_a_damaged_row_groups_records_as_skipped(tmp_path: Path) -> None:
+    from eyed.config import SourceConfig
+    from eyed.sources.replay import ReplaySource
+
+    dataset = damaged_dataset(tmp_path / "ds")
+    images = synthetic_images(12)
+    with ReplaySource(SourceConfig(dataset=str(dataset), split="train")) as src:
+        frames = list(src.frames())
+    assert len(frames) == 8
+    for frame, i in zip(frames, [0, 1, 2, 3, 8, 9, 10, 11], strict=True):
+        assert np.array_equal(frame.image, images[i])
+    assert src.skipped == 4
 
 
 class HubBytes:
