@@ -53,6 +53,8 @@ BOOTSTRAP = 200
 LEARNED_RESERVOIR = 4 * RESERVOIR
 # Metrics that cannot exceed 1: a drift threshold scaled past that could never fire.
 BOUNDED = ("js", "ks")
+# The shipped thresholds, whose drift/warn ratio scales drift with a warn level that noise raised (levels).
+SHIPPED = DriftConfig()
 # Calibrated window sizes with drift.window_s: MIN_WINDOW x 2^(k/4). A window is judged as the grid size at or
 # below its frame count (it is at most 19% larger); a smaller window is noisier, so its thresholds err on the
 # side of fewer alarms.
@@ -354,7 +356,10 @@ def levels(cfg: DriftConfig, metric: str, mean: float, std: float) -> tuple[floa
     :func:`calibrate`)."""
     warn0, drift0 = _defaults(cfg, metric)
     warn = max(warn0, mean + cfg.sigmas * std)
-    scaled = warn * drift0 / warn0
+    # By the shipped drift/warn ratio, not the configured one: a lower warn floor (drift.psi_warn = 0.02, for
+    # earlier warnings) would otherwise push drift out of reach wherever noise sets warn.
+    shipped_warn, shipped_drift = _defaults(SHIPPED, metric)
+    scaled = warn * shipped_drift / shipped_warn
     if family(metric) in BOUNDED:
         # Never below warn: a warn level at 1 already cannot fire, and drift must not undercut it.
         scaled = min(scaled, max(warn, (warn + 1) / 2))

@@ -26,7 +26,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from eyed.config import DEFAULT_WINDOW, MIN_WINDOW, DriftConfig
-from eyed.drift.stats import FIELDS, NUMERIC_STATS, FrameStats
+from eyed.drift.stats import FIELDS, NUMERIC_STATS, FrameStats, kept
 from eyed.model.labels import CoarseMapper, estimate_priors
 
 # Schema 2 stores where the sample's blocks lie in the stream; schema 3 counts coarse labels as plain group
@@ -38,8 +38,6 @@ BINS = 10
 RESERVOIR = 5000
 # Frames per sampled block: the default drift window, so a calibration window fits inside one block.
 BLOCK = DEFAULT_WINDOW
-# Six significant digits keep the reservoir a few hundred kB; the statistics are not that precise anyway.
-DIGITS = 6
 # What the coarse counts count (schema 3), for people reading the file.
 COARSE_LABEL = "the group with the most probability mass, without prior correction (the same under any priors)"
 
@@ -194,7 +192,8 @@ def _ints(values: np.ndarray) -> list[int]:
 def _column_json(name: str, values: np.ndarray) -> list[Any]:
     if name in ("top1", "coarse"):
         return [int(v) for v in values]
-    return [None if not math.isfinite(v) else float(f"{v:.{DIGITS}g}") for v in values.tolist()]
+    # Six significant digits keep the reservoir a few hundred kB; the extractor measures to no more (kept).
+    return [None if not math.isfinite(v) else kept(v) for v in values.tolist()]
 
 
 def load_reference(path: Path) -> Reference:
@@ -203,6 +202,8 @@ def load_reference(path: Path) -> Reference:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"drift.reference {path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise ValueError(f"drift.reference {path}: not a drift reference (not UTF-8 text)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -25,6 +25,13 @@ def read_drift_events(path: Path) -> list[dict[str, Any]]:
     event the chart cannot read (no window number, say), is a ValueError naming the file and line: a recording
     that is not what it seems should not be charted as if it were.
     """
+    try:
+        return _drift_events(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (not a recording of `eyed subscribe --json`)") from None
+
+
+def _drift_events(path: Path) -> list[dict[str, Any]]:
     events = []
     with Path(path).open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):

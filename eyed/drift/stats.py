@@ -22,6 +22,11 @@ SMALL = 64
 CLIP_LOW = 2
 CLIP_HIGH = 253
 
+# Significant digits of every numeric statistic, as measured and as a profile stores it: a profile read back from
+# its file must hold what the monitor compares with it live. A still scene measured at 127.51399739 but stored as
+# 127.514 fell outside its own histogram; a confidence of 0.99999976 stored as 1 moved every KS window.
+DIGITS = 6
+
 OUTPUT_STATS = ("confidence", "margin", "entropy")
 INPUT_STATS = ("brightness", "contrast", "sharpness", "clipped", "motion")
 NUMERIC_STATS = OUTPUT_STATS + INPUT_STATS
@@ -85,6 +90,11 @@ def output_stats(pred: Prediction) -> tuple[float, float, float]:
     return float(top), float(top - second), min(max(entropy, 0.0), 1.0)
 
 
+def kept(value: float) -> float:
+    """``value`` to DIGITS significant digits, as a profile stores it; NaN and infinities as they are."""
+    return float(f"{value:.{DIGITS}g}") if math.isfinite(value) else value
+
+
 class StatsExtractor:
     """Turns (frame, prediction) into :class:`FrameStats`; keeps the previous frame's small grey copy.
 
@@ -125,14 +135,14 @@ class StatsExtractor:
         return FrameStats(
             top1=pred.top.class_id,
             coarse=coarse,
-            confidence=confidence,
-            margin=margin,
-            entropy=entropy,
-            brightness=float(mean[0, 0]),
-            contrast=float(std[0, 0]),
-            sharpness=float(lap_std[0, 0]) ** 2,
-            clipped=1.0 - inside / grey.size,
-            motion=motion,
+            confidence=kept(confidence),
+            margin=kept(margin),
+            entropy=kept(entropy),
+            brightness=kept(float(mean[0, 0])),
+            contrast=kept(float(std[0, 0])),
+            sharpness=kept(float(lap_std[0, 0]) ** 2),
+            clipped=kept(1.0 - inside / grey.size),
+            motion=kept(motion),
         )
 
     def _coarse(self, pred: Prediction) -> int:

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -26,10 +27,11 @@ from eyed.drift.monitor import (
     size_bucket,
     window_payload,
 )
-from eyed.drift.reference import ProfileBuilder, Reference, reference_from_dict
-from eyed.drift.stats import FrameStats
+from eyed.drift.reference import ProfileBuilder, Reference, load_reference, reference_from_dict
+from eyed.drift.stats import FrameStats, StatsExtractor
 from tests.daemon_helpers import finish, start_daemon
 from tests.drift import COARSE, scene_stream, synthetic_stats
+from tests.drift.test_stats import prediction as stats_prediction
 
 ALL_METRICS = {
     "js_coarse",
@@ -668,6 +670,48 @@ def test_a_constant_statistic_in_the_reference_still_sees_a_change() -> None:
     assert {"psi_brightness", "psi_contrast", "psi_sharpness"} <= set(reports[0].fired)
 
 
+def still_frames(n: int, scale: float = 1.0) -> list[FrameStats]:
+    """A still scene without sensor noise through the real extractor: the same frame n times."""
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), (0, 0), 3)
+    image = np.clip(image.astype(np.float32) * scale, 0, 255).astype(np.uint8)
+    extractor = StatsExtractor(COARSE)
+    pred = stats_prediction(np.full(10, 0.1, dtype=np.float32))
+    return [extractor(image, pred)._replace(top1=s.top1, coarse=s.coarse) for s in synthetic_stats(n, seed=10)]
+
+
+def test_a_still_scene_profiled_to_a_file_still_sees_a_change(tmp_path: Path) -> None:
+    """What the daemon does: `eyed profile` writes the file, the daemon reads it. Stored rows rounded to six
+    digits against edges at the measured value put every calibration window of a still scene outside the
+    reference's histogram: thresholds of 10 and more, and half the light went unseen."""
+    builder = ProfileBuilder(COARSE, top_classes=20, block=100)
+    builder.add_many(still_frames(1000))
+    in_memory = builder.build()
+    from_file = load_reference(in_memory.write(tmp_path / "still.json"))
+    assert np.array_equal(from_file.reservoir, in_memory.reservoir, equal_nan=True)
+    for reference in (in_memory, from_file):
+        monitor = DriftMonitor(DriftConfig(window=100), reference)
+        assert monitor.thresholds["psi_brightness"] == (0.1, 0.25)
+        assert [r.status for r in feed(monitor, still_frames(100))] == ["ok"]
+        assert [r.status for r in feed(monitor, still_frames(200, scale=0.5))] == ["warn", "drift"]
+
+
+def test_drift_sigmas_sets_how_far_above_the_noise_warn_is() -> None:
+    assert levels(DriftConfig(sigmas=3), "psi_brightness", 0.2, 0.05)[0] == pytest.approx(0.35)
+    assert levels(DriftConfig(sigmas=1), "psi_brightness", 0.2, 0.05)[0] == pytest.approx(0.25)
+
+
+def test_a_lower_warn_floor_does_not_push_drift_out_of_reach() -> None:
+    """Where noise sets warn, drift is warn times the shipped ratio (2.5 for PSI): drift.psi_warn = 0.02 asked
+    for earlier warnings, and got a drift level of 2.96 instead of 0.59."""
+    noisy = levels(DriftConfig(), "psi_sharpness", 0.087, 0.05)
+    for warn_floor in (0.1, 0.05, 0.02):
+        assert levels(DriftConfig(psi_warn=warn_floor), "psi_sharpness", 0.087, 0.05) == pytest.approx(noisy)
+    assert noisy == pytest.approx((0.237, 0.5925))
+    # A configured drift level still counts where it is the larger.
+    assert levels(DriftConfig(psi_drift=1.0), "psi_sharpness", 0.087, 0.05) == pytest.approx((0.237, 1.0))
+
+
 def test_an_older_profile_keeps_the_histogram_edges_it_holds() -> None:
     """Profiles written before the outer edges load with the edges they hold, and judge as before."""
     data = built(still_scene(1000)).to_dict()
@@ -707,14 +751,21 @@ def test_top_classes_of_a_reference_file_are_its_own(reference: Reference, caplo
 
 
 def test_daemon_refuses_a_reference_too_short_to_calibrate(
-    tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, base: dict[str, object]
+    tiny_dataset: Path,
+    tiny_checkpoint: Path,
+    tiny_onnx: Path,
+    tmp_path: Path,
+    base: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A profile of the 11 readable frames of a tiny dataset: a configuration error (exit 78) at start,
-    naming drift.reference and what to do."""
+    """A profile of the 11 readable frames of a tiny dataset, as an older `eyed profile` wrote it (it now
+    refuses to): a configuration error (exit 78) at start, naming drift.reference and what to do."""
     out = tmp_path / "short.json"
     args = ["--set", f"source.dataset={tiny_dataset}", "--set", "source.split=train"]
     args += ["--set", f"model.id={tiny_checkpoint}", "--set", f"model.onnx={tiny_onnx}"]
-    assert main(["profile", *args, "--output", str(out)]) == 0
+    with monkeypatch.context() as older:
+        older.setattr(monitor_module, "calibration_size", lambda window, rows: window)
+        assert main(["profile", *args, "--output", str(out)]) == 0
     code, err = finish(start_daemon({**base, "drift.reference": out, "drift.window": 20}))
     assert code == EXIT_CONFIG
     assert f"drift.reference {out}: the reference keeps" in err and "profile a longer stream" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,9 @@ def test_not_json_and_missing_file(tmp_path: Path) -> None:
         load_reference(tmp_path / "missing.json")
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object"):
+        load_reference(bad)
+    bad.write_bytes(b"\x94\x00safetensors")  # drift.reference pointed at a model file
+    with pytest.raises(ValueError, match=re.escape(f"drift.reference {bad}: not a drift reference (not UTF-8")):
         load_reference(bad)
 
 

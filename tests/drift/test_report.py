@@ -150,3 +150,10 @@ def test_a_drift_event_the_chart_cannot_read_names_its_line(
     path.write_text(json.dumps({"topic": "drift.cam", **good}) + "\n" + json.dumps({"topic": "drift.cam", **event}))
     with pytest.raises(ValueError, match=f"d.jsonl:2: {re.escape(message)}"):
         read_drift_events(path)
+
+
+def test_a_file_that_is_not_text_is_said_to_be_none(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x94\x00\xff binary")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not UTF-8 text")):
+        read_drift_events(path)

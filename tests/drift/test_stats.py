@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from eyed.drift.stats import FIELDS, FrameStats, StatsExtractor, output_stats, small_grey
+from eyed.drift.stats import DIGITS, FIELDS, NUMERIC_STATS, FrameStats, StatsExtractor, output_stats, small_grey
 from eyed.types import Coarse, Prediction, Scored
 from tests.conftest import synthetic_images
 from tests.drift import COARSE
@@ -32,6 +32,27 @@ def test_output_stats_of_uniform_and_one_hot() -> None:
     one_hot[7] = 1.0  # exact zeros elsewhere: entropy must be 0, not NaN
     conf, margin, entropy = output_stats(prediction(one_hot))
     assert (conf, margin, entropy) == (1.0, 1.0, 0.0)
+
+
+def test_entropy_is_normalised_by_the_number_of_classes() -> None:
+    """Uniform over 10 of 1001 classes: log 10 / log 1001, not log 10 (which the [0, 1] clamp would hide as 1
+    for most frames of a 1001-class model, and ks_entropy would go blind)."""
+    probs = np.zeros(1001)
+    probs[:10] = 0.1
+    assert output_stats(prediction(probs))[2] == pytest.approx(math.log(10) / math.log(1001), rel=1e-5)
+
+
+def test_statistics_are_measured_to_the_digits_a_profile_keeps() -> None:
+    """A profile read back from its file must hold what is measured live: a still scene measured at 127.513997
+    and stored as 127.514 fell outside its own histogram, and a confidence of 0.99999976 stored as 1 moved KS."""
+    extractor = StatsExtractor()
+    probs = np.full(10, 2.4e-8, dtype=np.float32)
+    probs[3] = 1 - 9 * 2.4e-8
+    stats = extractor(photo(5, 64), prediction(probs))
+    for name in NUMERIC_STATS:
+        value = getattr(stats, name)
+        assert math.isnan(value) or value == float(f"{value:.{DIGITS}g}"), (name, value)
+    assert stats.confidence == 1.0
 
 
 def test_margin_without_a_second_topk_entry() -> None:
