@@ -40,7 +40,14 @@ def subscribed(
         sub.setsockopt(zmq.SUBSCRIBE, topics)
         sub.setsockopt(zmq.RCVHWM, 0)
         sub.connect(endpoint)
-        pub.wait_for_subscribers(1, 10)
+        # Not wait_for_subscribers(1): a reader of heartbeats alone is no subscriber the daemon waits for.
+        deadline = time.monotonic() + 10
+        while pub.subscriptions < 1:
+            assert time.monotonic() < deadline, "the SUB socket never subscribed"
+            assert pub.socket is not None
+            pub.socket.poll(100, zmq.POLLIN)
+            pub.drain_subscriptions()
+        pub.wait_for_subscribers(0, 10)  # done waiting: the publisher stops watching connections
         try:
             yield pub, sub
         finally:
