@@ -505,7 +505,9 @@ class ReplaySource:
                 from eyed.sources import no_frames
 
                 skipped = (
-                    f" ({self.skipped} record(s) skipped: no image in {self._image_col!r})" if self.skipped else ""
+                    f" ({self.skipped} record(s) skipped, none readable as an image in {self._image_col!r})"
+                    if self.skipped
+                    else ""
                 )
                 raise no_frames(self.cfg, skipped)
             if not self.cfg.loop or produced_this_pass == 0:

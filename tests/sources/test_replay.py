@@ -877,8 +877,8 @@ def test_a_replay_that_gives_no_frame_fails(tmp_path: Path, tiny_dataset: Path) 
     """Under systemd an exit 0 leaves the service down looking fine: a replay of nothing is a failure (69)."""
     broken = write_parquet_dataset(tmp_path / "broken", synthetic_images(3), [0, 1, 2], corrupt=(0, 1, 2))
     for dataset, extra, said in (
-        (broken, {}, "(3 record(s) skipped: no image in 'img')"),
-        (broken, {"loop": True}, "(3 record(s) skipped: no image in 'img')"),
+        (broken, {}, "(3 record(s) skipped, none readable as an image in 'img')"),
+        (broken, {"loop": True}, "(3 record(s) skipped, none readable as an image in 'img')"),
         (tiny_dataset, {"skip": 100, "loop": True}, "from record 100 on"),
     ):
         with pytest.raises(SourceError, match=re.escape(said)):
