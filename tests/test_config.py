@@ -894,3 +894,9 @@ def test_subscribers_reach_a_bind_address_through_this_machine(bound: str, reach
 def test_no_subscriber_reaches_some_endpoints(bound: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         connect_endpoint(bound)
+
+
+@pytest.mark.parametrize("name", ["psi", "js", "ks"])
+def test_a_warn_threshold_above_drift_is_a_config_error(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"drift.{name}_warn"):
+        load_settings(None, [f"drift.{name}_warn=0.3", f"drift.{name}_drift=0.2"])

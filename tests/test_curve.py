@@ -432,3 +432,13 @@ def test_refusals_are_logged_once_per_reason_and_interval(caplog: pytest.LogCapt
         "CURVE: refused a subscriber: reason a: key2 (2 more refused for this reason since the last such warning)",
         "CURVE: refused 1 more subscriber(s) since the last warning: reason a",
     ]
+
+
+def test_a_group_readable_secret_key_is_warned_about(
+    keys: dict[str, Path], endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys["server_secret"].chmod(0o640)
+    cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
+    with caplog.at_level(logging.WARNING, logger="eyed.curve"), Publisher(cfg):
+        pass
+    assert "readable by its group" in caplog.text

@@ -15,8 +15,9 @@ import pytest
 
 from eyed.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
 from eyed.config import available_cores, load_settings
+from eyed.sources.memory import MemorySource
 from eyed.subscriber import Subscriber
-from tests.conftest import BUSY_DATASETS, CIFAR10, fake_datasets_package
+from tests.conftest import BUSY_DATASETS, CIFAR10, fake_datasets_package, synthetic_images
 from tests.daemon_helpers import NotifyListener, collect, finish, reaped, start_daemon
 from tests.fake_hub import FakeHub, cifar10_repo
 
@@ -683,3 +684,22 @@ def test_a_cache_dir_outside_the_units_cache_folder_is_warned_about(
         assert not caplog.records
         note_cache_outside_unit(load_settings(None, ["model.cache_dir=~/.cache/eyed"]))
     assert len(caplog.records) == 1 and "outside the service's cache folder" in caplog.records[0].message
+
+
+# A pipeline failure must be exit 1: with 0, the unit's Restart=on-failure would leave the service down.
+class BrokenSource(MemorySource):
+    def frames(self, stop: threading.Event | None = None) -> Any:
+        yield from list(super().frames(stop))[:3]
+        raise OSError("camera unplugged")
+
+
+def test_a_pipeline_failure_exits_1(tiny_onnx: Path, endpoint: str, monkeypatch: Any) -> None:
+    import eyed.daemon
+
+    monkeypatch.setattr(eyed.daemon, "open_source", lambda cfg, startup: BrokenSource(synthetic_images(5)))
+    settings = load_settings(None, [f"model.onnx={tiny_onnx}", f"publish.endpoint={endpoint}"])
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(eyed.daemon.run(settings)), daemon=True)
+    t.start()
+    t.join(60)
+    assert result == [1]

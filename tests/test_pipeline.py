@@ -18,12 +18,12 @@ import zmq
 
 from eyed.config import ModelConfig, PublishConfig, SourceConfig
 from eyed.model import load_classifier
-from eyed.pipeline import Pipeline
+from eyed.pipeline import DriftWatch, Pipeline
 from eyed.publisher import Publisher
 from eyed.sources.base import Pacer
 from eyed.sources.capture import CaptureSource
 from eyed.sources.memory import MemorySource
-from eyed.types import Frame
+from eyed.types import Frame, Prediction
 from tests.conftest import synthetic_images
 from tests.sources.test_capture import LoopingCapture
 
@@ -442,3 +442,30 @@ def test_frames_are_frozen() -> None:
     frame = Frame(np.zeros((2, 2, 3), np.uint8), 0, 0.0, 0.0)
     with pytest.raises(AttributeError):
         frame.index = 1  # type: ignore[misc]
+
+
+# A drift statistic that fails is counted in the health errors: drift must not stop unseen.
+class FailingExtractor:
+    def __call__(self, image: np.ndarray, pred: Prediction) -> Any:
+        raise ValueError("odd frame")
+
+
+def test_a_failing_drift_statistic_is_counted(tiny_onnx: Path, tmp_path: Path) -> None:
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
+    events = []
+    with subscribed(tmp_path) as (pub, sub):
+        pipeline = Pipeline(
+            MemorySource(synthetic_images(4)),
+            classifier,
+            pub,
+            heartbeat_s=3600,
+            drift=DriftWatch(FailingExtractor(), None),  # type: ignore[arg-type]
+        )
+        pipeline.start()
+        assert pipeline.join(30)
+        while (event := receive(sub, 2000)) is not None:
+            events.append(event)
+            if event.get("state") == "finished":
+                break
+    assert len([e for e in events if e["type"] == "label"]) == 4
+    assert events[-1]["state"] == "finished" and events[-1]["errors"] == 4

@@ -576,3 +576,19 @@ def test_a_subscriber_with_many_topics_gets_every_one(endpoint: str) -> None:
             with contextlib.suppress(TimeoutError):
                 if sub.receive(0.1)[0] == topics[-1]:
                     break
+
+
+def test_a_subscriber_that_unsubscribed_is_not_waited_for(endpoint: str) -> None:
+    """Subscribed, then unsubscribed and still connected: a replay waiting for it would stream to nobody."""
+    with publisher(endpoint) as pub, Subscriber(endpoint, ("label.",)) as sub:
+        await_subscriptions(pub)
+        assert sub.socket is not None
+        sub.socket.setsockopt(zmq.UNSUBSCRIBE, b"label.")
+        deadline = time.monotonic() + 10
+        while pub.event_subscriptions > 0:  # wait_for_subscribers drains the same messages
+            assert time.monotonic() < deadline, "the unsubscription never arrived"
+            assert pub.socket is not None
+            pub.socket.poll(100, zmq.POLLIN)
+            pub.drain_subscriptions()
+        with pytest.raises(PublishError, match="only 0 subscriber"):
+            pub.wait_for_subscribers(1, timeout_s=0.5)

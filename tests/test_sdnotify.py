@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -251,3 +252,27 @@ def test_journal_stream_drops_timestamps(tiny_dataset: Path, tiny_onnx: Path, en
     lines = [line for line in err.splitlines() if line.startswith("<")]
     assert any(line.startswith("<6>eyed.pipeline: health source=") for line in lines)
     assert not any(line[:4].isdigit() for line in err.splitlines())
+
+
+# Only inference progress feeds the watchdog at fps 0 and for cameras (the pace timer did in every other test).
+def test_watchdog_keeps_pinging_on_an_unpaced_replay(listener: Any, looped_replay: list[str], monkeypatch: Any) -> None:
+    settings = load_settings(None, [*looped_replay, "source.fps=0"])
+    daemon = DaemonThread(settings, listener, monkeypatch, watchdog_usec=1_000_000)
+    ready = listener.wait_for("READY=1", 30)
+    time.sleep(3.5)
+    end = time.monotonic()
+    assert daemon.end() == [0]
+    pings = [t for t, fs in listener.messages if "WATCHDOG=1" in fs and ready < t < end]
+    gaps = [b - a for a, b in zip([ready, *pings], [*pings, end], strict=True)]
+    # Pings every 0.5 s; 2 s of slack for a loaded machine (the bug stops them for good: 2.7 s, then none).
+    assert len(pings) >= 3 and max(gaps) < 2.0, gaps
+
+
+# A newline in a field would start another notify field (STATUS=...\nWATCHDOG=1).
+def test_a_newline_in_a_field_stays_in_that_field(tmp_path: Path) -> None:
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(str(path))
+        with Notifier({"NOTIFY_SOCKET": str(path)}) as n:
+            assert n.notify("STATUS=a\nWATCHDOG=1")
+        assert srv.recv(4096) == b"STATUS=a WATCHDOG=1"

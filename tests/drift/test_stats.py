@@ -134,3 +134,11 @@ def test_frame_stats_is_immutable() -> None:
     stats = FrameStats(1, 0, 0.5, 0.1, 0.3, 100.0, 40.0, 200.0, 0.0, float("nan"))
     with pytest.raises(AttributeError):
         stats.top1 = 2  # type: ignore[misc]
+
+
+# The levels 2 and 253 count as clipped ("at or beyond").
+def test_clip_levels_are_inclusive() -> None:
+    pred = Prediction((Scored("a", 0, 1.0),), None, np.ones(1, np.float32))
+    for level, clipped in ((2, 1.0), (3, 0.0), (252, 0.0), (253, 1.0)):
+        frame = np.full((16, 16, 3), level, np.uint8)
+        assert StatsExtractor()(frame, pred).clipped == clipped, level

@@ -534,3 +534,11 @@ def test_topk_is_the_k_best_in_order() -> None:
 def test_unavailable_provider_is_a_clear_error(tiny_onnx: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.providers: CUDAExecutionProvider not available"):
         load_classifier(ModelConfig(onnx=tiny_onnx, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
+
+
+# The torch backend's top-k ranks ties by class id, as ONNX TopK does.
+def test_numpy_topk_ranks_ties_by_class_id() -> None:
+    logits = np.zeros((1, 1001), np.float32)
+    logits[0, [10, 500, 900]] = 50.0
+    pred = Postprocessor([f"c{i}" for i in range(1001)], 3, None)(logits)[0]
+    assert [s.class_id for s in pred.topk] == [10, 500, 900]

@@ -278,3 +278,10 @@ def test_save_and_load_priors_round_trip(tmp_path: Path) -> None:
     assert mapper is not None
     assert mapper.priors is not None
     assert np.allclose(mapper.priors, priors)
+
+
+# A model covering half of the map's classes gets no coarse mapping (MIN_COVERAGE).
+def test_a_label_space_covering_half_the_map_gets_no_mapper() -> None:
+    _, groups = load_group_map("cifar10")
+    members = [label for group in groups.values() for label in group]
+    assert build_mapper(members[: len(members) // 2]) is None

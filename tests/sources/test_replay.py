@@ -883,3 +883,15 @@ def test_a_replay_that_gives_no_frame_fails(tmp_path: Path, tiny_dataset: Path) 
     ):
         with pytest.raises(SourceError, match=re.escape(said)):
             replay(dataset, **extra)
+
+
+# A label one past the ClassLabel's names goes out as its number (an off-by-one would end the replay).
+def test_a_label_past_the_class_names_is_its_number(tmp_path: Path) -> None:
+    folder = write_parquet_dataset(tmp_path / "d", synthetic_images(3), [0, 1, 2])
+    shard = folder / "train-00000-of-00001.parquet"
+    table = pq.read_table(shard)
+    table = table.set_column(1, table.schema.field(1), pa.array([0, 10, 2], type=table.schema.field(1).type))
+    pq.write_table(table, shard)
+    with ReplaySource(SourceConfig(dataset=str(folder), split="train")) as src:
+        truths = [f.truth for f in src.frames()]
+    assert truths == ["airplane", "10", "bird"]
