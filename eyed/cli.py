@@ -219,8 +219,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def _connect_endpoint(args: argparse.Namespace) -> str:
     """Where ``subscribe`` and ``health`` connect: --endpoint, or the one publish.endpoint binds."""
-    name, endpoint = ("--endpoint", args.endpoint) if args.endpoint else ("publish.endpoint", None)
-    endpoint = endpoint or _settings(args).publish.endpoint
+    name = "--endpoint" if args.endpoint else "publish.endpoint"
+    endpoint = args.endpoint or _settings(args).publish.endpoint
     try:
         return connect_endpoint(endpoint)
     except ValueError as exc:

@@ -60,6 +60,10 @@ _HANDSHAKE_FAILURES: dict[int, str] = {
 }
 
 
+# What an XPUB socket's first byte of a subscription message means: subscribe, unsubscribe.
+SUBSCRIPTION_CHANGE = {b"\x01": 1, b"\x00": -1}
+
+
 def wants_events(prefix: bytes) -> bool:
     """Whether a subscription to topic ``prefix`` lets in label or drift events."""
     return any(topic.startswith(prefix) or prefix.startswith(topic) for topic in (b"label.", b"drift."))
@@ -399,7 +403,7 @@ class Publisher:
             except zmq.Again:
                 self._backlog = False
                 break
-            change = {b"\x01": 1, b"\x00": -1}.get(msg[:1], 0)
+            change = SUBSCRIPTION_CHANGE.get(msg[:1], 0)
             net += change
             if wants_events(msg[1:]):
                 self.event_subscriptions += change

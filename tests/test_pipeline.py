@@ -26,6 +26,7 @@ from eyed.sources.memory import MemorySource
 from eyed.types import Frame, Prediction
 from tests.conftest import synthetic_images
 from tests.sources.test_capture import LoopingCapture
+from tests.test_publisher import await_subscriptions
 
 
 @contextlib.contextmanager
@@ -41,12 +42,7 @@ def subscribed(
         sub.setsockopt(zmq.RCVHWM, 0)
         sub.connect(endpoint)
         # Not wait_for_subscribers(1): a reader of heartbeats alone is no subscriber the daemon waits for.
-        deadline = time.monotonic() + 10
-        while pub.subscriptions < 1:
-            assert time.monotonic() < deadline, "the SUB socket never subscribed"
-            assert pub.socket is not None
-            pub.socket.poll(100, zmq.POLLIN)
-            pub.drain_subscriptions()
+        await_subscriptions(pub)
         pub.wait_for_subscribers(0, 10)  # done waiting: the publisher stops watching connections
         try:
             yield pub, sub

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +84,15 @@ class LateSubscriber(threading.Thread):
 
 def await_subscriptions(pub: Publisher, count: int = 1, timeout_s: float = 10) -> None:
     """Block until ``count`` subscriptions reached the XPUB socket (after which sends are delivered)."""
+    drain_until(pub, lambda: pub.subscriptions >= count, timeout_s)
+
+
+def drain_until(pub: Publisher, done: Callable[[], bool], timeout_s: float = 10) -> None:
+    """Read (un)subscription messages as they reach the XPUB socket until ``done()``."""
     assert pub.socket is not None
     deadline = time.monotonic() + timeout_s
-    while pub.subscriptions < count:
-        assert time.monotonic() < deadline, "subscriber never subscribed"
+    while not done():
+        assert time.monotonic() < deadline, "the (un)subscription never arrived"
         pub.socket.poll(100, zmq.POLLIN)
         pub.drain_subscriptions()
 
@@ -584,11 +589,6 @@ def test_a_subscriber_that_unsubscribed_is_not_waited_for(endpoint: str) -> None
         await_subscriptions(pub)
         assert sub.socket is not None
         sub.socket.setsockopt(zmq.UNSUBSCRIBE, b"label.")
-        deadline = time.monotonic() + 10
-        while pub.event_subscriptions > 0:  # wait_for_subscribers drains the same messages
-            assert time.monotonic() < deadline, "the unsubscription never arrived"
-            assert pub.socket is not None
-            pub.socket.poll(100, zmq.POLLIN)
-            pub.drain_subscriptions()
+        drain_until(pub, lambda: pub.event_subscriptions == 0)
         with pytest.raises(PublishError, match="only 0 subscriber"):
             pub.wait_for_subscribers(1, timeout_s=0.5)
