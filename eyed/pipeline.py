@@ -362,7 +362,14 @@ class Pipeline:
             return
         from eyed.drift import format_window, window_payload
 
-        self.publisher.send(self._drift_topic, window_payload(report, self.ctx.source, self._drift_seq, time.time()))
+        try:
+            self.publisher.send(
+                self._drift_topic, window_payload(report, self.ctx.source, self._drift_seq, time.time())
+            )
+        except ValueError as exc:  # as for a label event: a payload JSON cannot carry costs the event only
+            self.counters.errors += 1
+            logger.error("drift window %d: no drift event: %s", report.window, exc)
+            return
         self._drift_seq += 1
         log = logger.warning if report.status != "ok" else logger.info
         log("%s", format_window(report))

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -463,5 +464,37 @@ def test_a_failing_drift_statistic_is_counted(tiny_onnx: Path, tmp_path: Path) -
             events.append(event)
             if event.get("state") == "finished":
                 break
+    assert len([e for e in events if e["type"] == "label"]) == 4
+    assert events[-1]["state"] == "finished" and events[-1]["errors"] == 4
+
+
+class EveryFrameAWindow:
+    """A drift watch that closes a window on every frame."""
+
+    def observe(self, frame: Frame, pred: Prediction) -> Any:
+        return SimpleNamespace(window=frame.index)
+
+
+def test_a_drift_event_json_cannot_carry_costs_that_event_only(
+    tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("eyed.drift.window_payload", lambda report, *_: {"metrics": {"psi": float("nan")}})
+    classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
+    events = []
+    with subscribed(tmp_path) as (pub, sub):
+        pipeline = Pipeline(
+            MemorySource(synthetic_images(4)),
+            classifier,
+            pub,
+            heartbeat_s=3600,
+            drift=EveryFrameAWindow(),  # type: ignore[arg-type]
+        )
+        pipeline.start()
+        assert pipeline.join(30)
+        while (event := receive(sub, 2000)) is not None:
+            events.append(event)
+            if event.get("state") == "finished":
+                break
+    assert pipeline.failure is None
     assert len([e for e in events if e["type"] == "label"]) == 4
     assert events[-1]["state"] == "finished" and events[-1]["errors"] == 4

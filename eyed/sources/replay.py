@@ -510,6 +510,13 @@ class ReplaySource:
                     else ""
                 )
                 raise no_frames(self.cfg, skipped)
-            if not self.cfg.loop or produced_this_pass == 0:
+            if not self.cfg.loop:
                 return
+            if produced_this_pass == 0:
+                # The dataset changed under a looping replay (its shards replaced or damaged): looping on would
+                # spin through records that give nothing, for ever. A failure, so systemd restarts the daemon.
+                raise SourceError(
+                    f"a pass over the looping replay gave no frame ({self.skipped} record(s) skipped so far); "
+                    "the dataset changed since the first pass"
+                )
             logger.info("replay reached the end after %d frames; looping", self.delivered)

@@ -317,6 +317,30 @@ def test_payload_of_a_learning_window_has_no_nan() -> None:
     json.dumps(payload, allow_nan=False)
 
 
+def test_payload_carries_non_finite_numbers_as_null() -> None:
+    # A metric over an empty bin or a span from a clock that jumped: JSON cannot carry NaN or infinity, and a
+    # payload the publisher refuses would cost the window's event.
+    nan, inf = float("nan"), float("inf")
+    report = WindowReport(
+        window=0,
+        n=10,
+        span_s=inf,
+        status="ok",
+        metrics={"psi_brightness": nan, "ks_confidence": 0.1234567},
+        fired=(),
+        thresholds={"psi_brightness": (nan, -inf)},
+        reference="file",
+        learning=False,
+        summary={"brightness": nan},
+    )
+    payload = window_payload(report, "cam", 0, 0.0)
+    assert payload["span_s"] is None
+    assert payload["metrics"] == {"psi_brightness": None, "ks_confidence": 0.123457}
+    assert payload["thresholds"] == {"psi_brightness": [None, None]}
+    assert payload["summary"] == {"brightness": None}
+    json.dumps(payload, allow_nan=False)
+
+
 def test_window_rows_do_not_leak_between_windows(reference: Reference) -> None:
     monitor = DriftMonitor(DriftConfig(window=50), reference)
     first = feed(monitor, synthetic_stats(50, seed=3, brightness=40))[0]

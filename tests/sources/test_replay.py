@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Generator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -24,6 +25,7 @@ import pytest
 
 from eyed.config import ConfigError, SourceConfig
 from eyed.sources import SourceError, dataset_info, open_recorded, open_source
+from eyed.sources import base as base_module
 from eyed.sources import parquet as parquet_module
 from eyed.sources import replay as replay_module
 from eyed.sources.base import Pacer, pace_listener, to_rgb
@@ -93,6 +95,20 @@ def test_loop_wraps_around(tiny_dataset: Path) -> None:
     expected = [CIFAR10[i % 10] for i in GOOD] * 3
     assert [f.truth for f in frames] == expected[:30]
     assert src.skipped == 3  # the corrupt record, once per pass
+
+
+@pytest.mark.usefixtures("reader")
+def test_a_looping_replay_whose_dataset_goes_bad_fails_instead_of_spinning(tmp_path: Path) -> None:
+    images = synthetic_images(3)
+    folder = write_parquet_dataset(tmp_path / "data", images, [0, 1, 2])
+    with ReplaySource(SourceConfig(dataset=str(folder), split="train", loop=True)) as src:
+        frames = src.frames()
+        assert [next(frames).truth for _ in range(3)] == CIFAR10[:3]
+        write_parquet_dataset(folder, images, [0, 1, 2], corrupt=(0, 1, 2))  # replaced after the first pass
+        with pytest.raises(SourceError, match="gave no frame"):
+            next(frames)
+    assert src.delivered == 3
+    assert src.skipped == 3
 
 
 def test_frames_outside_the_context_manager(tiny_dataset: Path) -> None:
@@ -166,6 +182,51 @@ def test_pacer_spaces_the_first_two_calls() -> None:
     start = time.monotonic()
     pacer.wait()
     assert time.monotonic() - start >= 0.08
+
+
+class OversleepingClock(threading.Event):
+    """A stop event whose wait() moves a fake monotonic clock on by the timeout plus an oversleep, as a busy
+    machine's sleeps do, instead of sleeping."""
+
+    def __init__(self, oversleep: float) -> None:
+        super().__init__()
+        self.now = 1000.0
+        self.oversleep = oversleep
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.now += timeout + self.oversleep
+        return False
+
+
+def test_the_pace_keeps_its_schedule_through_oversleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every sleep overruns by 0.2 ms: scheduling from the wake-up instead of the slot would lose 2% at 100 fps
+    # (a 10 ms period); from the slot the overruns do not add up.
+    clock = OversleepingClock(oversleep=0.0002)
+    monkeypatch.setattr(base_module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    pacer = Pacer(100, clock)
+    pacer.wait()
+    start = clock.now
+    for _ in range(300):
+        assert pacer.wait()
+    assert clock.now - start == pytest.approx(300 * 0.01, abs=0.001)
+
+
+def test_a_frame_later_than_its_slot_starts_a_new_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = OversleepingClock(oversleep=0.0)
+    monkeypatch.setattr(base_module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    pacer = Pacer(10, clock)
+    pacer.wait()
+    clock.now += 1.0  # the consumer was busy for ten periods
+    late = clock.now
+    pacer.wait()
+    assert clock.now == late  # no sleep: it is late
+    pacer.wait()
+    pacer.wait()
+    assert clock.now == pytest.approx(late + 0.2)  # paced again, not a burst of the ten missed frames
 
 
 def test_stop_cuts_a_slow_pace_short() -> None:
