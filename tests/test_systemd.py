@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import errno
 import platform
 import re
@@ -221,6 +222,97 @@ def test_the_daemon_binds_tcp_under_the_units_address_families(base: dict[str, o
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=socket_families_only(families.split()),
+    )
+    events = collect(endpoint)
+    code, err = finish(proc)
+    assert code == 0, err
+    assert sum(p["type"] == "label" for _, p in events) == 11
+
+
+# SystemCallFilter=, as systemd enforces it (through libseccomp, which systemd itself links): an allow-list
+# built from the unit's lines in order, every other system call failing with SystemCallErrorNumber=.
+libseccomp_path = ctypes.util.find_library("seccomp")
+needs_libseccomp = pytest.mark.skipif(
+    libseccomp_path is None or shutil.which("systemd-analyze") is None,
+    reason="libseccomp and systemd-analyze (to expand the unit's @groups)",
+)
+
+
+def syscall_group(token: str) -> set[str]:
+    """System call names in ``token``: a name, or an @group expanded (nested groups too) as systemd does."""
+    if not token.startswith("@"):
+        return {token}
+    listing = subprocess.run(
+        ["systemd-analyze", "syscall-filter", token], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    names: set[str] = set()
+    for line in listing[1:]:  # the first line is the group's own name
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            names |= syscall_group(entry)
+    return names
+
+
+def unit_syscall_filter() -> tuple[set[str], int]:
+    """The system calls the unit allows, and the errno the others fail with."""
+    lines = directives()["SystemCallFilter"]
+    assert not lines[0].startswith("~"), "the unit's first SystemCallFilter= line should be an allow-list"
+    allowed = syscall_group("@default")  # systemd adds it to every allow-list
+    for line in lines:
+        deny = line.startswith("~")
+        names = set().union(*(syscall_group(t) for t in line.removeprefix("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    (errno_name,) = directives()["SystemCallErrorNumber"]
+    return allowed, getattr(errno, errno_name)
+
+
+def syscalls_only(allowed: set[str], error: int) -> Callable[[], None]:
+    """A preexec_fn: from exec on, any system call not in ``allowed`` fails with ``error``."""
+    lib = ctypes.CDLL(libseccomp_path, use_errno=True)
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(0x00050000 | error)  # SCMP_ACT_ERRNO(error)
+    assert ctx
+    for name in sorted(allowed):
+        number = lib.seccomp_syscall_resolve_name(name.encode())
+        if number >= 0:  # negative: not a system call on this architecture
+            assert lib.seccomp_rule_add(ctx, 0x7FFF0000, number, 0) == 0, name  # SCMP_ACT_ALLOW
+
+    def apply() -> None:
+        # Built above, loaded only in the child: after fork, the less it does the better.
+        if lib.seccomp_load(ctx) != 0:
+            raise OSError(ctypes.get_errno(), "seccomp_load")
+
+    return apply
+
+
+@needs_libseccomp
+def test_the_system_call_filter_refuses_what_the_unit_leaves_out() -> None:
+    """The filter the next test relies on works: the unit denies @resources, so setting the CPU affinity fails."""
+    probe = "import os\ntry:\n    os.sched_setaffinity(0, os.sched_getaffinity(0))\nexcept OSError as e:\n"
+    probe += "    print(e.errno)\nelse:\n    print('set')\n"
+    allowed, error = unit_syscall_filter()
+    assert "sched_setaffinity" not in allowed
+    out = subprocess.run(
+        [sys.executable, "-c", probe], preexec_fn=syscalls_only(allowed, error), capture_output=True, text=True
+    )
+    assert out.stdout.strip() == str(error), out.stdout + out.stderr
+
+
+@needs_libseccomp
+def test_the_daemon_runs_under_the_units_system_call_filter(base: dict[str, object], endpoint: str) -> None:
+    """libzmq sets each of its threads' scheduling policy (sched_setscheduler, in @resources) and aborts if it
+    cannot: under the unit's filter without it, the daemon died at every start (SIGABRT)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eyed", "run"],
+        env=daemon_env(base),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=syscalls_only(*unit_syscall_filter()),
     )
     events = collect(endpoint)
     code, err = finish(proc)
