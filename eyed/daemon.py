@@ -169,7 +169,7 @@ class Signals:
 @contextlib.contextmanager
 def signals_set(stop: threading.Event, reload: threading.Event | None = None) -> Iterator[Signals]:
     """Install handlers that only set flags, passed on to ``stop`` (SIGTERM/SIGINT) and ``reload`` (SIGHUP) by
-    :class:`Signals`; restore the old handlers afterwards (SIGTERM and SIGINT: ignored instead, once stopping).
+    :class:`Signals`; restore the old handlers afterwards (ignored instead, once stopping).
     Off the main thread, nothing is installed."""
     signals = Signals(stop, reload)
     if threading.current_thread() is not threading.main_thread():
@@ -187,12 +187,13 @@ def signals_set(stop: threading.Event, reload: threading.Event | None = None) ->
         yield signals
     finally:
         # Once a stop has been asked for (or the source has ended), the daemon is on its way out: a second stop
-        # signal (systemd's, after a first one; a second Ctrl-C) must not then kill the interpreter's teardown by
-        # the default action, turning exit 0 into death by signal. Left ignored instead; systemd's SIGKILL after
-        # TimeoutStopSec still ends a teardown that hangs.
+        # signal (systemd's, after a first one; a second Ctrl-C), or a reload (`systemctl reload` as a replay
+        # ends), must not then kill the interpreter's teardown by the default action, turning exit 0 into death
+        # by signal. Left ignored instead; systemd's SIGKILL after TimeoutStopSec still ends a teardown that
+        # hangs.
         stopping = signals.stop_requested or stop.is_set()
         for s, h in old.items():
-            signal.signal(s, signal.SIG_IGN if stopping and s in stop_signals else h)
+            signal.signal(s, signal.SIG_IGN if stopping else h)
         signals.close()
 
 

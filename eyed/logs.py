@@ -25,9 +25,18 @@ class JournalFormatter(logging.Formatter):
 
 
 def under_journald() -> bool:
-    """Whether stderr goes to journald, which reads a ``<N>`` line prefix as the priority (systemd sets
-    JOURNAL_STREAM for a service's stdout and stderr)."""
-    return bool(os.environ.get("JOURNAL_STREAM"))
+    """Whether stderr goes to journald, which reads a ``<N>`` line prefix as the priority.
+
+    systemd sets JOURNAL_STREAM to the ``device:inode`` of the stream it connected to the journal; the variable
+    alone is not enough (it is inherited, and set when only stdout goes to the journal, with
+    ``StandardError=file:...``), so stderr must be that very stream, as systemd's documentation says to check.
+    """
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):  # unset, malformed, or no stderr to look at
+        return False
 
 
 def with_priority(text: str, priority: int) -> str:

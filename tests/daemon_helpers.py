@@ -7,11 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from eyed.subscriber import Subscriber
 
@@ -26,6 +27,15 @@ def daemon_env(settings: dict[str, Any], **extra: str) -> dict[str, str]:
         env[f"EYED_{section.upper()}__{field.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def journal_stream() -> Iterator[tuple[IO[str], dict[str, str]]]:
+    """A file to hand a child as its stderr, and the environment systemd sets when a service's stderr is the
+    journal: JOURNAL_STREAM naming that very stream (device:inode). Read it back after the child is gone."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as stream:
+        st = os.fstat(stream.fileno())
+        yield stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
 
 
 def start_daemon(

@@ -15,9 +15,10 @@ import pytest
 
 from eyed.cli import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _summary, build_parser
 from eyed.config import PublishConfig
+from eyed.logs import under_journald
 from eyed.publisher import Publisher
 from tests.conftest import ROOT, free_port
-from tests.daemon_helpers import daemon_env, finish, start_daemon
+from tests.daemon_helpers import daemon_env, finish, journal_stream, start_daemon
 
 
 def eyed(
@@ -150,16 +151,33 @@ def test_check_config_refuses_providers_run_refuses(base: dict[str, object]) -> 
 def journald(*args: str, settings: dict[str, object] | None = None, script: str | None = None) -> tuple[int, str]:
     """`eyed ARGS` (or a Python ``script``) with stderr as systemd hands it to journald: JOURNAL_STREAM set."""
     argv = [sys.executable, "-c", script] if script is not None else [sys.executable, "-m", "eyed", *args]
-    result = subprocess.run(
-        argv,
-        env=daemon_env(settings or {}, JOURNAL_STREAM="8:12345"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return result.returncode, result.stderr
+    with journal_stream() as (stderr, journal):
+        result = subprocess.run(
+            argv,
+            env=daemon_env(settings or {}, **journal),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        stderr.seek(0)
+        return result.returncode, stderr.read()
+
+
+def test_journald_is_told_by_stderr_itself_not_by_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JOURNAL_STREAM is inherited, and set when only stdout goes to the journal: with stderr in a file
+    (StandardError=file:...), lines would lose their timestamps and gain <N> prefixes."""
+    with open(tmp_path / "stderr", "w") as stderr, open(tmp_path / "other", "w") as other:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        for stream, expected in ((stderr, True), (other, False)):
+            st = os.fstat(stream.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+            assert under_journald() is expected
+        for value in ("8:12345", "", "not a stream"):
+            monkeypatch.setenv("JOURNAL_STREAM", value)
+            assert not under_journald()
 
 
 def test_fatal_errors_carry_the_err_priority_under_journald(base: dict[str, object], tmp_path: Path) -> None:

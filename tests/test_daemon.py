@@ -488,6 +488,22 @@ def test_stop_signals_that_keep_coming_still_exit_0(
     assert "done:" in err and "Traceback" not in err
 
 
+def test_reloads_as_a_replay_ends_still_exit_0(base: dict[str, object], tmp_path: Path) -> None:
+    """A `systemctl reload` (SIGHUP) that lands while the daemon leaves (a finished replay's teardown) must not
+    turn exit 0 into death by SIGHUP. Signals every 20 ms from READY until the process is gone."""
+    listener = NotifyListener(tmp_path / "notify.sock")
+    proc = start_daemon({**base, "publish.wait_subscribers": 0, "source.fps": 50}, NOTIFY_SOCKET=str(listener.path))
+    with reaped(proc, listener):
+        listener.wait_for("READY=1", 60)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.02)
+        code, err = finish(proc)
+    assert code == 0, err
+    assert "done: 11 frames" in err and "Traceback" not in err
+
+
 def curve_allow_list(tmp_path: Path) -> tuple[dict[str, str], Path, tuple[Path, Path]]:
     """CURVE settings for the daemon, its allow-list folder, and an allowed subscriber's (secret, server) keys."""
     from eyed.curve import create_keys

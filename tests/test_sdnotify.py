@@ -21,7 +21,7 @@ from eyed.config import load_settings
 from eyed.logs import JournalFormatter
 from eyed.sdnotify import Notifier
 from tests.conftest import BUSY_DATASETS, fake_datasets_package
-from tests.daemon_helpers import NotifyListener, daemon_env, finish
+from tests.daemon_helpers import NotifyListener, daemon_env, finish, journal_stream
 
 
 @pytest.fixture
@@ -242,12 +242,14 @@ def test_journal_stream_drops_timestamps(tiny_dataset: Path, tiny_onnx: Path, en
             "model.onnx": tiny_onnx,
             "publish.endpoint": endpoint,
         },
-        JOURNAL_STREAM="8:12345",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eyed", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    code, err = finish(proc)
+    with journal_stream() as (stderr, journal):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eyed", "run"], env={**env, **journal}, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        code = proc.wait(60)
+        stderr.seek(0)
+        err = stderr.read()
     assert code == 0, err
     lines = [line for line in err.splitlines() if line.startswith("<")]
     assert any(line.startswith("<6>eyed.pipeline: health source=") for line in lines)
