@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -97,9 +98,10 @@ def check_files(settings: Settings) -> list[str]:
     refuse (exit 78) is refused here too; no model is loaded and nothing touches the network. Returns notes
     for the user."""
     from eyed.daemon import drift_reference
-    from eyed.publisher import check_curve
+    from eyed.publisher import check_curve, ipc_socket_path
 
     drift_reference(settings)
+    ipc_socket_path(settings.publish.endpoint)
     _check_priors(settings)
     notes = _check_providers(settings)
     key = settings.publish.curve_secret_key
@@ -256,19 +258,27 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Characters that would act on a terminal rather than show: C0/C1 controls (a newline forging a second event's
+# line, ANSI escape sequences), line and paragraph separators, and bidirectional overrides that reorder text.
+TERMINAL_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def _summary(topic: str, p: dict[str, Any]) -> str:
-    """One line for an event; fields a payload lacks are left out (or ``?``), never a crash."""
+    """One line for an event; fields a payload lacks are left out (or ``?``), never a crash. Text from the wire
+    (class names, source ids, anything a publisher sends) shows its control characters escaped."""
     kind = p.get("type")
     if kind == "label":
         coarse = p.get("coarse")
         extra = f" coarse={coarse.get('label')}:{_score(coarse.get('score'))}" if isinstance(coarse, dict) else ""
         truth = f" truth={p['truth']}" if p.get("truth") is not None else ""
         latency = f" {p['latency_ms']}ms" if "latency_ms" in p else ""
-        return f"{topic} seq={p.get('seq', '?')} {p.get('label', '?')}:{_score(p.get('score'))}{extra}{truth}{latency}"
-    keys = ("state", "frames", "fps", "dropped", "errors")
-    if kind == "drift":
-        keys = ("status", "window", "n", "fired", "learning")
-    return " ".join([topic, *(f"{k}={p[k]}" for k in keys if k in p)])
+        line = f"{topic} seq={p.get('seq', '?')} {p.get('label', '?')}:{_score(p.get('score'))}{extra}{truth}{latency}"
+    else:
+        keys = ("state", "frames", "fps", "dropped", "errors")
+        if kind == "drift":
+            keys = ("status", "window", "n", "fired", "learning")
+        line = " ".join([topic, *(f"{k}={p[k]}" for k in keys if k in p)])
+    return TERMINAL_CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), line)
 
 
 def _score(value: object) -> str:

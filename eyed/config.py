@@ -159,10 +159,11 @@ URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 # name=value items of a URL's query, or of its path: some cameras (XMEye) take
 # /user=admin&password=...&channel=1 there.
 URL_ITEM = re.compile(r"([^/&;?#=]+)=([^/&;?#]*)")
-# Names of items whose values are secrets: passwords, tokens, keys, signed URLs' sig/signature.
-SECRET_NAME = re.compile(r"pass|pwd|token|secret|key|auth|sig|credential", re.IGNORECASE)
-# Left out of a source's id altogether (it is in every topic): secrets, and who logs in.
-ID_LEFT_OUT = re.compile(f"{SECRET_NAME.pattern}|user|login|account", re.IGNORECASE)
+# Names of items whose values are secrets: passwords (cameras' CGI spellings too: pwd, pw, psw), tokens,
+# keys, signed URLs' sig/signature.
+SECRET_NAME = re.compile(r"pass|pwd|pw|psw|token|secret|key|auth|sig|credential", re.IGNORECASE)
+# Left out of a source's id altogether (it is in every topic): secrets, and who logs in (usr: Foscam's CGI).
+ID_LEFT_OUT = re.compile(f"{SECRET_NAME.pattern}|user|usr|login|account", re.IGNORECASE)
 # user:password@ wherever it appears, a URL with a mistyped scheme (rtsp//...) too; up to the last @ before
 # the path, as a password may hold an @.
 USER_PASSWORD = re.compile(r"([^\s/:@]*):[^\s/]*@")

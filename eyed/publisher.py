@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -98,12 +99,33 @@ def bind_error(endpoint: str, exc: zmq.ZMQError) -> Exception:
     return ConfigError(message) if exc.errno == errno.EINVAL else PublishError(message)
 
 
+def ipc_socket_path(endpoint: str) -> str | None:
+    """The file an ipc:// endpoint binds, if there is one already; ConfigError if it is not a socket.
+
+    ZeroMQ deletes whatever is at the path before it binds: a configuration file or a model named by mistake
+    would be lost without a word (a folder fails the bind, which no restart cures either)."""
+    transport, _, path = endpoint.partition("://")
+    if transport != "ipc" or path.startswith("@"):  # @: Linux's abstract namespace, no file
+        return None
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # not there (the usual case), or not reachable: the bind says what is wrong
+        return None
+    if not stat.S_ISSOCK(mode):
+        kind = "folder" if stat.S_ISDIR(mode) else "symbolic link" if stat.S_ISLNK(mode) else "file"
+        raise ConfigError(
+            f"publish.endpoint {endpoint}: {path} is a {kind}, not a socket; binding would delete it "
+            "(choose a path of its own, such as /run/eyed/events.sock)"
+        )
+    return path
+
+
 def check_ipc_free(endpoint: str) -> None:
     """PublishError if another process listens on an ipc:// endpoint's socket file: ZeroMQ would delete the
-    file and bind anyway, leaving that process running but out of reach. A stale file (nobody listening, as
-    after a crash) is left for ZeroMQ to replace."""
-    transport, _, path = endpoint.partition("://")
-    if transport != "ipc" or path.startswith("@") or not os.path.exists(path):
+    file and bind anyway, leaving that process running but out of reach. A stale socket (nobody listening, as
+    after a crash) is left for ZeroMQ to replace; anything else at the path is refused (:func:`ipc_socket_path`)."""
+    path = ipc_socket_path(endpoint)
+    if path is None:
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         # A listener that does not accept (a wedged process) would block a connect for ever; with a timeout,

@@ -293,6 +293,15 @@ def test_summaries_show_what_each_event_carries() -> None:
     assert _summary("label.x", {"type": "label"}) == "label.x seq=? ?:?"
 
 
+def test_summaries_escape_text_that_would_act_on_the_terminal() -> None:
+    """A class name with a newline printed a second, forged event line; ANSI escapes reached the terminal."""
+    label = {"type": "label", "seq": 3, "label": "cat\nlabel.x seq=99 forged\x1b[2J\u202e", "score": 0.5}
+    line = _summary("label.x\r", label)
+    assert line == "label.x\\r seq=3 cat\\nlabel.x seq=99 forged\\x1b[2J\\u202e:0.50"
+    assert line.isprintable()
+    assert _summary("label.x", {"type": "label", "label": "chat noir é 猫"}) == "label.x seq=? chat noir é 猫:?"
+
+
 def test_keys_refuses_an_output_it_cannot_write(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     for folder in ("/proc/nope", str(tmp_path / "file")):

@@ -749,6 +749,19 @@ def test_rtsp_source_id_never_contains_credentials() -> None:
             "rtsp://u:p@ss@Garage-Cam.local/stream1",
             "rtsp-Garage-Cam-local-stream1",
         ),
+        # Cameras' CGI spellings of user and password.
+        (
+            "rtsp://cam.local:554/cam/realmonitor?channel=1&usr=admin&pw=Hunter2",
+            "rtsp-cam-local-554-cam-realmonitor-channel-1",
+        ),
+        (
+            "rtsp://cam.local/videostream.cgi?usr=admin&pwd=Hunter2&resolution=32",
+            "rtsp-cam-local-videostream-cgi-resolution-32",
+        ),
+        (
+            "rtsp://cam.local/live?loginuse=admin&psw=Hunter2&stream=1",
+            "rtsp-cam-local-live-stream-1",
+        ),
     ]
     assert [(url, SourceConfig(kind="rtsp", url=url).resolved_id()) for url, _ in ids] == ids
 
@@ -791,6 +804,10 @@ def test_redact_url_hides_the_password_and_secret_query_values() -> None:
         redact_url("rtsp://cam/user=admin&password=hunter2&channel=1") == "rtsp://cam/user=admin&password=***&channel=1"
     )
     assert redact_url("rtsp://admin:p@ss@cam/live") == "rtsp://admin:***@cam/live"
+    for name in ("pw", "pwd", "psw", "passwd"):
+        assert (
+            redact_url(f"rtsp://cam/live?usr=admin&{name}=Hunter2&ch=1") == f"rtsp://cam/live?usr=admin&{name}=***&ch=1"
+        )
     assert redact_url("rtsp//admin:hunter2@cam/live") == "rtsp//admin:***@cam/live"
     assert redact_url("rtsp://admin:hunter2@[fe80::1/live") == "rtsp://admin:***@[fe80::1/live"
     # Endpoints and paths without secrets stay as written.

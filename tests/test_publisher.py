@@ -22,6 +22,7 @@ import pytest
 import zmq
 
 from eyed import publisher as publisher_module
+from eyed.cli import EXIT_CONFIG
 from eyed.config import ConfigError, PublishConfig
 from eyed.publisher import INBOUND_HWM, MAX_INBOUND_BYTES, Publisher, PublishError, check_ipc_free, encode
 from eyed.subscriber import Subscriber
@@ -460,10 +461,35 @@ def test_a_second_publisher_on_a_live_ipc_path_is_refused(tmp_path: Path) -> Non
             await_subscriptions(first)
             first.send("label.cam", PAYLOAD)
             assert sub.receive(5) == ("label.cam", PAYLOAD)
-    # A stale file (a crashed daemon's) is no obstacle.
-    (tmp_path / "stale.sock").touch()
-    with publisher(f"ipc://{tmp_path / 'stale.sock'}") as pub:
-        assert pub.socket is not None
+    # A stale socket (a crashed daemon's: bound, never unlinked, nobody listening) is no obstacle.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as crashed:
+        crashed.bind(str(tmp_path / "stale.sock"))
+    with publisher(f"ipc://{tmp_path / 'stale.sock'}") as pub, Subscriber(pub.cfg.endpoint, ("label.",)) as sub:
+        await_subscriptions(pub)
+        pub.send("label.cam", PAYLOAD)
+        assert sub.receive(5) == ("label.cam", PAYLOAD)
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "symbolic link"])
+def test_an_ipc_path_that_is_not_a_socket_is_refused_and_kept(tmp_path: Path, kind: str) -> None:
+    """ZeroMQ deletes whatever is at an ipc:// path before binding: an endpoint naming eyed.toml by mistake
+    lost the file. A configuration error instead (exit 78), in `eyed check-config` too, and the file stays."""
+    target = tmp_path / "eyed.toml"
+    target.write_text("[source]\n")
+    path = {"file": target, "folder": tmp_path, "symbolic link": tmp_path / "link"}[kind]
+    if kind == "symbolic link":
+        path.symlink_to(target)
+    endpoint = f"ipc://{path}"
+    with pytest.raises(ConfigError, match=f"is a {kind}, not a socket"), publisher(endpoint):
+        pass
+    check = subprocess.run(
+        [sys.executable, "-m", "eyed", "check-config", "--set", f"publish.endpoint={endpoint}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == EXIT_CONFIG and f"is a {kind}, not a socket" in check.stderr, check.stderr
+    assert target.read_text() == "[source]\n" and path.exists()
 
 
 def test_a_socket_file_held_by_a_process_that_never_accepts_counts_as_in_use(tmp_path: Path) -> None:
