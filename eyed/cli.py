@@ -567,6 +567,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANTCREAT
     except ShutdownTimeout as exc:
         print_error(f"eyed: {exc}")
+        if argv is None:  # the process is ours to end
+            # A worker is still inside onnxruntime: the interpreter's teardown would free the session under it
+            # and the C++ runtime abort (SIGABRT, a core dump) instead of this exit code. Nothing is left to
+            # save: STOPPING=1 is out, the publisher has lingered, and the logs are flushed here.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_SOFTWARE)
         return EXIT_SOFTWARE
     except KeyboardInterrupt:
         return 130

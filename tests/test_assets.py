@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from eyed.cli import EXIT_SOFTWARE
 from eyed.config import ModelConfig, SourceConfig, load_settings
 from eyed.model import load_classifier
 from eyed.model.export import ensure_onnx
 from eyed.sources import open_recorded
 from tests.conftest import dequantized_weights
-from tests.daemon_helpers import collect, finish, start_daemon
+from tests.daemon_helpers import NotifyListener, collect, finish, reaped, start_daemon
 
 pytestmark = pytest.mark.assets
 
@@ -119,3 +122,32 @@ def test_daemon_on_real_assets_delivers_every_event(real_model: Path, real_cifar
     hits = sum(p["coarse"]["label"] == p["truth"] for p in labels)
     assert hits / 500 >= 0.6
     assert events[-1][1]["state"] == "finished" and events[-1][1]["frames"] == 500
+
+
+def test_a_shutdown_that_times_out_inside_onnxruntime_exits_70(
+    real_model: Path, real_onnx: Path, real_cifar: Path, endpoint: str, tmp_path: Path
+) -> None:
+    """daemon.shutdown_timeout_s exists for a worker stuck in native inference. With one still inside
+    onnxruntime (two workers on batches of 32, a bound of 50 ms), the interpreter's teardown freed the session
+    under it and the process died of SIGABRT, not the documented exit 70."""
+    listener = NotifyListener(tmp_path / "notify.sock")
+    settings = {
+        "source.dataset": real_cifar,
+        "source.split": "train",
+        "model.id": real_model,
+        "model.onnx": real_onnx,
+        "model.batch": 32,
+        "model.workers": 2,
+        "daemon.shutdown_timeout_s": 0.05,
+        "publish.endpoint": endpoint,
+        "publish.wait_subscribers": 0,
+    }
+    proc = start_daemon(settings, NOTIFY_SOCKET=str(listener.path))
+    with reaped(proc, listener):
+        listener.wait_for("READY=1", 120)
+        time.sleep(1.5)  # well into the run: both workers busy
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc, timeout_s=60)
+    assert code == EXIT_SOFTWARE, err
+    assert "pipeline still running after 0.05 s" in err
+    assert "terminate called" not in err
