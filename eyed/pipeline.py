@@ -62,6 +62,55 @@ class Counters:
         return max(self.last_progress, min(self.paced_until, now))
 
 
+class PipelineError(Exception):
+    """The pipeline cannot go on (it fails, and the daemon exits 1 for systemd to restart it)."""
+
+
+# A failure that repeats (every frame fails to resize, a model whose inference always fails) is logged once with
+# its traceback, then as a count at most this often: one traceback per frame was 240 journal lines a second at
+# 30 fps, past journald's rate limit (which then drops other lines too) and hard on an SD card.
+REPEAT_LOG_EVERY_S = 60.0
+# Frames kept coming and none could be classified for this long: the service is broken, not a frame. The
+# pipeline fails (exit 1), so systemd restarts it with a fresh session, camera and process.
+NOTHING_CLASSIFIED_GIVE_UP_S = 60.0
+
+
+class RepeatedFailure:
+    """Logs one kind of failure that may repeat: the first with its traceback, the next ones as a count at most
+    every :data:`REPEAT_LOG_EVERY_S`, and a line when it stops. Workers call it at the same time."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._lock = threading.Lock()
+        self._streak = 0  # failures since the last success
+        self._unsaid = 0  # failures not yet in a log line
+        self._next_say = 0.0
+
+    def failed(self, count: int, detail: str) -> None:
+        """``count`` frames failed; ``detail`` names them. Call from an ``except`` block (the traceback)."""
+        with self._lock:
+            self._streak += count
+            self._unsaid += count
+            now = time.monotonic()
+            if self._streak == count:  # the first of a streak: what went wrong, in full
+                logger.exception("%s %s; skipped", self.what, detail)
+            elif now >= self._next_say:
+                logger.error("%s again: %d more frame(s) skipped (last: %s)", self.what, self._unsaid, detail)
+            else:
+                return
+            self._unsaid = 0
+            self._next_say = now + REPEAT_LOG_EVERY_S
+
+    def succeeded(self) -> None:
+        if not self._streak:  # the usual case, without the lock
+            return
+        with self._lock:
+            if self._streak > 1:
+                logger.info("%s: works again after %d frame(s) skipped", self.what, self._streak)
+            self._streak = self._unsaid = 0
+            self._next_say = 0.0
+
+
 @dataclass
 class DriftWatch:
     """Per-frame statistics into the drift monitor; a window report every ``drift.window`` frames (or
@@ -142,6 +191,9 @@ class Pipeline:
         self._next_beat = 0.0
         self._beat_frames, self._beat_t = 0, 0.0
         self._published_state = ""
+        self._preprocess_failures = RepeatedFailure("could not preprocess a frame")
+        self._inference_failures = RepeatedFailure("inference failed")
+        self._failing_since: float | None = None  # since when no frame handed in could be classified
         self._thread = threading.Thread(target=self._infer, name="eyed-infer", daemon=True)
 
     def start(self) -> None:
@@ -296,15 +348,16 @@ class Pipeline:
             raise
 
     def _classify(self, items: list[Frame], buffer: np.ndarray) -> Classified:
-        """Resize and classify one batch (no shared state: workers do this at the same time)."""
+        """Resize and classify one batch (workers do this at the same time: the failure logs lock)."""
         done = Classified()
         for frame in items:
             try:
                 self.classifier.prepare(frame.image, out=buffer[len(done.frames)])
             except Exception:  # a frame OpenCV cannot resize: skip it, keep the camera
                 done.errors += 1
-                logger.exception("could not preprocess frame %d; skipped", frame.index)
+                self._preprocess_failures.failed(1, f"on frame {frame.index}")
                 continue
+            self._preprocess_failures.succeeded()
             done.frames.append(frame)
         if not done.frames:
             return done
@@ -312,13 +365,17 @@ class Pipeline:
             done.preds = self.classifier.predict(buffer[: len(done.frames)])
         except Exception:
             done.errors += len(done.frames)
-            logger.exception("inference failed on %d frame(s); skipped", len(done.frames))
+            first, last = done.frames[0].index, done.frames[-1].index
+            self._inference_failures.failed(len(done.frames), f"on frame(s) {first}-{last}")
             done.frames = []
+        else:
+            self._inference_failures.succeeded()
         return done
 
     def _publish(self, done: Classified) -> None:
         """Events for one classified batch (by the one worker publishing)."""
         self.counters.errors += done.errors
+        self._check_classifying(done)
         for frame, pred in zip(done.frames, done.preds, strict=True):
             latency_ms = (time.perf_counter() - frame.t_in) * 1000.0
             try:
@@ -349,6 +406,20 @@ class Pipeline:
             self._send_health(fps)
             self._published_state = state
             self._next_beat = now + self.heartbeat_s
+
+    def _check_classifying(self, done: Classified) -> None:
+        """PipelineError once frames have kept coming for :data:`NOTHING_CLASSIFIED_GIVE_UP_S` and none of
+        them could be classified (skipped frames are otherwise counted and the loop goes on)."""
+        now = time.monotonic()
+        if done.preds or not done.errors:
+            self._failing_since = None
+        elif self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= NOTHING_CLASSIFIED_GIVE_UP_S:
+            raise PipelineError(
+                f"no frame could be classified for {now - self._failing_since:.0f} s "
+                f"({self.counters.errors} skipped so far): giving up, for a restart"
+            )
 
     def _watch(self, drift: DriftWatch, frame: Frame, pred: Prediction) -> None:
         """After the label event is out, so drift statistics never add to its latency."""

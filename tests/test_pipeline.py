@@ -6,9 +6,10 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import zmq
 
+from eyed import pipeline as pipeline_module
 from eyed.config import ModelConfig, PublishConfig, SourceConfig
 from eyed.model import load_classifier
 from eyed.pipeline import DriftWatch, Pipeline
@@ -184,10 +186,11 @@ def test_a_stuck_batch_holds_the_other_workers_back_soon(tiny_onnx: Path, tmp_pa
 
 
 class FailsOnCall:
-    """The real classifier, except that call ``bad`` raises."""
+    """The real classifier, except that call ``bad`` raises (or every call for which ``bad(call)`` is true)."""
 
-    def __init__(self, classifier: Any, bad: int) -> None:
-        self.inner, self.bad, self.calls = classifier, bad, 0
+    def __init__(self, classifier: Any, bad: int | Callable[[int], bool]) -> None:
+        self.inner, self.calls = classifier, 0
+        self.fails = bad if callable(bad) else bad.__eq__
         self.name, self.backend, self.input_shape = classifier.name, classifier.backend, classifier.input_shape
         self.prepare = classifier.prepare
         self.lock = threading.Lock()
@@ -195,7 +198,7 @@ class FailsOnCall:
     def predict(self, batch: np.ndarray) -> list[Any]:
         with self.lock:
             call, self.calls = self.calls, self.calls + 1
-        if call == self.bad:
+        if self.fails(call):
             raise RuntimeError("onnxruntime: bad allocation")
         return self.inner.predict(batch)
 
@@ -214,6 +217,55 @@ def test_a_failed_inference_costs_its_batch_only(tiny_onnx: Path, tmp_path: Path
     frames = [e["frame"] for e in labels]
     assert frames == sorted(frames) and len(set(range(8)) - set(frames)) == 2
     assert events[-1]["errors"] == 2 and events[-1]["frames"] == 6 and events[-1]["state"] == "finished"
+
+
+def test_a_failure_on_every_frame_is_logged_once_then_counted(
+    tiny_onnx: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A traceback per failed frame flooded the journal (240 lines a second from a 30 fps camera): the first
+    failure is logged in full, the next ones as a count at most once a minute, and the recovery in one line."""
+    classifier = FailsOnCall(load_classifier(ModelConfig(onnx=tiny_onnx)), bad=lambda call: call < 30)
+    with caplog.at_level(logging.INFO, logger="eyed.pipeline"):
+        events = run_pipeline(tiny_onnx, tmp_path, MemorySource(synthetic_images(40)), classifier=classifier)
+    assert events[-1]["state"] == "finished" and (events[-1]["errors"], events[-1]["frames"]) == (30, 10)
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failures) == 1 and failures[0].exc_info is not None, [r.getMessage() for r in failures]
+    assert failures[0].getMessage() == "inference failed on frame(s) 0-0; skipped"
+    assert "inference failed: works again after 30 frame(s) skipped" in caplog.messages
+
+
+def test_a_repeated_failure_is_counted_in_the_log_at_most_once_a_period(
+    tiny_onnx: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline_module, "REPEAT_LOG_EVERY_S", 0.0)
+    classifier = FailsOnCall(load_classifier(ModelConfig(onnx=tiny_onnx)), bad=lambda call: call < 3)
+    with caplog.at_level(logging.ERROR, logger="eyed.pipeline"):
+        run_pipeline(tiny_onnx, tmp_path, MemorySource(synthetic_images(5)), classifier=classifier)
+    assert [r.getMessage() for r in caplog.records] == [
+        "inference failed on frame(s) 0-0; skipped",
+        "inference failed again: 1 more frame(s) skipped (last: on frame(s) 1-1)",
+        "inference failed again: 1 more frame(s) skipped (last: on frame(s) 2-2)",
+    ]
+
+
+def test_a_source_none_of_whose_frames_can_be_classified_fails_for_a_restart(
+    tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that fails on every frame, for ever, left a daemon counting errors and looking live."""
+    monkeypatch.setattr(pipeline_module, "NOTHING_CLASSIFIED_GIVE_UP_S", 0.2)
+    classifier = FailsOnCall(load_classifier(ModelConfig(onnx=tiny_onnx)), bad=lambda call: True)
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(synthetic_images(4) * 50_000), classifier=classifier)
+    assert events[-1]["state"] == "failed" and events[-1]["frames"] == 0
+
+
+def test_frames_that_are_classified_now_and_then_keep_the_pipeline_going(
+    tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no grace at all, any two failed batches in a row would end it: one in two fails, none in a row.
+    monkeypatch.setattr(pipeline_module, "NOTHING_CLASSIFIED_GIVE_UP_S", 0.0)
+    classifier = FailsOnCall(load_classifier(ModelConfig(onnx=tiny_onnx)), bad=lambda call: call % 2 == 1)
+    events = run_pipeline(tiny_onnx, tmp_path, MemorySource(synthetic_images(40)), classifier=classifier)
+    assert events[-1]["state"] == "finished" and (events[-1]["errors"], events[-1]["frames"]) == (20, 20)
 
 
 class SlowFailingPublisher(Publisher):
