@@ -375,8 +375,9 @@ class PublishConfig(Section):
     wait_subscribers: int = Field(
         0,
         ge=0,
-        description="Before the first frame, wait for this many subscribers to label or drift events (an `eyed "
-        "health` probe is not one).",
+        description="Before the first frame, wait for this many subscribers to this source's label or drift "
+        "events (an `eyed health` probe, or a reader of another source's topics, is not one; each subscription "
+        "counts, so a reader of both label and drift topics counts twice).",
     )
     wait_timeout_s: float = Field(30.0, gt=0, description="Give up waiting for subscribers after this long.")
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between health heartbeats.")

@@ -25,6 +25,7 @@ import numpy as np
 
 from eyed.config import ConfigError, Settings
 from eyed.curve import CurveError
+from eyed.events import drift_topic, label_topic
 from eyed.model import load_classifier
 from eyed.pipeline import DriftWatch, Pipeline
 from eyed.publisher import Publisher
@@ -472,8 +473,10 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
                 raise
             # A replay gave up waiting for datasets because we are told to stop: not a failure.
             return stopped_early(notifier)
-        publisher = stack.enter_context(Publisher(settings.publish))
         drift = build_drift(settings, classifier, reference)
+        # The wait for subscribers counts those who will get this source's events, not any label subscriber.
+        topics = [label_topic(source.id), *([drift_topic(source.id)] if drift is not None else [])]
+        publisher = stack.enter_context(Publisher(settings.publish, event_topics=topics))
         pipeline = Pipeline(
             source,
             classifier,

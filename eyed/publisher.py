@@ -17,7 +17,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -65,9 +65,17 @@ _HANDSHAKE_FAILURES: dict[int, str] = {
 SUBSCRIPTION_CHANGE = {b"\x01": 1, b"\x00": -1}
 
 
-def wants_events(prefix: bytes) -> bool:
-    """Whether a subscription to topic ``prefix`` lets in label or drift events."""
-    return any(topic.startswith(prefix) or prefix.startswith(topic) for topic in (b"label.", b"drift."))
+# Label and drift events of any source: what a subscription is judged by when the publisher is not told the
+# topics of its own source's events.
+ANY_SOURCE_EVENTS = (b"label.", b"drift.")
+
+
+def wants_events(prefix: bytes, topics: tuple[bytes, ...] | None = None) -> bool:
+    """Whether a subscription to topic ``prefix`` lets in events on ``topics`` (the daemon's own label and drift
+    topics); with None, label or drift events of any source."""
+    if topics is None:
+        return any(topic.startswith(prefix) or prefix.startswith(topic) for topic in ANY_SOURCE_EVENTS)
+    return any(topic.startswith(prefix) for topic in topics)
 
 
 class PublishError(Exception):
@@ -239,8 +247,13 @@ class Publisher:
     them as gaps in ``seq``.
     """
 
-    def __init__(self, cfg: PublishConfig, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(
+        self, cfg: PublishConfig, context: zmq.Context[Any] | None = None, event_topics: Sequence[str] | None = None
+    ) -> None:
+        """``event_topics``: the topics of the label and drift events it will send, so that the wait for
+        subscribers counts only those who will get them (a subscriber to another camera's labels is not one)."""
         self.cfg = cfg
+        self._event_topics = None if event_topics is None else tuple(t.encode("utf-8") for t in event_topics)
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.socket: zmq.Socket[Any] | None = None
@@ -409,8 +422,9 @@ class Publisher:
 
     def drain_subscriptions(self) -> int:
         """Read pending (un)subscription messages; returns the net count of new subscriptions. Those that let in
-        label or drift events are also counted in ``event_subscriptions``: the wait for subscribers counts only
-        them (an ``eyed health`` probe, subscribed to heartbeats alone, is no reader a replay should wait for).
+        this daemon's label or drift events (``event_topics``) are also counted in ``event_subscriptions``: the
+        wait for subscribers counts only them (an ``eyed health`` probe, subscribed to heartbeats alone, or a
+        subscriber to another camera's labels, is no reader a replay should wait for).
 
         At most DRAIN_MAX_MESSAGES of them or DRAIN_BUDGET_S per call: the rest waits for the next call."""
         assert self.socket is not None
@@ -427,7 +441,7 @@ class Publisher:
                 break
             change = SUBSCRIPTION_CHANGE.get(msg[:1], 0)
             net += change
-            if wants_events(msg[1:]):
+            if wants_events(msg[1:], self._event_topics):
                 self.event_subscriptions += change
             if n % 32 == 31 and time.monotonic() >= deadline:
                 break

@@ -316,6 +316,16 @@ def test_waiting_for_subscribers_times_out_clearly(base: dict[str, object]) -> N
     assert "publish.wait_subscribers=1" in err
 
 
+def test_a_reader_of_another_sources_labels_is_not_waited_for(base: dict[str, object], endpoint: str) -> None:
+    """publish.wait_subscribers counts readers of this daemon's own label (or drift) topic only."""
+    proc = start_daemon({**base, "publish.wait_timeout_s": 2})
+    with Subscriber(endpoint, ("label.another-camera",)) as sub:
+        code, err = finish(proc)
+        with pytest.raises(TimeoutError):
+            sub.receive(0.1)
+    assert code == EXIT_UNAVAILABLE and "only 0 subscriber" in err, err
+
+
 @pytest.mark.parametrize("ending", ["stopped", "failed"])
 def test_subscribers_hear_the_wait_for_others_and_how_it_ended(
     base: dict[str, object], endpoint: str, ending: str

@@ -36,8 +36,8 @@ def any_endpoint(request: pytest.FixtureRequest, endpoint: str, tmp_path: Path) 
     return endpoint if request.param == "tcp" else f"ipc://{tmp_path / 'eyed.sock'}"
 
 
-def publisher(endpoint: str, **kwargs: Any) -> Publisher:
-    return Publisher(PublishConfig(endpoint=endpoint, linger_ms=0, **kwargs))
+def publisher(endpoint: str, event_topics: tuple[str, ...] | None = None, **kwargs: Any) -> Publisher:
+    return Publisher(PublishConfig(endpoint=endpoint, linger_ms=0, **kwargs), event_topics=event_topics)
 
 
 def drain(sub: Subscriber, quiet_s: float = 0.5) -> int:
@@ -174,6 +174,22 @@ def test_a_health_probe_is_no_subscriber_to_wait_for(endpoint: str) -> None:
         with publisher(endpoint) as pub, Subscriber(endpoint, ("health.", *topics)):
             pub.wait_for_subscribers(1, timeout_s=10)
             assert pub.event_subscriptions == 1 and pub.subscriptions == 2
+
+
+def test_a_subscriber_to_another_sources_events_is_no_subscriber_to_wait_for(endpoint: str) -> None:
+    """Told its own topics (the daemon's label and drift topics), the publisher counts only subscriptions that let
+    them in: a reader of another camera's labels (label.door for the source shelf, or label.shelf2) satisfied
+    publish.wait_subscribers, and the replay streamed to nobody."""
+    own = ("label.shelf", "drift.shelf")
+    for topics in [("label.door",), ("label.shelf2",), ("drift.door",), ("health.shelf",)]:
+        with publisher(endpoint, event_topics=own) as pub, Subscriber(endpoint, topics):
+            await_subscriptions(pub)
+            with pytest.raises(PublishError, match="only 0 subscriber"):
+                pub.wait_for_subscribers(1, timeout_s=0.3)
+    for topics in [("",), ("label.",), ("label.shelf",), ("drift.sh",), ("l",)]:
+        with publisher(endpoint, event_topics=own) as pub, Subscriber(endpoint, topics):
+            pub.wait_for_subscribers(1, timeout_s=10)
+            assert pub.event_subscriptions == 1
 
 
 def test_wait_for_zero_subscribers_returns_at_once(endpoint: str) -> None:
