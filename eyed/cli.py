@@ -12,7 +12,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +36,7 @@ EXIT_UNAVAILABLE = 69  # model, source or endpoint cannot be set up (may work la
 EXIT_CANTCREAT = 73  # an offline command's output cannot be written
 EXIT_SOFTWARE = 70  # shutdown did not finish in time, or an internal error
 EXIT_CONFIG = 78  # invalid configuration: a restart cannot help (RestartPreventExitStatus=78)
+EXIT_TERMINATED = 128 + 15  # a command other than run ended by SIGTERM, its temporary files removed
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -534,6 +537,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM during a command other than ``run`` (``timeout``, ``kill``, a cancelled CI job). A BaseException,
+    as KeyboardInterrupt is, so no ``except Exception`` swallows it on the way out."""
+
+
+@contextlib.contextmanager
+def _terminated_unwinds(wanted: bool) -> Iterator[None]:
+    """While entered (if ``wanted``), SIGTERM raises :class:`Terminated` in the main thread, as Ctrl-C raises
+    KeyboardInterrupt: an export, a fine-tune or an evaluation unwinds and removes its temporary files and
+    staging folders, which the default action (death by signal) left behind. The daemon has its own handlers,
+    which only set a flag; these commands are single-threaded batch jobs with nothing to finish first."""
+    if not wanted or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Run as the program (a caller passing argv, such as a test, keeps its own hooks): before anything can fail,
     # so that an uncaught exception is logged with a priority journald reads.
@@ -548,14 +576,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        # Before the run: an output that cannot be written fails now, not after minutes of work; but after the
-        # configuration is read, so that a run refused for it leaves no folders behind.
-        if args.writes:
-            _settings(args)
-        for name, folder in args.writes.items():
-            if (path := getattr(args, name)) is not None:
-                check_writable(path, folder=folder)
-        return int(args.func(args))
+        with _terminated_unwinds(args.func is not cmd_run):
+            # Before the run: an output that cannot be written fails now, not after minutes of work; but after
+            # the configuration is read, so that a run refused for it leaves no folders behind.
+            if args.writes:
+                _settings(args)
+            for name, folder in args.writes.items():
+                if (path := getattr(args, name)) is not None:
+                    check_writable(path, folder=folder)
+            return int(args.func(args))
+    except Terminated:
+        return EXIT_TERMINATED
     except (ConfigError, CurveError) as exc:
         print_error(f"eyed: {exc}")
         return EXIT_CONFIG
