@@ -218,7 +218,8 @@ def cmd_health(args: argparse.Namespace) -> int:
             print(_summary(name, payload), flush=True)
             if payload.get("state") == "live":
                 return EXIT_OK
-    print_error(f"eyed health: no live heartbeat on {endpoint} within {timeout:g} s")
+        problem = f": {sub.problem}" if sub.problem else ""
+    print_error(f"eyed health: no live heartbeat on {endpoint} within {timeout:g} s{problem}")
     return EXIT_FAILURE
 
 

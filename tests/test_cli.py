@@ -283,7 +283,7 @@ def test_health_waits_two_heartbeats_by_default() -> None:
     port = free_port()
     result = eyed("health", settings={"publish.endpoint": f"tcp://127.0.0.1:{port}", "publish.heartbeat_s": 0.5})
     assert result.returncode == EXIT_FAILURE
-    assert f"no live heartbeat on tcp://127.0.0.1:{port} within 3 s" in result.stderr
+    assert f"no live heartbeat on tcp://127.0.0.1:{port} within 3 s: nothing accepts connections" in result.stderr
 
 
 def test_summaries_show_what_each_event_carries() -> None:

@@ -77,6 +77,33 @@ def test_only_the_allowed_key_receives(keys: dict[str, Path], endpoint: str) -> 
                 outsider.receive(0.5)
 
 
+def test_a_subscriber_that_gets_nothing_says_why(keys: dict[str, Path], endpoint: str, tmp_path: Path) -> None:
+    """A refused subscriber used to hear only "no event within N s", and `eyed health` reported a live daemon
+    dead: what its connection went through says which key or setting is wrong."""
+    wrong_server, _ = create_keys(tmp_path / "wrong", "other-daemon")
+    curve_on = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
+    cases = [
+        (curve_on, (keys["stranger_secret"], keys["server_pub"]), "refused this subscriber's CURVE key"),
+        (curve_on, (keys["allowed_secret"], wrong_server), "is --server-key the daemon's public key?"),
+        (curve_on, None, "the daemon uses CURVE: give --curve-key and --server-key"),
+        (PublishConfig(endpoint=endpoint), (keys["allowed_secret"], keys["server_pub"]), "does not use CURVE"),
+    ]
+    for cfg, curve, why in cases:
+        with Publisher(cfg) as pub, Subscriber(pub.endpoint, ("label.",), curve) as sub:
+            with pytest.raises(TimeoutError, match=re.escape(why)):
+                sub.receive(1.5)
+    with Subscriber(endpoint, ("label.",)) as sub, pytest.raises(TimeoutError, match="nothing accepts connections"):
+        sub.receive(1.5)
+    # Connected and let in, with nothing sent: no reason given, for there is none to give.
+    with (
+        Publisher(curve_on) as pub,
+        Subscriber(pub.endpoint, ("label.",), (keys["allowed_secret"], keys["server_pub"])) as sub,
+    ):
+        with pytest.raises(TimeoutError) as info:
+            sub.receive(1.0)
+        assert str(info.value).endswith("within 1 s") and sub.problem is None
+
+
 def test_eyed_subscribe_with_keys(keys: dict[str, Path], endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`eyed subscribe --curve-key --server-key` is the allowed client; without them it hears nothing."""
     cfg = PublishConfig(endpoint=endpoint, curve_secret_key=keys["server_secret"], curve_clients=keys["clients"])
