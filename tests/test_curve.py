@@ -88,10 +88,13 @@ def test_a_subscriber_that_gets_nothing_says_why(keys: dict[str, Path], endpoint
         (curve_on, None, "the daemon uses CURVE: give --curve-key and --server-key"),
         (PublishConfig(endpoint=endpoint), (keys["allowed_secret"], keys["server_pub"]), "does not use CURVE"),
     ]
-    for cfg, curve, why in cases:
-        with Publisher(cfg) as pub, Subscriber(pub.endpoint, ("label.",), curve) as sub:
-            with pytest.raises(TimeoutError, match=re.escape(why)):
-                sub.receive(1.5)
+    for cfg, client, why in cases:
+        with (
+            Publisher(cfg) as pub,
+            Subscriber(pub.endpoint, ("label.",), client) as sub,
+            pytest.raises(TimeoutError, match=re.escape(why)),
+        ):
+            sub.receive(1.5)
     with Subscriber(endpoint, ("label.",)) as sub, pytest.raises(TimeoutError, match="nothing accepts connections"):
         sub.receive(1.5)
     # Connected and let in, with nothing sent: no reason given, for there is none to give.
