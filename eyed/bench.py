@@ -43,7 +43,7 @@ import numpy as np
 import eyed.config
 from eyed.config import ConfigError, ModelConfig, PublishConfig, Settings, resolved_threads
 from eyed.model import ModelLoadError, load_classifier
-from eyed.model.checkpoint import same_checkpoint
+from eyed.model.checkpoint import names_recorded, same_checkpoint
 from eyed.model.export import INPUT_NAME, K_NAME, META_MODEL_ID, OUTPUT_NAME
 from eyed.model.onnx_backend import OnnxClassifier, open_session
 from eyed.outputs import MissingExtra
@@ -457,11 +457,30 @@ def int8_model(settings: Settings, fp32: OnnxClassifier, calibration: int = 300)
     return path
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _quantised_from(record: str) -> str | None:
+    """The FP32 file an ``eyed.quantization`` record says it was quantised from, if it says."""
     try:
-        return a.samefile(b)
-    except OSError:
-        return False
+        origin = json.loads(record).get("from")
+    except (ValueError, AttributeError):
+        return None
+    return origin if isinstance(origin, str) else None
+
+
+def refuse_int8_as_fp32(fp32: OnnxClassifier) -> None:
+    """ConfigError (closing ``fp32``) when the file benchmarked as FP32 is an INT8 export: every row would
+    say fp32, and with --int8 INT8/FP32 would compare two INT8 files."""
+    from eyed.model.quantize import META_QUANTIZATION
+
+    record = fp32.session.get_modelmeta().custom_metadata_map.get(META_QUANTIZATION)
+    if record is None:
+        return
+    fp32.close()
+    origin = _quantised_from(record)
+    float_file = f" ({origin}, by its record)" if origin is not None else ""
+    raise ConfigError(
+        f"model.onnx {fp32.path} is an INT8 export (`eyed export --int8`), not an FP32 model: set model.onnx to "
+        f"the float file it was quantised from{float_file}, and give this one as --int8 to compare the two"
+    )
 
 
 def given_int8(path: Path, cfg: ModelConfig, fp32: OnnxClassifier) -> OnnxClassifier:
@@ -479,11 +498,9 @@ def given_int8(path: Path, cfg: ModelConfig, fp32: OnnxClassifier) -> OnnxClassi
             f"--int8 {path}: no {META_QUANTIZATION} record in its metadata, so not a file `eyed export --int8` "
             "wrote (a float export?): give an INT8 export, or leave --int8 out to quantise model.onnx into the cache"
         )
-    try:
-        origin = json.loads(record).get("from")
-    except (ValueError, AttributeError):
-        origin = None
-    if not isinstance(origin, str) or not _same_file(Path(origin), fp32.path):
+    origin = _quantised_from(record)
+    # names_recorded: files written by an older eyed hold "from" as it was typed, perhaps relative.
+    if origin is None or not names_recorded(origin, fp32.path):
         logger.warning(
             "--int8 %s was quantised from %s, not from the FP32 model benchmarked (%s): INT8/FP32 compares two "
             "different models",
@@ -527,6 +544,7 @@ def run_bench(
     at_once = daemon_cfg.workers
     fp32 = load_classifier(daemon_cfg)
     assert isinstance(fp32, OnnxClassifier)
+    refuse_int8_as_fp32(fp32)
     models = {"fp32": fp32}
     if with_int8:
         if int8 is not None:

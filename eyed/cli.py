@@ -571,20 +571,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eyed.curve import CurveError
     from eyed.daemon import ShutdownTimeout
     from eyed.model import ModelLoadError
-    from eyed.outputs import MissingExtra, OutputError, check_writable
+    from eyed.outputs import MissingExtra, OutputError, check_writable, made_folders_removed_on_failure
     from eyed.publisher import PublishError
     from eyed.sources import SourceError
 
     args = build_parser().parse_args(argv)
     try:
-        with _terminated_unwinds(args.func is not cmd_run):
+        with _terminated_unwinds(args.func is not cmd_run), contextlib.ExitStack() as outputs:
             # Before the run: an output that cannot be written fails now, not after minutes of work; but after
-            # the configuration is read, so that a run refused for it leaves no folders behind.
+            # the configuration is read, so that a run refused for it leaves no folders behind. Nor does a run
+            # refused or failed later: the folders made here go again while they are empty.
             if args.writes:
                 _settings(args)
             for name, folder in args.writes.items():
                 if (path := getattr(args, name)) is not None:
                     check_writable(path, folder=folder)
+                    outputs.enter_context(made_folders_removed_on_failure(path))
             return int(args.func(args))
     except Terminated:
         return EXIT_TERMINATED

@@ -183,6 +183,8 @@ class _Scorer:
             "backend": backend,
             "space": space,
             "frames": len(y),
+            # Frames whose truth is not among ``classes``: read, but not in ``frames`` nor any figure.
+            "unscored": self.unknown,
             "accuracy": acc["corrected"],
             "accuracies": acc,
             "per_class": per_class,

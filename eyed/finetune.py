@@ -27,12 +27,13 @@ from eyed.model.checkpoint import (
     files_fingerprint,
     fingerprint,
     read_checkpoint,
+    recorded_id,
     resolve_checkpoint,
 )
 from eyed.model.export import FEATURES_FORMAT, export_onnx
 from eyed.model.onnx_backend import open_session
 from eyed.model.preprocess import Preprocessor, PreprocessSpec
-from eyed.outputs import staged, staged_folder
+from eyed.outputs import refuse_overwriting, staged, staged_folder
 from eyed.progress import progress
 from eyed.sources import no_frames, open_recorded
 from eyed.sources.replay import local_dataset
@@ -340,6 +341,7 @@ def save_checkpoint(
 
 def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
     """Extract (or reuse) features, train the head, save checkpoint and ONNX; returns a report."""
+    refuse_base_checkpoint(settings.model.id, opts.output)
     try:
         import torch  # noqa: F401
     except ImportError as exc:
@@ -351,10 +353,21 @@ def run_finetune(settings: Settings, opts: FinetuneOptions) -> dict[str, Any]:
     # The whole checkpoint is written in a temporary folder and moved in at the end, so a failed export leaves
     # the folder as it was, not a new head beside the last run's model.onnx and report.
     with staged_folder(opts.output, last=REPORT) as staging:
-        save_checkpoint(settings.model.id, staging, w, b, features.classes, name=str(opts.output))
+        # Its absolute path: as typed, a relative one names another folder from the daemon's working directory,
+        # and the onnx backend would warn that model.onnx came from another checkpoint than model.id.
+        name = str(opts.output.expanduser().resolve())
+        save_checkpoint(settings.model.id, staging, w, b, features.classes, name=name)
         report = _report(settings, opts, features, metrics, extract_s, time.perf_counter() - t0)
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def refuse_base_checkpoint(model_id: str, output: Path) -> None:
+    """OutputError when --output is the model.id folder: the new head would replace the base checkpoint's (its
+    ImageNet classes lost). A hub id is not looked up: its snapshot is no folder a user names."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        refuse_overwriting(output, local, "the base checkpoint (model.id)")
 
 
 def _report(
@@ -365,9 +378,11 @@ def _report(
     extract_s: float,
     wall_s: float,
 ) -> dict[str, Any]:
+    local = local_dataset(settings.source.dataset)
     return {
-        "base_model": settings.model.id,
-        "dataset": settings.source.dataset,
+        # Absolute paths for local folders: the report says what was trained from wherever it is read.
+        "base_model": recorded_id(settings.model.id),
+        "dataset": str(local) if local is not None else settings.source.dataset,
         "split": settings.source.split,
         "skip": settings.source.skip,
         "limit": settings.source.limit,

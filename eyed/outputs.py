@@ -8,6 +8,7 @@ part of one that would load.
 from __future__ import annotations
 
 import errno
+import os
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -35,20 +36,86 @@ def _failed(path: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+# The folders check_writable made, deepest first, by the output they were made for: a run refused before it
+# wrote anything removes them again (remove_made_folders), so that it leaves nothing behind.
+_made: dict[Path, list[Path]] = {}
+
+
 def check_writable(path: Path, *, folder: bool = False) -> Path:
     """Fail now if ``path`` (a file, or with ``folder`` a folder to write files in) cannot be written: makes
     the missing folders and creates and removes a file where the output will go."""
     where = path if folder else path.parent
     if not folder and path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder")
+    missing = _missing_folders(where)
     try:
         where.mkdir(parents=True, exist_ok=True)
         probe = where / f".eyed-probe-{secrets.token_hex(6)}"
         probe.touch(exist_ok=False)
         probe.unlink()
     except OSError as exc:
+        _remove_empty(missing)
         raise _failed(path, exc) from exc
+    if missing:
+        _made[path.absolute()] = missing
     return path
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    for candidate in [folder.absolute(), *folder.absolute().parents]:
+        if candidate.exists() or candidate.is_symlink():
+            break
+        missing.append(candidate)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty; one that is not stops it, keeping its parents."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+def remove_made_folders(path: Path) -> None:
+    """Remove the folders :func:`check_writable` made for ``path``, those still empty: for a run refused (or
+    failed) before it wrote anything there. A folder that was there before is never touched."""
+    _remove_empty(_made.pop(path.absolute(), []))
+
+
+@contextmanager
+def made_folders_removed_on_failure(path: Path) -> Iterator[None]:
+    """Run the block; if it fails, remove the folders :func:`check_writable` made for ``path`` that are still
+    empty (:func:`remove_made_folders`)."""
+    try:
+        yield
+    except BaseException:  # Ctrl-C too: it leaves nothing behind either
+        remove_made_folders(path)
+        raise
+    _made.pop(path.absolute(), None)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file or folder, however written (relative, through a symlink, a hard
+    link); False when either does not exist, as then writing one cannot replace the other."""
+    try:
+        return os.path.samefile(a.expanduser(), b.expanduser())
+    except OSError:
+        return False
+
+
+def refuse_overwriting(output: Path, source: Path, what: str) -> None:
+    """OutputError when ``output`` is ``source`` (:func:`same_file`): writing it would replace ``what`` (the
+    command's own input) with its result, and the input would be gone."""
+    if same_file(output, source):
+        raise OutputError(
+            f"cannot write {output}: it is {source}, {what}, which the output would replace: choose another --output"
+        )
 
 
 @contextmanager

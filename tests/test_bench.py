@@ -312,6 +312,61 @@ def test_bench_warns_when_the_int8_file_was_quantised_from_another_model(
     assert code == 0 and "quantised from" not in err
 
 
+def with_origin(path: Path, origin: str) -> Path:
+    """``path`` rewritten to say it was quantised from ``origin`` (as an older eyed recorded it: as typed)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == META_QUANTIZATION:
+            prop.value = json.dumps({**json.loads(prop.value), "from": origin})
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_an_int8_file_quantised_from_a_relative_path_is_recognised_from_elsewhere(
+    overrides: list[str],
+    tiny_onnx: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The record said "from": "fp32.onnx" (as typed); benchmarked from another working directory, eyed bench
+    warned that INT8/FP32 compared two different models."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    fp32 = work / "fp32.onnx"
+    fp32.write_bytes(tiny_onnx.read_bytes())
+    monkeypatch.chdir(work)
+    export_int8(settings_of(overrides, "model.onnx=fp32.onnx"), Path("fp32-int8.onnx"), calibration=4, check=0)
+    monkeypatch.chdir(elsewhere)
+    args = [*overrides, "--set", f"model.onnx={fp32}", "--seed-frames", "0", *QUICK]
+    code, _, err = bench([*args, "--int8", str(work / "fp32-int8.onnx")], capsys)
+    assert code == 0 and "quantised from" not in err, err
+    # A file an older eyed wrote, "from" relative to where it ran: taken as the file whose name it ends with.
+    old = with_origin(work / "fp32-int8.onnx", "fp32.onnx")
+    code, _, err = bench([*args, "--int8", str(old)], capsys)
+    assert code == 0 and "quantised from" not in err, err
+    with_origin(old, "models/other.onnx")
+    code, _, err = bench([*args, "--int8", str(old)], capsys)
+    assert code == 0 and f"--int8 {old} was quantised from models/other.onnx, not from the FP32 model" in err
+
+
+@pytest.mark.parametrize("int8_option", ["--no-int8", "--int8"])
+def test_bench_refuses_an_int8_file_as_model_onnx(
+    overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], int8_option: str
+) -> None:
+    """With --no-int8 every row said fp32 for an INT8 model, without a word; with --int8, INT8/FP32 compared the
+    INT8 file with itself."""
+    int8 = tmp_path / "m8.onnx"
+    export_int8(settings_of(overrides), int8, calibration=4, check=0)
+    given = [int8_option] if int8_option == "--no-int8" else [int8_option, str(int8)]
+    code, _, err = bench([*overrides, "--set", f"model.onnx={int8}", *given, "--seed-frames", "0", *QUICK], capsys)
+    assert code == 78
+    assert err.startswith(f"eyed: model.onnx {int8} is an INT8 export (`eyed export --int8`), not an FP32 model")
+
+
 # --- the benchmark scripts ---------------------------------------------------------------------------------
 
 

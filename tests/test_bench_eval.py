@@ -7,6 +7,7 @@ import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -279,3 +280,48 @@ def test_bench_without_the_onnx_package_says_how_to_go_on(
     assert main(["bench", *overrides, "--set", f"model.cache_dir={tmp_path}", "--frames", "2"]) == 69
     err = capsys.readouterr().err
     assert "eyed[int8]" in err and "--no-int8" in err
+
+
+class _FixedRunner:
+    """An OfflineRunner's face for _Scorer: a classifier over ``labels`` (no coarse mapping) whose logits are
+    one-hot on the given predicted class of each frame, in order."""
+
+    workers = 1
+
+    def __init__(self, labels: list[str], predicted: list[str]) -> None:
+        post = SimpleNamespace(mapper=None, labels=labels)
+        self.classifier = SimpleNamespace(post=post, name="fixed", backend="onnx")
+        self._index = {c: i for i, c in enumerate(labels)}
+        self._predicted = iter(predicted)
+
+    def logits(self, frames: list[Frame]) -> np.ndarray:
+        out = np.zeros((len(frames), len(self._index)), dtype=np.float32)
+        for row in out:
+            row[self._index[next(self._predicted)]] = 10.0
+        return out
+
+
+def test_the_confusion_matrix_has_truth_rows_and_per_class_is_recall() -> None:
+    """Known truths and predictions: a transposed matrix (rows = predictions), or precision in place of recall,
+    has the same sum and trace, so only exact figures catch them."""
+    from eyed.config import load_settings
+    from eyed.evaluate import _Scorer
+
+    labels = ["cat", "dog", "fox"]
+    truths = ["cat", "cat", "cat", "dog", "dog", "fox", "unicorn", "unicorn"]
+    preds = ["cat", "dog", "dog", "dog", "fox", "fox", "cat", "fox"]
+    frames = [Frame(np.zeros((2, 2, 3), np.uint8), i, 0.0, 0.0, truth) for i, truth in enumerate(truths)]
+    runner = _FixedRunner(labels, preds)
+    scorer = _Scorer(runner, load_settings(None, ["model.coarse=none"]))  # type: ignore[arg-type]
+    scorer.add(frames[:5])
+    scorer.add(frames[5:])
+    report = scorer.report()
+    assert report["classes"] == labels
+    # confusion[truth][predicted]: of 3 cats, 1 called cat and 2 dog; of 2 dogs, 1 dog and 1 fox; the fox a fox.
+    assert report["confusion"] == [[1, 2, 0], [0, 1, 1], [0, 0, 1]]
+    # Recall: the share of each truth predicted right (precision would be cat 1, dog 1/3, fox 1/2).
+    assert report["per_class"] == {"cat": pytest.approx(1 / 3), "dog": 0.5, "fox": 1.0}
+    assert report["accuracy"] == pytest.approx(3 / 6)
+    # The two unicorns are outside the label space: in no figure, but counted in the JSON, not only its text.
+    assert report["frames"] == 6 and report["unscored"] == 2
+    assert "2 frames had a truth outside the label space" in report["text"]

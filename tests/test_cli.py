@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from eyed.cli import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _summary, build_parser
+from eyed.cli import (
+    EXIT_CANTCREAT,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    _summary,
+    build_parser,
+)
 from eyed.config import PublishConfig
 from eyed.logs import under_journald
 from eyed.publisher import Publisher
@@ -318,6 +327,18 @@ def test_a_refused_configuration_creates_no_output_folder(tmp_path: Path) -> Non
     result = eyed("export", "--output", str(out), settings={"source.limit": -1})
     assert result.returncode == EXIT_CONFIG and "source.limit" in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_command_that_fails_after_checking_its_output_leaves_no_folder_it_made(
+    base: dict[str, object], tmp_path: Path
+) -> None:
+    """The output's folders are made up front, to fail before minutes of work if they cannot be: a run that
+    fails later (here a replay with no frame past source.skip) removes those it made, and no other."""
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "new" / "deeper" / "ref.json", tmp_path / "mine" / "ref.json"):
+        result = eyed("profile", "--output", str(out), settings={**base, "source.skip": 1000})
+        assert result.returncode == EXIT_UNAVAILABLE and "no frames" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not list((tmp_path / "mine").iterdir())
 
 
 def test_a_negative_seed_is_a_usage_error_before_any_work() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -314,3 +315,62 @@ def test_the_onnx_export_names_the_checkpoint_folder_not_its_staging_folder(
     report = finetune(coloured_dataset, tiny_checkpoint, out, tmp_path / "cache")
     assert report["onnx"] == str(out / "model.onnx")
     assert load_classifier(ModelConfig(onnx=out / "model.onnx")).name == str(out)
+
+
+def test_finetune_refuses_to_write_over_its_base_checkpoint(
+    coloured_dataset: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--output = model.id replaced the base checkpoint's head (its ImageNet classes) with the new one, exit 0.
+    Refused before any work, however the folder is written."""
+    base = shutil.copytree(tiny_checkpoint, tmp_path / "base")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    for output in (base, Path("base"), Path("./base/")):
+        capsys.readouterr()
+        assert run(coloured_dataset, base, output, tmp_path / "cache") == 73, output
+        err = capsys.readouterr().err
+        assert f"cannot write {output}: it is {base}, the base checkpoint (model.id)" in err, err
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    assert not (tmp_path / "cache").exists()  # no features extracted
+
+
+def test_the_onnx_export_records_the_checkpoint_folder_absolute(
+    coloured_dataset: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`--output ft` recorded "ft": run from another working directory with model.id set to the folder, the onnx
+    backend warned that model.onnx came from another checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    dataset, checkpoint = (Path(os.path.relpath(p, tmp_path)) for p in (coloured_dataset, tiny_checkpoint))
+    report = finetune(dataset, checkpoint, Path("ft"), tmp_path / "cache")
+    monkeypatch.chdir(tmp_path / "cache")
+    caplog.clear()
+    classifier = load_classifier(ModelConfig(id=str(tmp_path / "ft"), onnx=tmp_path / "ft" / "model.onnx"))
+    assert classifier.name == str(tmp_path / "ft")
+    assert "was exported from" not in caplog.text
+    # The report says what it was trained from wherever it is read, too.
+    assert report["base_model"] == str(tiny_checkpoint) and report["dataset"] == str(coloured_dataset)
+
+
+def test_a_refused_finetune_leaves_no_folder_it_made(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command line makes --output to check it can be written: a refused run left it behind, empty."""
+    unlabelled = write_parquet_dataset(tmp_path / "unlabelled", coloured_images(6), [None] * 6)  # type: ignore[list-item]
+    coloured = write_parquet_dataset(tmp_path / "coloured", coloured_images(6), [0, 2, 8] * 2)
+    cache = tmp_path / "cache"
+    assert run(unlabelled, tiny_checkpoint, tmp_path / "new" / "ft", cache) == 78
+    assert "needs a labelled source" in capsys.readouterr().err
+    assert run(coloured, tiny_checkpoint, tmp_path / "new" / "ft", cache, "--val-fraction", "1") == 78
+    assert not (tmp_path / "new").exists()
+    # A folder that was there before stays, empty as it was.
+    (tmp_path / "mine").mkdir()
+    assert run(unlabelled, tiny_checkpoint, tmp_path / "mine", cache) == 78
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eyed.outputs import same_file
+
 if TYPE_CHECKING:
     from eyed.model.preprocess import PreprocessSpec
 
@@ -19,11 +21,34 @@ CHECKPOINT_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
 
 
 def same_checkpoint(a: str, b: str) -> bool:
-    """Whether two model ids name the same checkpoint: one folder, however its path is written, or one hub id."""
-    local_a, local_b = Path(a).expanduser(), Path(b).expanduser()
-    if local_a.is_dir() and local_b.is_dir():
-        return local_a.resolve() == local_b.resolve()
-    return a == b
+    """Whether two model ids name the same checkpoint: one folder, however its path is written, or one hub id.
+    ``a`` may be one recorded in a file (an export's ``eyed.model_id``): see :func:`names_recorded`."""
+    if a == b:
+        return True
+    local_b = Path(b).expanduser()
+    return local_b.is_dir() and names_recorded(a, local_b)
+
+
+def recorded_id(model_id: str) -> str:
+    """``model_id`` as a file records it: a local folder as its absolute path (a relative one names another
+    folder from another working directory, such as a service's), a hub id as it is."""
+    local = Path(model_id).expanduser()
+    return str(local.resolve()) if local.is_dir() else model_id
+
+
+def names_recorded(recorded: str, path: Path) -> bool:
+    """Whether a path recorded in a file's metadata names ``path`` (a file or folder that exists).
+
+    eyed records absolute paths; an older eyed recorded them as typed. Such a relative one that names nothing
+    from here was written from another working directory, so it cannot be resolved: it counts as ``path``
+    when it names ``path``'s last folders (``ft1`` for /srv/models/ft1), rather than warning that every file
+    written that way came from another model.
+    """
+    local = Path(recorded).expanduser()
+    if local.is_absolute() or local.exists():
+        return same_file(local, path)
+    tail = local.parts
+    return bool(tail) and ".." not in tail and path.resolve().parts[-len(tail) :] == tail
 
 
 class ModelLoadError(Exception):

@@ -39,9 +39,10 @@ import numpy as np
 from eyed.config import ConfigError, Settings
 from eyed.model.checkpoint import ModelLoadError
 from eyed.model.export import INPUT_NAME, K_NAME
-from eyed.outputs import MissingExtra, staged
+from eyed.outputs import MissingExtra, OutputError, refuse_overwriting, staged
 from eyed.progress import progress
 from eyed.sources import SourceError, describe, no_frames, open_recorded
+from eyed.sources.replay import local_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -588,6 +589,18 @@ def reads_pixels(model: Any) -> bool:
     return any(n.op_type == "DequantizeLinear" and n.input[0] in transposed for n in model.graph.node)
 
 
+def _refuse_replacing(output: Path, fp32: Path) -> None:
+    """OutputError when ``output`` is the FP32 file itself: the INT8 file would replace the only float model,
+    which a device without torch cannot export again."""
+    refuse_overwriting(output, fp32, "the FP32 model being quantised (model.onnx)")
+
+
+def _dataset_name(dataset: str) -> str:
+    """``source.dataset`` as recorded: a local folder or file as its absolute path, a hub id as it is."""
+    local = local_dataset(dataset)
+    return str(local) if local is not None else dataset
+
+
 def export_int8(
     settings: Settings,
     output: Path,
@@ -601,6 +614,8 @@ def export_int8(
     first FLOAT_STEM_CONVS convolutions in float. ``target_cpu`` (``platform.machine()`` of the device the file
     is for; default this machine's) decides whether the first convolution reads the pixels four columns at a
     time (GROUPING_CPUS): the file runs anywhere either way, only its speed differs."""
+    if settings.model.onnx is not None:
+        _refuse_replacing(output, settings.model.onnx)  # before the export, the frames and the minutes of work
     try:
         import onnx
         import onnxruntime.quantization  # noqa: F401
@@ -610,11 +625,16 @@ def export_int8(
     from eyed.model.onnx_backend import OnnxClassifier
 
     fp32 = OnnxClassifier(settings.model)  # exports model.id to the cache first when model.onnx is unset
-    if META_QUANTIZATION in fp32.session.get_modelmeta().custom_metadata_map:
-        raise ConfigError(
-            f"model.onnx {fp32.path} is already an INT8 export: quantise the float one (unset model.onnx, or "
-            "set it to the file `eyed export` wrote)"
-        )
+    try:
+        _refuse_replacing(output, fp32.path)  # the cached export, when model.onnx is unset
+        if META_QUANTIZATION in fp32.session.get_modelmeta().custom_metadata_map:
+            raise ConfigError(
+                f"model.onnx {fp32.path} is already an INT8 export: quantise the float one (unset model.onnx, or "
+                "set it to the file `eyed export` wrote)"
+            )
+    except (ConfigError, OutputError):
+        fp32.close()
+        raise
     src = settings.source
     logger.info("calibrating on %d frames of %s:%s from record %d", calibration, src.dataset, src.split, src.skip)
     t0 = time.monotonic()
@@ -660,9 +680,11 @@ def export_int8(
             "float_stem": float_stem,
             "target_cpu": cpu,
             "float_nodes": f"{head} and what follows it (softmax, top-k)",
-            "from": str(fp32.path),
+            # Absolute: a relative path names another file from another working directory (eyed bench
+            # compares it with the FP32 file it benchmarks).
+            "from": str(fp32.path.resolve()),
             "calibration": {
-                "dataset": src.dataset,
+                "dataset": _dataset_name(src.dataset),
                 "split": src.split,
                 "skip": src.skip,
                 "frames": used,

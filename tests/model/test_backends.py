@@ -83,6 +83,27 @@ def test_an_onnx_file_from_another_checkpoint_than_a_given_model_id_is_warned_ab
     assert "was exported from" not in caplog.text
 
 
+def test_a_relative_model_id_recorded_elsewhere_is_the_checkpoint_it_names(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files an older eyed wrote recorded a folder as typed (eyed finetune --output ft1): read from another
+    working directory (a service's), it named nothing, and every start warned of another checkpoint."""
+    from eyed.model.checkpoint import names_recorded, recorded_id, same_checkpoint
+
+    models = tmp_path / "models"
+    ft1 = shutil.copytree(tiny_checkpoint, models / "ft1")
+    monkeypatch.chdir(models)
+    hub = "google/mobilenet_v2_1.0_224"
+    assert recorded_id("ft1") == str(ft1) and recorded_id(hub) == hub
+    assert same_checkpoint("ft1", str(ft1)) and same_checkpoint(str(ft1), "ft1")
+    monkeypatch.chdir(tmp_path)  # "ft1" names nothing here: it was written from elsewhere
+    assert same_checkpoint("ft1", str(ft1)) and same_checkpoint("models/ft1", str(ft1))
+    assert not same_checkpoint("other/ft1", str(ft1)) and not same_checkpoint("../ft1", str(ft1))
+    assert not same_checkpoint(str(tmp_path / "ft1"), str(ft1))  # absolute: compared as it is
+    assert not same_checkpoint(hub, str(ft1))
+    assert names_recorded("ft1/config.json", ft1 / "config.json")
+
+
 def test_loading_weights_draws_no_progress_bar_into_a_log(tiny_checkpoint: Path) -> None:
     """Under systemd stderr is the journal: transformers' "Loading weights" bar would be a line of carriage
     returns at each first-start export."""

@@ -544,3 +544,51 @@ def test_the_calibration_record_counts_the_frames_used(
     # 9 frames read (records 0-9, the 6th corrupt), 8 used; the check's frames still come after all 9.
     assert record["calibration"]["frames"] == 8
     assert record["check"]["skip"] == 10 and record["check"]["frames"] == 2
+
+
+def test_an_int8_export_refuses_to_replace_its_fp32_input(
+    tiny_dataset: Path,
+    tiny_checkpoint: Path,
+    tiny_onnx: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--output = model.onnx replaced the only float model with its INT8 version (exit 0); a device without
+    torch could not export it again. Refused before any frame is read, however the two paths are written."""
+    from eyed.model import quantize
+
+    def no_work(*args: Any) -> None:
+        raise AssertionError("frames were read before the output was refused")
+
+    monkeypatch.setattr(quantize, "_prepared", no_work)
+    fp32 = tmp_path / "same.onnx"
+    fp32.write_bytes(tiny_onnx.read_bytes())
+    (tmp_path / "link.onnx").symlink_to(fp32)
+    monkeypatch.chdir(tmp_path)
+    for output, model_onnx in ((fp32, fp32), (Path("same.onnx"), fp32), (Path("link.onnx"), Path("same.onnx"))):
+        capsys.readouterr()
+        args = _int8_args(tiny_dataset, tiny_checkpoint, model_onnx)
+        assert main(["export", "--int8", *args, "--output", str(output), "--calibration", "4"]) == 73, output
+        err = capsys.readouterr().err
+        assert f"cannot write {output}: it is {model_onnx}, the FP32 model being quantised" in err, err
+    assert fp32.read_bytes() == tiny_onnx.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "same.onnx"]
+
+
+def test_int8_metadata_records_absolute_paths(
+    tiny_dataset: Path, tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As typed, a relative model.onnx or dataset named another file from another working directory, and eyed
+    bench warned that the INT8 file came from another model."""
+    import os
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "fp32.onnx").write_bytes(tiny_onnx.read_bytes())
+    monkeypatch.chdir(work)
+    dataset = Path(os.path.relpath(tiny_dataset, work))
+    out = _export_int8(Path("m8.onnx"), dataset, tiny_checkpoint, Path("fp32.onnx"))
+    record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}[META_QUANTIZATION])
+    assert record["from"] == str(work / "fp32.onnx")
+    assert record["calibration"]["dataset"] == str(tiny_dataset)
