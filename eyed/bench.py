@@ -559,54 +559,70 @@ def run_bench(
     with contextlib.ExitStack() as stack:
         for classifier in models.values():
             stack.callback(classifier.close)
+        # (stable key for --json, measurement); the key stays the same whatever the cores, workers and --batch,
+        # which the row's name for people spells out.
         paths: list[tuple[str, Callable[[], dict[str, Any]]]] = []
         for precision, classifier in models.items():
-            paths.append((precision, BareLoop(classifier.path, bare_cfg, tensors, passes=passes)))
+            paths.append((f"{precision} bare", BareLoop(classifier.path, bare_cfg, tensors, passes=passes)))
             if at_once > 1:
-                paths.append((precision, BareLoop(classifier.path, daemon_cfg, tensors, at_once, passes)))
+                paths.append(
+                    (f"{precision} bare at once", BareLoop(classifier.path, daemon_cfg, tensors, at_once, passes))
+                )
             daemon_path = functools.partial(DaemonPath, classifier, images * passes, settings=settings, workers=at_once)
             sub = stack.enter_context(daemon_path(subscriber=True))
             alone = stack.enter_context(daemon_path(subscriber=False))
             sub(1)  # the pipeline's first frames warm its session up, as BareLoop's do
-            paths += [(precision, functools.partial(sub, 1)), (precision, functools.partial(alone, 1))]
+            paths += [
+                (f"{precision} daemon", functools.partial(sub, 1)),
+                (f"{precision} daemon no subscriber", functools.partial(alone, 1)),
+            ]
             if batch > 1:
-                paths.append((precision, functools.partial(sub, batch)))
+                paths.append((f"{precision} daemon batched", functools.partial(sub, batch)))
         if isinstance(seed, SeedLoop):
-            paths.append(("", seed))
+            paths.append(("transformers", seed))
         for r in range(rounds):
             # Reversed every other round, so a trend in the machine's load favours no path.
-            for precision, measure in paths if r % 2 == 0 else paths[::-1]:
+            for key, measure in paths if r % 2 == 0 else paths[::-1]:
                 row = measure()
+                precision = key.split()[0] if key != "transformers" else ""
                 row["name"] = f"{precision} {row['name']}".strip()
-                runs.setdefault(row["name"], []).append(row)
-    rows = [pool_rounds(name, rs) for name, rs in runs.items()]
+                runs.setdefault(key, []).append(row)
+    rows = [{"key": key, **pool_rounds(rs[0]["name"], rs)} for key, rs in runs.items()]
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x["fps"] / y["fps"] for x, y in zip(runs[a], runs[b], strict=True))
 
-    daemon = "daemon path -> SUB process"
+    # (stable key, name for people, value)
     parallel = f"bare onnxruntime, {at_once} frames at once"
-    ratios: dict[str, float] = {}
+    ratios: list[tuple[str, str, float]] = []
     for p in models:
-        ratios[f"{p} daemon/bare"] = ratio(f"{p} {daemon}", f"{p} bare onnxruntime")
-        ratios[f"{p} daemon (no subscriber)/bare"] = ratio(f"{p} daemon path, no subscriber", f"{p} bare onnxruntime")
+        ratios.append((f"{p} daemon/bare", f"{p} daemon/bare", ratio(f"{p} daemon", f"{p} bare")))
+        no_sub = ratio(f"{p} daemon no subscriber", f"{p} bare")
+        ratios.append((f"{p} daemon no subscriber/bare", f"{p} daemon (no subscriber)/bare", no_sub))
         if at_once > 1:
-            ratios[f"{p} daemon/{parallel}"] = ratio(f"{p} {daemon}", f"{p} {parallel}")
+            ratios.append(
+                (f"{p} daemon/bare at once", f"{p} daemon/{parallel}", ratio(f"{p} daemon", f"{p} bare at once"))
+            )
         if batch > 1:
-            ratios[f"{p} daemon batch {batch}/daemon batch 1"] = ratio(f"{p} {daemon}, batch {batch}", f"{p} {daemon}")
+            batched = ratio(f"{p} daemon batched", f"{p} daemon")
+            ratios.append((f"{p} daemon batched/daemon", f"{p} daemon batch {batch}/daemon batch 1", batched))
     if "int8" in models:
-        ratios["int8/fp32 bare"] = ratio("int8 bare onnxruntime", "fp32 bare onnxruntime")
+        ratios.append(("int8/fp32 bare", "int8/fp32 bare", ratio("int8 bare", "fp32 bare")))
         if at_once > 1:
-            ratios[f"int8/fp32 {parallel}"] = ratio(f"int8 {parallel}", f"fp32 {parallel}")
-        ratios["int8/fp32 daemon"] = ratio(f"int8 {daemon}", f"fp32 {daemon}")
+            ratios.append(
+                ("int8/fp32 bare at once", f"int8/fp32 {parallel}", ratio("int8 bare at once", "fp32 bare at once"))
+            )
+        ratios.append(("int8/fp32 daemon", "int8/fp32 daemon", ratio("int8 daemon", "fp32 daemon")))
     if isinstance(seed, SeedLoop):
         for p in models:
-            ratios[f"{p} daemon/transformers"] = ratio(f"{p} {daemon}", SeedLoop.name)
+            ratios.append(
+                (f"{p} daemon/transformers", f"{p} daemon/transformers", ratio(f"{p} daemon", "transformers"))
+            )
     lines = [f"{'path':<43} {'frames':>7} {'fps':>9} {'p50 ms':>8} {'p99 ms':>8}"]
     lines += [
         f"{r['name']:<43} {r['frames']:>7} {r['fps']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}" for r in rows
     ]
-    lines += [f"{name}: {value:.2f}x" for name, value in ratios.items()]
+    lines += [f"{name}: {value:.2f}x" for _, name, value in ratios]
     lines.append(
         f"daemon path: {at_once} worker(s), {daemon_cfg.threads} onnxruntime thread(s) each; "
         f"bare onnxruntime: {bare_cfg.threads} thread(s); {eyed.config.available_cores()} core(s) for this process"
@@ -632,8 +648,10 @@ def run_bench(
         "seed": {"frames_per_round": seed.per_call} if isinstance(seed, SeedLoop) else {"skipped": seed},
         "rounds": rounds,
         "passes": passes,
+        "batch": batch,
         "rows": rows,
-        "ratios": ratios,
+        # Keys that do not change with the cores, workers ("at once": daemon.workers frames) or --batch.
+        "ratios": {key: value for key, _, value in ratios},
         "text": "\n".join(lines),
     }
 

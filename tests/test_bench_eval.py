@@ -61,16 +61,23 @@ def test_bench_json_compares_every_path_on_the_same_frames(
     # each of two rounds.
     assert report["rounds"] == 2 and report["passes"] == 2
     assert [r["frames"] for r in report["rows"]] == [32] * (2 * len(paths)) + [4]
+    # For machines, keys that do not change with the cores, workers or --batch (the names above do).
+    keys = ["bare", *(["bare at once"] if workers > 1 else []), "daemon", "daemon no subscriber", "daemon batched"]
+    assert [r["key"] for r in report["rows"]] == [f"{p} {k}" for p in ("fp32", "int8") for k in keys] + ["transformers"]
+    assert report["batch"] == 4
     expected = {"int8/fp32 bare", "int8/fp32 daemon"}
     for p in ("fp32", "int8"):
-        expected |= {f"{p} daemon/bare", f"{p} daemon (no subscriber)/bare", f"{p} daemon batch 4/daemon batch 1"}
+        expected |= {f"{p} daemon/bare", f"{p} daemon no subscriber/bare", f"{p} daemon batched/daemon"}
         expected.add(f"{p} daemon/transformers")
         if workers > 1:
-            expected.add(f"{p} daemon/{at_once}")
+            expected.add(f"{p} daemon/bare at once")
     if workers > 1:
-        expected.add(f"int8/fp32 {at_once}")
+        expected.add("int8/fp32 bare at once")
     assert set(report["ratios"]) == expected
     assert all(v > 0 for v in report["ratios"].values())
+    # The text names them for people, with the counts.
+    assert "fp32 daemon batch 4/daemon batch 1: " in report["text"]
+    assert (f"int8/fp32 {at_once}: " in report["text"]) == (workers > 1)
     # The INT8 model was quantised once into the cache, and is a different file from the FP32 one.
     assert Path(report["onnx"]["int8"]).parent == tmp_path / "onnx" and report["onnx"]["int8"] != report["onnx"]["fp32"]
 
