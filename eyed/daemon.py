@@ -399,7 +399,10 @@ def check_model(reference: Reference, classifier: Classifier) -> None:
     spec = preprocess_spec(classifier)
     if spec is not None:
         check_preprocess_spec(reference, spec, classifier.name)
-    if reference.model and reference.model != classifier.name:
+    from eyed.model.checkpoint import same_checkpoint
+
+    # A checkpoint folder written another way (relative, from another folder, by an older eyed) is the same.
+    if reference.model and not same_checkpoint(reference.model, classifier.name):
         logger.warning(
             "drift: the reference was profiled with model %s, this run uses %s: if that is another model, run "
             "`eyed profile` with it, or its class and confidence distributions may report drift on in-domain frames",

@@ -4,6 +4,7 @@ eyed drift-report on what a subscriber recorded. Tiny generated model and data."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -297,6 +298,12 @@ def test_a_profile_of_a_model_with_other_preprocessing_is_refused_and_another_na
         assert build_drift(cfg, classifier) is not None
     assert f"profiled with model another-model, this run uses {classifier.name}" in caplog.text
     caplog.clear()
+    # The same checkpoint folder, as a profile made from another working folder may name it.
+    for written in (os.path.relpath(classifier.name), Path(classifier.name).name):
+        edited.write_text(json.dumps({**data, "model": written}))
+        with caplog.at_level("WARNING", logger="eyed.daemon"):
+            assert build_drift(cfg, classifier) is not None
+        assert "profiled with model" not in caplog.text, written
     cfg = load_settings(None, [*overrides, f"drift.reference={reference}"])
     with caplog.at_level("WARNING", logger="eyed.daemon"):
         assert build_drift(cfg, classifier) is not None
