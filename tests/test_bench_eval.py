@@ -15,9 +15,11 @@ import pytest
 
 from eyed.bench import pool_rounds, summarise
 from eyed.cli import main
-from eyed.model.labels import load_priors
+from eyed.config import load_settings
+from eyed.evaluate import _Scorer
+from eyed.model.labels import CoarseMapper, build_mapper, load_priors
 from eyed.types import Frame
-from tests.conftest import synthetic_images, write_parquet_dataset
+from tests.conftest import imagenet_like_labels, synthetic_images, write_parquet_dataset
 
 
 @pytest.fixture
@@ -290,13 +292,13 @@ def test_bench_without_the_onnx_package_says_how_to_go_on(
 
 
 class _FixedRunner:
-    """An OfflineRunner's face for _Scorer: a classifier over ``labels`` (no coarse mapping) whose logits are
-    one-hot on the given predicted class of each frame, in order."""
+    """An OfflineRunner's face for _Scorer: a classifier over ``labels`` (with ``mapper``'s coarse mapping, if
+    any) whose logits are one-hot on the given predicted class of each frame, in order."""
 
     workers = 1
 
-    def __init__(self, labels: list[str], predicted: list[str]) -> None:
-        post = SimpleNamespace(mapper=None, labels=labels)
+    def __init__(self, labels: list[str], predicted: list[str], mapper: CoarseMapper | None = None) -> None:
+        post = SimpleNamespace(mapper=mapper, labels=labels)
         self.classifier = SimpleNamespace(post=post, name="fixed", backend="onnx")
         self._index = {c: i for i, c in enumerate(labels)}
         self._predicted = iter(predicted)
@@ -311,9 +313,6 @@ class _FixedRunner:
 def test_the_confusion_matrix_has_truth_rows_and_per_class_is_recall() -> None:
     """Known truths and predictions: a transposed matrix (rows = predictions), or precision in place of recall,
     has the same sum and trace, so only exact figures catch them."""
-    from eyed.config import load_settings
-    from eyed.evaluate import _Scorer
-
     labels = ["cat", "dog", "fox"]
     truths = ["cat", "cat", "cat", "dog", "dog", "fox", "unicorn", "unicorn"]
     preds = ["cat", "dog", "dog", "dog", "fox", "fox", "cat", "fox"]
@@ -332,3 +331,14 @@ def test_the_confusion_matrix_has_truth_rows_and_per_class_is_recall() -> None:
     # The two unicorns are outside the label space: in no figure, but counted in the JSON, not only its text.
     assert report["frames"] == 6 and report["unscored"] == 2
     assert "2 frames had a truth outside the label space" in report["text"]
+
+
+def test_a_top1_class_outside_every_group_counts_as_wrong_for_the_lookup() -> None:
+    """The "top-1 lookup" accuracy is what a lookup-only system reports (the baseline the README compares
+    against): a top-1 class that no group holds gives no coarse label, so it is wrong, not the first group's
+    label. Without this, taking the first group for it went unseen."""
+    labels = imagenet_like_labels()
+    runner = _FixedRunner(labels, ["unmapped class 0"] * 2, build_mapper(labels, "cifar10", "builtin"))
+    scorer = _Scorer(runner, load_settings(None, []))  # type: ignore[arg-type]
+    scorer.add([Frame(np.zeros((2, 2, 3), np.uint8), i, 0.0, 0.0, "airplane") for i in range(2)])
+    assert scorer.report()["accuracies"]["top-1 lookup"] == 0.0

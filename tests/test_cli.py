@@ -48,8 +48,8 @@ def eyed(
 
 
 @contextlib.contextmanager
-def beating(bind: str, every_s: float = 0.1, junk: bool = False) -> Iterator[None]:
-    """A real publisher bound to ``bind`` on which only the source ``door2`` is alive, heartbeating every
+def beating(bind: str, every_s: float = 0.1, junk: bool = False, state: str = "live") -> Iterator[None]:
+    """A real publisher bound to ``bind`` on which only the source ``door2`` heartbeats, in ``state``, every
     ``every_s``; with ``junk``, each heartbeat follows messages that are not eyed events (another program's)."""
     stop = threading.Event()
     ready = threading.Event()
@@ -61,7 +61,7 @@ def beating(bind: str, every_s: float = 0.1, junk: bool = False) -> Iterator[Non
                 if junk:
                     for parts in JUNK:
                         pub.socket.send_multipart(parts)  # type: ignore[union-attr]
-                pub.send("health.door2", {"type": "health", "source": "door2", "state": "live", "frames": 10})
+                pub.send("health.door2", {"type": "health", "source": "door2", "state": state, "frames": 10})
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
@@ -100,6 +100,26 @@ def test_health_wants_the_exact_source(heartbeats: str) -> None:
     assert "health.door2 state=live" in same.stdout
     anyone = eyed("health", "--endpoint", heartbeats, "--timeout", "10")
     assert anyone.returncode == EXIT_OK, anyone.stderr
+
+
+def test_health_fails_on_a_stalled_source(endpoint: str) -> None:
+    """A daemon that heartbeats while its camera is stalled is not healthy: the check a supervisor runs must
+    fail, though heartbeats keep coming. Without it, a check loosened to pass a stalled (frozen or silent)
+    camera went unseen: no other test sends a heartbeat that is not live."""
+    with beating(endpoint, state="stalled"):
+        result = eyed("health", "--endpoint", endpoint, "--timeout", "1.5")
+    assert result.returncode == EXIT_FAILURE, result.stdout + result.stderr
+    assert "health.door2 state=stalled" in result.stdout
+    assert "no live heartbeat" in result.stderr
+
+
+def test_a_curve_key_without_the_server_key_says_they_go_together(endpoint: str, tmp_path: Path) -> None:
+    """Half a CURVE pair is a usage mistake: the message names both options. Without the check, the exit code
+    is still 78 but the message is about a certificate file that cannot be read."""
+    secret = tmp_path / "sub.key_secret"
+    result = eyed("subscribe", "--endpoint", endpoint, "--timeout", "1", "--curve-key", str(secret))
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "--curve-key and --server-key go together" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["subscribe", "health"])

@@ -144,6 +144,38 @@ def test_other_preprocessing_is_not_served_from_the_cache(coloured_dataset: Path
     assert len(keys) == 2
 
 
+def test_another_skip_is_not_served_from_the_cache(
+    coloured_dataset: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """source.skip decides which records are trained on (eyed eval --skip then scores the rest): features cached
+    for one skip must not serve another. Without this, a cache key without the skip went unseen: the run trained
+    on the wrong records, and eval then scored records the head was trained on."""
+    cache = tmp_path / "cache"
+    whole = finetune(coloured_dataset, tiny_checkpoint, tmp_path / "whole", cache)
+    later = finetune(coloured_dataset, tiny_checkpoint, tmp_path / "later", cache, "--set", "source.skip=30")
+    assert whole["train_images"] + whole["val_images"] == 60
+    assert later["train_images"] + later["val_images"] == 30
+    assert later["next_skip"] == 60
+
+
+class Echo:
+    """An onnxruntime session stand-in whose "features" are the pixels it was given, flattened."""
+
+    def run(self, outputs: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        pixels = feeds["pixels"]
+        return [pixels.reshape(len(pixels), -1).astype(np.float32)]
+
+
+def test_the_flip_augmentation_mirrors_left_and_right() -> None:
+    """The flipped copies are what a camera mirrored left to right would see, never a scene upside down. The
+    colour-coded images the other tests train on look the same either way, so a vertical flip went unseen."""
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 4, 6, 3), dtype=np.uint8)
+    xs, flips = ft._Rows(), ft._Rows()
+    ft._embed(Echo(), pixels, xs, flips)
+    assert np.array_equal(xs.array().reshape(pixels.shape), pixels)
+    assert np.array_equal(flips.array().reshape(pixels.shape), pixels[:, :, ::-1])
+
+
 def test_training_never_sees_a_validation_image(tmp_path: Path) -> None:
     # Random labels on random features: a head can only memorise them, so it is right on validation
     # images only by chance (1 in 4), unless it trained on them.

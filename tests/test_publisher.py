@@ -25,7 +25,7 @@ from eyed import publisher as publisher_module
 from eyed.cli import EXIT_CONFIG
 from eyed.config import ConfigError, PublishConfig
 from eyed.publisher import INBOUND_HWM, MAX_INBOUND_BYTES, Publisher, PublishError, check_ipc_free, encode
-from eyed.subscriber import Subscriber
+from eyed.subscriber import MAX_TIMEOUT_S, Subscriber
 from tests.conftest import ROOT
 
 PAYLOAD = {"schema": 1, "type": "label", "seq": 1, "label": "tabby, tabby cat", "score": 0.5, "coarse": None}
@@ -321,6 +321,16 @@ def test_receive_times_out_when_nothing_is_sent(endpoint: str) -> None:
         await_subscriptions(pub)
         with pytest.raises(TimeoutError):
             sub.receive(0.2)
+
+
+@pytest.mark.timeout(30)  # without the check, a huge wait is waited (on HEAD: read in 1 s steps, for ever)
+@pytest.mark.parametrize("timeout_s", [-1.0, MAX_TIMEOUT_S + 1, 1e300, float("inf"), float("nan")])
+def test_receive_refuses_a_timeout_zeromq_cannot_wait(endpoint: str, timeout_s: float) -> None:
+    """ZeroMQ's poll takes milliseconds as a C int: a wait past about 24.8 days would overflow, a negative one
+    waits for ever. The Subscriber says so itself, as a library caller gets no argparse check. Without this,
+    dropping the upper bound went unseen (the caller then waits for ever, or gets an OverflowError)."""
+    with Subscriber(endpoint) as sub, pytest.raises(ValueError, match="expected 0 to"):
+        sub.receive(timeout_s)
 
 
 def has_ipv6_loopback() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from eyed.drift.reference import (
     load_reference,
     preprocess_record,
     profile_blocks,
+    sample_blocks,
 )
 from eyed.drift.stats import StatsExtractor
 from eyed.model.labels import build_mapper, load_priors
@@ -84,6 +86,18 @@ def test_a_long_stream_keeps_blocks_of_consecutive_frames_spread_over_it() -> No
     assert all(length % 250 == 0 for _, length in ref.blocks)  # adjacent blocks may merge into one run
     stream = np.asarray(synthetic_stats(20_000), dtype=np.float64)
     assert np.array_equal(ref.reservoir, stream[frames], equal_nan=True)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sampled_blocks_that_touch_are_one_run(seed: int) -> None:
+    """A stream just longer than the reservoir leaves each block little room, so neighbouring blocks often
+    touch: they are one run of consecutive frames (calibration windows may cross where they meet). The test
+    above holds either way (``length % 250 == 0``), so not merging them went unseen."""
+    blocks = sample_blocks(5010, 5000, 250, np.random.default_rng(seed))
+    assert sum(length for _, length in blocks) == 5000
+    assert len(blocks) < 20  # 20 blocks of 250 in 5010 frames cannot all be apart
+    for (start, length), (following, _) in itertools.pairwise(blocks):
+        assert following > start + length, f"runs {blocks} touch without being merged"
 
 
 def test_a_block_longer_than_the_reservoir_is_cut_to_it() -> None:

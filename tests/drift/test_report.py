@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from eyed.config import DriftConfig
+from eyed.drift import report
 from eyed.drift.monitor import DriftMonitor, window_payload
 from eyed.drift.reference import ProfileBuilder, Reference
 from eyed.drift.report import draw_report, read_drift_events, report_title, run_positions, split_runs
@@ -93,18 +94,8 @@ def two_runs() -> list[dict[str, Any]]:
     return first + second
 
 
-def test_runs_after_a_restart_are_charted_one_after_another(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Not sorted by window number, which lays the runs over one another (zig-zag lines, overlapping bands)."""
-    from eyed.drift import report
-
-    events = read_drift_events(record(tmp_path / "d.jsonl", two_runs()))
-    runs = split_runs(events)
-    assert [len(r) for r in runs] == [6, 10] and [e for r in runs for e in r] == events
-    xs = run_positions(runs)
-    assert xs[0] == list(range(6)) and xs[1] == list(range(7, 17))  # a gap of one between runs
-
+def drawn_figure(events: list[dict[str, Any]], path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """draw_report(events, path), and the matplotlib figure it saved there."""
     figures: list[Any] = []
     real_save = report.save_figure
 
@@ -113,10 +104,24 @@ def test_runs_after_a_restart_are_charted_one_after_another(
         return real_save(fig, path, **kwargs)
 
     monkeypatch.setattr(report, "save_figure", keep_figure)
-    with caplog.at_level("INFO", logger="eyed.drift.report"):
-        draw_report(events, tmp_path / "d.png")
-    assert "16 windows in 2 runs" in caplog.text
+    draw_report(events, path)
     (fig,) = figures
+    return fig
+
+
+def test_runs_after_a_restart_are_charted_one_after_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not sorted by window number, which lays the runs over one another (zig-zag lines, overlapping bands)."""
+    events = read_drift_events(record(tmp_path / "d.jsonl", two_runs()))
+    runs = split_runs(events)
+    assert [len(r) for r in runs] == [6, 10] and [e for r in runs for e in r] == events
+    xs = run_positions(runs)
+    assert xs[0] == list(range(6)) and xs[1] == list(range(7, 17))  # a gap of one between runs
+
+    with caplog.at_level("INFO", logger="eyed.drift.report"):
+        fig = drawn_figure(events, tmp_path / "d.png", monkeypatch)
+    assert "16 windows in 2 runs" in caplog.text
     ax = fig.axes[0]
     assert "in 2 runs" in fig._suptitle.get_text()
     for line in ax.get_lines():
@@ -127,6 +132,31 @@ def test_runs_after_a_restart_are_charted_one_after_another(
     spans = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
     for x in [x for run in xs for x in run]:
         assert sum(lo < x < hi for lo, hi in spans) <= 1
+
+
+def test_a_restart_right_after_the_first_window_is_a_run_of_its_own() -> None:
+    """A daemon restarted after publishing only window 0 sends window 0 again: that is a new run, charted after
+    the first one, not the same window twice at one place. Without this, the test above (restarts after window
+    5) did not see a new run taken to start only below the last window, not at it."""
+    events = [{"window": w, "source": "cam", "status": "ok"} for w in (0, 0, 1, 2)]
+    runs = split_runs(events)
+    assert [[e["window"] for e in run] for run in runs] == [[0], [0, 1, 2]]
+    assert run_positions(runs) == [[0], [2, 3, 4]]
+
+
+def test_a_status_band_does_not_cover_windows_the_recording_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows 3 and 4 never reached the subscriber: the drift band of windows 0-2 and that of window 5 are two
+    bands, with nothing drawn over the windows no one saw. Without this, one band over every window of a status
+    went unseen."""
+    metrics = {"psi_brightness": 0.5}
+    events = [{"window": w, "source": "cam", "status": "drift", "n": 250, "metrics": metrics} for w in (0, 1, 2, 5)]
+    fig = drawn_figure(events, tmp_path / "d.png", monkeypatch)
+    spans = [(p.get_x(), p.get_x() + p.get_width()) for p in fig.axes[0].patches]
+    assert spans, "no status band drawn"
+    for missed in (3, 4):
+        assert not any(lo < missed < hi for lo, hi in spans), spans
 
 
 @pytest.mark.parametrize(

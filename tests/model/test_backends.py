@@ -15,7 +15,8 @@ import pytest
 
 from eyed.config import ConfigError, ModelConfig
 from eyed.model import ModelLoadError, load_classifier
-from eyed.model.export import cached_export_path, ensure_onnx
+from eyed.model.checkpoint import fingerprint, labels_of
+from eyed.model.export import FORMAT, META_FORMAT, cached_export_path, ensure_onnx
 from eyed.model.postprocess import Postprocessor, softmax
 from eyed.types import Classifier
 from tests.conftest import CIFAR10, imagenet_like_labels, synthetic_images
@@ -171,6 +172,16 @@ def test_session_tuning_reaches_onnxruntime(
     assert len(clf.predict(batch_of(clf, synthetic_images(1, seed=4)))) == 1
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_model_threads_reaches_onnxruntime(tiny_onnx: Path, threads: int) -> None:
+    """model.threads (resolved by the daemon from the cores it may use) is what each call runs on: left unset,
+    onnxruntime takes every core of the host, an affinity mask or a CPU quota notwithstanding. Without this,
+    only a bench test (test_bench.py) noticed the setting being dropped."""
+    clf = load_classifier(ModelConfig(onnx=tiny_onnx, threads=threads))
+    so = clf.session.get_session_options()  # type: ignore[attr-defined]
+    assert so.intra_op_num_threads == threads
+
+
 def test_session_start_is_quiet(tiny_onnx: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """onnxruntime says nothing when the daemon opens an exported file (it warns, for instance, about an
     initializer that is also a graph input), so the journal holds only what eyed means to say."""
@@ -228,6 +239,22 @@ def test_onnx_without_eyed_metadata(tiny_onnx: Path, tmp_path: Path) -> None:
     onnx.save(proto, str(bare))
     with pytest.raises(ModelLoadError, match="eyed export"):
         load_classifier(ModelConfig(id="x", onnx=bare))
+
+
+def test_an_export_of_an_older_format_is_refused(tiny_onnx: Path, tmp_path: Path) -> None:
+    """A file whose graph contract is older than this eyed's (no k input, no top-k outputs, another input
+    layout) is refused at load with the command that makes a new one, not run into a failure per frame.
+    Without this, dropping the format check went unseen."""
+    import onnx
+
+    proto = onnx.load(str(tiny_onnx))
+    for prop in proto.metadata_props:
+        if prop.key == META_FORMAT:
+            prop.value = "2"
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    with pytest.raises(ModelLoadError, match=rf"older eyed \(format 2, need {FORMAT}\).*eyed export"):
+        load_classifier(ModelConfig(id="x", onnx=old))
 
 
 def test_the_features_graph_is_not_taken_for_a_classifier(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -428,6 +455,28 @@ def test_cached_export_path_follows_the_checkpoint(tiny_checkpoint: Path, tmp_pa
     assert after.parent == before.parent == cache / "onnx"
 
 
+def test_weights_rewritten_at_the_same_size_get_a_new_export(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Retrained weights (eyed finetune again into the same folder) have the same size as before: the export
+    cache must still see a new checkpoint, not serve the old weights' export. Without this, a fingerprint of
+    the files' sizes alone (no modification time) went unseen."""
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    cache = tmp_path / "cache"
+    before = cached_export_path(str(ckpt), cache)
+    weights = next(ckpt.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # other weights, same size
+    mtime = weights.stat().st_mtime_ns
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(mtime + 10**9, mtime + 10**9))  # written a second later
+    assert cached_export_path(str(ckpt), cache) != before
+
+
+def test_labels_missing_from_id2label_keep_their_place() -> None:
+    """A config whose id2label skips an id: the labels still line up with the graph's class indices. Counting
+    the entries instead lost the last labels, and the model was refused at load."""
+    assert labels_of({"id2label": {"0": "cat", "2": "dog"}}) == ["cat", "class_1", "dog"]
+
+
 @pytest.mark.parametrize("stale", ["preprocessing", "labels"])
 def test_a_cached_export_that_the_checkpoint_no_longer_gives_is_made_again(
     tiny_checkpoint: Path, tmp_path: Path, stale: str
@@ -509,9 +558,6 @@ def test_stored_metadata_reads_what_onnx_reads(tiny_onnx: Path, tmp_path: Path) 
 def test_a_fixed_size_processor_gets_an_export_of_its_own(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """An export made before a processor's height and width were read as transformers reads them crops the
     frame: a checkpoint with such a processor must not reuse it."""
-    from eyed.model.checkpoint import fingerprint
-    from eyed.model.export import FORMAT
-
     ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     processor = json.loads((ckpt / "preprocessor_config.json").read_text())
     assert cached_export_path(str(ckpt), tmp_path).name == f"ckpt-{fingerprint(ckpt)}-v{FORMAT}.onnx"

@@ -1,8 +1,8 @@
 """The export cache for a hub id, against a local stand-in for the hub: a new revision gets a new export, and
 offline the cached snapshot (or, failing that, the last export) serves.
 
-Each load runs in its own process, as a daemon start does: huggingface_hub reads its endpoint and offline
-switch from the environment once, at import.
+Each load from the stand-in hub runs in its own process, as a daemon start does: huggingface_hub reads its
+endpoint and offline switch from the environment once, at import.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from eyed.model import export
+from eyed.model.checkpoint import ModelLoadError
+from eyed.model.export import FORMAT, ensure_onnx
 from tests.fake_hub import FakeHub
 
 pytest.importorskip("torch")
@@ -87,6 +90,39 @@ def test_offline_without_a_snapshot_the_last_export_serves_with_a_warning(
     shutil.rmtree(cache)
     with pytest.raises(AssertionError, match="cannot reach the hub for acme/tiny-classifier"):
         load(cache, tmp_path / "empty-hf", None)
+
+
+def unreachable(model_id: str) -> Path:
+    """A resolve_checkpoint for a machine that cannot reach the hub (and has no snapshot of ``model_id``)."""
+    raise ModelLoadError(f"cannot reach the hub for {model_id} (ConnectError)")
+
+
+def test_offline_the_newest_of_several_exports_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two revisions exported while online: offline, with no snapshot to say which is current, the one made
+    last serves (the other is the older revision), whatever their names' order. The test above only ever has
+    one export cached, so serving the oldest went unseen."""
+    monkeypatch.setattr(export, "resolve_checkpoint", unreachable)
+    onnx = tmp_path / "cache" / "onnx"
+    onnx.mkdir(parents=True)
+    older = onnx / f"acme_tiny-classifier-ffffffffffff-v{FORMAT}.onnx"
+    newer = onnx / f"acme_tiny-classifier-000000000000-v{FORMAT}.onnx"
+    for i, path in enumerate((older, newer)):
+        path.write_bytes(b"stand-in")
+        os.utime(path, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    assert ensure_onnx(REPO, tmp_path / "cache") == newer
+
+
+def test_a_local_folder_that_cannot_be_read_does_not_fall_back_to_an_old_export(tmp_path: Path) -> None:
+    """The last export stands in for a hub id the hub cannot be asked about; a folder named by the user that
+    cannot be read (a half-copied checkpoint) is an error to see, not one to run an old copy through. Without
+    this, falling back for a folder too went unseen."""
+    folder = tmp_path / "tiny-classifier"
+    folder.mkdir()  # no config.json: not a checkpoint
+    onnx = tmp_path / "cache" / "onnx"
+    onnx.mkdir(parents=True)
+    (onnx / f"tiny-classifier-0123456789ab-v{FORMAT}.onnx").write_bytes(b"stand-in")
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
+        ensure_onnx(str(folder), tmp_path / "cache")
 
 
 def test_an_id_that_is_neither_a_folder_nor_on_the_hub_says_both(tiny_checkpoint: Path, tmp_path: Path) -> None:

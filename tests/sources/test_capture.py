@@ -475,6 +475,20 @@ def released() -> Iterator[threading.Event]:
     event.set()
 
 
+def test_a_camera_that_goes_silent_is_stalled_before_its_read_times_out(released: threading.Event) -> None:
+    """A camera that stops sending while its read waits (read_timeout_s longer than stall_s) is stalled once
+    stall_s has passed without a frame, not live until the read gives up. Only an RTSP test that needs
+    GStreamer (test_rtsp.py) caught this before: a run without it skipped it."""
+    camera = HangingCapture(5, None, released)
+    with CaptureSource(SourceConfig(**FREEZE_CFG, read_timeout_s=30), opener=lambda _cfg: camera) as src:
+        seen, frames = states_while_running(src, 4, lambda s: s == "stalled")
+        silent = camera.hanging.is_set()
+        released.set()  # lets the blocked read return, so leaving is quick
+    assert silent and frames >= 1
+    assert "live" in seen
+    assert "stalled" in seen, f"a camera silent for over stall_s stayed {seen}"
+
+
 def test_a_second_hang_is_caught_after_the_first_hung_read_returns(released: threading.Event) -> None:
     # The first capture's read returns (late) after the watchdog replaced it, while the replacement is hung: that
     # late return must not hide the second hang.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,18 +110,30 @@ def collecting(failures: list[Failure]) -> Any:
     return on_error
 
 
+def damage_page_header(path: Path, group: int, column: int) -> None:
+    """Overwrite the page header of column ``column`` in row group ``group``: that group cannot be read."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(column)
+    with open(path, "r+b") as f:
+        f.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
+        f.write(b"\xff" * 64)
+
+
+def damaged_shard(path: Path) -> pa.Table:
+    """Rows 0-39 (``n``, a random ``blob``) in row groups of 10, group 1 (rows 10-19) with its blob column's page
+    header damaged; returns the table as written."""
+    table = pa.table({"n": list(range(40)), "blob": [os.urandom(200) for _ in range(40)]})
+    pq.write_table(table, path, row_group_size=10, compression="none")
+    damage_page_header(path, 1, 1)
+    return table
+
+
 def test_a_damaged_row_group_costs_its_own_records_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One damaged page header (the review's case: a CIFAR shard is one 10,000-record row group) used to end the
     whole file, intact row groups after it too, and to count as one record. Batches are smaller than the row
     groups here, as a CIFAR shard's 455-record batches are."""
     monkeypatch.setattr(parquet_module, "batch_rows", lambda metadata: 3)
-    table = pa.table({"n": list(range(40)), "blob": [os.urandom(200) for _ in range(40)]})
     damaged = tmp_path / "train-00000-of-00002.parquet"
-    pq.write_table(table, damaged, row_group_size=10, compression="none")
-    chunk = pq.ParquetFile(damaged).metadata.row_group(1).column(1)  # group 1's blob column
-    with open(damaged, "r+b") as f:
-        f.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
-        f.write(b"\xff" * 64)  # its page header
+    table = damaged_shard(damaged)
     healthy = write_rows(tmp_path / "train-00001-of-00002.parquet", 40, 5, 5)
     failures: list[Failure] = []
     rows = ParquetRows([str(damaged), healthy], ["n", "blob"], on_error=collecting(failures))
@@ -145,10 +158,16 @@ def test_a_damaged_row_group_and_the_skip(shards: list[str], skip: int, monkeypa
 
 @contextlib.contextmanager
 def failing_group(
-    monkeypatch: pytest.MonkeyPatch, path: str, group: int, after: int, error: Exception
-) -> Iterator[None]:
+    monkeypatch: pytest.MonkeyPatch, path: str, group: int, after: int, error: Exception, once: bool = False
+) -> Iterator[list[Exception]]:
     """Reading row group ``group`` of ``path`` raises ``error`` after ``after`` batches, as a damaged page far
-    into the group, or a network gone away, would."""
+    into the group, or a network gone away, would; with ``once``, only the first time (a network back after an
+    outage). Yields the errors raised so far."""
+    raised: list[Exception] = []
+
+    def fail() -> Any:
+        raised.append(error)
+        raise error
 
     class Failing(pq.ParquetFile):
         def __init__(self, source: Any, **kwargs: Any) -> None:
@@ -157,17 +176,13 @@ def failing_group(
 
         def iter_batches(self, **kwargs: Any) -> Iterator[Any]:
             batches = super().iter_batches(**kwargs)
-            if self.source != path or kwargs.get("row_groups") != [group]:
+            if self.source != path or kwargs.get("row_groups") != [group] or (once and raised):
                 return batches
-            return (b if i < after else raise_(error) for i, b in enumerate(batches))
+            return (b if i < after else fail() for i, b in enumerate(batches))
 
     with monkeypatch.context() as patch:
         patch.setattr(pq, "ParquetFile", Failing)
-        yield
-
-
-def raise_(error: Exception) -> Any:
-    raise error
+        yield raised
 
 
 def test_records_given_before_a_row_group_failed_are_not_counted_lost(
@@ -200,17 +215,52 @@ def test_a_shard_given_up_midway_leaves_the_next_one_its_own_skip(
     assert failures == ([(shards[0], None, 10 - max(skip, 4))] if skip < 10 else [])
 
 
+def test_a_hub_shard_read_on_after_an_outage_passes_a_damaged_row_group_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged row group's records count as passed: reading on after an outage later in the shard starts
+    after them, so no record comes twice and the damaged group is told of once. Without this, leaving them
+    uncounted went unseen: records went out twice (..., 20, 21, 20, 21, 22, ...) and the group was skipped twice."""
+    monkeypatch.setattr(parquet_module, "batch_rows", lambda metadata: 3)
+    local = tmp_path / "train-00000-of-00001.parquet"
+    damaged_shard(local)
+    hub_path = "hf://datasets/acme/shards@main/train-00000-of-00001.parquet"
+
+    @contextlib.contextmanager
+    def opened_shard(path: str, pause: Any = None) -> Iterator[str]:
+        assert path == hub_path
+        yield str(local)  # the hub file's bytes, as HubFile would read them
+
+    monkeypatch.setattr(parquet_module, "opened_shard", opened_shard)
+    failures: list[Failure] = []
+    rows = ParquetRows([hub_path], ["n", "blob"], on_error=collecting(failures), pause=lambda seconds: True)
+    with failing_group(monkeypatch, str(local), 2, 1, ConnectionError("the hub went away"), once=True) as raised:
+        got = [r["n"] for r in rows]
+    assert raised  # the outage happened, in row group 2 (rows 20-29), after its first batch
+    assert got == [*range(0, 10), *range(20, 40)]
+    assert failures == [(hub_path, 1, 10)]
+
+
+@pytest.mark.parametrize(
+    ("status", "retried"),
+    [(500, True), (503, True), (408, True), (429, True), (404, False), (401, False)],
+)
+def test_a_hub_answer_worth_retrying_is_an_interruption(status: int, retried: bool) -> None:
+    """What huggingface_hub itself retries (a server error, a timeout, too many requests) is read on after a
+    wait; a missing or forbidden file is the shard's own fault. Without this, a rate-limited (429) shard given
+    up and counted as skipped went unseen."""
+    exc = OSError(f"the hub answered {status}")
+    exc.response = types.SimpleNamespace(status_code=status)  # type: ignore[attr-defined]
+    assert parquet_module.interrupted(exc) is retried
+
+
 def damaged_dataset(folder: Path) -> Path:
     """12 CIFAR-like records in row groups of 4, group 1 (records 4-7) with its image column's page header
     damaged."""
     write_parquet_dataset(folder, synthetic_images(12), [i % 10 for i in range(12)], rows_per_group=4)
     shard = next(folder.glob("*.parquet"))
-    meta = pq.ParquetFile(shard).metadata
-    images = meta.schema.to_arrow_schema().get_field_index("img")
-    chunk = meta.row_group(1).column(images)  # the struct's first leaf: img.bytes
-    with open(shard, "r+b") as f:
-        f.seek(chunk.dictionary_page_offset or chunk.data_page_offset)
-        f.write(b"\xff" * 64)
+    images = pq.ParquetFile(shard).metadata.schema.to_arrow_schema().get_field_index("img")
+    damage_page_header(shard, 1, images)  # the struct's first leaf: img.bytes
     return folder
 
 
