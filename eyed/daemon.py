@@ -27,6 +27,7 @@ from eyed.config import ConfigError, Settings
 from eyed.curve import CurveError
 from eyed.events import drift_topic, label_topic
 from eyed.model import load_classifier
+from eyed.model.checkpoint import same_checkpoint
 from eyed.pipeline import DriftWatch, Pipeline
 from eyed.publisher import Publisher
 from eyed.sdnotify import Notifier
@@ -399,8 +400,6 @@ def check_model(reference: Reference, classifier: Classifier) -> None:
     spec = preprocess_spec(classifier)
     if spec is not None:
         check_preprocess_spec(reference, spec, classifier.name)
-    from eyed.model.checkpoint import same_checkpoint
-
     # A checkpoint folder written another way (relative, from another folder, by an older eyed) is the same.
     if reference.model and not same_checkpoint(reference.model, classifier.name):
         logger.warning(

@@ -37,7 +37,7 @@ def _failed(path: Path, exc: OSError) -> OutputError:
 
 
 # The folders check_writable made, deepest first, by the output they were made for: a run refused before it
-# wrote anything removes them again (remove_made_folders), so that it leaves nothing behind.
+# wrote anything removes them again (made_folders_removed_on_failure), so that it leaves nothing behind.
 _made: dict[Path, list[Path]] = {}
 
 
@@ -82,20 +82,15 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def remove_made_folders(path: Path) -> None:
-    """Remove the folders :func:`check_writable` made for ``path``, those still empty: for a run refused (or
-    failed) before it wrote anything there. A folder that was there before is never touched."""
-    _remove_empty(_made.pop(path.absolute(), []))
-
-
 @contextmanager
 def made_folders_removed_on_failure(path: Path) -> Iterator[None]:
     """Run the block; if it fails, remove the folders :func:`check_writable` made for ``path`` that are still
-    empty (:func:`remove_made_folders`)."""
+    empty (a run refused or failed before it wrote anything there). A folder that was there before is never
+    touched."""
     try:
         yield
     except BaseException:  # Ctrl-C too: it leaves nothing behind either
-        remove_made_folders(path)
+        _remove_empty(_made.pop(path.absolute(), []))
         raise
     _made.pop(path.absolute(), None)
 

@@ -499,23 +499,23 @@ class FailingExtractor:
         raise ValueError("odd frame")
 
 
-def test_a_failing_drift_statistic_is_counted(tiny_onnx: Path, tmp_path: Path) -> None:
+def run_with_drift(tiny_onnx: Path, tmp_path: Path, drift: Any) -> tuple[Pipeline, list[dict[str, Any]]]:
+    """Four frames through a pipeline with ``drift`` watching; the pipeline and the events up to the last one."""
     classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
     events = []
     with subscribed(tmp_path) as (pub, sub):
-        pipeline = Pipeline(
-            MemorySource(synthetic_images(4)),
-            classifier,
-            pub,
-            heartbeat_s=3600,
-            drift=DriftWatch(FailingExtractor(), None),  # type: ignore[arg-type]
-        )
+        pipeline = Pipeline(MemorySource(synthetic_images(4)), classifier, pub, heartbeat_s=3600, drift=drift)
         pipeline.start()
         assert pipeline.join(30)
         while (event := receive(sub, 2000)) is not None:
             events.append(event)
             if event.get("state") == "finished":
                 break
+    return pipeline, events
+
+
+def test_a_failing_drift_statistic_is_counted(tiny_onnx: Path, tmp_path: Path) -> None:
+    _, events = run_with_drift(tiny_onnx, tmp_path, DriftWatch(FailingExtractor(), None))  # type: ignore[arg-type]
     assert len([e for e in events if e["type"] == "label"]) == 4
     assert events[-1]["state"] == "finished" and events[-1]["errors"] == 4
 
@@ -531,22 +531,7 @@ def test_a_drift_event_json_cannot_carry_costs_that_event_only(
     tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("eyed.drift.window_payload", lambda report, *_: {"metrics": {"psi": float("nan")}})
-    classifier = load_classifier(ModelConfig(onnx=tiny_onnx))
-    events = []
-    with subscribed(tmp_path) as (pub, sub):
-        pipeline = Pipeline(
-            MemorySource(synthetic_images(4)),
-            classifier,
-            pub,
-            heartbeat_s=3600,
-            drift=EveryFrameAWindow(),  # type: ignore[arg-type]
-        )
-        pipeline.start()
-        assert pipeline.join(30)
-        while (event := receive(sub, 2000)) is not None:
-            events.append(event)
-            if event.get("state") == "finished":
-                break
+    pipeline, events = run_with_drift(tiny_onnx, tmp_path, EveryFrameAWindow())
     assert pipeline.failure is None
     assert len([e for e in events if e["type"] == "label"]) == 4
     assert events[-1]["state"] == "finished" and events[-1]["errors"] == 4

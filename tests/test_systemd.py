@@ -152,6 +152,32 @@ def test_security_exposure_is_at_most_2(tmp_path: Path) -> None:
     assert float(match.group(1)) <= 2.0
 
 
+def errno_under(restriction: Callable[[], None], module: str, call: str) -> str:
+    """What ``call`` (a statement using ``module``) gives in a Python process under ``restriction`` (a
+    preexec_fn): the errno it fails with, or "done"."""
+    probe = f"import {module}\ntry:\n    {call}\nexcept OSError as e:\n    print(e.errno)\nelse:\n    print('done')\n"
+    out = subprocess.run([sys.executable, "-c", probe], preexec_fn=restriction, capture_output=True, text=True)
+    assert out.stdout.strip(), out.stderr
+    return out.stdout.strip()
+
+
+def assert_publishes_under(restriction: Callable[[], None], base: dict[str, object], endpoint: str) -> None:
+    """The real daemon, under ``restriction`` (a preexec_fn, as the unit restricts it), replays the tiny dataset
+    to the end and publishes every label."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eyed", "run"],
+        env=daemon_env(base),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=restriction,
+    )
+    events = collect(endpoint)
+    code, err = finish(proc)
+    assert code == 0, err
+    assert sum(p["type"] == "label" for _, p in events) == 11
+
+
 # RestrictAddressFamilies=, as systemd enforces it: a seccomp filter on socket(2) that fails any other family
 # with EAFNOSUPPORT. systemd itself cannot run the unit here (no systemd as PID 1), so the tests apply the same
 # filter to the real daemon.
@@ -201,13 +227,9 @@ def socket_families_only(families: list[str]) -> Callable[[], None]:
 @needs_seccomp_arch
 def test_the_address_family_filter_blocks_what_the_unit_leaves_out() -> None:
     """The filter the next test relies on works: without AF_NETLINK in the list, a netlink socket is refused."""
-    probe = "import socket\ntry:\n    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)\nexcept OSError as e:\n"
-    probe += "    print(e.errno)\nelse:\n    print('opened')\n"
     families = [f for f in directives()["RestrictAddressFamilies"][0].split() if f != "AF_NETLINK"]
-    out = subprocess.run(
-        [sys.executable, "-c", probe], preexec_fn=socket_families_only(families), capture_output=True, text=True
-    )
-    assert out.stdout.strip() == str(errno.EAFNOSUPPORT), out.stdout + out.stderr
+    probe = "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)"
+    assert errno_under(socket_families_only(families), "socket", probe) == str(errno.EAFNOSUPPORT)
 
 
 @needs_seccomp_arch
@@ -215,18 +237,7 @@ def test_the_daemon_binds_tcp_under_the_units_address_families(base: dict[str, o
     """libzmq opens a netlink socket to bind tcp://127.0.0.1:PORT (the default endpoint) and aborts without
     one: under the unit's RestrictAddressFamilies the daemon must still publish."""
     (families,) = directives()["RestrictAddressFamilies"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eyed", "run"],
-        env=daemon_env(base),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=socket_families_only(families.split()),
-    )
-    events = collect(endpoint)
-    code, err = finish(proc)
-    assert code == 0, err
-    assert sum(p["type"] == "label" for _, p in events) == 11
+    assert_publishes_under(socket_families_only(families.split()), base, endpoint)
 
 
 # SystemCallFilter=, as systemd enforces it (through libseccomp, which systemd itself links): an allow-list
@@ -292,29 +303,14 @@ def syscalls_only(allowed: set[str], error: int) -> Callable[[], None]:
 @needs_libseccomp
 def test_the_system_call_filter_refuses_what_the_unit_leaves_out() -> None:
     """The filter the next test relies on works: the unit denies @resources, so setting the CPU affinity fails."""
-    probe = "import os\ntry:\n    os.sched_setaffinity(0, os.sched_getaffinity(0))\nexcept OSError as e:\n"
-    probe += "    print(e.errno)\nelse:\n    print('set')\n"
     allowed, error = unit_syscall_filter()
     assert "sched_setaffinity" not in allowed
-    out = subprocess.run(
-        [sys.executable, "-c", probe], preexec_fn=syscalls_only(allowed, error), capture_output=True, text=True
-    )
-    assert out.stdout.strip() == str(error), out.stdout + out.stderr
+    probe = "os.sched_setaffinity(0, os.sched_getaffinity(0))"
+    assert errno_under(syscalls_only(allowed, error), "os", probe) == str(error)
 
 
 @needs_libseccomp
 def test_the_daemon_runs_under_the_units_system_call_filter(base: dict[str, object], endpoint: str) -> None:
     """libzmq sets each of its threads' scheduling policy (sched_setscheduler, in @resources) and aborts if it
     cannot: under the unit's filter without it, the daemon died at every start (SIGABRT)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eyed", "run"],
-        env=daemon_env(base),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=syscalls_only(*unit_syscall_filter()),
-    )
-    events = collect(endpoint)
-    code, err = finish(proc)
-    assert code == 0, err
-    assert sum(p["type"] == "label" for _, p in events) == 11
+    assert_publishes_under(syscalls_only(*unit_syscall_filter()), base, endpoint)
